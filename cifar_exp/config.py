@@ -1,0 +1,379 @@
+"""Sweep definitions: the typed schema of ``sweeps/*.yaml``, every default, and validation on load.
+
+This is the one place where defaults live. ``TrainConfig`` holds every training setting a sweep
+can fix or search (its field names are the sweep keys, the Optuna parameter names and the MLflow
+param names); ``Sweep`` holds one parsed sweep file. ``load_sweep`` either returns a valid
+``Sweep`` or raises ``ConfigError`` whose message names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Sweep names resolve against ./sweeps first (a user's own sweeps), then the project's sweeps/.
+SWEEP_DIRS = (Path("sweeps"), PACKAGE_DIR.parent / "sweeps")
+DEFAULT_STORE = Path("mlruns")
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_STORAGE = "mlruns/optuna.journal"
+# Metrics a sweep may optimise: validation metrics only. The test set is for final evaluation,
+# never for pruning or model selection.
+OBJECTIVE_METRICS = ("val_accuracy", "val_loss")
+
+
+class UserError(Exception):
+    """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
+
+
+class ConfigError(UserError):
+    """A sweep file or a command-line override is invalid; the message says where and how to fix it."""
+
+
+def _range(low: float, high: float | None = None, *, open_high: bool = False) -> dict[str, Any]:
+    return {"range": (low, high, open_high)}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one training run, with its default. Plain values only.
+
+    Field names are the sweep keys, the Optuna parameter names and the MLflow param names.
+    """
+
+    # Architecture: ``blocks`` conv blocks of ``convs_per_block`` convolutions; block i has
+    # ``filters * filter_growth**i`` filters and ends in 2x2 max pooling and ``dropout``.
+    blocks: int = field(default=3, metadata=_range(1, 5))
+    filters: int = field(default=32, metadata=_range(4, 512))
+    filter_growth: float = field(default=2.0, metadata=_range(1.0, 4.0))
+    convs_per_block: int = field(default=2, metadata=_range(1, 3))
+    batch_norm: bool = True
+    activation: Literal["relu", "leaky_relu", "gelu"] = "relu"
+    dropout: float = field(default=0.25, metadata=_range(0.0, 1.0, open_high=True))
+    head: Literal["flatten", "global_avg"] = "flatten"
+    dense_units: int = field(default=128, metadata=_range(0, 4096))  # 0: no hidden dense layer
+    head_dropout: float = field(default=0.5, metadata=_range(0.0, 1.0, open_high=True))
+    # Augmentation, inside the model so that it runs on the accelerator.
+    flip: bool = True
+    translate: float = field(default=0.125, metadata=_range(0.0, 0.5))  # fraction of the side
+    # Optimisation.
+    optimizer: Literal["adam", "adamax", "sgd", "adamw"] = "adam"
+    learning_rate: float = field(default=1e-3, metadata=_range(1e-7, 10.0))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, open_high=True))  # sgd
+    nesterov: bool = True  # sgd
+    weight_decay: float = field(default=1e-4, metadata=_range(0.0, 1.0))  # adamw
+    lr_schedule: Literal["constant", "step", "exponential", "cosine"] = "constant"
+    step_stages: int = field(default=3, metadata=_range(2, 10))  # step: equal stages
+    step_factor: float = field(default=0.1, metadata=_range(0.0, 1.0))  # step: lr *= factor
+    decay_rate: float = field(default=0.9, metadata=_range(0.0, 1.0))  # exponential, per epoch
+    warmup_epochs: int = field(default=0, metadata=_range(0, 1000))  # cosine: linear warmup
+    batch_size: int = field(default=128, metadata=_range(1, 8192))
+    label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0, open_high=True))
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched parameter: ``float``/``int`` in [low, high] (optionally log or stepped) or
+    ``categorical`` over ``choices``."""
+
+    name: str
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: Literal["tpe", "random", "cmaes"] = "tpe"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    name: Literal["hyperband", "median", "none"] = "hyperband"
+    min_epochs: int = field(default=1, metadata=_range(1, 10_000))  # no pruning before this
+    reduction_factor: int = field(default=3, metadata=_range(2, 10))  # hyperband
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "keras" (Keras' download and cache), a cifar-10-python.tar.gz, an extracted
+    # cifar-10-batches-py/, or an image-folder tree / .zip of train/<class>/, test/<class>/.
+    source: str = "keras"
+    validation_fraction: float = field(default=0.1, metadata=_range(0.01, 0.5))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One sweep file, validated. ``space`` and ``fixed`` keys are ``TrainConfig`` field names."""
+
+    name: str
+    path: Path
+    content_hash: str
+    description: str = ""
+    objective: Objective = Objective()
+    space: Mapping[str, Dimension] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    data: DataConfig = DataConfig()
+    epochs: int = 10
+    trials: int | None = 20
+    timeout: float | None = None  # seconds; no new trial starts after it
+    max_consecutive_failures: int = 5
+
+    def train_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
+        """The full training configuration of a trial: defaults, then ``fixed``, then ``sampled``."""
+        return dataclasses.replace(TrainConfig(), **{**self.fixed, **sampled})
+
+
+# Top-level keys of a sweep file, with the type each must have.
+_TOP_LEVEL: dict[str, Any] = {
+    "description": str,
+    "objective": Objective,
+    "space": dict,
+    "fixed": dict,
+    "sampler": SamplerConfig,
+    "pruner": PrunerConfig,
+    "data": DataConfig,
+    "epochs": int,
+    "trials": int | None,
+    "timeout": float | None,
+    "max_consecutive_failures": int,
+}
+_TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
+                     "max_consecutive_failures": (1, 1_000_000)}
+_DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices"}
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TRAIN_TYPES = get_type_hints(TrainConfig)
+
+
+def _unknown(key: str, known: Any, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"{where}: unknown key '{key}' ({hint})")
+
+
+def coerce(value: Any, typ: Any, where: str) -> Any:
+    """Return ``value`` checked against the type ``typ`` (int, float, bool, str, Literal, X | None).
+
+    Strings such as ``1e-4`` (which YAML 1.1 reads as text) are accepted where a float is due.
+    """
+    origin = get_origin(typ)
+    if origin is Literal:
+        allowed = get_args(typ)
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is Union or (origin is not None and type(None) in get_args(typ)):
+        if value is None and type(None) in get_args(typ):
+            return None
+        (inner,) = [a for a in get_args(typ) if a is not type(None)]
+        return coerce(value, inner, where)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return value
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of key: value, got {value!r}")
+        return value
+    raise TypeError(f"unsupported type {typ!r}")  # a bug in this module, not user input
+
+
+def _check_range(value: float, bounds: tuple[Any, ...], where: str) -> None:
+    low, high = bounds[0], bounds[1]
+    open_high = bounds[2] if len(bounds) > 2 else False
+    if value < low or (high is not None and (value >= high if open_high else value > high)):
+        span = f"[{low}, {high})" if open_high else f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{where}: {value} is out of range {span}")
+
+
+def _section(cls: Any, raw: Any, where: str) -> Any:
+    """Build the dataclass ``cls`` from the mapping ``raw``, rejecting unknown keys."""
+    raw = coerce(raw, dict, where)
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise _unknown(str(key), known, where)
+        values[key] = coerce(value, hints[key], f"{where}.{key}")
+        if "range" in known[key].metadata and values[key] is not None:
+            _check_range(values[key], known[key].metadata["range"], f"{where}.{key}")
+    return cls(**values)
+
+
+def check_train_value(name: str, value: Any, where: str) -> Any:
+    """``value`` validated for the ``TrainConfig`` field ``name``."""
+    value = coerce(value, _TRAIN_TYPES[name], where)
+    if "range" in TRAIN_FIELDS[name].metadata:
+        _check_range(value, TRAIN_FIELDS[name].metadata["range"], where)
+    return value
+
+
+def _dimension(name: str, raw: Any, where: str) -> Dimension:
+    raw = coerce(raw, dict, where)
+    for key in raw:
+        if key not in _DIMENSION_KEYS:
+            raise _unknown(str(key), _DIMENSION_KEYS, where)
+    kind = coerce(raw.get("type"), Literal["float", "int", "categorical"], f"{where}.type")
+    field_type = _TRAIN_TYPES[name]
+    if kind == "categorical":
+        extra = sorted(set(raw) - {"type", "choices"})
+        if extra:
+            raise ConfigError(f"{where}: '{extra[0]}' does not apply to a categorical dimension")
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}.choices: give a non-empty list of values")
+        checked = tuple(check_train_value(name, c, f"{where}.choices") for c in choices)
+        if len(set(checked)) != len(checked):
+            raise ConfigError(f"{where}.choices: values must be distinct")
+        return Dimension(name, "categorical", choices=checked)
+    if field_type is not (int if kind == "int" else float):
+        expected = "categorical" if get_origin(field_type) is Literal or field_type is bool else (
+            "int" if field_type is int else "float")
+        raise ConfigError(f"{where}.type: '{name}' takes type {expected}, not {kind}")
+    if "choices" in raw:
+        raise ConfigError(f"{where}: 'choices' applies only to type categorical")
+    for key in ("low", "high"):
+        if key not in raw:
+            raise ConfigError(f"{where}: '{key}' is required for type {kind}")
+    low = check_train_value(name, raw["low"], f"{where}.low")
+    high = check_train_value(name, raw["high"], f"{where}.high")
+    if not high > low:
+        raise ConfigError(f"{where}: high ({high}) must be greater than low ({low})")
+    log = coerce(raw.get("log", False), bool, f"{where}.log")
+    step = raw.get("step")
+    if step is not None:
+        step = coerce(step, int if kind == "int" else float, f"{where}.step")
+        if step <= 0:
+            raise ConfigError(f"{where}.step: must be greater than 0, got {step}")
+        if log:
+            raise ConfigError(f"{where}: log and step cannot be combined (drop one)")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: log scale needs low > 0, got low ({low})")
+    return Dimension(name, kind, low=low, high=high, log=log, step=step)
+
+
+def parse_sweep(name: str, text: str, path: Path) -> Sweep:
+    """Parse and validate the YAML ``text`` of the sweep ``name``; errors are prefixed by ``path``."""
+    where = str(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {at}{problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings at the top level")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _TOP_LEVEL:
+            raise _unknown(str(key), _TOP_LEVEL, where)
+        typ = _TOP_LEVEL[key]
+        if dataclasses.is_dataclass(typ):
+            values[key] = _section(typ, value, f"{where}: {key}")
+        else:
+            values[key] = coerce(value, typ, f"{where}: {key}")
+            if key in _TOP_LEVEL_RANGES and values[key] is not None:
+                _check_range(values[key], _TOP_LEVEL_RANGES[key], f"{where}: {key}")
+    space = {}
+    for dim_name, spec in values.pop("space", {}).items():
+        if dim_name not in TRAIN_FIELDS:
+            raise _unknown(str(dim_name), TRAIN_FIELDS, f"{where}: space")
+        space[dim_name] = _dimension(dim_name, spec, f"{where}: space.{dim_name}")
+    fixed = {}
+    for key, value in values.pop("fixed", {}).items():
+        if key not in TRAIN_FIELDS:
+            raise _unknown(str(key), TRAIN_FIELDS, f"{where}: fixed")
+        if key in space:
+            raise ConfigError(f"{where}: fixed.{key}: '{key}' is also in space (keep one)")
+        fixed[key] = check_train_value(key, value, f"{where}: fixed.{key}")
+    if not space:
+        raise ConfigError(f"{where}: space: declare at least one dimension to search")
+    objective = values.get("objective", Objective())
+    if objective.metric == "val_loss" and objective.direction == "maximize" or (
+            objective.metric == "val_accuracy" and objective.direction == "minimize"):
+        raise ConfigError(f"{where}: objective: {objective.direction} {objective.metric} "
+                          f"optimises the wrong way (swap the direction)")
+    if values.get("trials", 20) is None and values.get("timeout") is None:
+        raise ConfigError(f"{where}: give a budget: trials, timeout, or both")
+    return Sweep(name=name, path=path, content_hash=hashlib.sha256(text.encode()).hexdigest(),
+                 space=space, fixed=fixed, **values)
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a plain sweep name (letters, digits, ``_.-``); no paths, no NUL bytes."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(f"invalid sweep name {name!r}: use letters, digits, '_', '-' and '.' only")
+    return name
+
+
+def available_sweeps() -> dict[str, Path]:
+    """Sweep name -> file, for every ``*.yaml`` in the sweep directories (earlier ones win)."""
+    found: dict[str, Path] = {}
+    for directory in SWEEP_DIRS:
+        for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
+            found.setdefault(path.stem, path)
+    return found
+
+
+def load_sweep(name_or_path: str) -> Sweep:
+    """Load a sweep by name (``lr_dropout``) or by file path (``my/sweep.yaml``)."""
+    if name_or_path.endswith((".yaml", ".yml")):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"sweep file {path} does not exist")
+        name = check_name(path.stem)
+    else:
+        name = check_name(name_or_path)
+        sweeps = available_sweeps()
+        if name not in sweeps:
+            close = difflib.get_close_matches(name, list(sweeps), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown sweep '{name}': {hint}available: {', '.join(sorted(sweeps))}"
+                              f" (or pass a path to a .yaml file)")
+        path = sweeps[name]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the sweep file ({exc})") from None
+    return parse_sweep(name, text, path)

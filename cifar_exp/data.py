@@ -1,0 +1,326 @@
+"""CIFAR-10 from where users have it, decoded once and cached; the seeded, stratified validation split.
+
+Sources (``load(source)``):
+- ``"keras"``: ``keras.datasets.cifar10`` (Keras' own download and cache under ``$KERAS_HOME``);
+- the official python format: ``cifar-10-python.tar.gz`` or an extracted ``cifar-10-batches-py/``;
+- an image-folder tree ``train/<class>/*.jpg|png``, ``test/<class>/...``, or a ``.zip`` of one;
+  class index = alphabetical order of the folder names.
+
+Decoded arrays are cached as ``.npz`` under ``cache_dir()``, keyed by a checksum of the source's
+bytes, so a second start reads one file instead of decoding 60,000 images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import re
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cifar_exp.config import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SOURCES_HELP = ("give --data one of: 'keras' (download through Keras on a connected machine), "
+                "a cifar-10-python.tar.gz or extracted cifar-10-batches-py/ folder, "
+                "or an image-folder tree or .zip of train/<class>/*.jpg and test/<class>/*.jpg")
+_BATCH_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+CACHE_FORMAT = 1  # bump when the cached arrays change meaning
+
+
+class DataError(UserError):
+    """The data source is missing, unreadable or not a CIFAR-10 layout."""
+
+
+@dataclass(frozen=True)
+class Cifar10:
+    """The decoded data set: images ``(N, 32, 32, 3) uint8``, labels ``(N,) int64``."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    source: str
+    checksum: str  # sha256 of the source's bytes (of the arrays, for the Keras source)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Training, validation (carved from the training set) and test arrays of one data set."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+
+
+def cache_dir() -> Path:
+    """Where decoded arrays are kept: ``$CIFAR_EXP_CACHE``, else ``$XDG_CACHE_HOME/cifar_exp``."""
+    if os.environ.get("CIFAR_EXP_CACHE"):
+        return Path(os.environ["CIFAR_EXP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar_exp"
+
+
+def detect(source: str) -> tuple[str, Path | None]:
+    """The kind of ``source`` (keras, tar, batches, folder, zip) and its path; ``DataError`` if none."""
+    if source == "keras":
+        return "keras", None
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data source {source} does not exist; {SOURCES_HELP}")
+    if path.is_file():
+        if path.name.endswith((".tar.gz", ".tgz", ".tar")) and tarfile.is_tarfile(path):
+            return "tar", path
+        if zipfile.is_zipfile(path):
+            return "zip", path
+    elif (path / "data_batch_1").is_file():
+        return "batches", path
+    elif (path / "cifar-10-batches-py" / "data_batch_1").is_file():
+        return "batches", path / "cifar-10-batches-py"
+    elif (path / "train").is_dir() and (path / "test").is_dir():
+        return "folder", path
+    raise DataError(f"data source {source} is not a recognisable CIFAR-10 layout; {SOURCES_HELP}")
+
+
+def _sha256_files(paths: Iterable[Path], root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _folder_images(root: Path) -> list[Path]:
+    return sorted(p for split in ("train", "test") for p in (root / split).rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def checksum(kind: str, path: Path) -> str:
+    """sha256 over the source's bytes: the file itself, or every relevant file of a folder."""
+    if kind in ("tar", "zip"):
+        return _sha256_file(path)
+    if kind == "batches":
+        return _sha256_files([path / name for name in _BATCH_FILES], path)
+    return _sha256_files(_folder_images(path), path)
+
+
+def load(source: str, cache: Path | None = None) -> Cifar10:
+    """Load CIFAR-10 from ``source`` (see the module docstring), through the cache when possible."""
+    kind, path = detect(source)
+    if kind == "keras":
+        return _load_keras()
+    assert path is not None
+    try:
+        digest = checksum(kind, path)
+    except OSError as exc:
+        raise DataError(f"cannot read data source {source}: {exc}") from None
+    cache_file = (cache or cache_dir()) / f"cifar10-{kind}-{digest[:32]}-v{CACHE_FORMAT}.npz"
+    cached = _read_cache(cache_file)
+    if cached is not None:
+        x_train, y_train, x_test, y_test, names = cached
+    else:
+        decode = {"tar": _decode_tar, "batches": _decode_batches, "zip": _decode_zip,
+                  "folder": _decode_folder}[kind]
+        x_train, y_train, x_test, y_test, names = decode(path)
+        _write_cache(cache_file, x_train, y_train, x_test, y_test, names)
+    return Cifar10(x_train, y_train, x_test, y_test, tuple(names), source, digest)
+
+
+def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]] | None:
+    """The cached arrays, or None when absent or unreadable (a truncated file is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return (z["x_train"], z["y_train"], z["x_test"], z["y_test"],
+                    [str(c) for c in z["class_names"]])
+    except Exception:  # any corruption: decode the source again and overwrite
+        return None
+
+
+def _write_cache(path: Path, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                 y_test: np.ndarray, names: list[str]) -> None:
+    # Written to a temporary file and renamed, so a crash never leaves a half-written cache and
+    # concurrent workers never read one.
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                     class_names=np.array(names))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_keras() -> Cifar10:
+    import keras  # only this source needs Keras; the others decode with numpy and Pillow
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot download CIFAR-10 through Keras ({reason[:200]}); "
+                        f"{SOURCES_HELP}") from None
+    y_train, y_test = y_train.reshape(-1).astype(np.int64), y_test.reshape(-1).astype(np.int64)
+    digest = hashlib.sha256()
+    for array in (x_train, y_train, x_test, y_test):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck")
+    return Cifar10(x_train, y_train, x_test, y_test, names, "keras", digest.hexdigest())
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's python batches, allowing only the numpy globals they need."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(blob: bytes, name: str) -> dict[str, object]:
+    try:
+        raw = _BatchUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except Exception as exc:
+        raise DataError(f"{name} is not a CIFAR-10 python batch ({exc})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{name} is not a CIFAR-10 python batch")
+    return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in raw.items()}
+
+
+def _from_batches(read: dict[str, bytes]):  # type: ignore[no-untyped-def]
+    meta = _unpickle(read["batches.meta"], "batches.meta")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta["label_names"]]  # type: ignore[attr-defined]
+    xs, ys = [], []
+    for name in _BATCH_FILES[:-1]:
+        batch = _unpickle(read[name], name)
+        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+    return (np.concatenate(xs[:5]), np.concatenate(ys[:5]), xs[5], ys[5], names)
+
+
+def _decode_tar(path: Path):  # type: ignore[no-untyped-def]
+    read = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            base = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and base in _BATCH_FILES:
+                f = tar.extractfile(member)
+                assert f is not None
+                read[base] = f.read()
+    missing = [n for n in _BATCH_FILES if n not in read]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}: not a cifar-10-python.tar.gz; {SOURCES_HELP}")
+    return _from_batches(read)
+
+
+def _decode_batches(path: Path):  # type: ignore[no-untyped-def]
+    missing = [n for n in _BATCH_FILES if not (path / n).is_file()]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}: not a cifar-10-batches-py folder")
+    return _from_batches({n: (path / n).read_bytes() for n in _BATCH_FILES})
+
+
+def _decode_images(entries: list[tuple[str, str, str, bytes]] | Iterator[tuple[str, str, str, bytes]],
+                   origin: Path):  # type: ignore[no-untyped-def]
+    """Decode (split, class, name, bytes) entries into arrays; classes in alphabetical order."""
+    from PIL import Image
+
+    by_split: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
+    for split, cls, name, blob in entries:
+        by_split[split].append((cls, name, blob))
+    train_classes = sorted({c for c, _, _ in by_split["train"]})
+    test_classes = sorted({c for c, _, _ in by_split["test"]})
+    if not train_classes or not test_classes:
+        raise DataError(f"{origin} has no images under train/<class>/ and test/<class>/; {SOURCES_HELP}")
+    if train_classes != test_classes:
+        raise DataError(f"{origin}: train/ classes ({', '.join(train_classes)}) differ from "
+                        f"test/ classes ({', '.join(test_classes)})")
+    index = {c: i for i, c in enumerate(train_classes)}
+    arrays = []
+    for split in ("train", "test"):
+        items = sorted(by_split[split])
+        x = np.empty((len(items), 32, 32, 3), dtype=np.uint8)
+        for i, (cls, name, blob) in enumerate(items):
+            try:
+                with Image.open(io.BytesIO(blob)) as img:
+                    pixels = np.asarray(img.convert("RGB"))
+            except Exception as exc:
+                raise DataError(f"{origin}: cannot decode {split}/{cls}/{name} ({exc})") from None
+            if pixels.shape != (32, 32, 3):
+                raise DataError(f"{origin}: {split}/{cls}/{name} is {pixels.shape[1]}x{pixels.shape[0]}"
+                                f", CIFAR-10 images are 32x32")
+            x[i] = pixels
+        arrays += [x, np.array([index[c] for c, _, _ in items], dtype=np.int64)]
+    return (*arrays, train_classes)
+
+
+_ENTRY = re.compile(r"(?:^|.*/)(train|test)/([^/]+)/([^/]+)$")
+
+
+def _decode_zip(path: Path):  # type: ignore[no-untyped-def]
+    def entries() -> Iterator[tuple[str, str, str, bytes]]:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                m = _ENTRY.match(info.filename)
+                if m and not info.is_dir() and info.filename.lower().endswith(IMAGE_SUFFIXES) \
+                        and "__MACOSX" not in info.filename:
+                    yield m.group(1), m.group(2), m.group(3), z.read(info)
+
+    try:
+        return _decode_images(entries(), path)
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{path} is not a readable zip ({exc})") from None
+
+
+def _decode_folder(path: Path):  # type: ignore[no-untyped-def]
+    entries = ((p.relative_to(path).parts[0], p.parent.name, p.name, p.read_bytes())
+               for p in _folder_images(path) if len(p.relative_to(path).parts) == 3)
+    return _decode_images(entries, path)
+
+
+def split(data: Cifar10, validation_fraction: float, seed: int) -> Splits:
+    """Carve a stratified validation set of ``validation_fraction`` of the training set.
+
+    The split depends only on ``seed`` (the sweep's seed), so every trial of a sweep is
+    selected on the same validation images. The test set is passed through untouched.
+    """
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(data.y_train))
+    try:
+        train_idx, val_idx = train_test_split(indices, test_size=validation_fraction,
+                                              random_state=seed, stratify=data.y_train)
+    except ValueError as exc:
+        raise DataError(f"cannot carve a stratified validation split from {len(indices)} "
+                        f"training images ({exc})") from None
+    train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
+    return Splits(data.x_train[train_idx], data.y_train[train_idx], data.x_train[val_idx],
+                  data.y_train[val_idx], data.x_test, data.y_test, data.class_names)

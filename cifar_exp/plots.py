@@ -1,0 +1,58 @@
+"""Figures a trial leaves behind: confusion-matrix heatmap and learning curves (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window: workers and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def confusion_matrix_png(counts: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:
+    """Counts (left) and row-normalised recall (right) heatmaps, true class down, predicted across."""
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    for ax, matrix, fmt, label in ((axes[0], counts, "d", "count"),
+                                   (axes[1], normalised, ".2f", "fraction of true class")):
+        image = ax.imshow(matrix, cmap="Blues")
+        fig.colorbar(image, ax=ax, fraction=0.046, label=label)
+        ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(len(class_names)), class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, format(value, fmt), ha="center", va="center", fontsize=7,
+                    color="white" if value > threshold else "black")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def learning_curves_png(history: Mapping[str, Sequence[float]], path: Path, title: str) -> None:
+    """Loss and accuracy per epoch, train and validation; the learning rate on a second axis."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        for name, style in ((key, "-"), (f"val_{key}", "--")):
+            if history.get(name):
+                epochs = np.arange(1, len(history[name]) + 1)
+                ax.plot(epochs, history[name], style, marker="o", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        if history.get("learning_rate"):
+            lr_axis = ax.twinx()
+            lr = history["learning_rate"]
+            lr_axis.plot(np.arange(1, len(lr) + 1), lr, ":", color="grey", label="learning_rate")
+            lr_axis.set_ylabel("learning rate", color="grey")
+        ax.legend(loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,455 @@
+"""The sweep: an Optuna study whose trials run in worker processes and are tracked in MLflow.
+
+Process model. ``run_sweep`` (the CLI's process) creates or resumes the study and the MLflow
+parent run, then starts ``workers`` spawned processes. Each worker loads the data once, then
+takes a ticket from the shared trial budget, runs one trial, clears the Keras session and takes
+the next ticket. The parent never imports Keras; it follows the workers through an event queue
+(progress, best so far), replaces a worker whose trial failed (a fresh process: no leaked
+memory or poisoned GPU state), and records a trial whose worker died as failed in both systems.
+
+Budget. ``trials`` counts the study's finished trials (complete, pruned, failed), across every
+run of the command: ``--trials 5`` after three finished trials runs two more. Trials ended by an
+interruption do not count, so a resumed sweep still delivers the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from cifar_exp import space, track
+from cifar_exp.config import ConfigError, PrunerConfig, SamplerConfig, Sweep
+
+EXIT_TRIAL_FAILED = 3  # a worker exits with this after a failed trial, to be replaced
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+STOP_GRACE_SECONDS = 60.0  # how long interrupted workers get to record their trials
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a sweep needs, resolved: the sweep (with overrides applied) and where things go."""
+
+    sweep: Sweep
+    storage: str
+    tracking_uri: str
+    workers: int = 1
+    tags: dict[str, str] = field(default_factory=dict)  # provenance for the parent run
+
+
+@dataclass(frozen=True)
+class Summary:
+    study_name: str
+    experiment_id: str
+    parent_run_id: str
+    counts: dict[str, int]
+    best: list[FrozenTrial]  # best first, complete trials only
+    interrupted: bool
+    stop_reason: str = ""
+
+
+class Interrupted(BaseException):
+    """Raised in a worker on SIGTERM (a BaseException, so ``except Exception`` lets it through)."""
+
+
+def trial_seed(sweep_seed: int, trial_number: int) -> int:
+    """The seed of trial ``trial_number``: a hash of (sweep seed, trial number), 31 bits."""
+    digest = hashlib.sha256(f"{sweep_seed}:{trial_number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna storage for ``url``: a database URL (``postgresql://``, ``sqlite:///``) or the path of
+    a journal file, which several local processes can share safely (file lock)."""
+    if "://" in url:
+        return optuna.storages.RDBStorage(url)
+    path = Path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_sampler(cfg: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
+    if cfg.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
+    # Steps are epochs completed (1-based), so min_epochs=1 allows pruning after the first epoch.
+    if cfg.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_epochs, max_resource=max(epochs, 1),
+                                              reduction_factor=cfg.reduction_factor)
+    if cfg.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=cfg.min_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that count against the budget: finished, and not ended by an interruption."""
+    return [t for t in trials if t.state in COUNTED_STATES and not t.user_attrs.get("interrupted")]
+
+
+def best_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(done, key=lambda t: t.value, reverse=maximize)[:k]  # type: ignore[arg-type, return-value]
+
+
+def _study(settings: Settings, storage: optuna.storages.BaseStorage, seed: int) -> optuna.Study:
+    sweep = settings.sweep
+    return optuna.load_study(study_name=sweep.name, storage=storage,
+                             sampler=make_sampler(sweep.sampler, seed),
+                             pruner=make_pruner(sweep.pruner, sweep.epochs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+_WORKER = {"training": False, "stop": False}
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    # Raise only while Keras is computing: raising inside a storage write could leave the
+    # journal's file lock held. Elsewhere the flag is checked at the next safe point.
+    _WORKER["stop"] = True
+    if _WORKER["training"]:
+        raise Interrupted()
+
+
+def worker_main(settings: Settings, experiment: str, parent_run_id: str, remaining: Any,
+                events: Any, worker_id: int, deadline: float | None) -> None:
+    """A worker process: run trials while the budget and the deadline allow."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent reports trials
+    import keras  # imported here: the parent process never needs Keras
+
+    from cifar_exp import data
+
+    sweep = settings.sweep
+    track.configure(settings.tracking_uri)
+    storage = open_storage(settings.storage)
+    splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed)
+    events.put({"kind": "ready", "worker": worker_id})
+    while not _WORKER["stop"] and (deadline is None or time.time() < deadline):
+        with remaining.get_lock():
+            if remaining.value <= 0:
+                break
+            remaining.value -= 1
+        ok = _run_trial(settings, storage, splits, experiment, parent_run_id, events, worker_id)
+        keras.backend.clear_session()  # memory must not grow from trial to trial
+        gc.collect()
+        if not ok:
+            sys.exit(EXIT_TRIAL_FAILED)
+
+
+def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits: Any, experiment: str,
+               parent_run_id: str, events: Any, worker_id: int) -> bool:
+    """Run one trial end to end; False if it failed (the worker is then replaced)."""
+    from cifar_exp import train
+
+    sweep = settings.sweep
+    # Sampler seeded per trial from (sweep seed, trial count): a sequential sweep samples the
+    # same parameters in the same order on every run, across resumes and replaced workers.
+    study = _study(settings, storage, trial_seed(sweep.sampler.seed, len(storage.get_all_trials(
+        storage.get_study_id_from_name(sweep.name), deepcopy=False))))
+    trial = study.ask()
+    # Stamped first, synchronously in storage: if this process dies, the parent finds the trial
+    # by this pid (queued events of a dying process can be lost).
+    trial.set_user_attr("worker_pid", os.getpid())
+    seed = trial_seed(sweep.sampler.seed, trial.number)
+    params = space.suggest(trial, sweep.space)
+    cfg = sweep.train_config(params)
+    metric = sweep.objective.metric
+    run_id = track.start_trial_run(
+        experiment, parent_run_id, trial.number,
+        params={**dataclasses.asdict(cfg), "seed": seed, "epochs": sweep.epochs},
+        tags={**settings.tags, "sweep": sweep.name, "worker": worker_id,
+              "backend": os.environ.get("KERAS_BACKEND", "tensorflow")})
+    trial.set_user_attr("mlflow_run_id", run_id)
+    trial.set_user_attr("seed", seed)
+    events.put({"kind": "start", "worker": worker_id, "trial": trial.number, "run_id": run_id, "params": params})
+    epochs_run = 0
+
+    def on_epoch(epoch: int, logs: Mapping[str, float]) -> None:
+        nonlocal epochs_run
+        _WORKER["training"] = False
+        epochs_run = epoch + 1
+        track.log_metrics(run_id, logs, step=epoch)
+        trial.report(logs[metric], epochs_run)
+        events.put({"kind": "epoch", "trial": trial.number, "epoch": epochs_run, "epochs": sweep.epochs,
+                    "value": logs[metric], "logs": logs})
+        if _WORKER["stop"]:
+            raise Interrupted()
+        if epochs_run < sweep.epochs and trial.should_prune():  # a finished trial is not pruned
+            raise optuna.TrialPruned(f"pruned after epoch {epochs_run}: {metric}={logs[metric]:.4f}")
+        _WORKER["training"] = True
+
+    try:
+        _WORKER["training"] = True
+        try:
+            result = train.train(cfg, splits, epochs=sweep.epochs, seed=seed, on_epoch=[on_epoch])
+        finally:
+            _WORKER["training"] = False
+        value = result.history[metric][-1]
+        test = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy}
+        track.log_metrics(run_id, test)
+        track.log_evaluation(run_id, splits.y_test, result.y_prob, splits.class_names, result.history,
+                             title=f"{sweep.name} trial {trial.number}")
+        model_uri = track.log_model(run_id, result.model, splits.x_test[:2])
+        for key, v in {**test, "epochs_run": epochs_run, "model_uri": model_uri}.items():
+            trial.set_user_attr(key, v)
+        study.tell(trial, value)
+        track.end_run(run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri})
+        events.put({"kind": "end", "trial": trial.number, "state": "COMPLETE", "value": value,
+                    "run_id": run_id, "test_accuracy": result.test_accuracy})
+        return True
+    except optuna.TrialPruned as exc:
+        trial.set_user_attr("epochs_run", epochs_run)
+        study.tell(trial, state=TrialState.PRUNED)
+        track.end_run(run_id, "FINISHED", {"state": "PRUNED", "pruned": "true", "pruned_epoch": epochs_run})
+        events.put({"kind": "end", "trial": trial.number, "state": "PRUNED", "reason": str(exc),
+                    "run_id": run_id})
+        return True
+    except Interrupted:
+        _fail(study, trial, run_id, "interrupted (Ctrl-C or SIGTERM)", "KILLED", interrupted=True)
+        events.put({"kind": "end", "trial": trial.number, "state": "FAIL", "reason": "interrupted",
+                    "run_id": run_id})
+        raise SystemExit(0) from None
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        _fail(study, trial, run_id, reason, "FAILED")
+        events.put({"kind": "end", "trial": trial.number, "state": "FAIL", "reason": reason, "run_id": run_id})
+        return False
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, run_id: str, reason: str, run_status: str,
+          interrupted: bool = False) -> None:
+    trial.set_user_attr("fail_reason", reason)
+    if interrupted:
+        trial.set_user_attr("interrupted", True)
+    study.tell(trial, state=TrialState.FAIL)
+    try:
+        track.end_run(run_id, run_status, {"state": "FAIL", "fail_reason": reason})
+    except Exception as exc:  # tracking down: the Optuna record above already holds the reason
+        print(f"cifar_exp: could not close MLflow run {run_id}: {exc}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+
+
+def create_study(settings: Settings) -> optuna.Study:
+    """Create the study, or load it when it exists (the same command resumes a sweep)."""
+    sweep = settings.sweep
+    storage = open_storage(settings.storage)
+    direction = sweep.objective.direction
+    try:
+        return optuna.create_study(study_name=sweep.name, storage=storage, direction=direction,
+                                   sampler=make_sampler(sweep.sampler, sweep.sampler.seed),
+                                   pruner=make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
+    except ValueError as exc:  # e.g. an existing study with the other direction
+        raise ConfigError(f"study '{sweep.name}' in {settings.storage}: {exc}") from None
+
+
+def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: None) -> Summary:
+    """Run (or resume) the sweep until its budget, its timeout, an interruption, or too many
+    consecutive failures. ``on_event`` receives every worker event (for a progress display)."""
+    sweep = settings.sweep
+    study = create_study(settings)
+    if study.direction.name.lower() != sweep.objective.direction:
+        raise ConfigError(f"study '{sweep.name}' already exists with direction "
+                          f"{study.direction.name.lower()}; use another sweep name or storage")
+    track.configure(settings.tracking_uri)
+    experiment = track.experiment_id(sweep.name)
+    parent = track.start_parent(
+        experiment, study.user_attrs.get("mlflow_parent_run_id"), f"{sweep.name}-study",
+        {**settings.tags, "sweep": sweep.name, "sweep_file": str(sweep.path),
+         "sweep_sha256": sweep.content_hash, "objective": f"{sweep.objective.direction} {sweep.objective.metric}",
+         "sampler": f"{sweep.sampler.name} seed={sweep.sampler.seed}", "pruner": sweep.pruner.name,
+         "epochs": str(sweep.epochs), "budget_trials": str(sweep.trials), "optuna_study": sweep.name,
+         "optuna_storage": settings.storage})
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    study.set_user_attr("mlflow_experiment_id", experiment)
+
+    done = len(counted(study.get_trials(deepcopy=False)))
+    ctx = mp.get_context("spawn")  # fork after importing TensorFlow/JAX threads is unsafe
+    remaining = ctx.Value("i", (sweep.trials - done) if sweep.trials is not None else 2**31 - 1)
+    events: Any = ctx.Queue()
+    deadline = time.time() + sweep.timeout if sweep.timeout else None
+    state = _ParentState(study, parent, sweep.objective.metric, on_event)
+
+    def start_worker(worker_id: int) -> mp.process.BaseProcess:
+        process = ctx.Process(target=worker_main, name=f"cifar_exp-worker-{worker_id}", daemon=True,
+                              args=(settings, experiment, parent, remaining, events, worker_id, deadline))
+        process.start()
+        assert process.pid is not None
+        state.pids.add(process.pid)
+        return process
+
+    def on_stop_signal(signum: int, frame: object) -> None:
+        state.interrupted = True
+
+    previous = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    workers: dict[int, mp.process.BaseProcess] = {}
+    try:
+        for worker_id in range(min(settings.workers, max(remaining.value, 0))):
+            workers[worker_id] = start_worker(worker_id)
+        stop_sent = 0.0
+        while workers:
+            try:
+                state.handle(events.get(timeout=0.2))
+                continue
+            except queue.Empty:
+                pass
+            if (state.interrupted or state.stop_reason) and not stop_sent:
+                with remaining.get_lock():
+                    remaining.value = 0
+                if state.interrupted:
+                    for process in workers.values():
+                        if process.pid and process.is_alive():
+                            os.kill(process.pid, signal.SIGTERM)
+                stop_sent = time.time()
+            if stop_sent and time.time() - stop_sent > STOP_GRACE_SECONDS:
+                for process in workers.values():
+                    process.kill()
+            for worker_id, process in list(workers.items()):
+                if process.is_alive():
+                    continue
+                process.join()
+                _drain(events, state)
+                del workers[worker_id]
+                if process.exitcode not in (0, EXIT_TRIAL_FAILED):
+                    state.worker_died(process.pid, process.exitcode)  # type: ignore[arg-type]
+                if process.exitcode != 0 and remaining.value > 0 and not (state.interrupted or state.stop_reason):
+                    workers[worker_id] = start_worker(worker_id)
+                if state.failures_in_a_row >= sweep.max_consecutive_failures and not state.stop_reason:
+                    state.stop_reason = (f"stopped after {state.failures_in_a_row} consecutive failed trials "
+                                         f"(max_consecutive_failures); see fail_reason on the failed runs")
+        _drain(events, state)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for process in workers.values():
+            process.kill()
+        state.close_orphans("interrupted: the sweep stopped before this trial ended")
+        events.close()
+
+    trials = study.get_trials(deepcopy=False)
+    best = best_trials(study, 5)
+    _finish_parent(study, parent, trials, best, sweep, interrupted=state.interrupted)
+    counts = {s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                                  TrialState.FAIL, TrialState.RUNNING)}
+    return Summary(sweep.name, experiment, parent, counts, best, state.interrupted, state.stop_reason)
+
+
+def _drain(events: Any, state: _ParentState) -> None:
+    while True:
+        try:
+            state.handle(events.get(timeout=0.05))
+        except queue.Empty:
+            return
+
+
+class _ParentState:
+    """What the parent knows while the sweep runs: its workers' pids, best so far, failure streak."""
+
+    def __init__(self, study: optuna.Study, parent_run_id: str, metric: str,
+                 on_event: Callable[[Event], None]) -> None:
+        self.study = study
+        self.parent_run_id = parent_run_id
+        self.metric = metric
+        self.on_event = on_event
+        self.pids: set[int] = set()  # every worker this run started
+        self.best: float | None = None
+        self.failures_in_a_row = 0
+        self.interrupted = False
+        self.stop_reason = ""
+        self.maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+    def handle(self, event: Event) -> None:
+        if event["kind"] == "end":
+            if event["state"] == "FAIL" and event.get("reason") != "interrupted":
+                self.failures_in_a_row += 1
+            elif event["state"] != "FAIL":
+                self.failures_in_a_row = 0
+            if event["state"] == "COMPLETE":
+                value = event["value"]
+                if self.best is None or (value > self.best if self.maximize else value < self.best):
+                    self.best = value
+                    track.log_metrics(self.parent_run_id, {f"best_{self.metric}": value}, step=event["trial"])
+        self.on_event(event)
+
+    def _running(self, pids: set[int]) -> list[FrozenTrial]:
+        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.user_attrs.get("worker_pid") in pids]
+
+    def worker_died(self, pid: int, exitcode: int | None) -> None:
+        """A worker ended abnormally (crash, OOM kill): fail its trial in both systems."""
+        self.failures_in_a_row += 1
+        for trial in self._running({pid}):
+            reason = f"worker process died (exit code {exitcode})"
+            if self.interrupted:
+                reason = "interrupted: the worker was stopped before the trial ended"
+            self._fail_record(trial, reason, "KILLED" if self.interrupted else "FAILED", self.interrupted)
+            self.on_event({"kind": "end", "trial": trial.number, "state": "FAIL",
+                           "reason": "interrupted" if self.interrupted else reason})
+
+    def close_orphans(self, reason: str) -> None:
+        """Trials of this run's workers still RUNNING when the sweep stops end as interrupted."""
+        for trial in self._running(self.pids):
+            self._fail_record(trial, reason, "KILLED", interrupted=True)
+
+    def _fail_record(self, trial: FrozenTrial, reason: str, run_status: str, interrupted: bool) -> None:
+        storage = self.study._storage
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        if interrupted:
+            storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if "mlflow_run_id" in trial.user_attrs:
+            track.end_run(trial.user_attrs["mlflow_run_id"], run_status, {"state": "FAIL", "fail_reason": reason})
+
+
+def trial_rows(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+    """One row per trial: number, state, value, seconds, params, and what the worker recorded."""
+    rows = []
+    for t in trials:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "seconds": seconds,
+                     **t.params, **{k: v for k, v in t.user_attrs.items() if k != "interrupted"}})
+    return rows
+
+
+def _finish_parent(study: optuna.Study, parent: str, trials: Sequence[FrozenTrial], best: list[FrozenTrial],
+                   sweep: Sweep, interrupted: bool) -> None:
+    tags: dict[str, Any] = {"trials_finished": len(counted(trials))}
+    if best:
+        top = best[0]
+        tags.update({"best_trial": top.number, "best_run_id": top.user_attrs.get("mlflow_run_id", ""),
+                     **{f"best.{k}": v for k, v in top.params.items()}})
+        metrics = {f"best_{sweep.objective.metric}": top.value or 0.0}
+        metrics.update({f"best_{k}": v for k, v in top.user_attrs.items()
+                        if k.startswith("test_") and isinstance(v, float)})
+        track.log_metrics(parent, metrics, step=top.number)
+    track.write_table(parent, trial_rows(trials), "trials.csv")
+    track.end_run(parent, "KILLED" if interrupted else "FINISHED", tags)

@@ -1,0 +1,207 @@
+"""Everything MLflow: the store, the sweep's parent run, one child run per trial, artifacts, models.
+
+The only module that imports mlflow. Runs are addressed by id through ``MlflowClient`` (the
+fluent "active run" does not cross processes); every child run names its parent explicitly.
+Calls that can hit a busy SQLite file or a restarting server are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cifar_exp import plots
+
+T = TypeVar("T")
+PARENT_TAG = "mlflow.parentRunId"
+# MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per call.
+_BATCH_PARAMS = 100
+
+
+def _transient(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("database is locked", "connection", "timed out", "temporarily",
+                                   "503", "502", "504"))
+
+
+def retrying(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, retried with exponential backoff (0.1 s .. 5 s) on transient errors."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt == attempts - 1 or not _transient(exc):
+                raise
+            time.sleep(min(0.1 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
+
+
+def configure(tracking_uri: str) -> None:
+    """Point this process at ``tracking_uri``; a local SQLite file is created (WAL mode) if needed.
+
+    Decision: WAL lets readers (the UI, other workers) proceed while one worker writes, which
+    is what keeps several workers on one SQLite file clear of "database is locked".
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            with sqlite3.connect(path) as db:
+                db.execute("PRAGMA journal_mode=WAL")
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+def experiment_id(name: str) -> str:
+    """The id of the experiment ``name``, created (artifacts beside the store) if missing."""
+    client = MlflowClient()
+    experiment = retrying(client.get_experiment_by_name, name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            retrying(client.restore_experiment, experiment.experiment_id)
+        return str(experiment.experiment_id)
+    try:
+        return str(retrying(client.create_experiment, name))
+    except MlflowException:  # created by another process in the meantime
+        experiment = retrying(client.get_experiment_by_name, name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
+
+
+def start_parent(experiment: str, run_id: str | None, name: str, tags: Mapping[str, str]) -> str:
+    """Reopen the parent run ``run_id`` if it exists in ``experiment``; else create one. Returns its id."""
+    client = MlflowClient()
+    if run_id:
+        try:
+            run = retrying(client.get_run, run_id)
+            if run.info.experiment_id == experiment and run.info.lifecycle_stage == "active":
+                retrying(client.update_run, run_id, status="RUNNING")
+                set_tags(run_id, tags)
+                return run_id
+        except MlflowException:
+            pass  # gone (another store, or deleted): start a new parent
+    run = retrying(client.create_run, experiment, run_name=name, tags=dict(tags))
+    return str(run.info.run_id)
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(tag_list), 100):
+        retrying(MlflowClient().log_batch, run_id, tags=tag_list[i:i + 100])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """All ``metrics`` at ``step`` in one batched call."""
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(batch), 1000):
+        retrying(MlflowClient().log_batch, run_id, metrics=batch[i:i + 1000])
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), _BATCH_PARAMS):
+        retrying(MlflowClient().log_batch, run_id, params=items[i:i + _BATCH_PARAMS])
+
+
+def end_run(run_id: str, status: str, tags: Mapping[str, Any] | None = None) -> None:
+    """Set ``tags``, then end the run with ``status`` (FINISHED, FAILED or KILLED)."""
+    if tags:
+        set_tags(run_id, tags)
+    retrying(MlflowClient().set_terminated, run_id, status=status)
+
+
+def start_trial_run(experiment: str, parent_run_id: str, trial_number: int,
+                    params: Mapping[str, Any], tags: Mapping[str, Any]) -> str:
+    """Create the child run of trial ``trial_number`` under ``parent_run_id``, with its params."""
+    all_tags = {PARENT_TAG: parent_run_id, "trial_number": str(trial_number),
+                **{k: str(v) for k, v in tags.items()}}
+    run = retrying(MlflowClient().create_run, experiment, run_name=f"trial-{trial_number}",
+                   tags=all_tags)
+    run_id = str(run.info.run_id)
+    log_params(run_id, params)
+    return run_id
+
+
+def log_evaluation(run_id: str, y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str],
+                   history: Mapping[str, Sequence[float]], title: str) -> dict[str, float]:
+    """Log the test-set evaluation of a trial: per-class precision/recall/F1 and macro F1 as
+    metrics; confusion matrix (PNG, CSV), classification report (JSON) and learning curves (PNG)
+    as artifacts. Returns the metrics logged."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    y_pred = y_prob.argmax(axis=1)
+    labels = list(range(len(class_names)))
+    counts = confusion_matrix(y_true, y_pred, labels=labels)
+    report = classification_report(y_true, y_pred, labels=labels, target_names=list(class_names),
+                                   output_dict=True, zero_division=0)
+    metrics = {"test_macro_f1": float(report["macro avg"]["f1-score"])}
+    for name in class_names:
+        for key, short in (("precision", "precision"), ("recall", "recall"), ("f1-score", "f1")):
+            metrics[f"test_{short}_{name}"] = float(report[name][key])
+    log_metrics(run_id, metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        with (out / "confusion_matrix.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["true \\ predicted", *class_names])
+            for name, row in zip(class_names, counts, strict=True):
+                writer.writerow([name, *map(int, row)])
+        (out / "classification_report.json").write_text(json.dumps(report, indent=2))
+        plots.confusion_matrix_png(counts, class_names, out / "confusion_matrix.png", title)
+        plots.learning_curves_png(history, out / "learning_curves.png", title)
+        retrying(MlflowClient().log_artifacts, run_id, str(out))
+    return metrics
+
+
+def log_model(run_id: str, model: Any, example: np.ndarray) -> str:
+    """Log the Keras model (``.keras`` format) to ``run_id``; returns its model URI.
+
+    Decision: pip requirements are given, not inferred; inference reloads the model in a
+    subprocess, which would cost seconds per trial.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    backend_pkg = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend, backend)
+    from importlib.metadata import version
+
+    requirements = [f"keras=={keras.__version__}", f"{backend_pkg}=={version(backend_pkg)}"]
+    signature = mlflow.models.infer_signature(example, np.asarray(model(example)))
+    with mlflow.start_run(run_id=run_id):
+        info = retrying(mlflow.keras.log_model, model, name="model", signature=signature,
+                        pip_requirements=requirements)
+    return str(info.model_uri)
+
+
+def write_table(run_id: str, rows: Sequence[Mapping[str, Any]], filename: str) -> None:
+    """Log ``rows`` (dicts; columns in first-seen order) as the CSV artifact ``filename``."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(rows)
+        retrying(MlflowClient().log_artifact, run_id, str(path))
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The shell command that opens the MLflow UI on this store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"

@@ -1,0 +1,58 @@
+"""Shared fixtures: an isolated working directory and cache, and slices of the real CIFAR-10 copy."""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data" / "cifar10"
+PACK = SHARED / "cifar10-jpeg.npz"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test runs in its own directory (so ``mlruns/`` is private) with its own data cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CIFAR_EXP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def write_slice(path: Path, train_per_class: int, test_per_class: int) -> Path:
+    """A zip of the first images of each class of the real CIFAR-10 JPEG copy."""
+    sys.path.insert(0, str(SHARED))
+    try:
+        import unpack  # the pack's own reader, beside the data
+    finally:
+        sys.path.pop(0)
+    taken: collections.Counter[tuple[str, str]] = collections.Counter()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, blob in unpack.images(str(PACK)):
+            split, cls, _ = name.split("/")
+            if taken[split, cls] < (train_per_class if split == "train" else test_per_class):
+                taken[split, cls] += 1
+                z.writestr(name, blob)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """500 real CIFAR-10 (JPEG copy) images: 40 train and 10 test per class."""
+    return write_slice(tmp_path_factory.mktemp("data") / "cifar10-slice.zip", 40, 10)
+
+
+def synthetic_images(n: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random 32x32 RGB images with balanced labels."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % classes
+
+
+def backend() -> str:
+    return os.environ.get("KERAS_BACKEND", "tensorflow")

@@ -1,0 +1,44 @@
+"""Fault injection for the sweep tests, loaded into every Python process (the spawned workers
+too) by putting this folder on PYTHONPATH. It wraps ``cifar_exp.train.train`` so that the trials
+with the seeds named in the environment fail for real inside their worker:
+
+- CIFAR_EXP_FAULT_RAISE=seed,...  the trial raises RuntimeError
+- CIFAR_EXP_FAULT_DIE=seed,...    the worker process dies (os._exit(9)) mid-trial
+"""
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+RAISE = {int(s) for s in os.environ.get("CIFAR_EXP_FAULT_RAISE", "").split(",") if s}
+DIE = {int(s) for s in os.environ.get("CIFAR_EXP_FAULT_DIE", "").split(",") if s}
+
+
+class _WrapTrain(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "cifar_exp.train":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        exec_module = spec.loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+            real = module.train
+
+            def train(cfg, data, *, epochs, seed, on_epoch=()):
+                if seed in RAISE:
+                    raise RuntimeError(f"injected fault for seed {seed}")
+                if seed in DIE:
+                    os._exit(9)
+                return real(cfg, data, epochs=epochs, seed=seed, on_epoch=on_epoch)
+
+            module.train = train
+
+        spec.loader.exec_module = patched
+        return spec
+
+
+if RAISE or DIE:
+    sys.meta_path.insert(0, _WrapTrain())

@@ -1,0 +1,54 @@
+"""Bad input on the command line: one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def sweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cifar_exp.sweep", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_list_names_every_sweep_with_a_line(isolated: Path) -> None:
+    result = sweep("--list", cwd=isolated)
+    assert result.returncode == 0
+    names = {line.split()[0] for line in result.stdout.splitlines()}
+    assert names == {p.stem for p in (ROOT / "sweeps").glob("*.yaml")}
+    assert all(len(line.split()) > 3 for line in result.stdout.splitlines())
+
+
+def _bad_sweep(folder: Path) -> str:
+    path = folder / "bad.yaml"
+    path.write_text("space:\n  dropout: {type: float, low: 0.5, high: 0.2}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("make_args, fragment", [
+    (lambda d: ["lr_dropuot"], "unknown sweep 'lr_dropuot': did you mean 'lr_dropout'?"),
+    (lambda d: [_bad_sweep(d)], "space.dropout: high (0.2) must be greater than low (0.5)"),
+    (lambda d: ["lr_dropout", "--data", str(d / "nowhere")], "does not exist; give --data one of"),
+    (lambda d: ["lr_dropout", "--data", str((d / "empty").mkdir() or d / "empty")],
+     "not a recognisable CIFAR-10 layout"),
+    (lambda d: ["lr_dropout", "--trials", "0"], "--trials must be greater than 0"),
+    (lambda d: ["lr_dropout", "--epochs", "two"], "--epochs takes a number"),
+    (lambda d: ["lr_dropout", "--bogus"], "unrecognized arguments: --bogus"),
+    (lambda d: ["../etc"], "invalid sweep name"),
+    (lambda d: [], "name a sweep"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(isolated: Path, make_args, fragment: str) -> None:
+    args = make_args(isolated)
+    before = set(isolated.rglob("*"))
+    result = sweep(*args, cwd=isolated)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (isolated / "mlruns").exists()
+    assert {p for p in isolated.rglob("*") if "cache" not in p.parts} <= before

@@ -1,0 +1,120 @@
+"""Sweep files: every shipped one loads; every kind of bad input is one clear ConfigError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cifar_exp.config import (
+    ConfigError,
+    TrainConfig,
+    available_sweeps,
+    check_name,
+    load_sweep,
+    parse_sweep,
+)
+
+GOOD = """
+objective: {metric: val_accuracy, direction: maximize}
+space:
+  learning_rate: {type: float, low: 1e-4, high: 1e-1, log: true}
+  dropout: {type: float, low: 0.0, high: 0.5, step: 0.1}
+  blocks: {type: int, low: 1, high: 3}
+  activation: {type: categorical, choices: [relu, gelu]}
+fixed: {batch_size: 64}
+epochs: 3
+trials: 4
+"""
+
+
+def parse(text: str):
+    return parse_sweep("x", text, Path("sweeps/x.yaml"))
+
+
+def error(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", sorted(available_sweeps()))
+def test_every_shipped_sweep_loads(name: str) -> None:
+    sweep = load_sweep(name)
+    assert sweep.name == name and sweep.space and sweep.description
+    assert sweep.objective.metric.startswith("val_")
+    # every dimension's values and the fixed settings build a valid training configuration
+    assert isinstance(sweep.train_config({}), TrainConfig)
+
+
+def test_lr_dropout_is_shipped() -> None:
+    sweep = load_sweep("lr_dropout")
+    assert {"learning_rate", "dropout", "lr_schedule"} <= set(sweep.space)
+    assert sweep.sampler.name == "tpe" and sweep.pruner.name == "hyperband"
+
+
+def test_good_sweep_parses_with_types_and_yaml_1_1_floats() -> None:
+    sweep = parse(GOOD)
+    lr = sweep.space["learning_rate"]
+    assert (lr.type, lr.low, lr.high, lr.log) == ("float", 1e-4, 1e-1, True)  # "1e-4" is text in YAML 1.1
+    assert sweep.space["dropout"].step == 0.1
+    assert sweep.space["activation"].choices == ("relu", "gelu")
+    config = sweep.train_config({"learning_rate": 0.01})
+    assert (config.batch_size, config.learning_rate, config.filters) == (64, 0.01, TrainConfig().filters)
+
+
+def test_low_greater_than_high_names_file_key_and_values() -> None:
+    text = "space:\n  dropout: {type: float, low: 0.5, high: 0.2}\n"
+    assert error(text) == "sweeps/x.yaml: space.dropout: high (0.2) must be greater than low (0.5)"
+
+
+def test_unknown_keys_suggest_the_right_one() -> None:
+    assert "did you mean 'space'" in error("spcae: {}\n")
+    assert "did you mean 'learning_rate'" in error("space:\n  learning_rat: {type: float, low: 0.1, high: 1}\n")
+    assert "did you mean 'metric'" in error("objective: {metrc: val_loss}\n")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("space:\n  weight_decay: {type: float, low: 0, high: 0.1, log: true}\n", "log scale needs low > 0"),
+    ("space:\n  activation: {type: categorical, choices: []}\n", "non-empty list"),
+    ("space:\n  activation: {type: categorical, choices: [relu, swish]}\n", "'swish' is not one of"),
+    ("space:\n  blocks: {type: float, low: 1, high: 3}\n", "takes type int"),
+    ("space:\n  activation: {type: float, low: 1, high: 3}\n", "takes type categorical"),
+    ("space:\n  dropout: {type: float, low: 0, high: 1.5}\n", "out of range"),
+    ("space:\n  dropout: {type: float, low: 0, high: 0.5, log: true, step: 0.1}\n", "log and step"),
+    ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nfixed: {dropout: 0.1}\n", "also in space"),
+    ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nfixed: {batch_size: big}\n", "expected an integer"),
+    ("space:\n  dropout: {type: float, high: 0.5}\n", "'low' is required"),
+    ("space: {}\n", "at least one dimension"),
+    ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nobjective: {metric: test_accuracy}\n", "not one of"),
+    ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nobjective: {metric: val_loss}\n", "wrong way"),
+    ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nepochs: 0\n", "out of range"),
+    ("space:\n  dropout: {type: float, low: 0, high: 0.5}\ntrials: null\n", "give a budget"),
+    ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nsampler: {name: grid}\n", "not one of"),
+    ("space: [1, 2\n", "invalid YAML: line"),
+    ("- just a list\n", "mapping of settings"),
+])
+def test_malformed_sweeps_are_one_line_config_errors(text: str, fragment: str) -> None:
+    message = error(text)
+    assert message.startswith("sweeps/x.yaml")
+    assert fragment in message
+
+
+def test_unknown_sweep_lists_the_existing_ones() -> None:
+    with pytest.raises(ConfigError, match="unknown sweep 'lr_dropuot': did you mean 'lr_dropout'"):
+        load_sweep("lr_dropuot")
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a\0b", "", "a/b"])
+def test_names_that_escape_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match="invalid sweep name"):
+        check_name(name)
+
+
+def test_sweep_file_by_path(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text(GOOD)
+    sweep = load_sweep(str(path))
+    assert sweep.name == "mine" and sweep.path == path and len(sweep.content_hash) == 64

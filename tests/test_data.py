@@ -1,0 +1,183 @@
+"""The loader: three source kinds decode to the same arrays, the cache, bad layouts, the split."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import socket
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_exp import data
+from cifar_exp.data import DataError
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")  # lossless: decoded pixels must match exactly
+    return out.getvalue()
+
+
+@pytest.fixture()
+def arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    # labels class-major: the order in which a folder tree loads
+    return {"x_train": rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8), "y_train": np.arange(30) // 3,
+            "x_test": rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), "y_test": np.arange(20) // 2}
+
+
+def _entries(arrays: dict[str, np.ndarray]):
+    for split in ("train", "test"):
+        for i, (x, y) in enumerate(zip(arrays[f"x_{split}"], arrays[f"y_{split}"], strict=True)):
+            yield f"{split}/{CLASSES[y]}/{i:04d}.png", _png(x)
+
+
+def make_folder(root: Path, arrays: dict[str, np.ndarray]) -> Path:
+    for name, blob in _entries(arrays):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(blob)
+    return root
+
+
+def make_batches(root: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """The official python format: pickled dicts with bytes keys, images as rows of 3072."""
+    root.mkdir(parents=True)
+    rows = lambda x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)  # noqa: E731
+    chunks = np.array_split(np.arange(len(arrays["y_train"])), 5)
+    for i, idx in enumerate(chunks, 1):
+        batch = {b"data": rows(arrays["x_train"][idx]), b"labels": arrays["y_train"][idx].tolist()}
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    test = {b"data": rows(arrays["x_test"]), b"labels": arrays["y_test"].tolist()}
+    (root / "test_batch").write_bytes(pickle.dumps(test))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CLASSES]}))
+    return root
+
+
+def assert_same(loaded: data.Cifar10, arrays: dict[str, np.ndarray]) -> None:
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(getattr(loaded, key), value)
+    assert loaded.class_names == tuple(CLASSES)
+    assert len(loaded.checksum) == 64
+
+
+def test_image_folder(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    assert_same(data.load(str(make_folder(tmp_path / "tree", arrays))), arrays)
+
+
+def test_zip_with_a_top_level_folder(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path = tmp_path / "c.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, blob in _entries(arrays):
+            z.writestr(f"cifar10/{name}", blob)
+    assert_same(data.load(str(path)), arrays)
+
+
+def test_official_tar_gz_and_extracted_folder(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    batches = make_batches(tmp_path / "cifar-10-batches-py", arrays)
+    assert_same(data.load(str(batches)), arrays)
+    assert_same(data.load(str(tmp_path)), arrays)  # the folder that holds cifar-10-batches-py/
+    tar_path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(batches, arcname="cifar-10-batches-py")
+    assert_same(data.load(str(tar_path)), arrays)
+
+
+def test_batches_that_need_other_globals_are_refused(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    batches = make_batches(tmp_path / "b", arrays)
+    (batches / "test_batch").write_bytes(pickle.dumps({b"data": Path("x"), b"labels": []}))
+    with pytest.raises(DataError, match="refusing to load pathlib"):
+        data.load(str(batches))
+
+
+def test_second_load_reads_the_cache_and_a_corrupt_cache_is_rebuilt(
+        tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tree = make_folder(tmp_path / "tree", arrays)
+    first = data.load(str(tree))
+    (cached,) = data.cache_dir().glob("*.npz")
+    # Prove the second load reads the cache, not the images: alter the cached labels.
+    with np.load(cached) as z:
+        tampered = {k: z[k] for k in z.files}
+    tampered["y_test"] = (tampered["y_test"] + 1) % 10
+    np.savez(cached, **tampered)
+    assert (data.load(str(tree)).y_test == tampered["y_test"]).all()
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated: decoded again from the source
+    np.testing.assert_array_equal(data.load(str(tree)).y_test, first.y_test)
+    assert data.load(str(tree)).checksum == first.checksum
+
+
+def test_changed_source_changes_the_checksum(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tree = make_folder(tmp_path / "tree", arrays)
+    before = data.load(str(tree)).checksum
+    next(tree.glob("test/*/*.png")).write_bytes(_png(np.zeros((32, 32, 3), np.uint8)))
+    assert data.load(str(tree)).checksum != before
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "not a recognisable CIFAR-10 layout"),
+    (lambda p: (p / "notes.txt").write_text("hi") and p / "notes.txt", "not a recognisable CIFAR-10 layout"),
+])
+def test_bad_sources_name_the_three_options(tmp_path: Path, make, fragment: str) -> None:
+    with pytest.raises(DataError) as info:
+        data.load(str(make(tmp_path)))
+    message = str(info.value)
+    assert fragment in message and "'keras'" in message and "tar.gz" in message and ".zip" in message
+
+
+def test_wrong_image_size_names_the_file(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tree = make_folder(tmp_path / "tree", arrays)
+    Image.new("RGB", (64, 48)).save(tree / "train" / "cat" / "big.png")
+    with pytest.raises(DataError, match=r"train/cat/big.png is 64x48"):
+        data.load(str(tree))
+
+
+def test_offline_keras_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No cached copy, and every HTTPS request goes to a closed port on this machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    with pytest.raises(DataError) as info:
+        data.load("keras")
+    assert "cannot download CIFAR-10 through Keras" in str(info.value)
+    assert "tar.gz" in str(info.value) and ".zip" in str(info.value)
+
+
+def test_keras_source_decodes_what_keras_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keras checks its cached archive against the official sha256, so fixture files stand in for
+    # the download itself: get_file returns the folder holding cifar-10-batches-py/, and Keras'
+    # own load_data parses it.
+    import keras.src.datasets.cifar10 as keras_cifar10
+
+    rng = np.random.default_rng(2)  # Keras' reader wants the real sizes: 5 x 10,000 + 10,000
+    arrays = {"x_train": rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8),
+              "y_train": rng.integers(0, 10, 50000), "x_test": rng.integers(0, 256, (10000, 32, 32, 3),
+                                                                          dtype=np.uint8),
+              "y_test": rng.integers(0, 10, 10000)}
+    make_batches(tmp_path / "fetched" / "cifar-10-batches-py", arrays)
+    monkeypatch.setattr(keras_cifar10, "get_file", lambda *a, **k: str(tmp_path / "fetched"))
+    loaded = data.load("keras")
+    assert_same(loaded, arrays)
+    assert loaded.source == "keras"
+
+
+def test_split_is_stratified_seeded_and_disjoint() -> None:
+    rng = np.random.default_rng(0)
+    x = np.arange(1000, dtype=np.uint8).repeat(32 * 32 * 3).reshape(1000, 32, 32, 3)
+    y = rng.permutation(np.arange(1000) % 10)
+    source = data.Cifar10(x, y, x[:10], y[:10], tuple(CLASSES), "s", "c")
+    a, b, c = data.split(source, 0.2, 7), data.split(source, 0.2, 7), data.split(source, 0.2, 8)
+    assert len(a.y_val) == 200 and np.bincount(a.y_val).tolist() == [20] * 10
+    np.testing.assert_array_equal(a.x_val, b.x_val)
+    assert not np.array_equal(a.y_val, c.y_val) or not np.array_equal(a.x_val, c.x_val)
+    assert len(a.y_train) + len(a.y_val) == 1000
+    np.testing.assert_array_equal(a.x_test, source.x_test)

@@ -1,0 +1,137 @@
+"""The main job for real: ``python -m cifar_exp.sweep lr_dropout`` on a slice of the real
+CIFAR-10 (JPEG copy), checked through the MLflow and Optuna APIs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from cifar_exp import data
+from cifar_exp.study import open_storage, trial_seed
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+TEST_IMAGES = 100  # the slice: 10 test images per class
+
+
+def run_sweep(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=900, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def runs(cwd: Path, experiment: str = "lr_dropout") -> tuple[list, list]:
+    mlflow.set_tracking_uri(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    all_runs = MlflowClient().search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def study(cwd: Path, name: str = "lr_dropout") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(str(cwd / "mlruns" / "optuna.journal")))
+
+
+def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -> None:
+    out = run_sweep(isolated, "lr_dropout", "--trials", "3", "--epochs", "2", "--data", str(cifar_slice)).stdout
+    assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in out
+
+    parents, children = runs(isolated)
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    client = MlflowClient()
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["state"] == "COMPLETE"
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == [0, 1]
+        assert len(client.get_metric_history(child.info.run_id, "learning_rate")) == 2
+        assert {"learning_rate", "dropout", "head_dropout", "lr_schedule", "seed", "batch_size", "filters"} \
+            <= set(child.data.params)
+        assert "test_accuracy" in child.data.metrics and "test_recall_cat" in child.data.metrics
+
+    # The confusion matrix counts every test image once; the model loads and predicts.
+    best = children[0]
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=best.info.run_id, dst_path=str(isolated / "a")))
+    rows = list(csv.reader((folder / "confusion_matrix.csv").open()))
+    assert sum(int(v) for row in rows[1:] for v in row[1:]) == TEST_IMAGES
+    model = mlflow.keras.load_model(best.data.tags["model_uri"])
+    images = data.load(str(cifar_slice)).x_test[:5]
+    probs = model.predict(images, verbose=0)
+    assert probs.shape == (5, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+
+    trials = study(isolated).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {c.info.run_id for c in children}
+    assert [t.user_attrs["seed"] for t in trials] == [trial_seed(0, n) for n in range(3)]
+    assert parent.info.status == "FINISHED" and parent.data.tags["trials_finished"] == "3"
+    assert "best_val_accuracy" in parent.data.metrics
+
+    # The same command with a larger budget resumes: two more trials under the same parent.
+    run_sweep(isolated, "lr_dropout", "--trials", "5", "--epochs", "2", "--data", str(cifar_slice))
+    parents, children = runs(isolated)
+    assert len(parents) == 1 and parents[0].info.run_id == parent.info.run_id
+    assert len(children) == 5 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert [t.number for t in study(isolated).get_trials()] == [0, 1, 2, 3, 4]
+    trials_csv = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="trials.csv",
+                                                          dst_path=str(isolated / "b")))
+    assert len(list(csv.DictReader(trials_csv.open()))) == 5
+
+
+def test_failing_trials_fail_alone(isolated: Path, cifar_slice: Path) -> None:
+    # Trial 1 raises inside its worker; trial 2's worker process dies mid-trial.
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH", "")]),
+           "CIFAR_EXP_FAULT_RAISE": str(trial_seed(0, 1)), "CIFAR_EXP_FAULT_DIE": str(trial_seed(0, 2))}
+    out = run_sweep(isolated, "lr_dropout", "--trials", "4", "--epochs", "1", "--data", str(cifar_slice),
+                    env=env).stdout
+    assert "trial 1 FAIL: RuntimeError: injected fault" in out and "worker process died (exit code 9)" in out
+
+    states = {t.number: t for t in study(isolated).get_trials()}
+    assert [states[n].state for n in range(4)] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
+                                                  TrialState.COMPLETE]
+    assert states[1].user_attrs["fail_reason"].startswith("RuntimeError: injected fault")
+    assert states[2].user_attrs["fail_reason"] == "worker process died (exit code 9)"
+    _, children = runs(isolated)
+    by_trial = {int(c.data.tags["trial_number"]): c for c in children}
+    assert by_trial[1].info.status == "FAILED" and "injected fault" in by_trial[1].data.tags["fail_reason"]
+    assert by_trial[2].info.status == "FAILED" and "died" in by_trial[2].data.tags["fail_reason"]
+    assert by_trial[0].info.status == by_trial[3].info.status == "FINISHED"
+
+
+def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(isolated: Path, cifar_slice: Path) -> None:
+    args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "2", "--epochs", "2",
+            "--data", str(cifar_slice)]
+    process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:  # wait until trial 0 is training
+        if line.startswith("trial 0 started"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    assert "run the same command to resume" in err
+
+    (trial,) = study(isolated).get_trials()
+    assert trial.state == TrialState.FAIL and trial.user_attrs["interrupted"] is True
+    parents, children = runs(isolated)
+    assert children[0].info.status == "KILLED" and parents[0].info.status == "KILLED"
+
+    run_sweep(isolated, "lr_dropout", "--trials", "2", "--epochs", "2", "--data", str(cifar_slice))
+    trials = study(isolated).get_trials()
+    # the interrupted trial does not count against the budget: two complete trials follow it
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    parents, children = runs(isolated)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 3
