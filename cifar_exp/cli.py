@@ -172,6 +172,9 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the workers started: nothing ran yet
+        print("interrupted before any trial started", file=sys.stderr)
+        return 130
     _print_summary(summary, sweep.objective.metric, args.tracking_uri)
     if summary.interrupted:
         print("interrupted: run the same command to resume the sweep", file=sys.stderr)

@@ -135,3 +135,19 @@ def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(isolated: P
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     parents, children = runs(isolated)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 3
+
+
+def test_too_many_consecutive_failures_stop_the_sweep(isolated: Path, cifar_slice: Path) -> None:
+    sweep_file = isolated / "fragile.yaml"
+    sweep_file.write_text((ROOT / "sweeps" / "lr_dropout.yaml").read_text() + "max_consecutive_failures: 2\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH", "")]),
+           "CIFAR_EXP_FAULT_RAISE": ",".join(str(trial_seed(0, n)) for n in range(6))}
+    result = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", str(sweep_file), "--trials", "6",
+                             "--epochs", "1", "--data", str(cifar_slice)], cwd=isolated, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, **env})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "stopped after 2 consecutive failed trials" in result.stderr
+    trials = study(isolated, "fragile").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    parents, _ = runs(isolated, "fragile")
+    assert parents[0].info.status == "FINISHED"
