@@ -100,7 +100,7 @@ class Progress:
         elif kind == "end":
             state = event["state"]
             self.counts[state] = self.counts.get(state, 0) + 1
-            if event.get("reason") != "interrupted" and not str(event.get("reason", "")).startswith("interrupted"):
+            if not str(event.get("reason", "")).startswith("interrupted"):  # those do not count
                 self.finished += 1
             detail = ""
             if state == "COMPLETE":

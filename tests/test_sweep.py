@@ -64,11 +64,11 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
         assert "test_accuracy" in child.data.metrics and "test_recall_cat" in child.data.metrics
 
     # The confusion matrix counts every test image once; the model loads and predicts.
-    best = children[0]
-    folder = Path(mlflow.artifacts.download_artifacts(run_id=best.info.run_id, dst_path=str(isolated / "a")))
+    child = children[0]
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, dst_path=str(isolated / "a")))
     rows = list(csv.reader((folder / "confusion_matrix.csv").open()))
     assert sum(int(v) for row in rows[1:] for v in row[1:]) == TEST_IMAGES
-    model = mlflow.keras.load_model(best.data.tags["model_uri"])
+    model = mlflow.keras.load_model(child.data.tags["model_uri"])
     images = data.load(str(cifar_slice)).x_test[:5]
     probs = model.predict(images, verbose=0)
     assert probs.shape == (5, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
