@@ -29,10 +29,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def set_environment() -> None:
+def set_environment(deterministic: bool) -> None:
     """Environment for Keras and its backends; must run before anything imports keras."""
+    from cifar_exp.backend import determinism_env
+
+    os.environ.update(determinism_env(deterministic, os.environ))
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    # TensorFlow's C++ log: start-up chatter, and under op determinism a harmless "NodeDef mentions
+    # attribute use_unbounded_threadpool" ERROR line per epoch. Python exceptions still surface.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # Several workers share one GPU: no process may take all of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
@@ -50,6 +55,26 @@ def _positive(kind: type, flag: str):  # type: ignore[no-untyped-def]
     return parse
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed takes an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**32), got {text}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tolerance takes a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"--tolerance must be 0 or more, got {text}")
+    return value
+
+
 def sweep_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m cifar_exp.sweep",
                 description="Run (or resume) the Optuna study of a sweep; every trial is an MLflow run.")
@@ -58,6 +83,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=_positive(int, "--trials"), help="trial budget of the study")
     p.add_argument("--epochs", type=_positive(int, "--epochs"), help="epochs per trial")
     p.add_argument("--timeout", type=_positive(float, "--timeout"), help="seconds; no trial starts after")
+    p.add_argument("--seed", type=_seed, help="the sweep seed (sampler, trial seeds, validation split)")
     p.add_argument("--data", help="'keras', a cifar-10-python.tar.gz, cifar-10-batches-py/, "
                                   "or an image-folder tree or .zip (train/<class>/, test/<class>/)")
     p.add_argument("--storage", default=DEFAULT_STORAGE,
@@ -128,6 +154,8 @@ def _apply_overrides(args: argparse.Namespace) -> Any:
             changes[key] = getattr(args, key)
     if args.data is not None:
         changes["data"] = dataclasses.replace(sweep.data, source=args.data)
+    if args.seed is not None:
+        changes["sampler"] = dataclasses.replace(sweep.sampler, seed=args.seed)
     return dataclasses.replace(sweep, **changes)
 
 
@@ -146,7 +174,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"name a sweep: python -m cifar_exp.sweep NAME "
                               f"(available: {', '.join(available_sweeps())})")
         sweep = _apply_overrides(args)
-        set_environment()
+        set_environment(sweep.deterministic)
         from cifar_exp import data, study  # after set_environment: these may import keras
 
         dataset = data.load(sweep.data.source)  # bad --data fails here, before anything is written
@@ -166,7 +194,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         print(f"sweep {sweep.name}: {sweep.description.strip().splitlines()[0] if sweep.description else ''}")
         print(f"study '{sweep.name}' in {args.storage}: {finished} trials finished before; "
               f"budget {sweep.trials if sweep.trials else 'none'} trials, "
-              f"{sweep.epochs} epochs each, {args.workers} worker(s); tracking {args.tracking_uri}", flush=True)
+              f"{sweep.epochs} epochs each, {args.workers} worker(s), seed {sweep.sampler.seed}, deterministic "
+              f"kernels {'on' if sweep.deterministic else 'off'}; tracking {args.tracking_uri}", flush=True)
         progress = Progress(sweep.objective.metric, sweep.objective.direction == "maximize", finished, sweep.trials)
         summary = study.run_sweep(settings, progress)
     except UserError as exc:
@@ -199,3 +228,117 @@ def _print_summary(summary: Any, metric: str, tracking_uri: str) -> None:
         print(f"best run: {summary.best[0].user_attrs.get('mlflow_run_id')} "
               f"(experiment {summary.experiment_id}, parent run {summary.parent_run_id})")
     print(f"open the MLflow UI: {track.ui_command(tracking_uri)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m cifar_exp.rerun
+
+
+def rerun_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m cifar_exp.rerun",
+                description="Train a logged trial again from its seed and recorded configuration, into a new "
+                            "MLflow run tagged rerun_of, and compare every per-epoch metric with the original.")
+    p.add_argument("target", help="a trial's MLflow run id, or a sweep name with --trial N")
+    p.add_argument("--trial", type=int, help="trial number in the sweep's study (TARGET is then the sweep name)")
+    p.add_argument("--tolerance", type=_tolerance, default=0.0,
+                   help="largest allowed |rerun - original| per value (default 0: bit for bit)")
+    p.add_argument("--data", help="the data to train on (default: the original's data source); "
+                                  "its checksum must be the original's")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="deterministic kernels (default on; the original's mode must match to reproduce it)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage for --trial (default {DEFAULT_STORAGE})")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
+                   help=f"MLflow tracking URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
+    return p
+
+
+def _existing_store(tracking_uri: str) -> None:
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri.removeprefix("sqlite:///")
+        if not os.path.isfile(path):
+            raise UserError(f"no MLflow store at {path}: run a sweep first, or pass --tracking-uri")
+
+
+def rerun_main(argv: Sequence[str] | None = None) -> int:
+    args = rerun_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a report
+    try:
+        _existing_store(args.tracking_uri)
+        from cifar_exp import reproduce, track  # no keras yet: the original decides the backend
+
+        run_id = args.target
+        if args.trial is not None:
+            run_id = reproduce.find_trial_run(args.storage, args.target, args.trial)
+        track.configure(args.tracking_uri)
+        original = reproduce.load_original(run_id)
+        # The original's backend unless the user chose one: another backend gives other numbers.
+        os.environ.setdefault("KERAS_BACKEND", original.run.tags.get("keras_backend", "tensorflow"))
+        set_environment(args.deterministic)
+        from cifar_exp import backend, data
+
+        source = args.data if args.data is not None else original.sweep.data.source
+        dataset = data.load(source)
+        reproduce.check_data(original, source, dataset.checksum)  # before anything is written
+        splits = data.split(dataset, original.sweep.data.validation_fraction, original.sweep.sampler.seed)
+        backend.use_deterministic_ops(args.deterministic)
+        identity = backend.identity()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    epochs = original.sweep.epochs if original.state == "COMPLETE" else original.epochs_logged
+    print(f"rerun of trial {original.trial_number} of sweep {original.sweep.name} (run {original.run.run_id}, "
+          f"{original.state}): {epochs} of {original.sweep.epochs} epochs, seed {original.seed}, "
+          f"deterministic kernels {'on' if args.deterministic else 'off'}")
+    for line in reproduce.differences(original, identity, args.deterministic):
+        print(f"  differs from the original: {line}")
+    command = shlex.join(["python", "-m", "cifar_exp.rerun", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        outcome = reproduce.rerun(original, splits, identity=identity, deterministic=args.deterministic,
+                                  tags={"command": command, "keras_backend": identity["keras_backend"]})
+    except KeyboardInterrupt:
+        print("interrupted: the rerun's run is marked KILLED", file=sys.stderr)
+        return 130
+    comparison = reproduce.compare(original, outcome, args.tolerance)
+    reproduce.finish(outcome, comparison)
+    _print_comparison(comparison)
+    print(f"rerun logged as run {outcome.run_id} (tag rerun_of={original.run.run_id})")
+    if not comparison.matched:
+        print(f"error: the rerun does not reproduce run {original.run.run_id}: "
+              f"{comparison.failure or f'{comparison.mismatches} values differ by more than {args.tolerance}'}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _diff(pair: tuple[float, float | None]) -> str:
+    before, after = pair
+    if after is None:
+        return "missing"
+    return "=" if before == after or (before != before and after != after) else f"{after - before:+.3g}"
+
+
+def _print_comparison(comparison: Any) -> None:
+    """A line per epoch: '=' where the rerun's value is bit-identical, else rerun - original."""
+    width = max([12, *(len(m) + 2 for m in comparison.metrics)])
+    print("epoch" + "".join(f"{m:>{width}}" for m in comparison.metrics))
+    for epoch, row in enumerate(comparison.epochs, 1):
+        print(f"{epoch:>5}" + "".join(f"{_diff(row[m]) if m in row else '':>{width}}" for m in comparison.metrics))
+    if comparison.test:
+        shown = [k for k in ("test_loss", "test_accuracy", "test_macro_f1") if k in comparison.test]
+        print("test  " + "  ".join(f"{k} {_diff(comparison.test[k])}" for k in shown))
+        others = [k for k in comparison.test if k not in shown]
+        differing = [f"{k} {_diff(comparison.test[k])}" for k in others if _diff(comparison.test[k]) != "="]
+        if others:
+            print(f"      {len(others) - len(differing)} of {len(others)} per-class test metrics identical"
+                  + (f"; {', '.join(differing)}" if differing else ""))
+    total = len(comparison.values())
+    if comparison.matched and comparison.max_abs_diff == 0:
+        print(f"identical: all {total} values match the original bit for bit")
+    elif comparison.matched:
+        print(f"within tolerance: all {total} values within {comparison.tolerance} "
+              f"(largest difference {comparison.max_abs_diff:.3g})")
+    else:
+        print(f"differs: {comparison.mismatches} of {total} values differ by more than {comparison.tolerance} "
+              f"(largest difference {comparison.max_abs_diff:.3g})")

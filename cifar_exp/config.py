@@ -127,7 +127,8 @@ class Sweep:
 
     name: str
     path: Path
-    content_hash: str
+    content_hash: str  # sha256 of ``text``
+    text: str = field(default="", repr=False)  # the file as written, logged with every trial
     description: str = ""
     objective: Objective = Objective()
     space: Mapping[str, Dimension] = field(default_factory=dict)
@@ -139,6 +140,9 @@ class Sweep:
     trials: int | None = 20
     timeout: float | None = None  # seconds; no new trial starts after it
     max_consecutive_failures: int = 5
+    # Deterministic kernels (TensorFlow op determinism, XLA's deterministic GPU ops): what makes
+    # a trial rerunnable bit for bit. Default kernels give other numbers, so reruns must match.
+    deterministic: bool = True
 
     def train_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
         """The full training configuration of a trial: defaults, then ``fixed``, then ``sampled``."""
@@ -158,6 +162,7 @@ _TOP_LEVEL: dict[str, Any] = {
     "trials": int | None,
     "timeout": float | None,
     "max_consecutive_failures": int,
+    "deterministic": bool,
 }
 _TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
                      "max_consecutive_failures": (1, 1_000_000)}
@@ -244,6 +249,28 @@ def check_train_value(name: str, value: Any, where: str) -> Any:
     if "range" in TRAIN_FIELDS[name].metadata:
         _check_range(value, TRAIN_FIELDS[name].metadata["range"], where)
     return value
+
+
+def train_values_from_strings(params: Mapping[str, str], where: str) -> dict[str, Any]:
+    """The ``TrainConfig`` fields among ``params`` (as MLflow stores them: ``str(value)``), typed
+    and validated; other keys are ignored."""
+    values = {}
+    for name, text in params.items():
+        if name not in TRAIN_FIELDS:
+            continue
+        typ = _TRAIN_TYPES[name]
+        value: Any = text
+        try:
+            if typ is bool:
+                value = {"True": True, "False": False}.get(text, text)
+            elif typ is int:
+                value = int(text)
+            elif typ is float:
+                value = float(text)
+        except ValueError:
+            pass  # left as text: check_train_value names the problem
+        values[name] = check_train_value(name, value, f"{where}: param {name}")
+    return values
 
 
 def _dimension(name: str, raw: Any, where: str) -> Dimension:
@@ -336,7 +363,7 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
                           f"optimises the wrong way (swap the direction)")
     if values.get("trials", 20) is None and values.get("timeout") is None:
         raise ConfigError(f"{where}: give a budget: trials, timeout, or both")
-    return Sweep(name=name, path=path, content_hash=hashlib.sha256(text.encode()).hexdigest(),
+    return Sweep(name=name, path=path, content_hash=hashlib.sha256(text.encode()).hexdigest(), text=text,
                  space=space, fixed=fixed, **values)
 
 

@@ -143,9 +143,11 @@ def worker_main(settings: Settings, experiment: str, parent_run_id: str, remaini
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent reports trials
     import keras  # imported here: the parent process never needs Keras
 
-    from cifar_exp import data
+    from cifar_exp import backend, data
 
     sweep = settings.sweep
+    backend.use_deterministic_ops(sweep.deterministic)
+    identity = backend.identity()
     track.configure(settings.tracking_uri)
     storage = open_storage(settings.storage)
     splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed)
@@ -155,38 +157,52 @@ def worker_main(settings: Settings, experiment: str, parent_run_id: str, remaini
             if remaining.value <= 0:
                 break
             remaining.value -= 1
-        ok = _run_trial(settings, storage, splits, experiment, parent_run_id, events, worker_id)
+        ok = _run_trial(settings, storage, splits, experiment, parent_run_id, events, worker_id, identity)
         keras.backend.clear_session()  # memory must not grow from trial to trial
         gc.collect()
         if not ok:
             sys.exit(EXIT_TRIAL_FAILED)
 
 
+def ask(settings: Settings, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, optuna.Trial, dict[str, Any]]:
+    """Start the study's next trial and sample its parameters: ``(study, trial, params)``.
+
+    The sampler is seeded per trial from (sweep seed, number of trials so far), so a sequential
+    sweep samples the same parameters in the same order on every run from scratch, across
+    resumes and replaced workers. The worker's pid is stamped on the trial first, synchronously
+    in storage: if the process dies, the parent finds its trial by this pid (queued events of a
+    dying process can be lost).
+    """
+    sweep = settings.sweep
+    study = _study(settings, storage, trial_seed(sweep.sampler.seed, len(storage.get_all_trials(
+        storage.get_study_id_from_name(sweep.name), deepcopy=False))))
+    trial = study.ask()
+    trial.set_user_attr("worker_pid", os.getpid())
+    return study, trial, space.suggest(trial, sweep.space)
+
+
 def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits: Any, experiment: str,
-               parent_run_id: str, events: Any, worker_id: int) -> bool:
+               parent_run_id: str, events: Any, worker_id: int, identity: Mapping[str, str]) -> bool:
     """Run one trial end to end; False if it failed (the worker is then replaced)."""
     from cifar_exp import train
 
     sweep = settings.sweep
-    # Sampler seeded per trial from (sweep seed, trial count): a sequential sweep samples the
-    # same parameters in the same order on every run, across resumes and replaced workers.
-    study = _study(settings, storage, trial_seed(sweep.sampler.seed, len(storage.get_all_trials(
-        storage.get_study_id_from_name(sweep.name), deepcopy=False))))
-    trial = study.ask()
-    # Stamped first, synchronously in storage: if this process dies, the parent finds the trial
-    # by this pid (queued events of a dying process can be lost).
-    trial.set_user_attr("worker_pid", os.getpid())
+    study, trial, params = ask(settings, storage)
     seed = trial_seed(sweep.sampler.seed, trial.number)
-    params = space.suggest(trial, sweep.space)
     cfg = sweep.train_config(params)
     metric = sweep.objective.metric
+    # Everything a rerun needs is on the run: every TrainConfig value, seed and epochs as params;
+    # the data's checksum, split and determinism mode, and the sweep file itself.
     run_id = track.start_trial_run(
         experiment, parent_run_id, trial.number,
         params={**dataclasses.asdict(cfg), "seed": seed, "epochs": sweep.epochs},
-        tags={**settings.tags, "sweep": sweep.name, "worker": worker_id,
-              "backend": os.environ.get("KERAS_BACKEND", "tensorflow")})
+        tags={**settings.tags, **identity, "sweep": sweep.name, "worker": worker_id,
+              "sweep_sha256": sweep.content_hash, "sweep_seed": sweep.sampler.seed,
+              "validation_fraction": sweep.data.validation_fraction,
+              "deterministic": str(sweep.deterministic).lower()})
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("seed", seed)
+    track.log_text(run_id, sweep.text, "sweep.yaml")
     events.put({"kind": "start", "worker": worker_id, "trial": trial.number, "run_id": run_id, "params": params})
     epochs_run = 0
 
@@ -211,11 +227,8 @@ def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits:
         finally:
             _WORKER["training"] = False
         value = result.history[metric][-1]
+        model_uri = track.log_result(run_id, result, splits, title=f"{sweep.name} trial {trial.number}")
         test = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy}
-        track.log_metrics(run_id, test)
-        track.log_evaluation(run_id, splits.y_test, result.y_prob, splits.class_names, result.history,
-                             title=f"{sweep.name} trial {trial.number}")
-        model_uri = track.log_model(run_id, result.model, splits.x_test[:2])
         for key, v in {**test, "epochs_run": epochs_run, "model_uri": model_uri}.items():
             trial.set_user_attr(key, v)
         study.tell(trial, value)
@@ -264,11 +277,20 @@ def create_study(settings: Settings) -> optuna.Study:
     storage = open_storage(settings.storage)
     direction = sweep.objective.direction
     try:
-        return optuna.create_study(study_name=sweep.name, storage=storage, direction=direction,
-                                   sampler=make_sampler(sweep.sampler, sweep.sampler.seed),
-                                   pruner=make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
+        study = optuna.create_study(study_name=sweep.name, storage=storage, direction=direction,
+                                    sampler=make_sampler(sweep.sampler, sweep.sampler.seed),
+                                    pruner=make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
     except ValueError as exc:  # e.g. an existing study with the other direction
         raise ConfigError(f"study '{sweep.name}' in {settings.storage}: {exc}") from None
+    # One seed per study: it fixes the validation split and every trial's seed, so trials of one
+    # study stay comparable. A resume under another seed is refused.
+    seed = study.user_attrs.get("sweep_seed")
+    if seed is None:
+        study.set_user_attr("sweep_seed", sweep.sampler.seed)
+    elif seed != sweep.sampler.seed:
+        raise ConfigError(f"study '{sweep.name}' in {settings.storage} was started with seed {seed}, not "
+                          f"{sweep.sampler.seed}: use --seed {seed} to resume it, or another --storage")
+    return study
 
 
 def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: None) -> Summary:
@@ -287,7 +309,7 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
          "sweep_sha256": sweep.content_hash, "objective": f"{sweep.objective.direction} {sweep.objective.metric}",
          "sampler": f"{sweep.sampler.name} seed={sweep.sampler.seed}", "pruner": sweep.pruner.name,
          "epochs": str(sweep.epochs), "budget_trials": str(sweep.trials), "optuna_study": sweep.name,
-         "optuna_storage": settings.storage})
+         "optuna_storage": settings.storage, "deterministic": str(sweep.deterministic).lower()})
     study.set_user_attr("mlflow_parent_run_id", parent)
     study.set_user_attr("mlflow_experiment_id", experiment)
 

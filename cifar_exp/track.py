@@ -13,6 +13,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -123,16 +124,73 @@ def end_run(run_id: str, status: str, tags: Mapping[str, Any] | None = None) -> 
     retrying(MlflowClient().set_terminated, run_id, status=status)
 
 
-def start_trial_run(experiment: str, parent_run_id: str, trial_number: int,
-                    params: Mapping[str, Any], tags: Mapping[str, Any]) -> str:
-    """Create the child run of trial ``trial_number`` under ``parent_run_id``, with its params."""
-    all_tags = {PARENT_TAG: parent_run_id, "trial_number": str(trial_number),
-                **{k: str(v) for k, v in tags.items()}}
-    run = retrying(MlflowClient().create_run, experiment, run_name=f"trial-{trial_number}",
-                   tags=all_tags)
+def start_run(experiment: str, name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> str:
+    """Create a run named ``name`` in ``experiment`` with ``params`` and ``tags``; returns its id."""
+    run = retrying(MlflowClient().create_run, experiment, run_name=name, tags={k: str(v) for k, v in tags.items()})
     run_id = str(run.info.run_id)
     log_params(run_id, params)
     return run_id
+
+
+def start_trial_run(experiment: str, parent_run_id: str, trial_number: int,
+                    params: Mapping[str, Any], tags: Mapping[str, Any]) -> str:
+    """Create the child run of trial ``trial_number`` under ``parent_run_id``, with its params."""
+    return start_run(experiment, f"trial-{trial_number}", params,
+                     {PARENT_TAG: parent_run_id, "trial_number": trial_number, **tags})
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What MLflow holds about one run (params and tags as the strings MLflow stores)."""
+
+    run_id: str
+    experiment_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each metric
+
+
+def get_run(run_id: str) -> RunRecord:
+    """The run ``run_id``; raises ``LookupError`` if the store has no such run."""
+    try:
+        run = retrying(MlflowClient().get_run, run_id)
+    except MlflowException as exc:
+        raise LookupError(str(exc).splitlines()[0]) from None
+    return RunRecord(str(run.info.run_id), str(run.info.experiment_id), run.info.run_name or "", run.info.status,
+                     dict(run.data.params), dict(run.data.tags), dict(run.data.metrics))
+
+
+def metric_history(run_id: str, key: str) -> list[float]:
+    """The values of metric ``key`` by step (0, 1, ...); where a step was logged twice, the last."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in retrying(MlflowClient().get_metric_history, run_id, key):
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, m.value)
+    return [by_step[step][1] for step in sorted(by_step)]
+
+
+def log_text(run_id: str, text: str, path: str) -> None:
+    retrying(MlflowClient().log_text, run_id, text, path)
+
+
+def read_text(run_id: str, path: str) -> str | None:
+    """The text artifact ``path`` of ``run_id``, or None if the run has none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return Path(local).read_text(encoding="utf-8")
+
+
+def log_result(run_id: str, result: Any, splits: Any, title: str) -> str:
+    """Log a finished training's test evaluation (metrics and artifacts, see ``log_evaluation``)
+    and its model to ``run_id``; returns the model URI. ``result`` is a ``train.TrainResult``."""
+    log_metrics(run_id, {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy})
+    log_evaluation(run_id, splits.y_test, result.y_prob, splits.class_names, result.history, title=title)
+    return log_model(run_id, result.model, splits.x_test[:2])
 
 
 def log_evaluation(run_id: str, y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str],

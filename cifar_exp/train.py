@@ -107,12 +107,15 @@ def _cross_entropy(y_prob: np.ndarray, y_true: np.ndarray, label_smoothing: floa
 
 
 def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
-          on_epoch: Sequence[EpochHook] = ()) -> TrainResult:
+          on_epoch: Sequence[EpochHook] = (), stop_after: int | None = None) -> TrainResult:
     """Train ``cfg`` on ``data.x_train`` for ``epochs``, validating on ``data.x_val`` each epoch,
-    then evaluate the final model on ``data.x_test``.
+    then evaluate the final model on ``data.x_test``. ``stop_after`` ends training after that
+    many epochs of an ``epochs``-long run (the learning-rate schedule still spans ``epochs``):
+    how a rerun replays a trial that was pruned.
 
-    Seeds Python, NumPy and the backend with ``seed`` first. Raises ``Diverged`` on a
-    non-finite loss, and whatever a hook raises.
+    Seeds Python, NumPy and the backend with ``seed`` first: the same arguments in the same
+    process mode (see ``backend.use_deterministic_ops``) give the same numbers. Raises
+    ``Diverged`` on a non-finite loss, and whatever a hook raises.
     """
     keras.utils.set_random_seed(seed)
     num_classes = len(data.class_names)
@@ -126,7 +129,8 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     # One-hot labels: label smoothing needs them (the sparse loss has no smoothing).
     one_hot = np.eye(num_classes, dtype=np.float32)
     history = train_model.fit(
-        data.x_train, one_hot[data.y_train], batch_size=cfg.batch_size, epochs=epochs,
+        data.x_train, one_hot[data.y_train], batch_size=cfg.batch_size,
+        epochs=epochs if stop_after is None else min(stop_after, epochs),
         validation_data=(data.x_val, one_hot[data.y_val]), shuffle=True, verbose=0,
         callbacks=[_Hooks(on_epoch)],
     )

@@ -118,3 +118,30 @@ def test_sweep_file_by_path(tmp_path: Path) -> None:
     path.write_text(GOOD)
     sweep = load_sweep(str(path))
     assert sweep.name == "mine" and sweep.path == path and len(sweep.content_hash) == 64
+
+
+def test_deterministic_defaults_on_and_can_be_turned_off() -> None:
+    assert parse(GOOD).deterministic is True
+    assert parse(GOOD + "deterministic: false\n").deterministic is False
+    assert "deterministic: expected true or false" in error(GOOD + "deterministic: maybe\n")
+
+
+def test_sweep_keeps_its_text_and_hash() -> None:
+    import hashlib
+
+    sweep = parse(GOOD)
+    assert sweep.text == GOOD and sweep.content_hash == hashlib.sha256(GOOD.encode()).hexdigest()
+
+
+def test_train_values_round_trip_through_mlflow_strings() -> None:
+    import dataclasses
+
+    from cifar_exp.config import train_values_from_strings
+
+    cfg = TrainConfig(learning_rate=0.000123456789, batch_norm=False, activation="gelu", blocks=4, flip=False)
+    logged = {k: str(v) for k, v in dataclasses.asdict(cfg).items()} | {"seed": "7", "epochs": "3"}
+    assert TrainConfig(**train_values_from_strings(logged, "run x")) == cfg
+    with pytest.raises(ConfigError, match="run x: param blocks: expected an integer, got 'three'"):
+        train_values_from_strings({"blocks": "three"}, "run x")
+    with pytest.raises(ConfigError, match="param activation: 'swish' is not one of"):
+        train_values_from_strings({"activation": "swish"}, "run x")

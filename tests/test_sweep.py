@@ -25,9 +25,15 @@ pytestmark = pytest.mark.slow
 TEST_IMAGES = 100  # the slice: 10 test images per class
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without MLFLOW_TRACKING_URI (which ``mlflow.set_tracking_uri`` exports in
+    the test process), so that a command uses its own folder's store."""
+    return {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **extra}
+
+
 def run_sweep(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", *args], cwd=cwd, capture_output=True,
-                            text=True, timeout=900, env={**os.environ, **(env or {})})
+                            text=True, timeout=900, env=clean_env(**(env or {})))
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -114,7 +120,8 @@ def test_failing_trials_fail_alone(isolated: Path, cifar_slice: Path) -> None:
 def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(isolated: Path, cifar_slice: Path) -> None:
     args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "2", "--epochs", "2",
             "--data", str(cifar_slice)]
-    process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=clean_env())
     assert process.stdout is not None
     for line in process.stdout:  # wait until trial 0 is training
         if line.startswith("trial 0 started"):
@@ -144,7 +151,7 @@ def test_too_many_consecutive_failures_stop_the_sweep(isolated: Path, cifar_slic
            "CIFAR_EXP_FAULT_RAISE": ",".join(str(trial_seed(0, n)) for n in range(6))}
     result = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", str(sweep_file), "--trials", "6",
                              "--epochs", "1", "--data", str(cifar_slice)], cwd=isolated, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, **env})
+                            text=True, timeout=600, env=clean_env(**env))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "stopped after 2 consecutive failed trials" in result.stderr
     trials = study(isolated, "fragile").get_trials()

@@ -117,3 +117,22 @@ def test_non_finite_loss_raises_diverged() -> None:
     hooks.on_epoch_begin(0)
     with pytest.raises(train.Diverged, match="loss is nan"):
         hooks.on_epoch_end(0, {"loss": float("nan")})
+
+
+def test_stop_after_ends_early_but_keeps_the_full_schedule(splits: data.Splits) -> None:
+    cfg = TrainConfig(**SMALL, batch_size=16, learning_rate=0.1, lr_schedule="cosine")
+    full = train.train(cfg, splits, epochs=4, seed=5)
+    cut = train.train(cfg, splits, epochs=4, seed=5, stop_after=2)
+    assert len(cut.history["loss"]) == 2
+    # the first two epochs of the 4-epoch run, not a 2-epoch run (whose cosine ends at 0)
+    assert cut.history["learning_rate"] == full.history["learning_rate"][:2]
+    assert cut.history["learning_rate"][1] > 0.01
+
+
+def test_same_seed_same_numbers_another_seed_other_numbers(splits: data.Splits) -> None:
+    cfg = TrainConfig(**SMALL, batch_size=16)
+    runs = [train.train(cfg, splits, epochs=2, seed=s) for s in (3, 3, 4)]
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+    assert all(runs[0].history[k] == runs[1].history[k] for k in keys)  # bit for bit
+    np.testing.assert_array_equal(runs[0].y_prob, runs[1].y_prob)
+    assert runs[0].history["loss"] != runs[2].history["loss"]

@@ -1,0 +1,265 @@
+"""Reruns: rebuild a logged trial from what MLflow and the study recorded, train it again, compare.
+
+A trial's MLflow run holds everything a rerun needs: every ``TrainConfig`` value, ``seed`` and
+``epochs`` as params; the data source and checksum, the sweep seed (which fixes the validation
+split), the validation fraction, the determinism mode, backend, package versions and device as
+tags; the sweep file itself as the artifact ``sweep.yaml``. ``load_original`` reads and checks
+them; ``rerun`` trains the same configuration into a new run tagged ``rerun_of``; ``compare``
+says, value by value, whether the rerun reproduced the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cifar_exp import backend, track
+from cifar_exp.config import Sweep, TrainConfig, UserError, parse_sweep, train_values_from_strings
+
+RERUN_TAG = "rerun_of"
+# Wall-clock time is never reproducible; every other per-epoch metric must be.
+UNREPRODUCIBLE = ("epoch_seconds",)
+EPOCH_METRICS_ORDER = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+# Tags of the original that describe what was trained on; the rerun carries them over.
+PROVENANCE_TAGS = ("sweep", "sweep_sha256", "sweep_seed", "validation_fraction", "data_source", "data_checksum")
+
+
+@dataclass(frozen=True)
+class Original:
+    """A logged trial, rebuilt: its run, its sweep (with the overrides it ran under), its
+    configuration, seed, epoch budget and per-epoch metrics."""
+
+    run: track.RunRecord
+    sweep: Sweep
+    cfg: TrainConfig
+    seed: int
+    history: dict[str, list[float]]  # Keras logs key -> value per epoch
+    test: dict[str, float]  # test_* metrics (complete trials only)
+
+    @property
+    def state(self) -> str:
+        return self.run.tags.get("state", self.run.status)
+
+    @property
+    def trial_number(self) -> str:
+        return self.run.tags.get("trial_number", "?")
+
+    @property
+    def epochs_logged(self) -> int:
+        return len(self.history.get("loss", []))
+
+
+def _tag(run: track.RunRecord, name: str) -> str:
+    if name not in run.tags:
+        raise UserError(f"run {run.run_id} has no '{name}' tag, so it cannot be rebuilt "
+                        f"(was it logged before reruns existed?); rerun a trial of a newer sweep")
+    return run.tags[name]
+
+
+def find_trial_run(storage_url: str, name: str, number: int) -> str:
+    """The MLflow run id of trial ``number`` of the study ``name`` in ``storage_url``."""
+    import optuna
+
+    from cifar_exp.study import open_storage
+
+    if "://" not in storage_url and not Path(storage_url).is_file():
+        raise UserError(f"no Optuna storage at {storage_url}: run the sweep first, or pass --storage")
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(storage_url))
+    except KeyError:
+        names = ", ".join(optuna.get_all_study_names(open_storage(storage_url)))
+        raise UserError(f"no study '{name}' in {storage_url} (studies: {names or 'none'})") from None
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise UserError(f"study '{name}' has no trial {number} (it has trials 0 to {len(trials) - 1})")
+    run_id = trials[number].user_attrs.get("mlflow_run_id")
+    if not run_id:
+        raise UserError(f"trial {number} of study '{name}' has no MLflow run (it died before one was created)")
+    return str(run_id)
+
+
+def load_original(run_id: str) -> Original:
+    """The trial logged as ``run_id``, rebuilt and checked; ``UserError`` names what is missing."""
+    try:
+        run = track.get_run(run_id)
+    except LookupError:
+        raise UserError(f"no run '{run_id}' in this MLflow store: check the run id, or --tracking-uri") from None
+    if "seed" not in run.params or "epochs" not in run.params or "trial_number" not in run.tags:
+        raise UserError(f"run {run_id} is not a trial of a cifar_exp sweep (it has no seed and epochs); "
+                        f"give a trial's run id, not a study's parent run")
+    text = track.read_text(run_id, "sweep.yaml")
+    if text is None:
+        raise UserError(f"run {run_id} has no sweep.yaml artifact, so it cannot be rebuilt; "
+                        f"rerun a trial of a newer sweep")
+    if hashlib.sha256(text.encode()).hexdigest() != _tag(run, "sweep_sha256"):
+        raise UserError(f"the sweep.yaml of run {run_id} does not match its sweep_sha256 tag: the artifact "
+                        f"was modified after the trial ran")
+    sweep = parse_sweep(_tag(run, "sweep"), text, Path(f"run {run_id} sweep.yaml"))
+    where = f"run {run_id}"
+    try:
+        seed, epochs = int(run.params["seed"]), int(run.params["epochs"])
+        sweep = dataclasses.replace(
+            sweep, epochs=epochs,
+            sampler=dataclasses.replace(sweep.sampler, seed=int(_tag(run, "sweep_seed"))),
+            data=dataclasses.replace(sweep.data, source=_tag(run, "data_source"),
+                                     validation_fraction=float(_tag(run, "validation_fraction"))))
+    except ValueError as exc:
+        raise UserError(f"{where}: a seed, epochs or split value is not a number ({exc})") from None
+    values = train_values_from_strings(run.params, where)
+    for key in sweep.space:
+        if key not in values:
+            raise UserError(f"{where}: the searched parameter '{key}' was not logged")
+    for key, fixed in sweep.fixed.items():
+        if key in values and values[key] != fixed:
+            raise UserError(f"{where}: param {key}={values[key]} contradicts the sweep file's fixed "
+                            f"{key}: {fixed}")
+    history = {key: track.metric_history(run_id, key) for key in run.metrics
+               if not key.startswith("test_") and key not in UNREPRODUCIBLE}
+    original = Original(run, sweep, sweep.train_config(values), seed, history,
+                        {k: v for k, v in run.metrics.items() if k.startswith("test_")})
+    if original.epochs_logged == 0:
+        reason = run.tags.get("fail_reason", "")
+        raise UserError(f"run {run_id} logged no epoch ({original.state}{': ' + reason if reason else ''}); "
+                        f"there is nothing to reproduce")
+    return original
+
+
+def differences(original: Original, identity: Mapping[str, str], deterministic: bool) -> list[str]:
+    """What differs between the original's process and this one: backend, versions, device,
+    determinism mode. Any of them may change the numbers."""
+    found = []
+    for key in (*backend.IDENTITY_TAGS, "deterministic"):
+        now = str(deterministic).lower() if key == "deterministic" else identity[key]
+        before = original.run.tags.get(key, "not recorded")
+        if before != now:
+            found.append(f"{key}: original {before}, now {now}")
+    return found
+
+
+def check_data(original: Original, source: str, checksum: str) -> None:
+    """Refuse data whose checksum is not the original's."""
+    expected = _tag(original.run, "data_checksum")
+    if checksum != expected:
+        raise UserError(f"data checksum differs: run {original.run.run_id} trained on "
+                        f"{original.run.tags.get('data_source')} with sha256 {expected}, but {source} has "
+                        f"sha256 {checksum}; pass --data with the original data")
+
+
+@dataclass
+class Outcome:
+    """What the rerun produced, in its own MLflow run (left open for ``finish``)."""
+
+    run_id: str
+    history: dict[str, list[float]]
+    test: dict[str, float]
+    error: str = ""  # the exception that ended training, if one did
+
+
+def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deterministic: bool,
+          tags: Mapping[str, str], on_epoch: Callable[[int, Mapping[str, float]], None] | None = None) -> Outcome:
+    """Train ``original``'s configuration again with its seed, into a new run (same experiment,
+    same params, tagged ``rerun_of``). A trial that stopped early (pruned, interrupted, failed)
+    is replayed for as many epochs as it logged, with its full-length learning-rate schedule."""
+    from cifar_exp import train  # imports keras: after the CLI has set up the environment
+
+    run = original.run
+    run_id = track.start_run(
+        run.experiment_id, f"rerun-of-trial-{original.trial_number}", run.params,
+        {**tags, **{k: run.tags[k] for k in PROVENANCE_TAGS if k in run.tags}, **identity,
+         RERUN_TAG: run.run_id, "rerun_of_trial": original.trial_number, "rerun_of_state": original.state,
+         "deterministic": str(deterministic).lower()})
+    track.log_text(run_id, original.sweep.text, "sweep.yaml")
+    history: dict[str, list[float]] = defaultdict(list)
+
+    def record(epoch: int, logs: Mapping[str, float]) -> None:
+        track.log_metrics(run_id, logs, step=epoch)
+        for key, value in logs.items():
+            history[key].append(value)
+        if on_epoch:
+            on_epoch(epoch, logs)
+
+    complete = original.state == "COMPLETE"
+    try:
+        result = train.train(original.cfg, splits, epochs=original.sweep.epochs, seed=original.seed,
+                             on_epoch=[record], stop_after=None if complete else original.epochs_logged)
+    except KeyboardInterrupt:
+        track.end_run(run_id, "KILLED", {"fail_reason": "interrupted"})
+        raise
+    except Exception as exc:
+        return Outcome(run_id, dict(history), {}, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+    test: dict[str, float] = {}
+    if complete:
+        model_uri = track.log_result(run_id, result, splits,
+                                     title=f"{original.sweep.name} trial {original.trial_number} (rerun)")
+        track.set_tags(run_id, {"model_uri": model_uri})
+        test = {k: v for k, v in track.get_run(run_id).metrics.items() if k.startswith("test_")}
+    return Outcome(run_id, dict(history), test)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Original vs rerun, value by value. ``epochs[e][metric]`` and ``test[metric]`` hold
+    ``(original, rerun)``; ``rerun`` is None where the rerun has no value."""
+
+    metrics: tuple[str, ...]
+    epochs: list[dict[str, tuple[float, float | None]]]
+    test: dict[str, tuple[float, float | None]]
+    tolerance: float
+    failure: str  # why the outcome differs beyond the numbers ("" if it does not)
+
+    def values(self) -> list[tuple[float, float | None]]:
+        return [pair for row in self.epochs for pair in row.values()] + list(self.test.values())
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((abs(b - a) for a, b in self.values() if b is not None and not _same(a, b)), default=0.0)
+
+    @property
+    def mismatches(self) -> int:
+        return sum(b is None or not (_same(a, b) or abs(b - a) <= self.tolerance) for a, b in self.values())
+
+    @property
+    def matched(self) -> bool:
+        return not self.failure and self.mismatches == 0
+
+
+def _same(a: float, b: float | None) -> bool:
+    return b is not None and (a == b or (math.isnan(a) and math.isnan(b)))
+
+
+def compare(original: Original, outcome: Outcome, tolerance: float) -> Comparison:
+    """Compare every per-epoch metric the original logged, and its test metrics."""
+    metrics = tuple(sorted(original.history, key=lambda k: (
+        EPOCH_METRICS_ORDER.index(k) if k in EPOCH_METRICS_ORDER else len(EPOCH_METRICS_ORDER), k)))
+    epochs = []
+    for epoch in range(original.epochs_logged):
+        row = {}
+        for key in metrics:
+            before, after = original.history[key], outcome.history.get(key, [])
+            if epoch < len(before):
+                row[key] = (before[epoch], after[epoch] if epoch < len(after) else None)
+        epochs.append(row)
+    test = {key: (value, outcome.test.get(key)) for key, value in sorted(original.test.items())}
+    failure = ""
+    original_failure = original.run.tags.get("fail_reason", "") if original.state == "FAIL" else ""
+    if outcome.error and outcome.error.split(":")[0] != original_failure.split(":")[0]:
+        failure = f"the rerun failed ({outcome.error}) where the original did not"
+        if original_failure:
+            failure = f"the rerun failed with {outcome.error}; the original with {original_failure}"
+    return Comparison(metrics, epochs, test, tolerance, failure)
+
+
+def finish(outcome: Outcome, comparison: Comparison) -> None:
+    """End the rerun's run, tagged with the verdict."""
+    tags: dict[str, Any] = {"rerun_match": str(comparison.matched).lower(),
+                            "rerun_max_abs_diff": comparison.max_abs_diff,
+                            "rerun_tolerance": comparison.tolerance}
+    if outcome.error:
+        tags["fail_reason"] = outcome.error
+    track.end_run(outcome.run_id, "FAILED" if outcome.error else "FINISHED", tags)

@@ -1,0 +1,7 @@
+"""``python -m cifar_exp.rerun RUN_ID`` or ``NAME --trial N``: rerun a logged trial and compare
+it with the original (see ``cifar_exp.reproduce``)."""
+
+if __name__ == "__main__":
+    from cifar_exp.cli import rerun_main
+
+    raise SystemExit(rerun_main())
