@@ -92,6 +92,8 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help=f"MLflow tracking URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
     p.add_argument("--workers", type=_positive(int, "--workers"), default=1,
                    help="worker processes sharing the study (default 1)")
+    p.add_argument("--register", action="store_true",
+                   help="when the sweep ends, register its best model (as python -m cifar_exp.register)")
     return p
 
 
@@ -211,6 +213,12 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     if summary.stop_reason:
         print(f"error: {summary.stop_reason}", file=sys.stderr)
         return 1
+    if args.register:
+        try:
+            _register(sweep, args.storage, args.data)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -342,3 +350,141 @@ def _print_comparison(comparison: Any) -> None:
     else:
         print(f"differs: {comparison.mismatches} of {total} values differ by more than {comparison.tolerance} "
               f"(largest difference {comparison.max_abs_diff:.3g})")
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m cifar_exp.register / predict / evaluate
+
+DEFAULT_MODEL = "models:/cifar10-lr_dropout@champion"
+
+
+def _tracking_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
+                   help=f"MLflow tracking and registry URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
+
+
+def _register(sweep: Any, storage_url: str, data_source: str | None) -> None:
+    """Register the study's best model and promote it; prints what happened (the sweep has
+    set up the environment and the tracking store)."""
+    import optuna
+
+    from cifar_exp import data, registry, track
+    from cifar_exp.study import open_storage
+
+    if "://" not in storage_url and not os.path.isfile(storage_url):
+        raise UserError(f"no Optuna storage at {storage_url}: run the sweep first, or pass --storage")
+    try:
+        study = optuna.load_study(study_name=sweep.name, storage=open_storage(storage_url))
+    except KeyError:
+        raise UserError(f"no study '{sweep.name}' in {storage_url}: run the sweep first") from None
+    trials = study.get_trials(deepcopy=False)
+    best = registry.best_trial(trials, sweep.objective.direction == "maximize")
+    if data_source is None:  # the data the trial trained on, which --data may have overridden
+        data_source = track.get_run(best.user_attrs["mlflow_run_id"]).tags.get("data_source", sweep.data.source)
+    test = data.load(data_source)
+    promotion = registry.promote(sweep, sweep.model_name, trials, test)
+    version = promotion.version
+    print(f"{'registered' if version.created else 'already registered:'} {version.name} version {version.version} "
+          f"(trial {promotion.trial.number}, run {version.run_id}); alias {registry.CHALLENGER} -> "
+          f"version {version.version}")
+    if promotion.promoted:
+        print(f"alias {registry.CHAMPION} -> version {version.version}: {promotion.reason}")
+    else:
+        print(f"not promoted to {registry.CHAMPION}: {promotion.reason}")
+    print(f"load it with mlflow.pyfunc.load_model('models:/{version.name}@{registry.CHAMPION}')")
+
+
+def register_main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="python -m cifar_exp.register",
+                description="Register the best completed trial of a sweep's study in the MLflow Model Registry "
+                            "(alias challenger) and promote it to champion if it beats the champion on the test set.")
+    p.add_argument("name", help="sweep name or path to its .yaml file")
+    p.add_argument("--data", help="the test data to compare on (default: what the best trial trained on)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage (default {DEFAULT_STORAGE})")
+    _tracking_argument(p)
+    args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        sweep = load_sweep(args.name)
+        _existing_store(args.tracking_uri)
+        set_environment(sweep.deterministic)
+        from cifar_exp import track
+
+        track.configure(args.tracking_uri)
+        _register(sweep, args.storage, args.data)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="python -m cifar_exp.predict",
+                description="Top-k classes with probabilities for image files (any size; resized to the model's "
+                            "input), from a logged or registered model.")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model URI (default {DEFAULT_MODEL})")
+    p.add_argument("--top-k", type=_positive(int, "--top-k"), default=3, help="classes per image (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _tracking_argument(p)
+    args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        _existing_store(args.tracking_uri)
+        set_environment(False)
+        from cifar_exp import registry, track
+
+        track.configure(args.tracking_uri)
+        model, names = registry.load(args.model)
+        images = registry.read_images(args.images, tuple(model.input_shape[1:3]))
+        ranked = registry.top_k(registry.probabilities(model, images), names, args.top_k)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        print(json.dumps([{"image": image, "predictions": [{"class": c, "probability": p} for c, p in top]}
+                          for image, top in zip(args.images, ranked, strict=True)], indent=2))
+        return 0
+    width = max(len("image"), *(len(i) for i in args.images))
+    print(f"{'image':<{width}}  {'rank':>4}  {'class':<12} probability")
+    for image, top in zip(args.images, ranked, strict=True):
+        for rank, (name, prob) in enumerate(top, 1):
+            print(f"{image if rank == 1 else '':<{width}}  {rank:>4}  {name:<12} {prob:.4f}")
+    return 0
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="python -m cifar_exp.evaluate",
+                description="Evaluate a logged or registered model on the test set in a fresh MLflow run, with "
+                            "the artifacts of a trial (confusion matrix, classification report, prediction grid).")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model URI (default {DEFAULT_MODEL})")
+    p.add_argument("--data", help="test data (default: the data the model's run trained on)")
+    _tracking_argument(p)
+    args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        _existing_store(args.tracking_uri)
+        set_environment(False)
+        from cifar_exp import data, registry, track
+
+        track.configure(args.tracking_uri)
+        try:
+            source_run = track.model_run_id(args.model)
+        except Exception as exc:
+            raise UserError(f"cannot find {args.model}: {str(exc).splitlines()[0]}") from None
+        run = track.get_run(source_run) if source_run else None
+        source = args.data or (run.tags.get("data_source") if run else None) or "keras"
+        test = data.load(source)
+        experiment = run.experiment_id if run else track.experiment_id("evaluations")
+        run_id, metrics = registry.evaluate(args.model, test, experiment, {
+            "source_run_id": source_run or "", "data_source": source, "data_checksum": test.checksum})
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.model} on {len(test.y_test)} test images of {source}: test_accuracy {metrics['test_accuracy']:.4f}"
+          f", test_loss {metrics['test_loss']:.4f}, test_macro_f1 {metrics['test_macro_f1']:.4f}")
+    print(f"evaluation run {run_id} (experiment {experiment}): confusion_matrix.png, classification_report.json, "
+          f"prediction_grid.png")
+    return 0

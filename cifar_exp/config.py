@@ -143,6 +143,11 @@ class Sweep:
     # Deterministic kernels (TensorFlow op determinism, XLA's deterministic GPU ops): what makes
     # a trial rerunnable bit for bit. Default kernels give other numbers, so reruns must match.
     deterministic: bool = True
+    registered_model: str = ""  # Model Registry name of the best model; "" means cifar10-<name>
+
+    @property
+    def model_name(self) -> str:
+        return self.registered_model or f"cifar10-{self.name}"
 
     def train_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
         """The full training configuration of a trial: defaults, then ``fixed``, then ``sampled``."""
@@ -163,6 +168,7 @@ _TOP_LEVEL: dict[str, Any] = {
     "timeout": float | None,
     "max_consecutive_failures": int,
     "deterministic": bool,
+    "registered_model": str,
 }
 _TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
                      "max_consecutive_failures": (1, 1_000_000)}
@@ -361,6 +367,9 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
             objective.metric == "val_accuracy" and objective.direction == "minimize"):
         raise ConfigError(f"{where}: objective: {objective.direction} {objective.metric} "
                           f"optimises the wrong way (swap the direction)")
+    if "registered_model" in values and not _NAME_RE.match(values["registered_model"]):
+        raise ConfigError(f"{where}: registered_model: {values['registered_model']!r} is not a valid name "
+                          f"(letters, digits, '_', '-' and '.', starting with a letter or digit)")
     if values.get("trials", 20) is None and values.get("timeout") is None:
         raise ConfigError(f"{where}: give a budget: trials, timeout, or both")
     return Sweep(name=name, path=path, content_hash=hashlib.sha256(text.encode()).hexdigest(), text=text,

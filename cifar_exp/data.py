@@ -40,6 +40,9 @@ class DataError(UserError):
     """The data source is missing, unreadable or not a CIFAR-10 layout."""
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
 @dataclass(frozen=True)
 class Cifar10:
     """The decoded data set: images ``(N, 32, 32, 3) uint8``, labels ``(N,) int64``."""
@@ -187,9 +190,7 @@ def _load_keras() -> Cifar10:
     digest = hashlib.sha256()
     for array in (x_train, y_train, x_test, y_test):
         digest.update(np.ascontiguousarray(array).tobytes())
-    names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-             "truck")
-    return Cifar10(x_train, y_train, x_test, y_test, names, "keras", digest.hexdigest())
+    return Cifar10(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras", digest.hexdigest())
 
 
 class _BatchUnpickler(pickle.Unpickler):

@@ -2,7 +2,8 @@
 
 ``build(cfg, num_classes)`` returns two models that share every weight:
 - ``train_model``: uint8 images -> rescale -> augmentation -> classifier (what ``fit`` sees);
-- ``inference_model``: uint8 images -> rescale -> classifier (what is evaluated and logged).
+- ``inference_model``: float32 pixel values 0..255 -> rescale -> classifier (what is evaluated
+  and logged; uint8 images work as they are).
 Augmentation is identity at inference anyway; leaving it out of the logged model means the
 model file holds only stock Keras layers and loads without this package installed.
 """
@@ -89,7 +90,8 @@ def build_classifier(cfg: TrainConfig, num_classes: int) -> keras.Model:
 
 
 def build(cfg: TrainConfig, num_classes: int, seed: int | None = None) -> tuple[keras.Model, keras.Model]:
-    """``(train_model, inference_model)`` sharing weights; both take uint8 ``(N, 32, 32, 3)``."""
+    """``(train_model, inference_model)`` sharing weights, both on ``(N, 32, 32, 3)`` pixel values
+    0..255: the train model takes uint8 (what the data pipeline feeds), the inference model float32."""
     classifier = build_classifier(cfg, num_classes)
     inputs = keras.Input(INPUT_SHAPE, dtype="uint8", name="image")
     scaled = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
@@ -99,5 +101,9 @@ def build(cfg: TrainConfig, num_classes: int, seed: int | None = None) -> tuple[
     if cfg.translate > 0:
         x = RandomTranslate(cfg.translate, seed=seed, name="translate")(x)
     train_model = keras.Model(inputs, classifier(x), name="cnn_train")
-    inference_model = keras.Model(inputs, classifier(scaled), name="cnn_inference")
+    # The served model takes float32 pixel values 0..255: uint8 arrays convert to it exactly, and
+    # MLflow's signature check accepts both (uint8 -> float32 is a safe cast; the reverse is not).
+    pixels = keras.Input(INPUT_SHAPE, dtype="float32", name="image")
+    inference_model = keras.Model(pixels, classifier(keras.layers.Rescaling(1.0 / 255, name="rescale")(pixels)),
+                                  name="cnn_inference")
     return train_model, inference_model

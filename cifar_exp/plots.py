@@ -56,3 +56,22 @@ def learning_curves_png(history: Mapping[str, Sequence[float]], path: Path, titl
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def prediction_grid_png(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
+                        path: Path, title: str, columns: int = 6) -> None:
+    """A grid of test images, each titled with its predicted class, and the true one in red when
+    the prediction is wrong (the notebooks' grid of predictions)."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.1 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, true, pred in zip(axes.flat, images, y_true, y_pred, strict=False):
+        ax.imshow(image)
+        right = true == pred
+        label = class_names[pred] if right else f"{class_names[pred]}\n(true: {class_names[true]})"
+        ax.set_title(label, fontsize=8, color="black" if right else "red")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sqlite3
 import tempfile
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,15 +191,21 @@ def log_result(run_id: str, result: Any, splits: Any, title: str) -> str:
     """Log a finished training's test evaluation (metrics and artifacts, see ``log_evaluation``)
     and its model to ``run_id``; returns the model URI. ``result`` is a ``train.TrainResult``."""
     log_metrics(run_id, {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy})
-    log_evaluation(run_id, splits.y_test, result.y_prob, splits.class_names, result.history, title=title)
-    return log_model(run_id, result.model, splits.x_test[:2])
+    log_evaluation(run_id, splits.x_test, splits.y_test, result.y_prob, splits.class_names, result.history,
+                   title=title)
+    return log_model(run_id, result.model, splits.x_test[:2], splits.class_names)
 
 
-def log_evaluation(run_id: str, y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str],
-                   history: Mapping[str, Sequence[float]], title: str) -> dict[str, float]:
-    """Log the test-set evaluation of a trial: per-class precision/recall/F1 and macro F1 as
-    metrics; confusion matrix (PNG, CSV), classification report (JSON) and learning curves (PNG)
-    as artifacts. Returns the metrics logged."""
+GRID_IMAGES = 24  # test images in prediction_grid.png
+
+
+def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray,
+                   class_names: Sequence[str], history: Mapping[str, Sequence[float]] | None,
+                   title: str) -> dict[str, float]:
+    """Log a test-set evaluation: per-class precision/recall/F1 and macro F1 as metrics;
+    confusion matrix (PNG, CSV), classification report (JSON), a grid of predictions on the
+    first test images (PNG) and, given a ``history``, learning curves (PNG) as artifacts.
+    Returns the metrics logged."""
     from sklearn.metrics import classification_report, confusion_matrix
 
     y_pred = y_prob.argmax(axis=1)
@@ -219,16 +227,22 @@ def log_evaluation(run_id: str, y_true: np.ndarray, y_prob: np.ndarray, class_na
                 writer.writerow([name, *map(int, row)])
         (out / "classification_report.json").write_text(json.dumps(report, indent=2))
         plots.confusion_matrix_png(counts, class_names, out / "confusion_matrix.png", title)
-        plots.learning_curves_png(history, out / "learning_curves.png", title)
+        shown = np.linspace(0, len(y_true) - 1, min(GRID_IMAGES, len(y_true))).astype(int)  # spread over classes
+        plots.prediction_grid_png(images[shown], y_true[shown], y_pred[shown], class_names,
+                                  out / "prediction_grid.png", title)
+        if history is not None:
+            plots.learning_curves_png(history, out / "learning_curves.png", title)
         retrying(MlflowClient().log_artifacts, run_id, str(out))
     return metrics
 
 
-def log_model(run_id: str, model: Any, example: np.ndarray) -> str:
-    """Log the Keras model (``.keras`` format) to ``run_id``; returns its model URI.
+def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequence[str]) -> str:
+    """Log the Keras model (``.keras`` format) to ``run_id`` with a signature, an input example and
+    its class names (model metadata ``class_names``); returns its model URI.
 
-    Decision: pip requirements are given, not inferred; inference reloads the model in a
-    subprocess, which would cost seconds per trial.
+    The signature takes float32 images of pixel values 0..255: uint8 arrays cast to it safely,
+    and a REST request's numbers are parsed as it says. Decision: pip requirements are given, not
+    inferred; inference reloads the model in a subprocess, which would cost seconds per trial.
     """
     import keras
 
@@ -237,11 +251,107 @@ def log_model(run_id: str, model: Any, example: np.ndarray) -> str:
     from importlib.metadata import version
 
     requirements = [f"keras=={keras.__version__}", f"{backend_pkg}=={version(backend_pkg)}"]
+    example = np.asarray(example, dtype="float32")
     signature = mlflow.models.infer_signature(example, np.asarray(model(example)))
     with mlflow.start_run(run_id=run_id):
-        info = retrying(mlflow.keras.log_model, model, name="model", signature=signature,
-                        pip_requirements=requirements)
+        info = retrying(mlflow.models.Model.log, artifact_path=None, name="model", flavor=_KERAS_FLAVOR, model=model,
+                        signature=signature, input_example=example, pip_requirements=requirements,
+                        metadata={"class_names": list(class_names)}, validate_serving_input=False)
     return str(info.model_uri)
+
+
+def _save_keras_model(path: str, validate_serving_input: bool = True, **kwargs: Any) -> None:
+    # mlflow.keras.save_model (MLflow 3.17) writes the input example before it creates the model
+    # folder (FileNotFoundError: .../model/input_example.json); creating the folder first is
+    # the whole fix. validate_serving_input is Model.log's switch, not save_model's: serving is
+    # tested end to end instead of reloading every trial's model at log time.
+    os.makedirs(path, exist_ok=True)
+    mlflow.keras.save_model(path=path, **kwargs)
+
+
+# mlflow.keras with the save fix above; Model.log records it under mlflow.keras' name.
+_KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading models safely; the Model Registry
+
+
+class UnsafeModel(Exception):
+    """A logged model that loading would run foreign code or unpickle."""
+
+
+def check_safe(model_uri: str) -> dict[str, Any]:
+    """The MLmodel flavors of ``model_uri`` if loading it runs only MLflow's and Keras' own code
+    on data files; raises ``UnsafeModel`` naming the reason otherwise (custom pyfunc code,
+    pickled python models, TensorFlow SavedModel exports, flavors other than keras)."""
+    flavors = retrying(mlflow.models.get_model_info, model_uri).flavors
+    pyfunc = flavors.get("python_function", {})
+    loader = str(pyfunc.get("loader_module", ""))
+    if pyfunc.get("code") or "python_model" in pyfunc or "cloudpickle_version" in pyfunc:
+        raise UnsafeModel("it carries Python code or a pickled python_model")
+    if loader and not loader.startswith("mlflow."):
+        raise UnsafeModel(f"its MLmodel loads through code outside mlflow ({loader})")
+    if set(flavors) - {"keras", "python_function"}:
+        raise UnsafeModel(f"flavors {sorted(set(flavors) - {'keras', 'python_function'})} (only keras is loaded)")
+    if "keras" not in flavors:
+        raise UnsafeModel("no keras flavor")
+    if flavors["keras"].get("save_exported_model") or flavors["keras"].get("save_format", "keras") != "keras":
+        raise UnsafeModel("it is not in the .keras format (safe_mode applies to .keras files only)")
+    return flavors
+
+
+def load_model(model_uri: str) -> tuple[Any, list[str] | None]:
+    """``(keras model, class names or None)`` for ``model_uri``, after ``check_safe``, loaded with
+    Keras ``safe_mode`` on (no Lambda-layer bytecode is deserialized)."""
+    check_safe(model_uri)
+    model = retrying(mlflow.keras.load_model, model_uri, load_model_kwargs={"safe_mode": True})
+    metadata = retrying(mlflow.models.get_model_info, model_uri).metadata or {}
+    names = metadata.get("class_names")
+    return model, list(names) if names else None
+
+
+def model_run_id(model_uri: str) -> str | None:
+    """The run that logged ``model_uri`` (a ``models:/`` name, version or alias, or a logged model)."""
+    return retrying(mlflow.models.get_model_info, model_uri).run_id
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    version: str
+    run_id: str
+    created: bool  # False: the run was already registered under ``name``
+
+
+def register(name: str, model_uri: str, run_id: str, description: str, tags: Mapping[str, Any]) -> Version:
+    """Register ``model_uri`` (logged by ``run_id``) as a version of ``name``. The same run
+    registered twice gives back its existing version."""
+    client = MlflowClient()
+    existing = retrying(client.search_model_versions, f"name='{name}' and run_id='{run_id}'")
+    if existing:
+        return Version(name, str(existing[0].version), run_id, created=False)
+    try:
+        retrying(client.create_registered_model, name)
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower():
+            raise
+    version = retrying(mlflow.register_model, model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    retrying(client.update_model_version, name, version.version, description=description)
+    return Version(name, str(version.version), run_id, created=True)
+
+
+def alias_version(name: str, alias: str) -> Version | None:
+    """The version of ``name`` that ``alias`` points at, or None."""
+    try:
+        version = retrying(MlflowClient().get_model_version_by_alias, name, alias)
+    except MlflowException:
+        return None
+    return Version(name, str(version.version), str(version.run_id), created=False)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    retrying(MlflowClient().set_registered_model_alias, name, alias, version)
 
 
 def write_table(run_id: str, rows: Sequence[Mapping[str, Any]], filename: str) -> None:

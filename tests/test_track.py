@@ -55,12 +55,13 @@ def test_evaluation_artifacts_hold_what_they_claim(store: str, isolated: Path) -
     run = track.start_trial_run(experiment, "p", 0, params={}, tags={})
     y_true = np.array([0, 0, 1, 1, 2, 2, 2])
     y_prob = np.eye(3)[[0, 1, 1, 1, 2, 2, 0]]
-    metrics = track.log_evaluation(run, y_true, y_prob, CLASSES, {"loss": [2.0, 1.0], "val_loss": [2.1, 1.2],
+    images = np.zeros((7, 32, 32, 3), dtype=np.uint8)
+    metrics = track.log_evaluation(run, images, y_true, y_prob, CLASSES, {"loss": [2.0, 1.0], "val_loss": [2.1, 1.2],
                                    "accuracy": [0.3, 0.6], "learning_rate": [0.1, 0.01]}, "t")
     assert metrics["test_recall_cat"] == 0.5 and metrics["test_precision_dog"] == pytest.approx(2 / 3)
     folder = Path(mlflow.artifacts.download_artifacts(run_id=run, dst_path=str(isolated / "dl")))
     assert {"confusion_matrix.csv", "confusion_matrix.png", "classification_report.json",
-            "learning_curves.png"} <= {p.name for p in folder.iterdir()}
+            "learning_curves.png", "prediction_grid.png"} <= {p.name for p in folder.iterdir()}
     rows = list(csv.reader((folder / "confusion_matrix.csv").open()))
     assert rows[0] == ["true \\ predicted", *CLASSES]
     counts = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
@@ -80,9 +81,13 @@ def test_logged_model_loads_and_predicts(store: str) -> None:
     experiment = track.experiment_id("demo")
     run = track.start_trial_run(experiment, "p", 0, params={}, tags={})
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    uri = track.log_model(run, model, x[:2])
-    loaded = mlflow.keras.load_model(uri)
+    uri = track.log_model(run, model, x[:2], [str(i) for i in range(10)])
+    loaded, names = track.load_model(uri)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5)
+    assert names == [str(i) for i in range(10)]
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"] == {"dtype": "float32", "shape": (-1, 32, 32, 3)}
+    assert info.saved_input_example_info is not None  # the input example travels with the model
 
 
 def test_retrying_retries_only_transient_errors() -> None:

@@ -1,0 +1,152 @@
+"""After a sweep: register the best trial's model, promote it by alias, evaluate and predict.
+
+Promotion uses aliases, not the deprecated stages: every registration points ``challenger`` at
+the new version; ``champion`` moves to it only if it beats the current champion on the test set,
+with both models evaluated now on the same images (numbers logged earlier may come from other
+data). Models are loaded through ``track.load_model``: refused when loading could run foreign
+code or unpickle, and read with Keras ``safe_mode`` on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from optuna.trial import FrozenTrial
+
+from cifar_exp import track
+from cifar_exp.config import Sweep, UserError
+from cifar_exp.data import CIFAR10_CLASSES, Cifar10
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+PREDICT_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Promotion:
+    version: track.Version
+    trial: FrozenTrial
+    accuracy: float  # the challenger's test accuracy, measured now
+    champion: track.Version | None  # the champion before this registration
+    champion_accuracy: float | None
+    promoted: bool
+    reason: str  # why it was or was not promoted
+
+
+def load(model_uri: str) -> tuple[Any, list[str]]:
+    """The Keras model at ``model_uri`` and its class names; ``UserError`` if it cannot be had safely."""
+    try:
+        model, names = track.load_model(model_uri)
+    except track.UnsafeModel as exc:
+        raise UserError(f"refusing to load {model_uri}: {exc}") from None
+    except Exception as exc:  # MlflowException (no such model/alias), OSError
+        raise UserError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from None
+    classes = int(model.output_shape[-1])
+    if names is None:  # logged before class names were recorded: CIFAR-10's own order
+        names = list(CIFAR10_CLASSES) if classes == len(CIFAR10_CLASSES) else [str(i) for i in range(classes)]
+    return model, names
+
+
+def probabilities(model: Any, images: np.ndarray) -> np.ndarray:
+    return np.asarray(model.predict(np.asarray(images, dtype="float32"), batch_size=PREDICT_BATCH, verbose=0))
+
+
+def accuracy(model_uri: str, test: Cifar10) -> float:
+    model, _ = load(model_uri)
+    return float(np.mean(probabilities(model, test.x_test).argmax(axis=1) == test.y_test))
+
+
+def best_trial(trials: Sequence[FrozenTrial], maximize: bool) -> FrozenTrial:
+    """The best complete trial that logged a model; ``UserError`` if there is none."""
+    done = [t for t in trials if t.value is not None and t.user_attrs.get("model_uri") and t.state.name == "COMPLETE"]
+    if not done:
+        raise UserError("the study has no completed trial with a logged model yet: run the sweep first")
+    return sorted(done, key=lambda t: t.value, reverse=maximize)[0]  # type: ignore[arg-type, return-value]
+
+
+def describe(trial: FrozenTrial, sweep: Sweep) -> tuple[str, dict[str, Any]]:
+    """The version's description and tags: the trial's params, metrics, run id and seed."""
+    metrics = {sweep.objective.metric: trial.value,
+               **{k: v for k, v in trial.user_attrs.items() if k.startswith("test_")}}
+    tags = {"sweep": sweep.name, "trial": trial.number, "run_id": trial.user_attrs["mlflow_run_id"],
+            "seed": trial.user_attrs.get("seed"), **trial.params, **metrics}
+    text = (f"Trial {trial.number} of sweep {sweep.name} (run {tags['run_id']}, seed {tags['seed']}).\n"
+            f"Metrics: {', '.join(f'{k}={v:.4f}' for k, v in metrics.items())}.\n"
+            f"Params: {', '.join(f'{k}={v}' for k, v in trial.params.items())}.")
+    return text, tags
+
+
+def promote(sweep: Sweep, name: str, trials: Sequence[FrozenTrial], test: Cifar10) -> Promotion:
+    """Register the best trial of ``trials`` as a version of ``name`` (once per run), point
+    ``challenger`` at it, and make it ``champion`` if it beats the champion on ``test`` now."""
+    trial = best_trial(trials, sweep.objective.direction == "maximize")
+    description, tags = describe(trial, sweep)
+    version = track.register(name, trial.user_attrs["model_uri"], trial.user_attrs["mlflow_run_id"],
+                             description, tags)
+    champion = track.alias_version(name, CHAMPION)
+    track.set_alias(name, CHALLENGER, version.version)
+    mine = accuracy(f"models:/{name}/{version.version}", test)
+    images = f"{len(test.y_test)} test images ({test.source})"
+    if champion is None:
+        track.set_alias(name, CHAMPION, version.version)
+        return Promotion(version, trial, mine, None, None, True, f"first champion of {name}")
+    if champion.version == version.version:
+        return Promotion(version, trial, mine, champion, mine, False, f"version {version.version} is already champion")
+    theirs = accuracy(f"models:/{name}/{champion.version}", test)
+    if mine > theirs:
+        track.set_alias(name, CHAMPION, version.version)
+        return Promotion(version, trial, mine, champion, theirs, True,
+                         f"test_accuracy {mine:.4f} beats champion version {champion.version}'s {theirs:.4f} "
+                         f"on {images}")
+    return Promotion(version, trial, mine, champion, theirs, False,
+                     f"test_accuracy {mine:.4f} does not beat champion version {champion.version}'s {theirs:.4f} "
+                     f"on {images}; champion unchanged")
+
+
+def evaluate(model_uri: str, test: Cifar10, experiment: str, tags: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    """A fresh evaluation run of ``model_uri`` on ``test`` in ``experiment``: the test metrics and
+    artifacts of a trial (confusion matrix, classification report, prediction grid).
+    Returns ``(run id, metrics)``."""
+    model, names = load(model_uri)
+    if len(names) != len(test.class_names):
+        raise UserError(f"{model_uri} predicts {len(names)} classes but the data has {len(test.class_names)}")
+    y_prob = probabilities(model, test.x_test)
+    eps = 1e-7
+    metrics = {"test_accuracy": float(np.mean(y_prob.argmax(axis=1) == test.y_test)),
+               "test_loss": float(np.mean(-np.log(np.clip(y_prob[np.arange(len(y_prob)), test.y_test], eps, 1))))}
+    run_id = track.start_run(experiment, f"evaluate {model_uri}", {}, {**tags, "evaluated_model": model_uri})
+    track.log_metrics(run_id, metrics)
+    metrics.update(track.log_evaluation(run_id, test.x_test, test.y_test, y_prob, names, None,
+                                        title=f"{model_uri} on {test.source}"))
+    track.end_run(run_id, "FINISHED")
+    return run_id, metrics
+
+
+def read_images(paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+    """The image files ``paths`` as uint8 RGB ``(N, height, width, 3)``, each resized to ``size``
+    (bilinear, antialiased, as CIFAR-10's own downscaling); ``UserError`` names an unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(Path(path)) as image:
+                rgb = image.convert("RGB")
+                if rgb.size != (size[1], size[0]):
+                    rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=None)
+                images.append(np.asarray(rgb, dtype=np.uint8))
+        except FileNotFoundError:
+            raise UserError(f"image {path} does not exist") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"image {path} is not a readable image ({type(exc).__name__})") from None
+    return np.stack(images)
+
+
+def top_k(y_prob: np.ndarray, names: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per image, the ``k`` most probable classes with their probabilities, most probable first."""
+    k = min(k, y_prob.shape[1])
+    order = np.argsort(-y_prob, axis=1, kind="stable")[:, :k]
+    return [[(names[c], float(row[c])) for c in top] for row, top in zip(y_prob, order, strict=True)]

@@ -1,0 +1,274 @@
+"""From best trial to a model people use: registration and promotion by alias, prediction,
+evaluation, safe loading and serving, on a real MLflow store and the CIFAR-10 (JPEG copy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from cifar_exp import registry, track
+from cifar_exp.config import ConfigError, UserError, parse_sweep
+from tests.conftest import ROOT, write_slice
+from tests.test_sweep import clean_env, run_sweep
+
+TEST_SWEEPS = ROOT / "tests" / "sweeps"
+NAME = "cifar10-demo"
+
+# ---------------------------------------------------------------------------------------------
+# Fast
+
+
+def test_top_k_orders_classes_by_probability() -> None:
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
+    assert registry.top_k(probs, ["a", "b", "c"], 2) == [[("b", 0.7), ("c", 0.2)], [("a", 0.5), ("c", 0.3)]]
+    assert len(registry.top_k(probs, ["a", "b", "c"], 10)[0]) == 3
+
+
+def test_read_images_resizes_any_size_to_the_model_input(isolated: Path) -> None:
+    Image.new("RGB", (100, 60), (255, 0, 0)).save(isolated / "wide.png")
+    Image.new("L", (32, 32), 128).save(isolated / "gray.jpg")
+    images = registry.read_images([str(isolated / "wide.png"), str(isolated / "gray.jpg")], (32, 32))
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert images[0, 10, 10].tolist() == [255, 0, 0] and images[1, 5, 5].tolist() == [128, 128, 128]
+
+
+def test_unreadable_images_are_named(isolated: Path) -> None:
+    (isolated / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="image .*notes.txt is not a readable image"):
+        registry.read_images([str(isolated / "notes.txt")], (32, 32))
+    with pytest.raises(UserError, match="image .*missing.jpg does not exist"):
+        registry.read_images([str(isolated / "missing.jpg")], (32, 32))
+
+
+def test_registered_model_name_defaults_and_is_validated() -> None:
+    text = "space:\n  dropout: {type: float, low: 0.0, high: 0.5}\n"
+    assert parse_sweep("abc", text, Path("abc.yaml")).model_name == "cifar10-abc"
+    assert parse_sweep("abc", text + "registered_model: mine\n", Path("abc.yaml")).model_name == "mine"
+    with pytest.raises(ConfigError, match="registered_model: 'a b/c' is not a valid name"):
+        parse_sweep("abc", text + "registered_model: a b/c\n", Path("abc.yaml"))
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        return model_input
+
+
+def test_a_pickled_python_model_is_refused(isolated: Path) -> None:
+    # Refused from its MLmodel alone, before anything is unpickled.
+    track.configure(f"sqlite:///{isolated}/mlruns/mlflow.db")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=_Echo())
+    with pytest.raises(UserError, match=f"refusing to load {info.model_uri}: it carries Python code or a pickled"):
+        registry.load(info.model_uri)
+
+
+def cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", f"cifar_exp.{module}", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=900, env=clean_env(**(env or {})))
+
+
+@pytest.mark.parametrize("module, args, fragment", [
+    ("register", ["lr_dropout"], "no MLflow store at mlruns/mlflow.db"),
+    ("predict", ["x.jpg"], "no MLflow store at mlruns/mlflow.db"),
+    ("predict", ["x.jpg", "--top-k", "0"], "--top-k must be greater than 0"),
+    ("evaluate", ["models:/nothing@champion"], "no MLflow store at mlruns/mlflow.db"),
+    ("register", ["no_such_sweep"], "unknown sweep 'no_such_sweep'"),
+])
+def test_bad_input_is_one_line_exit_2(isolated: Path, module: str, args: list[str], fragment: str) -> None:
+    result = cli(module, *args, cwd=isolated)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (isolated / "mlruns").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: two real sweeps registering into one model name
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """registry_good (2 trials) then registry_worse (1 trial), each with --register, on 1,000
+    training and 200 test images of the CIFAR-10 (JPEG copy)."""
+    folder = tmp_path_factory.mktemp("registry")
+    data = write_slice(folder / "slice.zip", 100, 20)
+    env = {"CIFAR_EXP_CACHE": str(folder / "cache")}
+    good = run_sweep(folder, str(TEST_SWEEPS / "registry_good.yaml"), "--data", str(data), "--register", env=env)
+    worse = run_sweep(folder, str(TEST_SWEEPS / "registry_worse.yaml"), "--data", str(data), "--register", env=env)
+    return {"folder": folder, "data": data, "good": good.stdout, "worse": worse.stdout, "env": env,
+            "uri": f"sqlite:///{folder}/mlruns/mlflow.db"}
+
+
+def client(registered: dict) -> MlflowClient:
+    mlflow.set_tracking_uri(registered["uri"])
+    return MlflowClient()
+
+
+def best_good_trial(registered: dict) -> tuple[str, float]:
+    import optuna
+
+    from cifar_exp.study import open_storage
+
+    study = optuna.load_study(study_name="registry_good",
+                              storage=open_storage(str(registered["folder"] / "mlruns" / "optuna.journal")))
+    return study.best_trial.user_attrs["mlflow_run_id"], study.best_trial.user_attrs["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_the_champion_is_the_best_trial_and_a_worse_sweep_leaves_it(registered: dict) -> None:
+    run_id, test_accuracy = best_good_trial(registered)
+    assert f"alias champion -> version 1: first champion of {NAME}" in registered["good"]
+    assert "not promoted to champion: test_accuracy" in registered["worse"]
+    assert "does not beat champion version 1's" in registered["worse"]
+    c = client(registered)
+    champion = c.get_model_version_by_alias(NAME, "champion")
+    assert str(champion.version) == "1" and champion.run_id == run_id
+    assert str(c.get_model_version_by_alias(NAME, "challenger").version) == "2"  # the worse sweep's model
+    assert champion.tags["run_id"] == run_id and float(champion.tags["test_accuracy"]) == test_accuracy
+    assert {"seed", "learning_rate", "val_accuracy", "trial", "sweep"} <= set(champion.tags)
+    assert run_id in champion.description and "learning_rate=" in champion.description
+    aliases = c.get_registered_model(NAME).aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"champion": "1", "challenger": "2"}
+
+
+@pytest.mark.slow
+def test_registering_the_same_run_twice_keeps_one_version(registered: dict) -> None:
+    result = cli("register", str(TEST_SWEEPS / "registry_good.yaml"), cwd=registered["folder"],
+                 env=registered["env"])
+    assert result.returncode == 0, result.stderr
+    assert f"already registered: {NAME} version 1" in result.stdout
+    versions = client(registered).search_model_versions(f"name='{NAME}'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+
+
+def jpegs(registered: dict, n: int = 6) -> list[Path]:
+    out = registered["folder"] / "images"
+    out.mkdir(exist_ok=True)
+    with zipfile.ZipFile(registered["data"]) as z:
+        names = [name for name in z.namelist() if name.startswith("test/")][::37][:n]
+        for name in names:
+            (out / name.replace("/", "_")).write_bytes(z.read(name))
+    return sorted(out.iterdir())
+
+
+def champion_predictions(registered: dict, images: np.ndarray) -> np.ndarray:
+    client(registered)
+    model = mlflow.keras.load_model(f"models:/{NAME}@champion")
+    return np.asarray(model.predict(images.astype("float32"), verbose=0))
+
+
+@pytest.mark.slow
+def test_predict_gives_the_models_own_classes(registered: dict) -> None:
+    files = jpegs(registered)
+    result = cli("predict", *map(str, files), "--model", f"models:/{NAME}@champion", "--json", "--top-k", "2",
+                 cwd=registered["folder"])
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    expected = champion_predictions(registered, images)
+    classes = [a["predictions"][0]["class"] for a in answers]
+    names = mlflow.models.get_model_info(f"models:/{NAME}@champion").metadata["class_names"]
+    assert classes == [names[i] for i in expected.argmax(axis=1)]
+    assert all(len(a["predictions"]) == 2 for a in answers)
+    np.testing.assert_allclose([a["predictions"][0]["probability"] for a in answers], expected.max(axis=1),
+                               rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_logs_a_fresh_run_with_a_trials_artifacts(registered: dict) -> None:
+    run_id, test_accuracy = best_good_trial(registered)
+    result = cli("evaluate", f"models:/{NAME}@champion", cwd=registered["folder"], env=registered["env"])
+    assert result.returncode == 0, result.stderr
+    c = client(registered)
+    (evaluation,) = [r for r in c.search_runs([c.get_run(run_id).info.experiment_id])
+                     if r.data.tags.get("evaluated_model") == f"models:/{NAME}@champion"]
+    assert evaluation.data.tags["source_run_id"] == run_id
+    assert evaluation.data.metrics["test_accuracy"] == pytest.approx(test_accuracy, abs=1e-9)
+    artifacts = {a.path for a in c.list_artifacts(evaluation.info.run_id)}
+    assert {"confusion_matrix.png", "confusion_matrix.csv", "classification_report.json",
+            "prediction_grid.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_pyfunc_loads_without_pickle(registered: dict) -> None:
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in jpegs(registered)])
+    np.save(registered["folder"] / "images.npy", images)
+    code = (f"import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/{NAME}@champion'); "
+            f"np.save('pyfunc.npy', m.predict(np.load('images.npy').astype('float32')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=registered["folder"], capture_output=True, text=True,
+                            timeout=300, env=clean_env(MLFLOW_TRACKING_URI=registered["uri"],
+                                                       MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"))
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(registered["folder"] / "pyfunc.npy"),
+                               champion_predictions(registered, images), rtol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_rest_predictions(registered: dict) -> None:
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in jpegs(registered)])
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager",
+         "local", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=registered["folder"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # PATH: the server runs `uvicorn` from this environment, as from an activated virtualenv.
+        env=clean_env(MLFLOW_TRACKING_URI=registered["uri"],
+                      PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])))
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, server.stderr.read() if server.stderr else "server exited"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "server did not answer /ping within 240 s"
+                time.sleep(1)
+        answers = []
+        for pixels in (images.tolist(), images.astype(float).tolist()):  # uint8 values, then floats
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                             data=json.dumps({"inputs": pixels}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            answers.append(np.asarray(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    expected = champion_predictions(registered, images)
+    for predictions in answers:
+        assert predictions.shape == (len(images), 10)
+        np.testing.assert_allclose(predictions, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_model_and_empty_study_are_one_line_errors(isolated: Path) -> None:
+    import optuna
+
+    from cifar_exp.study import open_storage
+
+    track.configure(f"sqlite:///{isolated}/mlruns/mlflow.db")
+    result = cli("predict", "x.jpg", "--model", "models:/nothing@champion", cwd=isolated)
+    assert result.returncode == 2 and "error: cannot load models:/nothing@champion" in result.stderr
+    optuna.create_study(study_name="lr_dropout", storage=open_storage(str(isolated / "mlruns" / "optuna.journal")),
+                        direction="maximize")
+    result = cli("register", "lr_dropout", cwd=isolated)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: the study has no completed trial with a logged model yet: run the sweep first"
