@@ -304,7 +304,7 @@ def rerun_main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "cifar_exp.rerun", *(argv if argv is not None else sys.argv[1:])])
     try:
         outcome = reproduce.rerun(original, splits, identity=identity, deterministic=args.deterministic,
-                                  tags={"command": command, "keras_backend": identity["keras_backend"]})
+                                  tags={"command": command})
     except KeyboardInterrupt:
         print("interrupted: the rerun's run is marked KILLED", file=sys.stderr)
         return 130
@@ -366,18 +366,10 @@ def _tracking_argument(p: argparse.ArgumentParser) -> None:
 def _register(sweep: Any, storage_url: str, data_source: str | None) -> None:
     """Register the study's best model and promote it; prints what happened (the sweep has
     set up the environment and the tracking store)."""
-    import optuna
-
     from cifar_exp import data, registry, track
-    from cifar_exp.study import open_storage
+    from cifar_exp.study import load_existing
 
-    if "://" not in storage_url and not os.path.isfile(storage_url):
-        raise UserError(f"no Optuna storage at {storage_url}: run the sweep first, or pass --storage")
-    try:
-        study = optuna.load_study(study_name=sweep.name, storage=open_storage(storage_url))
-    except KeyError:
-        raise UserError(f"no study '{sweep.name}' in {storage_url}: run the sweep first") from None
-    trials = study.get_trials(deepcopy=False)
+    trials = load_existing(storage_url, sweep.name).get_trials(deepcopy=False)
     best = registry.best_trial(trials, sweep.objective.direction == "maximize")
     if data_source is None:  # the data the trial trained on, which --data may have overridden
         data_source = track.get_run(best.user_attrs["mlflow_run_id"]).tags.get("data_source", sweep.data.source)

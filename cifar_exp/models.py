@@ -101,8 +101,8 @@ def build(cfg: TrainConfig, num_classes: int, seed: int | None = None) -> tuple[
     if cfg.translate > 0:
         x = RandomTranslate(cfg.translate, seed=seed, name="translate")(x)
     train_model = keras.Model(inputs, classifier(x), name="cnn_train")
-    # The served model takes float32 pixel values 0..255: uint8 arrays convert to it exactly, and
-    # MLflow's signature check accepts both (uint8 -> float32 is a safe cast; the reverse is not).
+    # The served model takes float32 pixel values 0..255: Keras converts uint8 arrays exactly, and
+    # MLflow parses a REST request's integer or float pixels to the signature's float32.
     pixels = keras.Input(INPUT_SHAPE, dtype="float32", name="image")
     inference_model = keras.Model(pixels, classifier(keras.layers.Rescaling(1.0 / 255, name="rescale")(pixels)),
                                   name="cnn_inference")

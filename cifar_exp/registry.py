@@ -113,10 +113,11 @@ def evaluate(model_uri: str, test: Cifar10, experiment: str, tags: dict[str, Any
     model, names = load(model_uri)
     if len(names) != len(test.class_names):
         raise UserError(f"{model_uri} predicts {len(names)} classes but the data has {len(test.class_names)}")
+    from cifar_exp.train import cross_entropy
+
     y_prob = probabilities(model, test.x_test)
-    eps = 1e-7
     metrics = {"test_accuracy": float(np.mean(y_prob.argmax(axis=1) == test.y_test)),
-               "test_loss": float(np.mean(-np.log(np.clip(y_prob[np.arange(len(y_prob)), test.y_test], eps, 1))))}
+               "test_loss": cross_entropy(y_prob, test.y_test, label_smoothing=0.0)}
     run_id = track.start_run(experiment, f"evaluate {model_uri}", {}, {**tags, "evaluated_model": model_uri})
     track.log_metrics(run_id, metrics)
     metrics.update(track.log_evaluation(run_id, test.x_test, test.y_test, y_prob, names, None,

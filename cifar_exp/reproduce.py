@@ -64,17 +64,9 @@ def _tag(run: track.RunRecord, name: str) -> str:
 
 def find_trial_run(storage_url: str, name: str, number: int) -> str:
     """The MLflow run id of trial ``number`` of the study ``name`` in ``storage_url``."""
-    import optuna
+    from cifar_exp.study import load_existing
 
-    from cifar_exp.study import open_storage
-
-    if "://" not in storage_url and not Path(storage_url).is_file():
-        raise UserError(f"no Optuna storage at {storage_url}: run the sweep first, or pass --storage")
-    try:
-        study = optuna.load_study(study_name=name, storage=open_storage(storage_url))
-    except KeyError:
-        names = ", ".join(optuna.get_all_study_names(open_storage(storage_url)))
-        raise UserError(f"no study '{name}' in {storage_url} (studies: {names or 'none'})") from None
+    study = load_existing(storage_url, name)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if number not in trials:
         raise UserError(f"study '{name}' has no trial {number} (it has trials 0 to {len(trials) - 1})")

@@ -33,7 +33,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from cifar_exp import space, track
-from cifar_exp.config import ConfigError, PrunerConfig, SamplerConfig, Sweep
+from cifar_exp.config import ConfigError, PrunerConfig, SamplerConfig, Sweep, UserError
 
 EXIT_TRIAL_FAILED = 3  # a worker exits with this after a failed trial, to be replaced
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -82,6 +82,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     path = Path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def load_existing(url: str, name: str) -> optuna.Study:
+    """The existing study ``name`` in ``url``; ``UserError`` if the storage or the study is missing."""
+    if "://" not in url and not Path(url).is_file():
+        raise UserError(f"no Optuna storage at {url}: run the sweep first, or pass --storage")
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = ", ".join(optuna.get_all_study_names(storage))
+        raise UserError(f"no study '{name}' in {url} (studies: {names or 'none'})") from None
 
 
 def make_sampler(cfg: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:

@@ -240,9 +240,10 @@ def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequenc
     """Log the Keras model (``.keras`` format) to ``run_id`` with a signature, an input example and
     its class names (model metadata ``class_names``); returns its model URI.
 
-    The signature takes float32 images of pixel values 0..255: uint8 arrays cast to it safely,
-    and a REST request's numbers are parsed as it says. Decision: pip requirements are given, not
-    inferred; inference reloads the model in a subprocess, which would cost seconds per trial.
+    The signature takes float32 images of pixel values 0..255: a REST request's integer or float
+    pixels are parsed to it; pyfunc callers pass float32 (pyfunc enforces the dtype exactly).
+    Decision: pip requirements are given, not inferred; inference reloads the model in a
+    subprocess, which would cost seconds per trial.
     """
     import keras
 

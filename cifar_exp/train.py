@@ -97,7 +97,7 @@ class _Hooks(keras.callbacks.Callback):
             hook(epoch, {k: float(v) for k, v in logs.items()})
 
 
-def _cross_entropy(y_prob: np.ndarray, y_true: np.ndarray, label_smoothing: float) -> float:
+def cross_entropy(y_prob: np.ndarray, y_true: np.ndarray, label_smoothing: float) -> float:
     """Keras' categorical cross-entropy (same clipping and label smoothing) computed in numpy,
     so that the test set is passed through the model once, by ``predict``."""
     classes = y_prob.shape[1]
@@ -137,7 +137,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     y_prob = np.asarray(model.predict(data.x_test, batch_size=PREDICT_BATCH, verbose=0))
     return TrainResult(
         history={k: [float(v) for v in vs] for k, vs in history.history.items()},
-        test_loss=_cross_entropy(y_prob, data.y_test, cfg.label_smoothing),
+        test_loss=cross_entropy(y_prob, data.y_test, cfg.label_smoothing),
         test_accuracy=float(np.mean(y_prob.argmax(axis=1) == data.y_test)),
         y_prob=y_prob,
         model=model,
