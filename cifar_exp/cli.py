@@ -363,6 +363,17 @@ def _tracking_argument(p: argparse.ArgumentParser) -> None:
                    help=f"MLflow tracking and registry URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
 
 
+def _open_store(tracking_uri: str, deterministic: bool) -> None:
+    """The preamble of the commands that read a store: the store must exist; then the environment
+    (before keras is imported) and the tracking URI."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a report
+    _existing_store(tracking_uri)
+    set_environment(deterministic)
+    from cifar_exp import track
+
+    track.configure(tracking_uri)
+
+
 def _register(sweep: Any, storage_url: str, data_source: str | None) -> None:
     """Register the study's best model and promote it; prints what happened (the sweep has
     set up the environment and the tracking store)."""
@@ -395,14 +406,9 @@ def register_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage (default {DEFAULT_STORAGE})")
     _tracking_argument(p)
     args = p.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         sweep = load_sweep(args.name)
-        _existing_store(args.tracking_uri)
-        set_environment(sweep.deterministic)
-        from cifar_exp import track
-
-        track.configure(args.tracking_uri)
+        _open_store(args.tracking_uri, sweep.deterministic)
         _register(sweep, args.storage, args.data)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -420,13 +426,10 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _tracking_argument(p)
     args = p.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        _existing_store(args.tracking_uri)
-        set_environment(False)
-        from cifar_exp import registry, track
+        _open_store(args.tracking_uri, deterministic=False)
+        from cifar_exp import registry
 
-        track.configure(args.tracking_uri)
         model, names = registry.load(args.model)
         images = registry.read_images(args.images, tuple(model.input_shape[1:3]))
         ranked = registry.top_k(registry.probabilities(model, images), names, args.top_k)
@@ -455,13 +458,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", help="test data (default: the data the model's run trained on)")
     _tracking_argument(p)
     args = p.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        _existing_store(args.tracking_uri)
-        set_environment(False)
+        _open_store(args.tracking_uri, deterministic=False)
         from cifar_exp import data, registry, track
 
-        track.configure(args.tracking_uri)
         try:
             source_run = track.model_run_id(args.model)
         except Exception as exc:
