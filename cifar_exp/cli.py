@@ -43,36 +43,25 @@ def set_environment(deterministic: bool) -> None:
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 
-def _positive(kind: type, flag: str):  # type: ignore[no-untyped-def]
+def _number(kind: type, flag: str, ok: Any, requirement: str):  # type: ignore[no-untyped-def]
+    """An argparse type: ``kind(text)`` that satisfies ``ok``, else a one-line error."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} takes a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be greater than 0, got {text}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{flag} must be {requirement}, got {text}")
         return value
     return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed takes an integer, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**32), got {text}")
-    return value
+def _positive(kind: type, flag: str):  # type: ignore[no-untyped-def]
+    return _number(kind, flag, lambda v: v > 0, "greater than 0")
 
 
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--tolerance takes a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"--tolerance must be 0 or more, got {text}")
-    return value
+_seed = _number(int, "--seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)")
+_tolerance = _number(float, "--tolerance", lambda v: v >= 0, "0 or more")  # NaN fails too
 
 
 def sweep_parser() -> argparse.ArgumentParser:
@@ -321,10 +310,12 @@ def rerun_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _diff(pair: tuple[float, float | None]) -> str:
+    from cifar_exp.reproduce import same
+
     before, after = pair
     if after is None:
         return "missing"
-    return "=" if before == after or (before != before and after != after) else f"{after - before:+.3g}"
+    return "=" if same(before, after) else f"{after - before:+.3g}"
 
 
 def _print_comparison(comparison: Any) -> None:

@@ -210,18 +210,19 @@ class Comparison:
 
     @property
     def max_abs_diff(self) -> float:
-        return max((abs(b - a) for a, b in self.values() if b is not None and not _same(a, b)), default=0.0)
+        return max((abs(b - a) for a, b in self.values() if b is not None and not same(a, b)), default=0.0)
 
     @property
     def mismatches(self) -> int:
-        return sum(b is None or not (_same(a, b) or abs(b - a) <= self.tolerance) for a, b in self.values())
+        return sum(b is None or not (same(a, b) or abs(b - a) <= self.tolerance) for a, b in self.values())
 
     @property
     def matched(self) -> bool:
         return not self.failure and self.mismatches == 0
 
 
-def _same(a: float, b: float | None) -> bool:
+def same(a: float, b: float | None) -> bool:
+    """Bit-identical for reporting purposes: equal, or both NaN."""
     return b is not None and (a == b or (math.isnan(a) and math.isnan(b)))
 
 
