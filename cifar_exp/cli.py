@@ -81,6 +81,8 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help=f"MLflow tracking URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
     p.add_argument("--workers", type=_positive(int, "--workers"), default=1,
                    help="worker processes sharing the study (default 1)")
+    p.add_argument("--engine", choices=("optuna", "keras-tuner"), default="optuna",
+                   help="search with Optuna (default) or with KerasTuner's own tuners, tracked the same way")
     p.add_argument("--register", action="store_true",
                    help="when the sweep ends, register its best model (as python -m cifar_exp.register)")
     return p
@@ -165,6 +167,12 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"name a sweep: python -m cifar_exp.sweep NAME "
                               f"(available: {', '.join(available_sweeps())})")
         sweep = _apply_overrides(args)
+        if args.engine == "keras-tuner" and args.workers != 1:
+            raise ConfigError("--engine keras-tuner runs its trials one after another in this process: "
+                              "drop --workers")
+        if args.engine == "keras-tuner" and args.register:
+            raise ConfigError("--register reads the Optuna study: register after an Optuna sweep, or pass a "
+                              "model URI to python -m cifar_exp.evaluate")
         set_environment(sweep.deterministic)
         from cifar_exp import data, study  # after set_environment: these may import keras
 
@@ -177,6 +185,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         del dataset  # the workers load their own copy; the parent keeps no arrays
         settings = study.Settings(sweep=sweep, storage=args.storage, tracking_uri=args.tracking_uri,
                                   workers=args.workers, tags=tags)
+        if args.engine == "keras-tuner":
+            return _keras_tuner_main(settings, args)
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress
@@ -208,6 +218,25 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    return 0
+
+
+def _keras_tuner_main(settings: Any, args: argparse.Namespace) -> int:
+    """``--engine keras-tuner``: the sweep in this process with KerasTuner (see ``tuner``)."""
+    from cifar_exp import tuner
+
+    sweep = settings.sweep
+    print(f"sweep {sweep.name} with KerasTuner: {sweep.epochs} epochs per trial, seed {sweep.sampler.seed}; "
+          f"tracking {settings.tracking_uri}", flush=True)
+    progress = Progress(sweep.objective.metric, sweep.objective.direction == "maximize", 0, sweep.trials)
+    outcome = tuner.run(settings, progress)
+    print(f"{outcome.tuner}: {outcome.counts['COMPLETED']} completed, "
+          f"{outcome.counts['FAILED'] + outcome.counts['INVALID']} failed")
+    for row in outcome.best:
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in row["params"].items())
+        print(f"  trial {row['trial']}: {sweep.objective.metric}={row['value']:.4f} {params}")
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri} "
+          f"(experiment {outcome.experiment_id}; runs tagged engine=keras-tuner)")
     return 0
 
 

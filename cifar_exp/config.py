@@ -50,34 +50,76 @@ class TrainConfig:
     Field names are the sweep keys, the Optuna parameter names and the MLflow param names.
     """
 
-    # Architecture: ``blocks`` conv blocks of ``convs_per_block`` convolutions; block i has
-    # ``filters * filter_growth**i`` filters and ends in 2x2 max pooling and ``dropout``.
+    # Which model: "cnn", the notebooks' family below, or "transfer", a keras.applications
+    # backbone with a new head (the transfer settings further down).
+    model: Literal["cnn", "transfer"] = "cnn"
+    # CNN: ``blocks`` conv blocks of ``convs_per_block`` convolutions; block i has
+    # ``filters * filter_growth**i`` filters, ends in 2x2 pooling and dropout
+    # ``dropout + i * dropout_growth`` (the notebooks' 0.2, 0.3, 0.4 is 0.2 growing by 0.1).
     blocks: int = field(default=3, metadata=_range(1, 5))
     filters: int = field(default=32, metadata=_range(4, 512))
     filter_growth: float = field(default=2.0, metadata=_range(1.0, 4.0))
     convs_per_block: int = field(default=2, metadata=_range(1, 3))
     batch_norm: bool = True
+    # Keras' default 0.99 averages over ~100 steps: in short trials on small data the moving
+    # statistics lag the weights and validation stays near chance, so it is a dimension.
+    bn_momentum: float = field(default=0.99, metadata=_range(0.0, 1.0, open_high=True))
     activation: Literal["relu", "leaky_relu", "gelu"] = "relu"
+    pooling: Literal["max", "avg"] = "max"
     dropout: float = field(default=0.25, metadata=_range(0.0, 1.0, open_high=True))
-    head: Literal["flatten", "global_avg"] = "flatten"
+    dropout_growth: float = field(default=0.0, metadata=_range(0.0, 0.5))
+    # The head (both models): pooling of the last feature map, an optional hidden dense layer.
+    head: Literal["flatten", "global_avg", "global_max"] = "flatten"
     dense_units: int = field(default=128, metadata=_range(0, 4096))  # 0: no hidden dense layer
     head_dropout: float = field(default=0.5, metadata=_range(0.0, 1.0, open_high=True))
+    # Transfer learning: a keras.applications backbone without its top, the images resized to
+    # ``image_size`` (0: the backbone's smallest size, see models.BACKBONES). ``weights`` is
+    # "imagenet" (Keras downloads and caches it), "none", or the path of a weights file.
+    backbone: Literal["mobilenet_v2", "vgg16", "resnet50", "xception", "efficientnet_b0"] = "mobilenet_v2"
+    weights: str = "imagenet"
+    image_size: int = field(default=0, metadata=_range(0, 512))
+    # The first ``frozen_layers`` layers of the backbone are frozen; without it, the first
+    # ``frozen_fraction`` of them (1.0: the whole backbone, Keras' guide's first phase).
+    # BatchNormalization layers stay frozen and in inference mode throughout (Keras' guide).
+    frozen_layers: int | None = field(default=None, metadata=_range(0, 10_000))
+    frozen_fraction: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    # Optional second phase: the last ``fine_tune_epochs`` of the budget train with the top
+    # ``fine_tune_layers`` backbone layers unfrozen, at the constant ``fine_tune_learning_rate``.
+    fine_tune_epochs: int = field(default=0, metadata=_range(0, 100_000))
+    fine_tune_layers: int = field(default=20, metadata=_range(0, 10_000))
+    fine_tune_learning_rate: float = field(default=1e-5, metadata=_range(1e-9, 1.0))
     # Augmentation, inside the model so that it runs on the accelerator.
     flip: bool = True
     translate: float = field(default=0.125, metadata=_range(0.0, 0.5))  # fraction of the side
+    cutout: int = field(default=0, metadata=_range(0, 32))  # side of a zeroed square, pixels
     # Optimisation.
     optimizer: Literal["adam", "adamax", "sgd", "adamw"] = "adam"
     learning_rate: float = field(default=1e-3, metadata=_range(1e-7, 10.0))
+    # Derived learning rate: "linear" trains at learning_rate * batch_size / base_batch_size
+    # (Goyal et al.'s rule), "sqrt" at the square root of that ratio; the realized rate is the
+    # per-epoch metric ``learning_rate``.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    base_batch_size: int = field(default=256, metadata=_range(1, 8192))
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, open_high=True))  # sgd
     nesterov: bool = True  # sgd
     weight_decay: float = field(default=1e-4, metadata=_range(0.0, 1.0))  # adamw
-    lr_schedule: Literal["constant", "step", "exponential", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "step", "exponential", "cosine", "cosine_warmup", "one_cycle",
+                         "plateau"] = "constant"
     step_stages: int = field(default=3, metadata=_range(2, 10))  # step: equal stages
     step_factor: float = field(default=0.1, metadata=_range(0.0, 1.0))  # step: lr *= factor
     decay_rate: float = field(default=0.9, metadata=_range(0.0, 1.0))  # exponential, per epoch
-    warmup_epochs: int = field(default=0, metadata=_range(0, 1000))  # cosine: linear warmup
+    warmup_epochs: int = field(default=1, metadata=_range(0, 1000))  # cosine_warmup: linear warmup
+    warmup_fraction: float = field(default=0.3, metadata=_range(0.0, 1.0, open_high=True))  # one_cycle
+    plateau_factor: float = field(default=0.1, metadata=_range(0.0, 1.0, open_high=True))  # plateau
+    plateau_patience: int = field(default=2, metadata=_range(1, 1000))  # plateau: epochs
     batch_size: int = field(default=128, metadata=_range(1, 8192))
     label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0, open_high=True))
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """``learning_rate`` after ``lr_scaling``: what the schedule starts from (or peaks at)."""
+        ratio = self.batch_size / self.base_batch_size
+        return self.learning_rate * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
 
 
 @dataclass(frozen=True)
@@ -92,6 +134,9 @@ class Dimension:
     log: bool = False
     step: float | None = None
     choices: tuple[Any, ...] = ()
+    # Sampled only when every named dimension (in ``space`` or ``fixed``) takes one of the given
+    # values; a dimension conditioned on an inactive one is inactive too (conditions nest).
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,14 +189,48 @@ class Sweep:
     # a trial rerunnable bit for bit. Default kernels give other numbers, so reruns must match.
     deterministic: bool = True
     registered_model: str = ""  # Model Registry name of the best model; "" means cifar10-<name>
+    # A KerasTuner hypermodel, "module:attribute", that builds (and compiles) the model instead of
+    # TrainConfig's: its hp.* calls join the trial's parameters. See cifar_exp/hypermodel.py.
+    hypermodel: str = ""
 
     @property
     def model_name(self) -> str:
         return self.registered_model or f"cifar10-{self.name}"
 
+    def active(self, name: str, values: Mapping[str, Any]) -> bool:
+        """Whether the space dimension ``name`` is sampled, given the ``values`` sampled so far
+        (dimensions absent from ``values`` are inactive, so conditions on them are false)."""
+        for parent, allowed in self.space[name].when:
+            value = self.fixed[parent] if parent in self.fixed else values.get(parent, _ABSENT)
+            if value is _ABSENT or value not in allowed:
+                return False
+        return True
+
     def train_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
         """The full training configuration of a trial: defaults, then ``fixed``, then ``sampled``."""
         return dataclasses.replace(TrainConfig(), **{**self.fixed, **sampled})
+
+    def possible(self, name: str) -> tuple[Any, ...]:
+        """The values the ``TrainConfig`` field ``name`` can take in a trial of this sweep
+        (a searched int or float field: its bounds)."""
+        if name in self.space:
+            dim = self.space[name]
+            default = (getattr(TrainConfig(), name),) if dim.when else ()
+            return (*dim.choices, *((dim.low, dim.high) if dim.type != "categorical" else ()), *default)
+        return (self.fixed[name],) if name in self.fixed else (getattr(TrainConfig(), name),)
+
+    def imagenet_backbones(self) -> tuple[Any, ...]:
+        """The backbones this sweep may build with ImageNet weights (each must be downloadable)."""
+        if "transfer" in self.possible("model") and "imagenet" in self.possible("weights"):
+            return tuple(dict.fromkeys(self.possible("backbone")))
+        return ()
+
+    def logged_params(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
+        """The trial's MLflow params: every ``TrainConfig`` value that applies (all, or with a
+        hypermodel ``HYPERMODEL_FIELDS``) except inactive dimensions."""
+        return {key: value for key, value in dataclasses.asdict(self.train_config(sampled)).items()
+                if (key not in self.space or key in sampled)
+                and (not self.hypermodel or key in HYPERMODEL_FIELDS)}
 
 
 # Top-level keys of a sweep file, with the type each must have.
@@ -169,10 +248,15 @@ _TOP_LEVEL: dict[str, Any] = {
     "max_consecutive_failures": int,
     "deterministic": bool,
     "registered_model": str,
+    "hypermodel": str,
 }
+# The TrainConfig settings that apply around a hypermodel (which builds and compiles the rest).
+HYPERMODEL_FIELDS = ("batch_size", "flip", "translate", "cutout")
+_HYPERMODEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 _TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
                      "max_consecutive_failures": (1, 1_000_000)}
-_DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices"}
+_DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
+_ABSENT = object()
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -260,12 +344,17 @@ def check_train_value(name: str, value: Any, where: str) -> Any:
 def train_values_from_strings(params: Mapping[str, str], where: str) -> dict[str, Any]:
     """The ``TrainConfig`` fields among ``params`` (as MLflow stores them: ``str(value)``), typed
     and validated; other keys are ignored."""
-    values = {}
+    values: dict[str, Any] = {}
     for name, text in params.items():
         if name not in TRAIN_FIELDS:
             continue
         typ = _TRAIN_TYPES[name]
         value: Any = text
+        if type(None) in get_args(typ):  # an optional setting: str(None) is "None"
+            if text == "None":
+                values[name] = None
+                continue
+            (typ,) = [a for a in get_args(typ) if a is not type(None)]
         try:
             if typ is bool:
                 value = {"True": True, "False": False}.get(text, text)
@@ -286,8 +375,10 @@ def _dimension(name: str, raw: Any, where: str) -> Dimension:
             raise _unknown(str(key), _DIMENSION_KEYS, where)
     kind = coerce(raw.get("type"), Literal["float", "int", "categorical"], f"{where}.type")
     field_type = _TRAIN_TYPES[name]
+    if type(None) in get_args(field_type):  # an optional int or float is searched as one
+        (field_type,) = [a for a in get_args(field_type) if a is not type(None)]
     if kind == "categorical":
-        extra = sorted(set(raw) - {"type", "choices"})
+        extra = sorted(set(raw) - {"type", "choices", "when"})
         if extra:
             raise ConfigError(f"{where}: '{extra[0]}' does not apply to a categorical dimension")
         choices = raw.get("choices")
@@ -349,7 +440,8 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
             if key in _TOP_LEVEL_RANGES and values[key] is not None:
                 _check_range(values[key], _TOP_LEVEL_RANGES[key], f"{where}: {key}")
     space = {}
-    for dim_name, spec in values.pop("space", {}).items():
+    raw_space = values.pop("space", {})
+    for dim_name, spec in raw_space.items():
         if dim_name not in TRAIN_FIELDS:
             raise _unknown(str(dim_name), TRAIN_FIELDS, f"{where}: space")
         space[dim_name] = _dimension(dim_name, spec, f"{where}: space.{dim_name}")
@@ -360,8 +452,29 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
         if key in space:
             raise ConfigError(f"{where}: fixed.{key}: '{key}' is also in space (keep one)")
         fixed[key] = check_train_value(key, value, f"{where}: fixed.{key}")
-    if not space:
+    hypermodel = values.get("hypermodel", "")
+    if hypermodel:
+        if not _HYPERMODEL_RE.match(hypermodel):
+            raise ConfigError(f"{where}: hypermodel: {hypermodel!r} is not module:attribute "
+                              f"(e.g. my_models:build_model)")
+        for key in [*space, *fixed]:
+            if key not in HYPERMODEL_FIELDS:
+                raise ConfigError(f"{where}: {key} does not apply with a hypermodel, which builds and compiles "
+                                  f"its own model (these do: {', '.join(HYPERMODEL_FIELDS)})")
+    elif not space:
         raise ConfigError(f"{where}: space: declare at least one dimension to search")
+    for dim_name, dim in space.items():
+        when = _conditions(dim_name, raw_space[dim_name].get("when"), space, fixed,
+                           f"{where}: space.{dim_name}.when")
+        space[dim_name] = dataclasses.replace(dim, when=when)
+    space = _sampling_order(space, where)
+    declared = set(space) | set(fixed)
+    if {"frozen_layers", "frozen_fraction"} <= declared:
+        raise ConfigError(f"{where}: frozen_layers and frozen_fraction both set: keep one (a layer count, "
+                          f"or a fraction of the backbone)")
+    weights = space["weights"].choices if "weights" in space else (fixed["weights"],) if "weights" in fixed else ()
+    for value in weights:
+        check_weights(value, f"{where}: weights")
     objective = values.get("objective", Objective())
     if objective.metric == "val_loss" and objective.direction == "maximize" or (
             objective.metric == "val_accuracy" and objective.direction == "minimize"):
@@ -374,6 +487,77 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
         raise ConfigError(f"{where}: give a budget: trials, timeout, or both")
     return Sweep(name=name, path=path, content_hash=hashlib.sha256(text.encode()).hexdigest(), text=text,
                  space=space, fixed=fixed, **values)
+
+
+def _conditions(name: str, raw: Any, space: Mapping[str, Dimension], fixed: Mapping[str, Any],
+                where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """``when: {parent: value | [values]}`` checked against the parents' declared values."""
+    if raw is None:
+        return ()
+    raw = coerce(raw, dict, where)
+    if not raw:
+        raise ConfigError(f"{where}: name at least one dimension and its values, e.g. {{lr_schedule: step}}")
+    conditions = []
+    for parent, wanted in raw.items():
+        parent = str(parent)
+        if parent == name:
+            raise ConfigError(f"{where}: '{name}' cannot depend on itself")
+        if parent not in space and parent not in fixed:
+            known = sorted(space) + sorted(fixed)
+            raise ConfigError(f"{where}: condition on '{parent}', which is neither in space nor in fixed "
+                              f"(declare it, or condition on one of: {', '.join(known)})")
+        wanted = tuple(wanted) if isinstance(wanted, list) else (wanted,)
+        if not wanted:
+            raise ConfigError(f"{where}.{parent}: give a value or a non-empty list of values")
+        if parent in space:
+            dim = space[parent]
+            if dim.type != "categorical":
+                raise ConfigError(f"{where}: condition on '{parent}', a {dim.type} dimension: conditions "
+                                  f"need a categorical one")
+            for value in wanted:
+                checked = check_train_value(parent, value, f"{where}.{parent}")
+                if checked not in dim.choices:
+                    raise ConfigError(f"{where}.{parent}: '{name}' depends on {parent}={value}, which is not "
+                                      f"among {parent}'s choices ({', '.join(map(str, dim.choices))})")
+        else:
+            wanted = tuple(check_train_value(parent, v, f"{where}.{parent}") for v in wanted)
+            if fixed[parent] not in wanted:
+                raise ConfigError(f"{where}.{parent}: '{name}' would never be searched: fixed {parent} is "
+                                  f"{fixed[parent]} (drop the dimension, or the condition)")
+        conditions.append((parent, tuple(check_train_value(parent, v, f"{where}.{parent}") for v in wanted)))
+    return tuple(conditions)
+
+
+def _sampling_order(space: Mapping[str, Dimension], where: str) -> dict[str, Dimension]:
+    """``space`` reordered so that every dimension comes after the dimensions it depends on
+    (declaration order otherwise); a cycle of conditions is an error naming it."""
+    ordered: dict[str, Dimension] = {}
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        if name in visiting:
+            cycle = " -> ".join([*visiting[visiting.index(name):], name])
+            raise ConfigError(f"{where}: space: conditions form a cycle ({cycle}); remove one of them")
+        visiting.append(name)
+        for parent, _ in space[name].when:
+            if parent in space:
+                visit(parent)
+        visiting.pop()
+        ordered[name] = space[name]
+
+    for name in space:
+        visit(name)
+    return ordered
+
+
+def check_weights(value: str, where: str) -> str:
+    """``value`` if it is "imagenet", "none" or an existing weights file."""
+    if value not in ("imagenet", "none") and not Path(value).is_file():
+        raise ConfigError(f"{where}: {value!r} is neither imagenet, none, nor an existing weights file "
+                          f"(give the path of a .weights.h5 file saved from the backbone)")
+    return value
 
 
 def check_name(name: str) -> str:

@@ -1,4 +1,5 @@
-"""The CNN family CIFAR-10 notebooks use, built from plain values (a ``TrainConfig``).
+"""The models of a sweep, built from plain values (a ``TrainConfig``): the CNN family CIFAR-10
+notebooks use, or a ``keras.applications`` backbone with frozen layers and a new head.
 
 ``build(cfg, num_classes)`` returns two models that share every weight:
 - ``train_model``: uint8 images -> rescale -> augmentation -> classifier (what ``fit`` sees);
@@ -10,11 +11,54 @@ model file holds only stock Keras layers and loads without this package installe
 
 from __future__ import annotations
 
-import keras
+import fcntl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
-from cifar_exp.config import TrainConfig
+import keras
+import numpy as np
+
+from cifar_exp.config import TrainConfig, UserError
 
 INPUT_SHAPE = (32, 32, 3)
+
+
+class WeightsUnavailable(UserError):
+    """The ImageNet weights of a backbone can neither be found in Keras' cache nor downloaded."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A ``keras.applications`` model: its constructor, the smallest input side it takes (the
+    default ``image_size``), and the pixel scaling its weights expect."""
+
+    constructor: str
+    min_size: int
+    # "tf": [-1, 1]; "caffe": BGR minus the ImageNet channel means; "raw": 0..255 (the model
+    # rescales itself).
+    preprocessing: Literal["tf", "caffe", "raw"]
+
+
+# MobileNetV2 accepts 32 pixels but has ImageNet weights for 96..224 only; Xception needs 71.
+BACKBONES = {
+    "mobilenet_v2": Backbone("MobileNetV2", 96, "tf"),
+    "vgg16": Backbone("VGG16", 32, "caffe"),
+    "resnet50": Backbone("ResNet50", 32, "caffe"),
+    "xception": Backbone("Xception", 71, "tf"),
+    "efficientnet_b0": Backbone("EfficientNetB0", 32, "raw"),
+}
+BACKBONE_LAYER = "backbone"
+_CAFFE_MEANS_BGR = (103.939, 116.779, 123.68)
+
+
+def image_size(cfg: TrainConfig) -> int:
+    """The side the backbone sees: ``cfg.image_size``, or the backbone's smallest if 0."""
+    minimum = BACKBONES[cfg.backbone].min_size
+    if cfg.image_size and cfg.image_size < minimum:
+        raise ValueError(f"image_size {cfg.image_size} is below {cfg.backbone}'s minimum of {minimum}")
+    return cfg.image_size or minimum
 
 
 class RandomTranslate(keras.layers.Layer):
@@ -56,43 +100,180 @@ class RandomTranslate(keras.layers.Layer):
         return {**super().get_config(), "fraction": self.fraction, "seed": self.seed}
 
 
+class Cutout(keras.layers.Layer):
+    """Zero a ``size`` x ``size`` square at a random centre of each image (DeVries and Taylor,
+    2017); the square may overlap the border. A mask built from index comparisons: no gathers,
+    the same dense ops on every backend."""
+
+    def __init__(self, size: int, seed: int | None = None, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.size = size
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=False):  # type: ignore[no-untyped-def]
+        if not training or self.size <= 0:
+            return images
+        ops = keras.ops
+        height, width = images.shape[1], images.shape[2]
+        batch = ops.shape(images)[0]
+        top = keras.random.randint((batch, 1), 0, height, seed=self.seed_generator) - self.size // 2
+        left = keras.random.randint((batch, 1), 0, width, seed=self.seed_generator) - self.size // 2
+        rows, cols = ops.arange(height)[None, :], ops.arange(width)[None, :]
+        in_rows = ops.logical_and(rows >= top, rows < top + self.size)
+        in_cols = ops.logical_and(cols >= left, cols < left + self.size)
+        inside = ops.logical_and(in_rows[:, :, None], in_cols[:, None, :])
+        return images * ops.cast(ops.logical_not(inside), images.dtype)[..., None]
+
+    def compute_output_shape(self, input_shape):  # type: ignore[no-untyped-def]
+        return input_shape
+
+    def get_config(self) -> dict[str, object]:
+        return {**super().get_config(), "size": self.size, "seed": self.seed}
+
+
 def _activation(name: str) -> keras.layers.Layer:
     if name == "leaky_relu":
         return keras.layers.LeakyReLU(negative_slope=0.1)  # the notebooks' slope
     return keras.layers.Activation(name)
 
 
-def build_classifier(cfg: TrainConfig, num_classes: int) -> keras.Model:
-    """Float images in [0, 1] -> class probabilities: conv blocks, then the head."""
-    inputs = keras.Input(INPUT_SHAPE, name="pixels")
-    x = inputs
-    size = INPUT_SHAPE[0]
-    for block in range(cfg.blocks):
-        width = max(1, round(cfg.filters * cfg.filter_growth**block))
-        for _ in range(cfg.convs_per_block):
-            x = keras.layers.Conv2D(width, 3, padding="same", use_bias=not cfg.batch_norm)(x)
-            if cfg.batch_norm:
-                x = keras.layers.BatchNormalization()(x)
-            x = _activation(cfg.activation)(x)
-        if size >= 2:
-            x = keras.layers.MaxPooling2D(2)(x)
-            size //= 2
-        if cfg.dropout > 0:
-            x = keras.layers.Dropout(cfg.dropout)(x)
-    x = keras.layers.Flatten()(x) if cfg.head == "flatten" else keras.layers.GlobalAveragePooling2D()(x)
+def _head(x, cfg: TrainConfig, num_classes: int):  # type: ignore[no-untyped-def]
+    pool = {"flatten": keras.layers.Flatten, "global_avg": keras.layers.GlobalAveragePooling2D,
+            "global_max": keras.layers.GlobalMaxPooling2D}[cfg.head]
+    x = pool()(x)
     if cfg.dense_units:
         x = keras.layers.Dense(cfg.dense_units)(x)
         x = _activation(cfg.activation)(x)
     if cfg.head_dropout > 0:
         x = keras.layers.Dropout(cfg.head_dropout)(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
-    return keras.Model(inputs, outputs, name="cnn")
+    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
 
 
-def build(cfg: TrainConfig, num_classes: int, seed: int | None = None) -> tuple[keras.Model, keras.Model]:
+def block_dropout(cfg: TrainConfig, block: int) -> float:
+    """Dropout after conv block ``block`` (0-based): ``dropout + block * dropout_growth``, capped
+    at 0.9 so that independently sampled rate and growth always build."""
+    return min(cfg.dropout + block * cfg.dropout_growth, 0.9)
+
+
+def build_cnn(cfg: TrainConfig, num_classes: int) -> keras.Model:
+    """Float images in [0, 1] -> class probabilities: conv blocks, then the head."""
+    inputs = keras.Input(INPUT_SHAPE, name="pixels")
+    x = inputs
+    size = INPUT_SHAPE[0]
+    pool = keras.layers.MaxPooling2D if cfg.pooling == "max" else keras.layers.AveragePooling2D
+    for block in range(cfg.blocks):
+        width = max(1, round(cfg.filters * cfg.filter_growth**block))
+        for _ in range(cfg.convs_per_block):
+            x = keras.layers.Conv2D(width, 3, padding="same", use_bias=not cfg.batch_norm)(x)
+            if cfg.batch_norm:
+                x = keras.layers.BatchNormalization(momentum=cfg.bn_momentum)(x)
+            x = _activation(cfg.activation)(x)
+        if size >= 2:
+            x = pool(2)(x)
+            size //= 2
+        if block_dropout(cfg, block) > 0:
+            x = keras.layers.Dropout(block_dropout(cfg, block))(x)
+    return keras.Model(inputs, _head(x, cfg, num_classes), name="cnn")
+
+
+def backbone(cfg: TrainConfig, size: int | None = None) -> keras.Model:
+    """The ``keras.applications`` backbone of ``cfg`` without its top, with ``cfg.weights``.
+    Raises ``WeightsUnavailable`` when ImageNet weights are neither cached nor downloadable."""
+    side = size or image_size(cfg)
+    constructor = getattr(keras.applications, BACKBONES[cfg.backbone].constructor)
+    weights = None if cfg.weights == "none" else cfg.weights
+    try:
+        # One process at a time downloads into Keras' cache: a worker must not load the partial
+        # file another worker is still writing.
+        with open(Path(tempfile.gettempdir()) / "cifar_exp-keras-weights.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return constructor(include_top=False, weights=weights, input_shape=(side, side, 3),
+                               name=BACKBONE_LAYER)
+    except Exception as exc:
+        if weights != "imagenet" or "URL fetch failure" not in str(exc):
+            raise
+        reason = str(exc).splitlines()[0]
+        raise WeightsUnavailable(
+            f"cannot download the ImageNet weights of {cfg.backbone} ({reason}): run once on a connected "
+            f"machine so that Keras caches them (~/.keras/models, or $KERAS_HOME/models), set weights to "
+            f"the path of a local .weights.h5 file, or set weights: none") from None
+
+
+def frozen_count(cfg: TrainConfig, layers: int) -> int:
+    """How many of the backbone's ``layers`` (first ones) are frozen in the first phase."""
+    if cfg.frozen_layers is not None:
+        return min(cfg.frozen_layers, layers)
+    return round(cfg.frozen_fraction * layers)
+
+
+def set_trainable(model: keras.Model, trainable: list[bool]) -> None:
+    """Set ``trainable`` per backbone layer; BatchNormalization layers stay frozen (and, as the
+    backbone is called with ``training=False``, in inference mode), as Keras' transfer-learning
+    guide does: updating their statistics on a new data set with small batches wrecks the
+    features the frozen layers above them expect."""
+    for layer, flag in zip(model.layers, trainable, strict=True):
+        layer.trainable = flag and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def build_transfer(cfg: TrainConfig, num_classes: int) -> keras.Model:
+    """Float images in [0, 1] -> class probabilities: resize, the backbone's own pixel scaling,
+    the backbone (first ``frozen_count`` layers frozen), then the head."""
+    side = image_size(cfg)
+    base = backbone(cfg, side)
+    frozen = frozen_count(cfg, len(base.layers))
+    set_trainable(base, [i >= frozen for i in range(len(base.layers))])
+    inputs = keras.Input(INPUT_SHAPE, name="pixels")
+    x = keras.layers.Resizing(side, side, interpolation="bilinear", name="resize")(inputs)
+    scaling = BACKBONES[cfg.backbone].preprocessing
+    if scaling == "tf":
+        x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_tf_range")(x)
+    elif scaling == "raw":
+        x = keras.layers.Rescaling(255.0, name="to_pixels")(x)
+    else:
+        # RGB -> BGR and mean subtraction as one frozen 1x1 convolution: a stock layer, so the
+        # logged model loads with safe_mode (a Lambda layer would not).
+        caffe = keras.layers.Conv2D(3, 1, trainable=False, name="to_caffe")
+        x = caffe(x)
+        caffe.set_weights([255.0 * np.eye(3, dtype="float32")[::-1].reshape(1, 1, 3, 3),
+                           -np.array(_CAFFE_MEANS_BGR, dtype="float32")])
+    x = base(x, training=False)
+    return keras.Model(inputs, _head(x, cfg, num_classes), name="transfer")
+
+
+def build_classifier(cfg: TrainConfig, num_classes: int) -> keras.Model:
+    """The classifier of ``cfg`` (float images in [0, 1] -> class probabilities)."""
+    return build_transfer(cfg, num_classes) if cfg.model == "transfer" else build_cnn(cfg, num_classes)
+
+
+def find_backbone(model: keras.Model) -> keras.Model | None:
+    """The transfer backbone inside ``model`` (at any depth), or None for a CNN."""
+    for layer in model.layers:
+        if layer.name == BACKBONE_LAYER:
+            return layer
+        if isinstance(layer, keras.Model) and (found := find_backbone(layer)) is not None:
+            return found
+    return None
+
+
+def fine_tune(model: keras.Model, layers: int) -> int:
+    """Unfreeze the top ``layers`` layers of ``model``'s backbone (BatchNormalization excepted;
+    layers already trainable stay so). Returns how many layers became trainable."""
+    base = find_backbone(model)
+    if base is None:
+        raise ValueError(f"model {model.name} has no backbone to fine-tune")
+    before = [layer.trainable for layer in base.layers]
+    top = len(base.layers) - min(layers, len(base.layers))
+    set_trainable(base, [was or i >= top for i, was in enumerate(before)])
+    return sum(layer.trainable and not was for layer, was in zip(base.layers, before, strict=True))
+
+
+def build(cfg: TrainConfig, num_classes: int, seed: int | None = None,
+          classifier: keras.Model | None = None) -> tuple[keras.Model, keras.Model]:
     """``(train_model, inference_model)`` sharing weights, both on ``(N, 32, 32, 3)`` pixel values
-    0..255: the train model takes uint8 (what the data pipeline feeds), the inference model float32."""
-    classifier = build_classifier(cfg, num_classes)
+    0..255: the train model takes uint8 (what the data pipeline feeds), the inference model float32.
+    ``classifier`` (float images in [0, 1] -> probabilities) replaces ``cfg``'s model if given."""
+    classifier = classifier if classifier is not None else build_classifier(cfg, num_classes)
     inputs = keras.Input(INPUT_SHAPE, dtype="uint8", name="image")
     scaled = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
     x = scaled
@@ -100,10 +281,12 @@ def build(cfg: TrainConfig, num_classes: int, seed: int | None = None) -> tuple[
         x = keras.layers.RandomFlip("horizontal", seed=seed, name="flip")(x)
     if cfg.translate > 0:
         x = RandomTranslate(cfg.translate, seed=seed, name="translate")(x)
-    train_model = keras.Model(inputs, classifier(x), name="cnn_train")
+    if cfg.cutout > 0:
+        x = Cutout(cfg.cutout, seed=seed, name="cutout")(x)
+    train_model = keras.Model(inputs, classifier(x), name=f"{classifier.name}_train")
     # The served model takes float32 pixel values 0..255: Keras converts uint8 arrays exactly, and
     # MLflow parses a REST request's integer or float pixels to the signature's float32.
     pixels = keras.Input(INPUT_SHAPE, dtype="float32", name="image")
     inference_model = keras.Model(pixels, classifier(keras.layers.Rescaling(1.0 / 255, name="rescale")(pixels)),
-                                  name="cnn_inference")
+                                  name=f"{classifier.name}_inference")
     return train_model, inference_model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -20,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from cifar_exp import backend, track
-from cifar_exp.config import Sweep, TrainConfig, UserError, parse_sweep, train_values_from_strings
+from cifar_exp.config import (
+    HYPERMODEL_FIELDS,
+    Sweep,
+    TrainConfig,
+    UserError,
+    parse_sweep,
+    train_values_from_strings,
+)
 
 RERUN_TAG = "rerun_of"
 # Wall-clock time is never reproducible; every other per-epoch metric must be.
@@ -41,6 +49,7 @@ class Original:
     seed: int
     history: dict[str, list[float]]  # Keras logs key -> value per epoch
     test: dict[str, float]  # test_* metrics (complete trials only)
+    hyperparameters: dict[str, Any] | None = None  # a hypermodel trial's, typed
 
     @property
     def state(self) -> str:
@@ -103,9 +112,16 @@ def load_original(run_id: str) -> Original:
                                      validation_fraction=float(_tag(run, "validation_fraction"))))
     except ValueError as exc:
         raise UserError(f"{where}: a seed, epochs or split value is not a number ({exc})") from None
-    values = train_values_from_strings(run.params, where)
+    params = run.params if not sweep.hypermodel else {k: v for k, v in run.params.items() if k in HYPERMODEL_FIELDS}
+    values = train_values_from_strings(params, where)
+    hyperparameters = None
+    if sweep.hypermodel:
+        text = track.read_text(run_id, "hyperparameters.json")
+        if text is None:
+            raise UserError(f"{where}: a hypermodel trial without hyperparameters.json cannot be rebuilt")
+        hyperparameters = json.loads(text)
     for key in sweep.space:
-        if key not in values:
+        if key not in values and sweep.active(key, values):
             raise UserError(f"{where}: the searched parameter '{key}' was not logged")
     for key, fixed in sweep.fixed.items():
         if key in values and values[key] != fixed:
@@ -114,7 +130,7 @@ def load_original(run_id: str) -> Original:
     history = {key: track.metric_history(run_id, key) for key in run.metrics
                if not key.startswith("test_") and key not in UNREPRODUCIBLE}
     original = Original(run, sweep, sweep.train_config(values), seed, history,
-                        {k: v for k, v in run.metrics.items() if k.startswith("test_")})
+                        {k: v for k, v in run.metrics.items() if k.startswith("test_")}, hyperparameters)
     if original.epochs_logged == 0:
         reason = run.tags.get("fail_reason", "")
         raise UserError(f"run {run_id} logged no epoch ({original.state}{': ' + reason if reason else ''}); "
@@ -167,6 +183,8 @@ def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deter
          RERUN_TAG: run.run_id, "rerun_of_trial": original.trial_number, "rerun_of_state": original.state,
          "deterministic": str(deterministic).lower()})
     track.log_text(run_id, original.sweep.text, "sweep.yaml")
+    if original.hyperparameters is not None:
+        track.log_text(run_id, json.dumps(original.hyperparameters, sort_keys=True), "hyperparameters.json")
     history: dict[str, list[float]] = defaultdict(list)
 
     def record(epoch: int, logs: Mapping[str, float]) -> None:
@@ -177,9 +195,16 @@ def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deter
             on_epoch(epoch, logs)
 
     complete = original.state == "COMPLETE"
+    custom = None
+    if original.sweep.hypermodel:
+        from cifar_exp import hypermodel
+
+        custom = hypermodel.custom_model(hypermodel.load(original.sweep.hypermodel),
+                                         hypermodel.fixed(original.hyperparameters or {}))
     try:
         result = train.train(original.cfg, splits, epochs=original.sweep.epochs, seed=original.seed,
-                             on_epoch=[record], stop_after=None if complete else original.epochs_logged)
+                             on_epoch=[record], stop_after=None if complete else original.epochs_logged,
+                             custom=custom)
     except KeyboardInterrupt:
         track.end_run(run_id, "KILLED", {"fail_reason": "interrupted"})
         raise

@@ -14,9 +14,9 @@ interruption do not count, so a resumed sweep still delivers the budget.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -33,7 +33,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from cifar_exp import space, track
-from cifar_exp.config import ConfigError, PrunerConfig, SamplerConfig, Sweep, UserError
+from cifar_exp.config import ConfigError, PrunerConfig, SamplerConfig, Sweep, TrainConfig, UserError
 
 EXIT_TRIAL_FAILED = 3  # a worker exits with this after a failed trial, to be replaced
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -155,7 +155,7 @@ def worker_main(settings: Settings, experiment: str, parent_run_id: str, remaini
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent reports trials
     import keras  # imported here: the parent process never needs Keras
 
-    from cifar_exp import backend, data
+    from cifar_exp import backend, data, hypermodel, models
 
     sweep = settings.sweep
     backend.use_deterministic_ops(sweep.deterministic)
@@ -163,13 +163,22 @@ def worker_main(settings: Settings, experiment: str, parent_run_id: str, remaini
     track.configure(settings.tracking_uri)
     storage = open_storage(settings.storage)
     splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed)
+    try:  # ImageNet weights missing offline, or a broken hypermodel: one clear error for the sweep
+        for name in sweep.imagenet_backbones():
+            models.backbone(TrainConfig(model="transfer", backbone=name, weights="imagenet"))
+        tunable = hypermodel.load(sweep.hypermodel) if sweep.hypermodel else None
+    except UserError as exc:
+        events.put({"kind": "fatal", "worker": worker_id, "reason": str(exc)})
+        return
+    keras.backend.clear_session()
     events.put({"kind": "ready", "worker": worker_id})
     while not _WORKER["stop"] and (deadline is None or time.time() < deadline):
         with remaining.get_lock():
             if remaining.value <= 0:
                 break
             remaining.value -= 1
-        ok = _run_trial(settings, storage, splits, experiment, parent_run_id, events, worker_id, identity)
+        ok = _run_trial(settings, storage, splits, experiment, parent_run_id, events, worker_id, identity,
+                        tunable)
         keras.backend.clear_session()  # memory must not grow from trial to trial
         gc.collect()
         if not ok:
@@ -190,13 +199,15 @@ def ask(settings: Settings, storage: optuna.storages.BaseStorage) -> tuple[optun
         storage.get_study_id_from_name(sweep.name), deepcopy=False))))
     trial = study.ask()
     trial.set_user_attr("worker_pid", os.getpid())
-    return study, trial, space.suggest(trial, sweep.space)
+    return study, trial, space.suggest(trial, sweep)
 
 
 def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits: Any, experiment: str,
-               parent_run_id: str, events: Any, worker_id: int, identity: Mapping[str, str]) -> bool:
-    """Run one trial end to end; False if it failed (the worker is then replaced)."""
-    from cifar_exp import train
+               parent_run_id: str, events: Any, worker_id: int, identity: Mapping[str, str],
+               tunable: Any = None) -> bool:
+    """Run one trial end to end; False if it failed (the worker is then replaced). ``tunable`` is
+    the sweep's KerasTuner hypermodel, if it has one."""
+    from cifar_exp import hypermodel, train
 
     sweep = settings.sweep
     study, trial, params = ask(settings, storage)
@@ -207,8 +218,11 @@ def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits:
     # the data's checksum, split and determinism mode, and the sweep file itself.
     run_id = track.start_trial_run(
         experiment, parent_run_id, trial.number,
-        params={**dataclasses.asdict(cfg), "seed": seed, "epochs": sweep.epochs},
-        tags={**settings.tags, **identity, "sweep": sweep.name, "worker": worker_id,
+        params={**{k: v for k, v in sweep.logged_params(params).items()
+                   # a hypermodel that overrides fit chooses its own batch size
+                   if not (tunable is not None and k == "batch_size" and hypermodel.overrides_fit(tunable))},
+                "seed": seed, "epochs": sweep.epochs},
+        tags={**settings.tags, **identity, "sweep": sweep.name, "worker": worker_id, "engine": "optuna",
               "sweep_sha256": sweep.content_hash, "sweep_seed": sweep.sampler.seed,
               "validation_fraction": sweep.data.validation_fraction,
               "deterministic": str(sweep.deterministic).lower()})
@@ -222,6 +236,9 @@ def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits:
         nonlocal epochs_run
         _WORKER["training"] = False
         epochs_run = epoch + 1
+        if metric not in logs:
+            raise ValueError(f"training logs no {metric} (only {', '.join(sorted(logs))}): compile the model "
+                             f"with metrics=['accuracy']")
         track.log_metrics(run_id, logs, step=epoch)
         trial.report(logs[metric], epochs_run)
         events.put({"kind": "epoch", "trial": trial.number, "epoch": epochs_run, "epochs": sweep.epochs,
@@ -233,11 +250,19 @@ def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits:
         _WORKER["training"] = True
 
     try:
+        hp, custom = None, None
+        if tunable is not None:
+            hp = hypermodel.OptunaHyperParameters(trial)
+            tunable.build(hp)  # declares, so samples, every active hyperparameter
+            log_hyperparameters(run_id, hp.values, sweep)
+            custom = hypermodel.custom_model(tunable, hp)
         _WORKER["training"] = True
         try:
-            result = train.train(cfg, splits, epochs=sweep.epochs, seed=seed, on_epoch=[on_epoch])
+            result = train.train(cfg, splits, epochs=sweep.epochs, seed=seed, on_epoch=[on_epoch], custom=custom)
         finally:
             _WORKER["training"] = False
+        if hp is not None:  # hyperparameters first declared in the hypermodel's fit
+            log_hyperparameters(run_id, hp.values, sweep)
         value = result.history[metric][-1]
         model_uri = track.log_result(run_id, result, splits, title=f"{sweep.name} trial {trial.number}")
         test = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy}
@@ -265,6 +290,18 @@ def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits:
         _fail(study, trial, run_id, reason, "FAILED")
         events.put({"kind": "end", "trial": trial.number, "state": "FAIL", "reason": reason, "run_id": run_id})
         return False
+
+
+def log_hyperparameters(run_id: str, values: Mapping[str, Any], sweep: Sweep) -> None:
+    """A hypermodel's hyperparameters: MLflow params, and typed in ``hyperparameters.json`` (what a
+    rerun builds from). Names that are also sweep dimensions are refused: one name, one concept."""
+    clashes = sorted(set(values) & set(sweep.space))
+    if clashes:
+        raise ValueError(f"the hypermodel's hyperparameter {clashes[0]} is also a dimension of the sweep: "
+                         f"rename one of them")
+    logged = track.get_run(run_id).params
+    track.log_params(run_id, {k: v for k, v in values.items() if k not in logged})
+    track.log_text(run_id, json.dumps(dict(values), sort_keys=True), "hyperparameters.json")
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, run_id: str, reason: str, run_status: str,
@@ -321,7 +358,8 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
          "sweep_sha256": sweep.content_hash, "objective": f"{sweep.objective.direction} {sweep.objective.metric}",
          "sampler": f"{sweep.sampler.name} seed={sweep.sampler.seed}", "pruner": sweep.pruner.name,
          "epochs": str(sweep.epochs), "budget_trials": str(sweep.trials), "optuna_study": sweep.name,
-         "optuna_storage": settings.storage, "deterministic": str(sweep.deterministic).lower()})
+         "optuna_storage": settings.storage, "deterministic": str(sweep.deterministic).lower(),
+         "engine": "optuna"})
     study.set_user_attr("mlflow_parent_run_id", parent)
     study.set_user_attr("mlflow_experiment_id", experiment)
 
@@ -355,7 +393,7 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
                 continue
             except queue.Empty:
                 pass
-            if (state.interrupted or state.stop_reason) and not stop_sent:
+            if (state.interrupted or state.stop_reason or state.fatal) and not stop_sent:
                 with remaining.get_lock():
                     remaining.value = 0
                 if state.interrupted:
@@ -374,7 +412,8 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
                 del workers[worker_id]
                 if process.exitcode not in (0, EXIT_TRIAL_FAILED):
                     state.worker_died(process.pid, process.exitcode)  # type: ignore[arg-type]
-                if process.exitcode != 0 and remaining.value > 0 and not (state.interrupted or state.stop_reason):
+                if process.exitcode != 0 and remaining.value > 0 and not (
+                        state.interrupted or state.stop_reason or state.fatal):
                     workers[worker_id] = start_worker(worker_id)
                 if state.failures_in_a_row >= sweep.max_consecutive_failures and not state.stop_reason:
                     state.stop_reason = (f"stopped after {state.failures_in_a_row} consecutive failed trials "
@@ -388,6 +427,9 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
         state.close_orphans("interrupted: the sweep stopped before this trial ended")
         events.close()
 
+    if state.fatal:  # nothing trained: the parent run records why, the CLI exits with code 2
+        track.end_run(parent, "FAILED", {"fail_reason": state.fatal})
+        raise UserError(state.fatal)
     trials = study.get_trials(deepcopy=False)
     best = best_trials(study, 5)
     _finish_parent(study, parent, trials, best, sweep, interrupted=state.interrupted)
@@ -418,9 +460,12 @@ class _ParentState:
         self.failures_in_a_row = 0
         self.interrupted = False
         self.stop_reason = ""
+        self.fatal = ""  # a worker found the sweep cannot run at all (e.g. weights unavailable)
         self.maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
 
     def handle(self, event: Event) -> None:
+        if event["kind"] == "fatal":
+            self.fatal = self.fatal or event["reason"]
         if event["kind"] == "end":
             if event["state"] == "FAIL" and event.get("reason") != "interrupted":
                 self.failures_in_a_row += 1

@@ -11,13 +11,14 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
 
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import Splits
-from cifar_exp.models import build
+from cifar_exp.models import build, fine_tune
 
 EpochHook = Callable[[int, Mapping[str, float]], None]
 PREDICT_BATCH = 1024
@@ -25,6 +26,16 @@ PREDICT_BATCH = 1024
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class CustomModel:
+    """A classifier built elsewhere (a KerasTuner hypermodel): ``build()`` returns a compiled
+    model from float images in [0, 1] to class probabilities; ``fit``, if given, replaces
+    ``keras.Model.fit`` (called as ``fit(model, x, y, **kwargs)``)."""
+
+    build: Callable[[], keras.Model]
+    fit: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -42,10 +53,38 @@ class TrainResult:
         return self.y_prob.argmax(axis=1)
 
 
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Smith's one-cycle policy as PyTorch's ``OneCycleLR`` shapes it: linear warmup from
+    ``peak / 25`` to ``peak`` over ``warmup_fraction`` of the steps, then cosine annealing to
+    ``peak / 1e4`` at the last step."""
+
+    START_DIV, END_DIV = 25.0, 1e4
+
+    def __init__(self, peak: float, total_steps: int, warmup_fraction: float) -> None:
+        self.peak = peak
+        self.total_steps = total_steps
+        self.warmup_fraction = warmup_fraction
+
+    def __call__(self, step):  # type: ignore[no-untyped-def]
+        ops = keras.ops
+        step = ops.cast(step, "float32")
+        start, end = self.peak / self.START_DIV, self.peak / self.END_DIV
+        warmup = max(1.0, self.warmup_fraction * self.total_steps)
+        rising = start + (self.peak - start) * step / warmup
+        done = ops.clip((step - warmup) / max(1.0, self.total_steps - 1 - warmup), 0.0, 1.0)
+        falling = end + (self.peak - end) * 0.5 * (1.0 + ops.cos(math.pi * done))
+        return ops.where(step < warmup, rising, falling)
+
+    def get_config(self) -> dict[str, float]:
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_fraction": self.warmup_fraction}
+
+
 def learning_rate(cfg: TrainConfig, epochs: int, steps_per_epoch: int):  # type: ignore[no-untyped-def]
-    """The learning rate (a float or a Keras schedule over optimizer steps) for ``cfg``."""
+    """The learning rate (a float or a Keras schedule over optimizer steps) for ``cfg``, over
+    ``epochs`` epochs; it starts from (or peaks at) ``cfg.peak_learning_rate``. ``plateau`` is
+    a constant here: ``callbacks`` lowers it."""
     schedules = keras.optimizers.schedules
-    lr, total = cfg.learning_rate, max(1, epochs * steps_per_epoch)
+    lr, total = cfg.peak_learning_rate, max(1, epochs * steps_per_epoch)
     if cfg.lr_schedule == "step":
         # e.g. 3 stages: lr, lr*0.1, lr*0.01 over three equal thirds of training. Keras'
         # boundaries are inclusive (step <= b takes the earlier value), hence the - 1.
@@ -55,16 +94,19 @@ def learning_rate(cfg: TrainConfig, epochs: int, steps_per_epoch: int):  # type:
     if cfg.lr_schedule == "exponential":
         return schedules.ExponentialDecay(lr, decay_steps=steps_per_epoch, decay_rate=cfg.decay_rate)
     if cfg.lr_schedule == "cosine":
-        warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
-        if warmup:
-            return schedules.CosineDecay(0.0, decay_steps=total - warmup, warmup_target=lr,
-                                         warmup_steps=warmup)
         return schedules.CosineDecay(lr, decay_steps=total)
+    if cfg.lr_schedule == "cosine_warmup":
+        warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+        return schedules.CosineDecay(0.0, decay_steps=total - warmup, warmup_target=lr, warmup_steps=warmup)
+    if cfg.lr_schedule == "one_cycle":
+        return OneCycle(lr, total, cfg.warmup_fraction)
     return lr
 
 
-def optimizer(cfg: TrainConfig, epochs: int, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    lr = learning_rate(cfg, epochs, steps_per_epoch)
+def optimizer(cfg: TrainConfig, epochs: int, steps_per_epoch: int,
+              rate: float | None = None) -> keras.optimizers.Optimizer:
+    """``cfg``'s optimizer with its learning-rate schedule, or the constant ``rate`` if given."""
+    lr = learning_rate(cfg, epochs, steps_per_epoch) if rate is None else rate
     if cfg.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.optimizer == "adamw":
@@ -72,6 +114,15 @@ def optimizer(cfg: TrainConfig, epochs: int, steps_per_epoch: int) -> keras.opti
     if cfg.optimizer == "adamax":
         return keras.optimizers.Adamax(lr)
     return keras.optimizers.Adam(lr)
+
+
+def callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
+    """Callbacks the configuration needs besides the hooks (they run after the hooks, so the
+    logged ``learning_rate`` is the one the epoch trained at)."""
+    if cfg.lr_schedule == "plateau":
+        return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.plateau_factor,
+                                                  patience=cfg.plateau_patience, min_lr=0.0, verbose=0)]
+    return []
 
 
 class _Hooks(keras.callbacks.Callback):
@@ -107,11 +158,15 @@ def cross_entropy(y_prob: np.ndarray, y_true: np.ndarray, label_smoothing: float
 
 
 def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
-          on_epoch: Sequence[EpochHook] = (), stop_after: int | None = None) -> TrainResult:
+          on_epoch: Sequence[EpochHook] = (), stop_after: int | None = None,
+          custom: CustomModel | None = None) -> TrainResult:
     """Train ``cfg`` on ``data.x_train`` for ``epochs``, validating on ``data.x_val`` each epoch,
-    then evaluate the final model on ``data.x_test``. ``stop_after`` ends training after that
-    many epochs of an ``epochs``-long run (the learning-rate schedule still spans ``epochs``):
-    how a rerun replays a trial that was pruned.
+    then evaluate the final model on ``data.x_test``. A transfer model with ``fine_tune_epochs``
+    trains its last epochs with the top backbone layers unfrozen (``models.fine_tune``).
+    ``stop_after`` ends training after that many epochs of an ``epochs``-long run (the
+    learning-rate schedule still spans ``epochs``): how a rerun replays a trial that was pruned.
+    With ``custom``, its model replaces ``cfg``'s (``cfg`` still gives batch size and augmentation)
+    and trains as it was compiled.
 
     Seeds Python, NumPy and the backend with ``seed`` first: the same arguments in the same
     process mode (see ``backend.use_deterministic_ops``) give the same numbers. Raises
@@ -119,24 +174,47 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     """
     keras.utils.set_random_seed(seed)
     num_classes = len(data.class_names)
-    train_model, model = build(cfg, num_classes, seed=seed)
+    classifier = custom.build() if custom else None
+    train_model, model = build(cfg, num_classes, seed=seed, classifier=classifier)
     steps_per_epoch = math.ceil(len(data.x_train) / cfg.batch_size)
-    train_model.compile(
-        optimizer=optimizer(cfg, epochs, steps_per_epoch),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=["accuracy"],
-    )
-    # One-hot labels: label smoothing needs them (the sparse loss has no smoothing).
-    one_hot = np.eye(num_classes, dtype=np.float32)
-    history = train_model.fit(
-        data.x_train, one_hot[data.y_train], batch_size=cfg.batch_size,
-        epochs=epochs if stop_after is None else min(stop_after, epochs),
-        validation_data=(data.x_val, one_hot[data.y_val]), shuffle=True, verbose=0,
-        callbacks=[_Hooks(on_epoch)],
-    )
+    # Transfer learning's optional second phase takes the last fine_tune_epochs of the budget.
+    second = min(cfg.fine_tune_epochs, epochs) if cfg.model == "transfer" and not custom else 0
+    last = epochs if stop_after is None else min(stop_after, epochs)
+    compiled = classifier.get_compile_config() if classifier is not None else None
+    if classifier is not None and not compiled:
+        raise ValueError("the hypermodel returned a model that is not compiled: compile it in build(hp), "
+                         "as KerasTuner requires")
+    # One-hot labels: label smoothing needs them (the sparse loss has no smoothing). A custom
+    # model compiled with a sparse loss gets class indices.
+    sparse = compiled is not None and "sparse" in str(compiled.get("loss")).lower()
+    labels = (lambda y: y) if sparse else (lambda y: np.eye(num_classes, dtype=np.float32)[y])
+    history: dict[str, list[float]] = {}
+
+    def fit(opt: keras.optimizers.Optimizer | None, first_epoch: int, end_epoch: int) -> None:
+        if compiled is not None:
+            train_model.compile_from_config(compiled)
+        else:
+            train_model.compile(optimizer=opt, metrics=["accuracy"],
+                                loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing))
+        kwargs = dict(initial_epoch=first_epoch, epochs=end_epoch, shuffle=True, verbose=0,
+                      validation_data=(data.x_val, labels(data.y_val)),
+                      callbacks=[_Hooks(on_epoch), *callbacks(cfg)])
+        if custom is not None and custom.fit is not None:
+            logged = custom.fit(train_model, data.x_train, labels(data.y_train), **kwargs)
+        else:
+            logged = train_model.fit(data.x_train, labels(data.y_train), batch_size=cfg.batch_size, **kwargs)
+        for key, values in logged.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+
+    if epochs - second > 0:
+        fit(None if compiled else optimizer(cfg, epochs - second, steps_per_epoch), 0, min(last, epochs - second))
+    if last > epochs - second:
+        fine_tune(train_model, cfg.fine_tune_layers)
+        # A new optimizer: its state would belong to the first phase's trainable weights.
+        fit(optimizer(cfg, second, steps_per_epoch, rate=cfg.fine_tune_learning_rate), epochs - second, last)
     y_prob = np.asarray(model.predict(data.x_test, batch_size=PREDICT_BATCH, verbose=0))
     return TrainResult(
-        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        history=history,
         test_loss=cross_entropy(y_prob, data.y_test, cfg.label_smoothing),
         test_accuracy=float(np.mean(y_prob.argmax(axis=1) == data.y_test)),
         y_prob=y_prob,

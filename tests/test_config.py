@@ -145,3 +145,87 @@ def test_train_values_round_trip_through_mlflow_strings() -> None:
         train_values_from_strings({"blocks": "three"}, "run x")
     with pytest.raises(ConfigError, match="param activation: 'swish' is not one of"):
         train_values_from_strings({"activation": "swish"}, "run x")
+
+
+CONDITIONAL = """
+space:
+  lr_schedule: {type: categorical, choices: [constant, step, cosine_warmup]}
+  step_factor: {type: float, low: 0.1, high: 0.5, when: {lr_schedule: step}}
+  step_stages: {type: int, low: 2, high: 4, when: {step_factor_mode: on}}
+"""
+
+
+def test_conditions_are_parsed_and_sorted_parents_first() -> None:
+    sweep = parse("""
+space:
+  warmup_epochs: {type: int, low: 1, high: 3, when: {lr_schedule: [cosine_warmup, one_cycle]}}
+  lr_schedule: {type: categorical, choices: [constant, cosine_warmup, one_cycle]}
+  frozen_layers: {type: int, low: 0, high: 100, when: {model: transfer}}
+  model: {type: categorical, choices: [cnn, transfer]}
+  fine_tune_layers: {type: int, low: 1, high: 20, when: {model: transfer}}
+""")
+    assert list(sweep.space) == ["lr_schedule", "warmup_epochs", "model", "frozen_layers", "fine_tune_layers"]
+    assert sweep.space["warmup_epochs"].when == (("lr_schedule", ("cosine_warmup", "one_cycle")),)
+    assert sweep.active("warmup_epochs", {"lr_schedule": "one_cycle"})
+    assert not sweep.active("warmup_epochs", {"lr_schedule": "constant"})
+
+
+def test_nested_conditions_follow_inactive_parents() -> None:
+    sweep = parse("""
+space:
+  optimizer: {type: categorical, choices: [adam, sgd]}
+  nesterov: {type: categorical, choices: [true, false], when: {optimizer: sgd}}
+  momentum: {type: float, low: 0.5, high: 0.99, when: {nesterov: true}}
+""")
+    assert sweep.active("momentum", {"optimizer": "sgd", "nesterov": True})
+    assert not sweep.active("momentum", {"optimizer": "sgd", "nesterov": False})
+    assert not sweep.active("momentum", {"optimizer": "adam"})  # nesterov inactive, so momentum too
+    assert sweep.logged_params({"optimizer": "adam"}).keys() >= {"optimizer", "learning_rate"}
+    assert not {"nesterov", "momentum"} & sweep.logged_params({"optimizer": "adam"}).keys()
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (CONDITIONAL, "condition on 'step_factor_mode', which is neither in space nor in fixed"),
+    ("space:\n  lr_schedule: {type: categorical, choices: [constant, step]}\n"
+     "  step_factor: {type: float, low: 0.1, high: 0.5, when: {lr_schedule: cosine}}\n",
+     "'step_factor' depends on lr_schedule=cosine, which is not among lr_schedule's choices (constant, step)"),
+    ("space:\n  lr_schedule: {type: categorical, choices: [constant, step]}\n"
+     "  step_factor: {type: float, low: 0.1, high: 0.5, when: {lr_schedule: stpe}}\n", "'stpe' is not one of"),
+    ("space:\n  step_factor: {type: float, low: 0.1, high: 0.5, when: {lr_schedule: step}}\n"
+     "fixed: {lr_schedule: constant}\n", "'step_factor' would never be searched: fixed lr_schedule is constant"),
+    ("space:\n  dropout: {type: float, low: 0.1, high: 0.5, when: {blocks: 2}}\n"
+     "  blocks: {type: int, low: 1, high: 3}\n", "conditions need a categorical one"),
+    ("space:\n  model: {type: categorical, choices: [cnn, transfer], when: {backbone: vgg16}}\n"
+     "  backbone: {type: categorical, choices: [vgg16, resnet50], when: {model: transfer}}\n",
+     "conditions form a cycle (model -> backbone -> model)"),
+    ("space:\n  dropout: {type: float, low: 0.1, high: 0.5, when: {}}\n", "name at least one dimension"),
+    ("space:\n  dropout: {type: float, low: 0.1, high: 0.5, when: {dropout: 0.2}}\n", "cannot depend on itself"),
+    ("space:\n  frozen_layers: {type: int, low: 0, high: 10}\nfixed: {frozen_fraction: 0.5}\n",
+     "frozen_layers and frozen_fraction both set"),
+    ("space:\n  weights: {type: categorical, choices: [imagenet, /no/such.weights.h5]}\n",
+     "'/no/such.weights.h5' is neither imagenet, none, nor an existing weights file"),
+])
+def test_bad_conditions_name_both_sides(text: str, fragment: str) -> None:
+    assert fragment in error(text)
+
+
+def test_possible_values_say_which_imagenet_backbones_a_sweep_needs() -> None:
+    sweep = parse("space:\n  backbone: {type: categorical, choices: [vgg16, xception]}\n"
+                  "fixed: {model: transfer}\n")
+    assert sweep.imagenet_backbones() == ("vgg16", "xception")
+    assert parse(GOOD).imagenet_backbones() == ()  # the CNN needs none
+    none = parse("space:\n  backbone: {type: categorical, choices: [vgg16]}\nfixed: {model: transfer, weights: none}\n")
+    assert none.imagenet_backbones() == ()
+
+
+def test_a_hypermodel_sweep_needs_no_space_and_takes_only_what_applies() -> None:
+    sweep = parse("hypermodel: my_models.cifar:build_model\nfixed: {batch_size: 64}\n")
+    assert sweep.hypermodel == "my_models.cifar:build_model" and not sweep.space
+    assert set(sweep.logged_params({})) == {"batch_size", "flip", "translate", "cutout"}
+    assert "does not apply with a hypermodel" in error("hypermodel: m:build\nfixed: {blocks: 2}\n")
+    assert "is not module:attribute" in error("hypermodel: ../evil.py\n")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_test_sweep_loads(path: Path) -> None:
+    assert load_sweep(str(path)).description

@@ -53,18 +53,92 @@ def test_random_translate_shifts_each_image_with_zero_fill() -> None:
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
 
 
-def test_step_schedule_divides_by_ten_in_three_equal_stages() -> None:
+STEPS, EPOCHS, PEAK = 10, 4, 0.1  # 40 optimizer steps
+_s = np.arange(STEPS * EPOCHS, dtype=np.float64)
+_cos = lambda done: 0.5 * (1 + np.cos(np.pi * done))  # noqa: E731
+_start, _end, _warm = PEAK / 25, PEAK / 1e4, 0.25 * STEPS * EPOCHS
+CURVES = {
+    "constant": ({}, np.full_like(_s, PEAK)),
+    "step": (dict(step_stages=2, step_factor=0.5), np.where(_s < 20, PEAK, PEAK * 0.5)),
+    "exponential": (dict(decay_rate=0.5), PEAK * 0.5 ** (_s / STEPS)),
+    "cosine": ({}, PEAK * _cos(_s / 40)),
+    "cosine_warmup": (dict(warmup_epochs=1), np.where(_s < 10, PEAK * _s / 10, PEAK * _cos((_s - 10) / 30))),
+    "one_cycle": (dict(warmup_fraction=0.25), np.where(
+        _s < _warm, _start + (PEAK - _start) * _s / _warm, _end + (PEAK - _end) * _cos((_s - _warm) / (39 - _warm)))),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(CURVES))
+def test_every_schedule_follows_its_closed_form_at_every_step(schedule: str) -> None:
+    options, expected = CURVES[schedule]
+    cfg = TrainConfig(learning_rate=PEAK, lr_schedule=schedule, **options)
+    lr = train.learning_rate(cfg, epochs=EPOCHS, steps_per_epoch=STEPS)
+    values = [float(keras.ops.convert_to_numpy(lr(s))) if callable(lr) else lr for s in range(len(_s))]
+    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_step_schedule_is_the_notebooks_hundredfold_drop() -> None:
     cfg = TrainConfig(learning_rate=0.01, lr_schedule="step", step_stages=3, step_factor=0.1)
     schedule = train.learning_rate(cfg, epochs=3, steps_per_epoch=10)
     values = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 9, 10, 19, 20, 29)]
     np.testing.assert_allclose(values, [0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001], rtol=1e-5)
 
 
-def test_cosine_warmup_rises_then_decays() -> None:
-    cfg = TrainConfig(learning_rate=0.1, lr_schedule="cosine", warmup_epochs=1)
-    schedule = train.learning_rate(cfg, epochs=4, steps_per_epoch=10)
-    lr = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 5, 10, 25, 40)]
-    assert lr[0] < lr[1] < lr[2] and math.isclose(lr[2], 0.1, rel_tol=1e-5) and lr[2] > lr[3] > lr[4]
+def test_plateau_halves_the_logged_rate_exactly_when_val_loss_stalls(splits: data.Splits) -> None:
+    cfg = TrainConfig(**SMALL, learning_rate=0.01, lr_schedule="plateau", plateau_patience=1,
+                      plateau_factor=0.5, batch_size=16)
+    logs: list[dict] = []
+    train.train(cfg, splits, epochs=6, seed=0, on_epoch=[lambda e, l: logs.append(dict(l))])
+    # Replay Keras' rule on the logged val_loss: an epoch that does not beat the best by
+    # min_delta (1e-4) adds to the wait; at `patience` the rate is multiplied by the factor.
+    rate, best, wait, expected = 0.01, math.inf, 0, []
+    for entry in logs:
+        expected.append(rate)
+        if entry["val_loss"] < best - 1e-4:
+            best, wait = entry["val_loss"], 0
+        else:
+            wait += 1
+            if wait >= 1:
+                rate, wait = rate * 0.5, 0
+    np.testing.assert_allclose([entry["learning_rate"] for entry in logs], expected, rtol=1e-6)
+    assert expected[-1] < 0.01  # the data were chosen so that it stalls (random labels)
+
+
+@pytest.mark.parametrize("scaling, factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_learning_rate_scales_with_batch_size(splits: data.Splits, scaling: str, factor: float) -> None:
+    cfg = TrainConfig(**SMALL, learning_rate=0.001, lr_scaling=scaling, batch_size=32, base_batch_size=8)
+    assert cfg.peak_learning_rate == pytest.approx(0.001 * factor)
+    logs: list[dict] = []
+    train.train(cfg, splits, epochs=1, seed=0, on_epoch=[lambda e, l: logs.append(dict(l))])
+    assert logs[0]["learning_rate"] == pytest.approx(0.001 * factor, rel=1e-6)  # the realized rate
+
+
+def test_cutout_zeroes_one_square_per_image_and_nothing_else() -> None:
+    layer = models.Cutout(8, seed=1)
+    images = np.random.default_rng(0).uniform(0.1, 1.0, (16, 32, 32, 3)).astype("float32")
+    out = keras.ops.convert_to_numpy(layer(images, training=True))
+    for original, cut in zip(images, out, strict=True):
+        zero = np.all(cut == 0, axis=-1)
+        rows, cols = np.nonzero(zero)
+        assert zero.any(), "no square was cut"
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert height <= 8 and width <= 8 and zero.sum() == height * width  # one rectangle, clipped
+        np.testing.assert_array_equal(cut[~zero], original[~zero])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
+
+
+def test_cnn_options_shape_the_layers() -> None:
+    cfg = TrainConfig(**{**SMALL, "blocks": 3}, dropout=0.2, dropout_growth=0.1, pooling="avg", bn_momentum=0.9,
+                      head="global_max", cutout=4)
+    train_model, model = models.build(cfg, 10)
+    cnn = model.get_layer("cnn")
+    rates = [l.rate for l in cnn.layers if isinstance(l, keras.layers.Dropout)]
+    assert rates[:3] == pytest.approx([0.2, 0.3, 0.4])  # growing per block, then the head's
+    assert sum(isinstance(l, keras.layers.AveragePooling2D) for l in cnn.layers) == 3
+    assert not any(isinstance(l, keras.layers.MaxPooling2D) for l in cnn.layers)
+    assert {l.momentum for l in cnn.layers if isinstance(l, keras.layers.BatchNormalization)} == {0.9}
+    assert any(isinstance(l, keras.layers.GlobalMaxPooling2D) for l in cnn.layers)
+    assert "cutout" in {l.name for l in train_model.layers} and "cutout" not in {l.name for l in model.layers}
 
 
 @pytest.mark.parametrize("name, cls", [("adam", "Adam"), ("adamax", "Adamax"), ("sgd", "SGD"), ("adamw", "AdamW")])

@@ -27,12 +27,12 @@ class _WrapTrain(importlib.abc.MetaPathFinder):
             exec_module(module)
             real = module.train
 
-            def train(cfg, data, *, epochs, seed, on_epoch=()):
+            def train(cfg, data, *, epochs, seed, **kwargs):
                 if seed in RAISE:
                     raise RuntimeError(f"injected fault for seed {seed}")
                 if seed in DIE:
                     os._exit(9)
-                return real(cfg, data, epochs=epochs, seed=seed, on_epoch=on_epoch)
+                return real(cfg, data, epochs=epochs, seed=seed, **kwargs)
 
             module.train = train
 

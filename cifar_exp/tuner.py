@@ -1,0 +1,183 @@
+"""``--engine keras-tuner``: a sweep's space searched by KerasTuner's own tuners, every trial
+trained and tracked in MLflow exactly as the Optuna engine does it (same experiment, params,
+per-epoch metrics, artifacts, model), so that the engines compare side by side in the MLflow UI
+(runs are tagged ``engine``).
+
+Which tuner: the sweep's ``pruner: hyperband`` gives ``keras_tuner.Hyperband`` (``max_epochs`` =
+``epochs``, ``factor`` = ``reduction_factor``; its trial budget is Hyperband's own), otherwise
+``sampler: random`` gives ``RandomSearch`` and any other sampler ``BayesianOptimization``, each
+for ``trials`` trials. Decisions: trials run in this one process, one after another (KerasTuner's
+own parallelism needs its gRPC chief/worker setup); a Hyperband trial trains from scratch for its
+``tuner/epochs`` instead of resuming the weights of its parent trial, so every run is a
+complete, rerunnable trial. A sweep's ``hypermodel`` is handed to the tuner as it is (KerasTuner
+declares its space by building it) and trains as with the Optuna engine. KerasTuner's state
+lives in ``<store>/keras_tuner/<sweep>``: the same command resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner
+
+from cifar_exp import backend, data, hypermodel, track, train
+from cifar_exp.config import Sweep, UserError
+from cifar_exp.study import Settings, log_hyperparameters, trial_seed
+
+ENGINE_TAG = "engine"
+
+
+def declare(sweep: Sweep, hp: keras_tuner.HyperParameters) -> None:
+    """Declare ``sweep.space`` on ``hp``: one ``hp.Int/Float/Choice`` per dimension, under the
+    same name, inside a ``conditional_scope`` per condition on another dimension (conditions on
+    fixed values hold by validation)."""
+    for name, dim in sweep.space.items():
+        with contextlib.ExitStack() as scopes:
+            for parent, values in dim.when:
+                if parent in sweep.space:
+                    scopes.enter_context(hp.conditional_scope(parent, list(values)))
+            sampling = "log" if dim.log else "linear"
+            if dim.type == "categorical":
+                hp.Choice(name, list(dim.choices))
+            elif dim.type == "int":
+                assert dim.low is not None and dim.high is not None
+                hp.Int(name, int(dim.low), int(dim.high), step=int(dim.step) if dim.step else None,
+                       sampling=sampling)
+            else:
+                assert dim.low is not None and dim.high is not None
+                hp.Float(name, dim.low, dim.high, step=dim.step, sampling=sampling)
+
+
+def sampled(sweep: Sweep, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
+    """The active values of the sweep's own dimensions in ``hp`` (a KerasTuner trial's)."""
+    return {name: hp.values[name] for name in sweep.space if name in hp.values and hp.is_active(name)}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    experiment_id: str
+    parent_run_id: str
+    tuner: str
+    counts: dict[str, int]
+    best: list[dict[str, Any]]  # best first: trial, value, run_id, params
+
+
+def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> Outcome:
+    """Run (or resume) the sweep with KerasTuner in this process."""
+    sweep = settings.sweep
+    backend.use_deterministic_ops(sweep.deterministic)
+    identity = backend.identity()
+    track.configure(settings.tracking_uri)
+    experiment = track.experiment_id(sweep.name)
+    splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed)
+    store = Path(settings.storage).parent if "://" not in settings.storage else Path("mlruns")
+    directory = store / "keras_tuner"
+    parent_file = directory / sweep.name / "mlflow_parent_run_id"
+    maximize = sweep.objective.direction == "maximize"
+    metric = sweep.objective.metric
+    hp = keras_tuner.HyperParameters()
+    declare(sweep, hp)
+    # A sweep's hypermodel is KerasTuner's own: the tuner declares its space by building it.
+    model = hypermodel.load(sweep.hypermodel) if sweep.hypermodel else None
+    common: dict[str, Any] = dict(
+        hypermodel=model, objective=keras_tuner.Objective(metric, "max" if maximize else "min"), hyperparameters=hp,
+        seed=sweep.sampler.seed, directory=str(directory), project_name=sweep.name, overwrite=False,
+        max_consecutive_failed_trials=sweep.max_consecutive_failures)
+    budget = sweep.trials or 1_000_000
+    if sweep.pruner.name == "hyperband":
+        base: type = keras_tuner.Hyperband
+        common.update(max_epochs=sweep.epochs, factor=sweep.pruner.reduction_factor, hyperband_iterations=1)
+    elif sweep.sampler.name == "random":
+        base = keras_tuner.RandomSearch
+        common.update(max_trials=budget)
+    else:
+        base = keras_tuner.BayesianOptimization
+        common.update(max_trials=budget)
+    tags = {**settings.tags, "sweep": sweep.name, "sweep_file": str(sweep.path), "sweep_sha256": sweep.content_hash,
+            "objective": f"{sweep.objective.direction} {metric}", ENGINE_TAG: "keras-tuner",
+            "keras_tuner_tuner": base.__name__, "epochs": str(sweep.epochs), "budget_trials": str(sweep.trials),
+            "deterministic": str(sweep.deterministic).lower()}
+    parent_file.parent.mkdir(parents=True, exist_ok=True)
+    existing = parent_file.read_text().strip() if parent_file.is_file() else None
+    parent = track.start_parent(experiment, existing, f"{sweep.name}-keras-tuner", tags)
+    parent_file.write_text(parent)
+
+    def hypermodel_values(hp: keras_tuner.HyperParameters) -> dict[str, Any]:
+        return {k: v for k, v in hp.values.items() if not k.startswith("tuner/") and k not in sweep.space
+                and hp.is_active(k)}
+
+    def run_trial(self: Any, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+        values = trial.hyperparameters.values
+        number = int(trial.trial_id)
+        params = sampled(sweep, trial.hyperparameters)
+        epochs = int(values.get("tuner/epochs", sweep.epochs))
+        seed = trial_seed(sweep.sampler.seed, number)
+        run_id = track.start_trial_run(
+            experiment, parent, number, params={**sweep.logged_params(params), "seed": seed, "epochs": epochs},
+            tags={**settings.tags, **identity, "sweep": sweep.name, "sweep_sha256": sweep.content_hash,
+                  "sweep_seed": sweep.sampler.seed, "validation_fraction": sweep.data.validation_fraction,
+                  "deterministic": str(sweep.deterministic).lower(), ENGINE_TAG: "keras-tuner",
+                  "keras_tuner_trial": trial.trial_id,
+                  **{f"keras_tuner_{k[6:]}": v for k, v in values.items() if k.startswith("tuner/")}})
+        track.log_text(run_id, sweep.text, "sweep.yaml")
+        custom = None
+        if model is not None:
+            tuned = hypermodel_values(trial.hyperparameters)
+            log_hyperparameters(run_id, tuned, sweep)
+            params = {**params, **tuned}
+            custom = hypermodel.custom_model(model, trial.hyperparameters)
+        on_event({"kind": "start", "worker": 0, "trial": number, "run_id": run_id, "params": params})
+
+        def on_epoch(epoch: int, logs: Any) -> None:
+            track.log_metrics(run_id, logs, step=epoch)
+            on_event({"kind": "epoch", "trial": number, "epoch": epoch + 1, "epochs": epochs,
+                      "value": logs[metric], "logs": logs})
+
+        try:
+            result = train.train(sweep.train_config(sampled(sweep, trial.hyperparameters)), splits, epochs=epochs,
+                                 seed=seed, on_epoch=[on_epoch], custom=custom)
+            model_uri = track.log_result(run_id, result, splits, title=f"{sweep.name} trial {number} (keras-tuner)")
+        except KeyboardInterrupt:
+            track.end_run(run_id, "KILLED", {"state": "FAIL", "fail_reason": "interrupted"})
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            track.end_run(run_id, "FAILED", {"state": "FAIL", "fail_reason": reason})
+            on_event({"kind": "end", "trial": number, "state": "FAIL", "reason": reason, "run_id": run_id})
+            raise keras_tuner.errors.FailedTrialError(reason) from exc
+        finally:
+            keras.backend.clear_session()
+        value = result.history[metric][-1]
+        track.end_run(run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri})
+        on_event({"kind": "end", "trial": number, "state": "COMPLETE", "value": value, "run_id": run_id,
+                  "test_accuracy": result.test_accuracy})
+        return {metric: value}
+
+    tuner = type(f"Tracked{base.__name__}", (base,), {"run_trial": run_trial})(**common)
+    started = time.time()
+    try:
+        tuner.search(verbose=0)
+    except RuntimeError as exc:  # KerasTuner stops after too many consecutive failed trials
+        track.end_run(parent, "FAILED", {"fail_reason": str(exc).splitlines()[0]})
+        raise UserError(f"keras-tuner stopped the sweep: {str(exc).splitlines()[0]}") from None
+    except KeyboardInterrupt:
+        track.end_run(parent, "KILLED", {"fail_reason": "interrupted"})
+        raise
+    trials = list(tuner.oracle.trials.values())
+    counts = {state: sum(str(t.status) == state for t in trials) for state in ("COMPLETED", "FAILED", "INVALID")}
+    best = []
+    for t in tuner.oracle.get_best_trials(5):
+        values = {**sampled(sweep, t.hyperparameters), **(hypermodel_values(t.hyperparameters) if model else {})}
+        best.append({"trial": int(t.trial_id), "value": t.score, "params": values})
+    final: dict[str, Any] = {"trials_finished": len(trials), "seconds": round(time.time() - started, 1)}
+    if best:
+        final.update({"best_trial": best[0]["trial"], **{f"best.{k}": v for k, v in best[0]["params"].items()}})
+        track.log_metrics(parent, {f"best_{metric}": float(best[0]["value"])}, step=best[0]["trial"])
+    track.end_run(parent, "FINISHED", final)
+    return Outcome(experiment, parent, base.__name__, counts, best)

@@ -1,0 +1,75 @@
+"""Every shipped sweep, shrunk to one trial of one epoch on a slice of the real CIFAR-10 (JPEG
+copy), runs for real; conditional dimensions that are inactive are in neither Optuna nor MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cifar_exp.config import available_sweeps, load_sweep
+from tests.test_sweep import clean_env, run_sweep, runs, study
+
+pytestmark = pytest.mark.slow
+SHIPPED = ("architecture", "batch_size", "lr_dropout", "lr_schedule", "optimizer", "transfer_freeze")
+
+
+def test_the_issue_s_sweeps_are_all_shipped() -> None:
+    assert set(SHIPPED) <= set(available_sweeps())
+
+
+def shrunk(name: str, directory: Path) -> Path:
+    """The shipped sweep file, with ImageNet weights swapped for random ones (tests never
+    download); everything else as shipped."""
+    text = available_sweeps()[name].read_text()
+    path = directory / f"{name}.yaml"
+    path.write_text(text.replace("weights: imagenet", "weights: none"))
+    return path
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_sweep_runs_one_trial_of_one_epoch(isolated: Path, cifar_slice: Path, name: str) -> None:
+    path = shrunk(name, isolated)
+    run_sweep(isolated, str(path), "--trials", "1", "--epochs", "1", "--data", str(cifar_slice))
+    (trial,) = study(isolated, name).get_trials()
+    assert trial.state.name == "COMPLETE", trial.user_attrs.get("fail_reason")
+    parents, children = runs(isolated, name)
+    assert len(parents) == 1 and len(children) == 1
+    params = children[0].data.params
+    sweep = load_sweep(str(path))
+    for dim in sweep.space:  # an active dimension is sampled and logged; an inactive one neither
+        active = sweep.active(dim, trial.params)
+        assert (dim in trial.params) == active and (dim in params) == active, dim
+    assert {"val_accuracy", "learning_rate", "test_accuracy"} <= set(children[0].data.metrics)
+
+
+def test_conditional_dimensions_follow_the_sampled_schedule(isolated: Path, cifar_slice: Path) -> None:
+    run_sweep(isolated, "lr_schedule", "--trials", "6", "--epochs", "1", "--data", str(cifar_slice))
+    trials = study(isolated, "lr_schedule").get_trials()
+    _, children = runs(isolated, "lr_schedule")
+    by_run = {run.info.run_id: run for run in children}
+    owned = {"step": {"step_stages", "step_factor"}, "exponential": {"decay_rate"},
+             "cosine_warmup": {"warmup_epochs"}, "one_cycle": {"warmup_fraction"},
+             "plateau": {"plateau_factor", "plateau_patience"}}
+    conditional = set().union(*owned.values())
+    assert len({t.params["lr_schedule"] for t in trials}) > 2  # the test sees several schedules
+    for trial in trials:
+        expected = owned.get(trial.params["lr_schedule"], set())
+        assert conditional & set(trial.params) == expected
+        assert conditional & set(by_run[trial.user_attrs["mlflow_run_id"]].data.params) == expected
+
+
+def test_transfer_sweep_offline_is_one_clear_error(isolated: Path, cifar_slice: Path) -> None:
+    import subprocess
+    import sys
+
+    # No weights in an empty Keras cache, and no way out: the proxy points at a closed port.
+    env = clean_env(KERAS_HOME=str(isolated / "keras"), https_proxy="http://127.0.0.1:9",
+                    HTTPS_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
+    result = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", "transfer_freeze", "--trials", "1",
+                             "--epochs", "1", "--data", str(cifar_slice)], cwd=isolated, capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert "cannot download the ImageNet weights of" in line and "weights: none" in line
+    assert study(isolated, "transfer_freeze").get_trials() == []  # no trial was started
