@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -17,6 +18,7 @@ from typing import Any, NoReturn
 from cifar_exp.config import (
     DEFAULT_STORAGE,
     DEFAULT_TRACKING_URI,
+    PACKAGE_DIR,
     ConfigError,
     UserError,
     available_sweeps,
@@ -41,6 +43,27 @@ def set_environment(deterministic: bool) -> None:
     # Several workers share one GPU: no process may take all of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+
+
+def provenance() -> dict[str, str]:
+    """Where the code came from: the git commit of this checkout and whether it had uncommitted
+    changes ("unknown" outside a git checkout), and the versions of the tracking libraries."""
+    import importlib.metadata
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(PACKAGE_DIR.parent), *args], capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit or "unknown",
+            "git_dirty": "unknown" if commit is None or dirty is None else str(bool(dirty)).lower(),
+            **{f"{name.replace('-', '_')}_version": importlib.metadata.version(name)
+               for name in ("optuna", "mlflow", "keras-tuner")}}
 
 
 def _number(kind: type, flag: str, ok: Any, requirement: str):  # type: ignore[no-untyped-def]
@@ -181,7 +204,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         tags = {"data_source": sweep.data.source, "data_checksum": dataset.checksum,
                 "command": shlex.join(["python", "-m", "cifar_exp.sweep",
                                        *(argv if argv is not None else sys.argv[1:])]),
-                "keras_backend": os.environ["KERAS_BACKEND"]}
+                "keras_backend": os.environ["KERAS_BACKEND"], **provenance()}
         del dataset  # the workers load their own copy; the parent keeps no arrays
         settings = study.Settings(sweep=sweep, storage=args.storage, tracking_uri=args.tracking_uri,
                                   workers=args.workers, tags=tags)
@@ -433,6 +456,116 @@ def register_main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="python -m cifar_exp.report",
+                description="Rebuild a study's plots, trials table and cost ledger in its MLflow parent run, from "
+                            "storage, without training.")
+    p.add_argument("name", help="sweep name or path to its .yaml file")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage (default {DEFAULT_STORAGE})")
+    _tracking_argument(p)
+    args = p.parse_args(argv)
+    try:
+        sweep = load_sweep(args.name)
+        _open_store(args.tracking_uri, sweep.deterministic)
+        from cifar_exp import study, track
+
+        found = study.load_existing(args.storage, sweep.name)
+        parent = found.user_attrs.get("mlflow_parent_run_id")
+        if not parent:
+            raise UserError(f"study '{sweep.name}' has no MLflow parent run yet: run the sweep first")
+        try:  # the epoch budget the study ran with (a --epochs override is on the parent run)
+            sweep = dataclasses.replace(sweep, epochs=int(track.get_run(parent).tags.get("epochs", sweep.epochs)))
+        except LookupError:
+            raise UserError(f"the parent run {parent} of study '{sweep.name}' is not in {args.tracking_uri}: "
+                            f"pass the --tracking-uri the sweep used") from None
+        skipped = study.publish(found, parent, sweep)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"study '{sweep.name}': {len(found.trials)} trials; report rebuilt in parent run {parent}: "
+          f"report.html, trials.csv, trials.html, cost.json and the plots")
+    for name, why in skipped.items():
+        print(f"  {name} not drawn: {why}")
+    return 0
+
+
+def ui_main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="python -m cifar_exp.ui",
+                description="Start the MLflow UI on this project's store, bound to 127.0.0.1 unless told otherwise.")
+    p.add_argument("name", nargs="?", help="a sweep: also print the address of its experiment")
+    p.add_argument("--port", type=_number(int, "--port", lambda v: 0 < v < 65536, "in 1..65535"), default=5000,
+                   help="port (default 5000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; see README before exposing it)")
+    _tracking_argument(p)
+    args = p.parse_args(argv)
+    try:
+        _existing_store(args.tracking_uri)
+        from cifar_exp import track
+
+        track.configure(args.tracking_uri)
+        address = f"http://{args.host}:{args.port}"
+        experiment = None
+        if args.name:
+            experiment = track.find_experiment(load_sweep(args.name).name)
+            if experiment is None:
+                raise UserError(f"no experiment '{args.name}' in {args.tracking_uri}: run the sweep first")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"MLflow UI on {args.tracking_uri}: {address}", flush=True)
+    if experiment is not None:
+        print(f"experiment {args.name}: {address}/#/experiments/{experiment}", flush=True)
+    # The server replaces this process: Ctrl-C and signals reach it directly, no orphan is left.
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri,
+                              "--host", args.host, "--port", str(args.port)])
+    return 0  # not reached
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="python -m cifar_exp.compare",
+                description="The best trials of a sweep as a table, and one PNG overlaying their validation curves.")
+    p.add_argument("name", help="sweep name or path to its .yaml file")
+    p.add_argument("--top", type=_positive(int, "--top"), default=5, help="how many trials (default 5)")
+    p.add_argument("--out", help="the PNG to write (default NAME-top-K.png here)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage (default {DEFAULT_STORAGE})")
+    _tracking_argument(p)
+    args = p.parse_args(argv)
+    try:
+        sweep = load_sweep(args.name)
+        _existing_store(args.tracking_uri)
+        from cifar_exp import plots, study, track
+
+        track.configure(args.tracking_uri)
+        best = study.best_trials(study.load_existing(args.storage, sweep.name), args.top)
+        if not best:
+            raise UserError(f"study '{sweep.name}' has no complete trial yet")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metric = sweep.objective.metric
+    names = sorted({key for t in best for key in t.params})
+    header = ["rank", "trial", metric, "test_accuracy", "epochs", "seconds", *names]
+    rows = []
+    curves = {}
+    for rank, t in enumerate(best, 1):
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else float("nan")
+        test = t.user_attrs.get("test_accuracy", float("nan"))
+        rows.append([str(rank), str(t.number), f"{t.value:.4f}", f"{test:.4f}", str(t.user_attrs.get("epochs_run", "")),
+                     f"{seconds:.1f}", *(_fmt(t.params[n]) if n in t.params else "-" for n in names)])
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id:
+            curves[f"trial {t.number}"] = track.metric_history(run_id, metric)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for line in (header, *rows):
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+    out = args.out or f"{sweep.name}-top-{args.top}.png"
+    plots.curves_png(curves, metric, out, f"{sweep.name}: {metric} of the {len(best)} best trials")
+    print(f"wrote {out}")
     return 0
 
 

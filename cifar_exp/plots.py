@@ -59,19 +59,32 @@ def learning_curves_png(history: Mapping[str, Sequence[float]], path: Path, titl
 
 
 def prediction_grid_png(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
-                        path: Path, title: str, columns: int = 6) -> None:
-    """A grid of test images, each titled with its predicted class, and the true one in red when
-    the prediction is wrong (the notebooks' grid of predictions)."""
+                        path: Path, title: str, confidence: np.ndarray, columns: int = 6) -> None:
+    """A grid of test images, each titled with its predicted class and that class's probability,
+    and the true class in red when the prediction is wrong (the notebooks' grid of predictions)."""
     rows = max(1, -(-len(images) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.1 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, true, pred in zip(axes.flat, images, y_true, y_pred, strict=False):
+    for ax, image, true, pred, p in zip(axes.flat, images, y_true, y_pred, confidence, strict=False):
         ax.imshow(image)
         right = true == pred
-        label = class_names[pred] if right else f"{class_names[pred]}\n(true: {class_names[true]})"
+        label = f"{class_names[pred]} {p:.2f}" + ("" if right else f"\n(true: {class_names[true]})")
         ax.set_title(label, fontsize=8, color="black" if right else "red")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def curves_png(curves: Mapping[str, Sequence[float]], metric: str, path: str | Path, title: str) -> None:
+    """One line per named curve of ``metric`` per epoch, overlaid."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, values in curves.items():
+        ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=name)
+    ax.set(xlabel="epoch", ylabel=metric, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -32,7 +32,7 @@ from cifar_exp.config import (
 
 RERUN_TAG = "rerun_of"
 # Wall-clock time is never reproducible; every other per-epoch metric must be.
-UNREPRODUCIBLE = ("epoch_seconds",)
+UNREPRODUCIBLE = ("epoch_seconds", "images_per_second")
 EPOCH_METRICS_ORDER = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 # Tags of the original that describe what was trained on; the rerun carries them over.
 PROVENANCE_TAGS = ("sweep", "sweep_sha256", "sweep_seed", "validation_fraction", "data_source", "data_checksum")

@@ -190,10 +190,25 @@ def read_text(run_id: str, path: str) -> str | None:
 def log_result(run_id: str, result: Any, splits: Any, title: str) -> str:
     """Log a finished training's test evaluation (metrics and artifacts, see ``log_evaluation``)
     and its model to ``run_id``; returns the model URI. ``result`` is a ``train.TrainResult``."""
-    log_metrics(run_id, {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy})
+    model = result.model
+    log_metrics(run_id, {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
+                         "param_count": float(model.count_params())})
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **kwargs: lines.append(line), expand_nested=True)
+    log_text(run_id, "\n".join(lines) + "\n", "model_summary.txt")
     log_evaluation(run_id, splits.x_test, splits.y_test, result.y_prob, splits.class_names, result.history,
                    title=title)
-    return log_model(run_id, result.model, splits.x_test[:2], splits.class_names)
+    return log_model(run_id, model, splits.x_test[:2], splits.class_names)
+
+
+def confused_pairs(counts: np.ndarray, class_names: Sequence[str], top: int = 5) -> list[dict[str, Any]]:
+    """The ``top`` class pairs most often mistaken for each other, most first: ``a_as_b`` counts
+    true a predicted b, ``b_as_a`` the reverse, ``total`` both; pairs never confused are left out."""
+    pairs: list[dict[str, Any]] = [
+        {"pair": f"{class_names[a]} <-> {class_names[b]}", "total": int(counts[a, b] + counts[b, a]),
+         "a_as_b": int(counts[a, b]), "b_as_a": int(counts[b, a])}
+        for a in range(len(class_names)) for b in range(a + 1, len(class_names)) if counts[a, b] + counts[b, a]]
+    return sorted(pairs, key=lambda pair: -pair["total"])[:top]
 
 
 GRID_IMAGES = 24  # test images in prediction_grid.png
@@ -203,8 +218,9 @@ def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: 
                    class_names: Sequence[str], history: Mapping[str, Sequence[float]] | None,
                    title: str) -> dict[str, float]:
     """Log a test-set evaluation: per-class precision/recall/F1 and macro F1 as metrics;
-    confusion matrix (PNG, CSV), classification report (JSON), a grid of predictions on the
-    first test images (PNG) and, given a ``history``, learning curves (PNG) as artifacts.
+    confusion matrix (PNG, CSV), the most-confused class pairs (CSV), classification report
+    (JSON), a grid of predictions, misclassified first (PNG) and, given a ``history``, learning
+    curves (PNG) as artifacts.
     Returns the metrics logged."""
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -226,10 +242,17 @@ def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: 
             for name, row in zip(class_names, counts, strict=True):
                 writer.writerow([name, *map(int, row)])
         (out / "classification_report.json").write_text(json.dumps(report, indent=2))
+        with (out / "confused_pairs.csv").open("w", newline="") as f:
+            pairs = csv.DictWriter(f, fieldnames=["pair", "total", "a_as_b", "b_as_a"])
+            pairs.writeheader()
+            pairs.writerows(confused_pairs(counts, class_names))
         plots.confusion_matrix_png(counts, class_names, out / "confusion_matrix.png", title)
-        shown = np.linspace(0, len(y_true) - 1, min(GRID_IMAGES, len(y_true))).astype(int)  # spread over classes
+        # Misclassified images first (the ones worth looking at), then correct ones, each in
+        # test-set order.
+        order = np.concatenate([np.flatnonzero(y_pred != y_true), np.flatnonzero(y_pred == y_true)])
+        shown = order[:GRID_IMAGES]
         plots.prediction_grid_png(images[shown], y_true[shown], y_pred[shown], class_names,
-                                  out / "prediction_grid.png", title)
+                                  out / "prediction_grid.png", title, y_prob[shown, y_pred[shown]])
         if history is not None:
             plots.learning_curves_png(history, out / "learning_curves.png", title)
         retrying(MlflowClient().log_artifacts, run_id, str(out))
@@ -355,18 +378,15 @@ def set_alias(name: str, alias: str, version: str) -> None:
     retrying(MlflowClient().set_registered_model_alias, name, alias, version)
 
 
-def write_table(run_id: str, rows: Sequence[Mapping[str, Any]], filename: str) -> None:
-    """Log ``rows`` (dicts; columns in first-seen order) as the CSV artifact ``filename``."""
-    columns: dict[str, None] = {}
-    for row in rows:
-        columns.update(dict.fromkeys(row))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / filename
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns))
-            writer.writeheader()
-            writer.writerows(rows)
-        retrying(MlflowClient().log_artifact, run_id, str(path))
+def log_dir(run_id: str, folder: Path) -> None:
+    """Log every file in ``folder`` as an artifact at the run's root (same names replace)."""
+    retrying(MlflowClient().log_artifacts, run_id, str(folder))
+
+
+def find_experiment(name: str) -> str | None:
+    """The id of the existing experiment ``name``, or None."""
+    experiment = retrying(MlflowClient().get_experiment_by_name, name)
+    return None if experiment is None else str(experiment.experiment_id)
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -126,12 +126,14 @@ def callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
 
 
 class _Hooks(keras.callbacks.Callback):
-    """Adds ``learning_rate`` and ``epoch_seconds`` to the logs, stops on a non-finite loss,
-    then calls the hooks."""
+    """Adds ``learning_rate``, ``epoch_seconds`` and ``images_per_second`` (training images over
+    the epoch's seconds, validation included) to the logs, stops on a non-finite loss, then calls
+    the hooks."""
 
-    def __init__(self, hooks: Sequence[EpochHook]) -> None:
+    def __init__(self, hooks: Sequence[EpochHook], images: int) -> None:
         super().__init__()
         self.hooks = hooks
+        self.images = images
         self.started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):  # type: ignore[no-untyped-def]
@@ -142,6 +144,7 @@ class _Hooks(keras.callbacks.Callback):
         # The rate the optimizer used in this epoch's last step (schedules are per step).
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         logs["epoch_seconds"] = time.perf_counter() - self.started
+        logs["images_per_second"] = self.images / logs["epoch_seconds"]
         if not math.isfinite(float(logs.get("loss", 0.0))):
             raise Diverged(f"loss is {logs.get('loss')} at epoch {epoch}")
         for hook in self.hooks:
@@ -198,7 +201,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
                                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing))
         kwargs = dict(initial_epoch=first_epoch, epochs=end_epoch, shuffle=True, verbose=0,
                       validation_data=(data.x_val, labels(data.y_val)),
-                      callbacks=[_Hooks(on_epoch), *callbacks(cfg)])
+                      callbacks=[_Hooks(on_epoch, len(data.x_train)), *callbacks(cfg)])
         if custom is not None and custom.fit is not None:
             logged = custom.fit(train_model, data.x_train, labels(data.y_train), **kwargs)
         else:

@@ -4,10 +4,14 @@ CIFAR-10 (JPEG copy), checked through the MLflow and Optuna APIs."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -59,6 +63,7 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
     assert len(parents) == 1 and len(children) == 3
     parent = parents[0]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     client = MlflowClient()
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["state"] == "COMPLETE"
@@ -68,12 +73,18 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
         assert {"learning_rate", "dropout", "head_dropout", "lr_schedule", "seed", "batch_size", "filters"} \
             <= set(child.data.params)
         assert "test_accuracy" in child.data.metrics and "test_recall_cat" in child.data.metrics
+        assert child.data.metrics["param_count"] > 0 and child.data.metrics["images_per_second"] > 0
+        # provenance: this checkout's commit, and the tracking libraries' versions
+        assert child.data.tags["git_commit"] == head and child.data.tags["git_dirty"] in ("true", "false")
+        assert child.data.tags["optuna_version"] == optuna.__version__
 
     # The confusion matrix counts every test image once; the model loads and predicts.
     child = children[0]
     folder = Path(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, dst_path=str(isolated / "a")))
     rows = list(csv.reader((folder / "confusion_matrix.csv").open()))
     assert sum(int(v) for row in rows[1:] for v in row[1:]) == TEST_IMAGES
+    assert "Total params" in (folder / "model_summary.txt").read_text()
+    assert (folder / "confused_pairs.csv").read_text().startswith("pair,total,a_as_b,b_as_a")
     model = mlflow.keras.load_model(child.data.tags["model_uri"])
     images = data.load(str(cifar_slice)).x_test[:5]
     probs = model.predict(images, verbose=0)
@@ -95,6 +106,77 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
     trials_csv = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="trials.csv",
                                                           dst_path=str(isolated / "b")))
     assert len(list(csv.DictReader(trials_csv.open()))) == 5
+    # The study's report in the parent run: Optuna's plots, the tables and the cost ledger ...
+    report = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, dst_path=str(isolated / "c")))
+    names = {path.name for path in report.iterdir()}
+    assert {"report.html", "trials.html", "cost.json", "optimization_history.png", "param_importances.png",
+            "parallel_coordinate.png", "slice.png", "contour.png", "intermediate_values.png"} <= names
+    cost = json.loads((report / "cost.json").read_text())
+    assert cost["trials_complete"] == 5 and cost["seconds_complete"] > 0
+    assert cost["seconds_total"] == pytest.approx(sum(float(row["seconds"]) for row in csv.DictReader(
+        trials_csv.open())))
+    # ... which the report command rebuilds from storage alone.
+    result = subprocess.run([sys.executable, "-m", "cifar_exp.report", "lr_dropout"], cwd=isolated,
+                            capture_output=True, text=True, timeout=600, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert f"study 'lr_dropout': 5 trials; report rebuilt in parent run {parent.info.run_id}" in result.stdout
+    compared = subprocess.run([sys.executable, "-m", "cifar_exp.compare", "lr_dropout", "--top", "3"], cwd=isolated,
+                              capture_output=True, text=True, timeout=600, env=clean_env())
+    assert compared.returncode == 0, compared.stderr
+    header, *table = compared.stdout.splitlines()[:4]
+    assert header.split()[:4] == ["rank", "trial", "val_accuracy", "test_accuracy"]
+    values = [float(line.split()[2]) for line in table]
+    assert values == sorted(values, reverse=True) and values[0] == pytest.approx(study(isolated).best_value, abs=5e-5)
+    assert (isolated / "lr_dropout-top-3.png").stat().st_size > 10_000
+    check_ui_serves_the_store(isolated, parent.info.experiment_id, {c.info.run_id for c in children})
+    metrics = MlflowClient().get_run(parent.info.run_id).data.metrics
+    assert metrics["cost_trials_complete"] == 5
+    assert metrics["cost_seconds_total"] == pytest.approx(cost["seconds_total"])
+
+
+def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]) -> None:
+    """``python -m cifar_exp.ui`` on a free loopback port: runs, params, metrics and artifacts come
+    back over MLflow's REST API; then it is stopped."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "cifar_exp.ui", "lr_dropout", "--port", str(port)], cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env(),
+                          start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert ui.stdout is not None
+        assert ui.stdout.readline().strip() == f"MLflow UI on sqlite:///mlruns/mlflow.db: {base}"
+        assert ui.stdout.readline().strip() == f"experiment lr_dropout: {base}/#/experiments/{experiment_id}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or ui.poll() is not None:
+                    raise
+                time.sleep(1)
+
+        def api(path: str, body: dict | None = None) -> dict:
+            request = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", method="POST" if body else "GET",
+                                             data=json.dumps(body).encode() if body else None,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        found = api("runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
+        children = [r for r in found if r["info"]["run_id"] in child_ids]
+        assert len(found) == len(child_ids) + 1 and len(children) == len(child_ids)
+        for run in children:
+            assert {"learning_rate", "dropout", "seed"} <= {p["key"] for p in run["data"]["params"]}
+            assert {"val_accuracy", "test_accuracy"} <= {m["key"] for m in run["data"]["metrics"]}
+        files = api(f"artifacts/list?run_id={children[0]['info']['run_id']}")["files"]
+        assert {"confusion_matrix.png", "sweep.yaml"} <= {f["path"] for f in files}
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=60)
 
 
 def test_failing_trials_fail_alone(isolated: Path, cifar_slice: Path) -> None:

@@ -69,6 +69,10 @@ def test_evaluation_artifacts_hold_what_they_claim(store: str, isolated: Path) -
     report = json.loads((folder / "classification_report.json").read_text())
     assert report["cat"]["recall"] == 0.5
     assert (folder / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    # cat<->dog: one cat predicted dog; cat<->ship: one ship predicted cat; dog<->ship never
+    pairs = list(csv.DictReader((folder / "confused_pairs.csv").open()))
+    assert [(p["pair"], p["total"], p["a_as_b"], p["b_as_a"]) for p in pairs] == [
+        ("cat <-> dog", "1", "1", "0"), ("cat <-> ship", "1", "0", "1")]
     logged = MlflowClient().get_run(run).data.metrics
     assert logged["test_macro_f1"] == pytest.approx(metrics["test_macro_f1"])
 

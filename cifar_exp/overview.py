@@ -1,0 +1,214 @@
+"""The study at a glance, for its MLflow parent run: Optuna's plots (PNG, and one interactive
+HTML page), the table of all trials (CSV and HTML) and the cost ledger.
+
+``write(study, folder, epochs)`` builds every file from the study alone (storage, not memory), so
+``python -m cifar_exp.report NAME`` can rebuild them at any time without training. Decisions:
+the interactive page embeds plotly.js once (about 4.8 MB) so that it opens offline; one page
+per plot would repeat it six times. A plot Optuna cannot draw yet (importances need two
+complete trials, a contour two parameters) is listed on the page with Optuna's reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+
+PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "contour",
+         "intermediate_values")
+
+
+def trial_rows(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+    """One row per trial: number, state, value, seconds, params, and what the worker recorded
+    (test metrics, epochs run, run id, failure reason)."""
+    rows = []
+    for t in trials:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "seconds": seconds,
+                     **t.params, **{k: v for k, v in t.user_attrs.items() if k != "interrupted"}})
+    return rows
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Where the sweep's time went: wall-clock seconds of trials by how they ended, and the
+    seconds pruning saved (each pruned trial's seconds per epoch times the epochs it skipped)."""
+
+    seconds_complete: float
+    seconds_pruned: float
+    seconds_failed: float
+    pruning_saved_seconds: float
+    trials_complete: int
+    trials_pruned: int
+    trials_failed: int
+
+    @property
+    def seconds_total(self) -> float:
+        return self.seconds_complete + self.seconds_pruned + self.seconds_failed
+
+
+def ledger(trials: Sequence[FrozenTrial], epochs: int) -> Ledger:
+    """The cost ledger of ``trials`` in a sweep of ``epochs`` epochs per trial."""
+    spent = {TrialState.COMPLETE: 0.0, TrialState.PRUNED: 0.0, TrialState.FAIL: 0.0}
+    count = dict.fromkeys(spent, 0)
+    saved = 0.0
+    for t in trials:
+        if t.state not in spent or not (t.datetime_start and t.datetime_complete):
+            continue
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+        spent[t.state] += seconds
+        count[t.state] += 1
+        ran = t.user_attrs.get("epochs_run") or 0
+        if t.state == TrialState.PRUNED and ran:
+            saved += seconds / ran * max(epochs - ran, 0)
+    return Ledger(spent[TrialState.COMPLETE], spent[TrialState.PRUNED], spent[TrialState.FAIL], saved,
+                  count[TrialState.COMPLETE], count[TrialState.PRUNED], count[TrialState.FAIL])
+
+
+def _contour_params(study: optuna.Study) -> list[str] | None:
+    """The two most important parameters (fANOVA), for the contour plot."""
+    importances = optuna.importance.get_param_importances(study)
+    return list(importances)[:2] if len(importances) >= 2 else None
+
+
+def _figures(study: optuna.Study, metric: str) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """Plot name -> (matplotlib figure factory, plotly figure factory)."""
+    mpl, ply = optuna.visualization.matplotlib, optuna.visualization
+
+    def contour(module: Any) -> Any:
+        params = _contour_params(study)
+        if params is None:
+            raise ValueError("the contour plot needs two searched parameters with complete trials")
+        return module.plot_contour(study, params=params)
+
+    return {
+        "optimization_history": (lambda: mpl.plot_optimization_history(study),
+                                 lambda: ply.plot_optimization_history(study)),
+        "param_importances": (lambda: mpl.plot_param_importances(study), lambda: ply.plot_param_importances(study)),
+        "parallel_coordinate": (lambda: mpl.plot_parallel_coordinate(study),
+                                lambda: ply.plot_parallel_coordinate(study)),
+        "slice": (lambda: mpl.plot_slice(study), lambda: ply.plot_slice(study)),
+        "contour": (lambda: contour(mpl), lambda: contour(ply)),
+        "intermediate_values": (lambda: _learning_curves(study, metric), lambda: _marked(study)),
+    }
+
+
+def _learning_curves(study: optuna.Study, metric: str) -> Any:
+    """Every trial's reported value per epoch; pruned trials dashed, with an x where they stopped
+    (Optuna's own plot does not tell them apart)."""
+    figure, ax = plt.subplots(figsize=(8, 4.5))
+    for t in study.get_trials(deepcopy=False):
+        if not t.intermediate_values:
+            continue
+        steps = sorted(t.intermediate_values)
+        values = [t.intermediate_values[s] for s in steps]
+        pruned = t.state == TrialState.PRUNED
+        (line,) = ax.plot(steps, values, "--" if pruned else "-", alpha=0.6 if pruned else 0.9, linewidth=1)
+        if pruned:
+            ax.plot(steps[-1:], values[-1:], "x", color=line.get_color(), markersize=8)
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch of every trial (dashed, x: pruned)")
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def _marked(study: optuna.Study) -> Any:
+    """Optuna's interactive intermediate-values plot with pruned trials dotted and named so."""
+    figure = optuna.visualization.plot_intermediate_values(study)
+    pruned = {f"Trial{t.number}" for t in study.get_trials(deepcopy=False) if t.state == TrialState.PRUNED}
+    for trace in figure.data:
+        if trace.name in pruned:
+            trace.line.dash = "dot"
+            trace.name = f"{trace.name} (pruned)"
+    return figure
+
+
+def _figure_of(drawn: Any) -> Any:
+    """matplotlib returns Axes (or an array of them for slice/contour): their Figure."""
+    first = drawn.flat[0] if hasattr(drawn, "flat") else drawn
+    return first.get_figure() if hasattr(first, "get_figure") else first.figure
+
+
+def write(study: optuna.Study, folder: Path, epochs: int, metric: str = "objective") -> dict[str, str]:
+    """Write the report of ``study`` (whose objective is ``metric``) into ``folder``: ``<plot>.png`` per drawable plot,
+    ``report.html``, ``trials.csv``, ``trials.html``, ``cost.json``. Returns plot name -> why
+    it was not drawn, for the plots Optuna could not draw."""
+    folder.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    rows = trial_rows(trials)
+    _write_csv(folder / "trials.csv", rows)
+    (folder / "trials.html").write_text(_page(f"Trials of {study.study_name}", _table(rows)))
+    cost = ledger(trials, epochs)
+    (folder / "cost.json").write_text(json.dumps({**asdict(cost), "seconds_total": cost.seconds_total}, indent=2))
+    skipped: dict[str, str] = {}
+    sections: list[str] = []
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        for name, (draw_png, draw_html) in _figures(study, metric).items():
+            try:
+                if not complete:
+                    raise ValueError("no complete trial yet")
+                figure = _figure_of(draw_png())
+                figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
+                plt.close(figure)
+                # plotly.js goes into the page once, with the first figure drawn
+                sections.append(f"<h2>{name.replace('_', ' ')}</h2>" + draw_html().to_html(
+                    full_html=False, include_plotlyjs=not sections))
+            except Exception as exc:  # noqa: BLE001 (a plot that fails must not take the tables with it)
+                plt.close("all")
+                skipped[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if skipped:
+        sections.append("<h2>not drawn yet</h2><ul>" + "".join(
+            f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in skipped.items()) + "</ul>")
+    summary = (f"<p>{len(trials)} trials: {cost.trials_complete} complete, {cost.trials_pruned} pruned, "
+               f"{cost.trials_failed} failed; {cost.seconds_total:.1f} s of trials, "
+               f"{cost.pruning_saved_seconds:.1f} s saved by pruning.</p>")
+    (folder / "report.html").write_text(_page(f"Study {study.study_name}", summary + "".join(sections)))
+    return skipped
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return html.escape("" if value is None else str(value))
+
+
+def _table(rows: Sequence[Mapping[str, Any]]) -> str:
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _page(title: str, body: str) -> str:
+    style = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")

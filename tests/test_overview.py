@@ -1,0 +1,76 @@
+"""The study's report, on synthetic Optuna studies: the ledger's arithmetic, every plot and
+table, pruned trials marked, and plots that cannot be drawn yet said so."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from pathlib import Path
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from cifar_exp import overview
+
+T0 = dt.datetime(2026, 1, 1)
+
+
+def trial(number: int, state: TrialState, seconds: float, epochs_run: int | None = None) -> optuna.trial.FrozenTrial:
+    frozen = create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                          params={"dropout": 0.1}, distributions={"dropout": FloatDistribution(0, 1)},
+                          user_attrs={} if epochs_run is None else {"epochs_run": epochs_run})
+    frozen.number = number
+    frozen.datetime_start, frozen.datetime_complete = T0, T0 + dt.timedelta(seconds=seconds)
+    return frozen
+
+
+def test_ledger_adds_seconds_by_state_and_what_pruning_saved() -> None:
+    trials = [trial(0, TrialState.COMPLETE, 100, 10), trial(1, TrialState.PRUNED, 20, 2),
+              trial(2, TrialState.PRUNED, 30, 5), trial(3, TrialState.FAIL, 7)]
+    cost = overview.ledger(trials, epochs=10)
+    assert (cost.seconds_complete, cost.seconds_pruned, cost.seconds_failed) == (100, 50, 7)
+    assert cost.pruning_saved_seconds == 20 / 2 * 8 + 30 / 5 * 5  # seconds per epoch x epochs skipped
+    assert (cost.trials_complete, cost.trials_pruned, cost.trials_failed, cost.seconds_total) == (1, 2, 1, 157)
+
+
+def synthetic_study() -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(t: optuna.Trial) -> float:
+        lr = t.suggest_float("learning_rate", 1e-4, 1e-1, log=True)
+        dropout = t.suggest_float("dropout", 0, 0.5)
+        t.suggest_categorical("lr_schedule", ["constant", "cosine"])
+        for epoch in range(3):
+            t.report(dropout + epoch * lr, epoch + 1)
+        if t.number == 3:
+            raise optuna.TrialPruned()
+        return dropout + lr
+
+    study.optimize(objective, n_trials=10)
+    return study
+
+
+def test_report_has_every_plot_both_tables_and_marks_pruned_trials(tmp_path: Path) -> None:
+    study = synthetic_study()
+    assert overview.write(study, tmp_path, epochs=3, metric="val_accuracy") == {}
+    for name in overview.PLOTS:
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<h2>") == len(overview.PLOTS) and page.count("plotly.js v") == 1  # embedded once
+    assert "Trial3 (pruned)" in page and "10 trials: 9 complete, 1 pruned, 0 failed" in page
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert [(r["number"], r["state"]) for r in rows] == [(str(t.number), t.state.name) for t in study.trials]
+    assert (tmp_path / "trials.html").read_text().count("<tr>") == 11  # header and one row per trial
+    assert json.loads((tmp_path / "cost.json").read_text())["trials_pruned"] == 1
+
+
+def test_plots_that_cannot_be_drawn_yet_are_named_with_the_reason(tmp_path: Path) -> None:
+    study = optuna.create_study()
+    study.add_trial(trial(0, TrialState.FAIL, 3))
+    skipped = overview.write(study, tmp_path, epochs=3)
+    assert set(skipped) == set(overview.PLOTS) and skipped["contour"] == "no complete trial yet"
+    assert "not drawn yet" in (tmp_path / "report.html").read_text()
+    assert not list(tmp_path.glob("*.png"))
