@@ -377,7 +377,7 @@ def _print_comparison(comparison: Any) -> None:
     for epoch, row in enumerate(comparison.epochs, 1):
         print(f"{epoch:>5}" + "".join(f"{_diff(row[m]) if m in row else '':>{width}}" for m in comparison.metrics))
     if comparison.test:
-        shown = [k for k in ("test_loss", "test_accuracy", "test_macro_f1") if k in comparison.test]
+        shown = [k for k in ("test_loss", "test_accuracy", "test_macro_f1", "param_count") if k in comparison.test]
         print("test  " + "  ".join(f"{k} {_diff(comparison.test[k])}" for k in shown))
         others = [k for k in comparison.test if k not in shown]
         differing = [f"{k} {_diff(comparison.test[k])}" for k in others if _diff(comparison.test[k]) != "="]

@@ -42,7 +42,7 @@ def load(spec: str) -> keras_tuner.HyperModel:
     if isinstance(target, keras_tuner.HyperModel):
         return target
     if callable(target):
-        return keras_tuner.HyperModel.__new__(_Function).bind(target)
+        return _Function(target)
     raise HypermodelError(f"hypermodel {spec}: {attribute} is neither a build(hp) function nor a "
                           f"keras_tuner.HyperModel")
 
@@ -50,10 +50,9 @@ def load(spec: str) -> keras_tuner.HyperModel:
 class _Function(keras_tuner.HyperModel):
     """A plain ``build(hp)`` function as a HyperModel (what KerasTuner's tuners do with one)."""
 
-    def bind(self, build: Callable[[Any], Any]) -> _Function:
-        keras_tuner.HyperModel.__init__(self)
+    def __init__(self, build: Callable[[Any], Any]) -> None:
+        super().__init__()
         self._build = build
-        return self
 
     def build(self, hp: Any) -> Any:
         return self._build(hp)

@@ -33,6 +33,13 @@ from cifar_exp.config import (
 RERUN_TAG = "rerun_of"
 # Wall-clock time is never reproducible; every other per-epoch metric must be.
 UNREPRODUCIBLE = ("epoch_seconds", "images_per_second")
+# Logged once when a trial completes (step 0), not per epoch: compared like the test metrics.
+FINAL_METRICS = ("param_count",)
+
+
+def final(key: str) -> bool:
+    """Whether the metric ``key`` is logged once at the end of a trial (test metrics and the like)."""
+    return key.startswith("test_") or key in FINAL_METRICS
 EPOCH_METRICS_ORDER = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 # Tags of the original that describe what was trained on; the rerun carries them over.
 PROVENANCE_TAGS = ("sweep", "sweep_sha256", "sweep_seed", "validation_fraction", "data_source", "data_checksum")
@@ -48,7 +55,7 @@ class Original:
     cfg: TrainConfig
     seed: int
     history: dict[str, list[float]]  # Keras logs key -> value per epoch
-    test: dict[str, float]  # test_* metrics (complete trials only)
+    test: dict[str, float]  # test_* metrics and param_count (complete trials only)
     hyperparameters: dict[str, Any] | None = None  # a hypermodel trial's, typed
 
     @property
@@ -128,9 +135,9 @@ def load_original(run_id: str) -> Original:
             raise UserError(f"{where}: param {key}={values[key]} contradicts the sweep file's fixed "
                             f"{key}: {fixed}")
     history = {key: track.metric_history(run_id, key) for key in run.metrics
-               if not key.startswith("test_") and key not in UNREPRODUCIBLE}
+               if not final(key) and key not in UNREPRODUCIBLE}
     original = Original(run, sweep, sweep.train_config(values), seed, history,
-                        {k: v for k, v in run.metrics.items() if k.startswith("test_")}, hyperparameters)
+                        {k: v for k, v in run.metrics.items() if final(k)}, hyperparameters)
     if original.epochs_logged == 0:
         reason = run.tags.get("fail_reason", "")
         raise UserError(f"run {run_id} logged no epoch ({original.state}{': ' + reason if reason else ''}); "
@@ -215,7 +222,7 @@ def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deter
         model_uri = track.log_result(run_id, result, splits,
                                      title=f"{original.sweep.name} trial {original.trial_number} (rerun)")
         track.set_tags(run_id, {"model_uri": model_uri})
-        test = {k: v for k, v in track.get_run(run_id).metrics.items() if k.startswith("test_")}
+        test = {k: v for k, v in track.get_run(run_id).metrics.items() if final(k)}
     return Outcome(run_id, dict(history), test)
 
 
