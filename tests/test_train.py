@@ -185,7 +185,7 @@ def test_a_hook_that_raises_stops_training(splits: data.Splits) -> None:
 
 
 def test_non_finite_loss_raises_diverged() -> None:
-    hooks = train._Hooks([])
+    hooks = train._Hooks([], images=64)
     hooks.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
     hooks.model.compile(optimizer="sgd", loss="mse")
     hooks.on_epoch_begin(0)
