@@ -31,7 +31,8 @@ from cifar_exp.config import (
 )
 
 RERUN_TAG = "rerun_of"
-# Wall-clock time is never reproducible; every other per-epoch metric must be.
+# Wall-clock time is never reproducible, nor are the system/ metrics (the machine, not the model);
+# every other per-epoch metric must be.
 UNREPRODUCIBLE = ("epoch_seconds", "images_per_second")
 # Logged once when a trial completes (step 0), not per epoch: compared like the test metrics.
 FINAL_METRICS = ("param_count",)
@@ -135,7 +136,7 @@ def load_original(run_id: str) -> Original:
             raise UserError(f"{where}: param {key}={values[key]} contradicts the sweep file's fixed "
                             f"{key}: {fixed}")
     history = {key: track.metric_history(run_id, key) for key in run.metrics
-               if not final(key) and key not in UNREPRODUCIBLE}
+               if not final(key) and key not in UNREPRODUCIBLE and not key.startswith(track.SYSTEM_PREFIX)}
     original = Original(run, sweep, sweep.train_config(values), seed, history,
                         {k: v for k, v in run.metrics.items() if final(k)}, hyperparameters)
     if original.epochs_logged == 0:

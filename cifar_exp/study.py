@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 from optuna.storages.journal import JournalFileBackend
@@ -285,11 +285,12 @@ def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits:
                     "run_id": run_id})
         return True
     except Interrupted:
-        _fail(study, trial, run_id, "interrupted (Ctrl-C or SIGTERM)", "KILLED", interrupted=True)
-        events.put({"kind": "end", "trial": trial.number, "state": "FAIL", "reason": "interrupted",
-                    "run_id": run_id})
-        raise SystemExit(0) from None
+        _interrupted(study, trial, run_id, events)
     except Exception as exc:
+        if _WORKER["stop"]:
+            # Raised from the signal handler inside Keras, Interrupted can come out as another
+            # exception (one raised by a `finally` of the fit loop on its way out): still a stop.
+            _interrupted(study, trial, run_id, events)
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         _fail(study, trial, run_id, reason, "FAILED")
         events.put({"kind": "end", "trial": trial.number, "state": "FAIL", "reason": reason, "run_id": run_id})
@@ -306,6 +307,12 @@ def log_hyperparameters(run_id: str, values: Mapping[str, Any], sweep: Sweep) ->
     logged = track.get_run(run_id).params
     track.log_params(run_id, {k: v for k, v in values.items() if k not in logged})
     track.log_text(run_id, json.dumps(dict(values), sort_keys=True), "hyperparameters.json")
+
+
+def _interrupted(study: optuna.Study, trial: optuna.Trial, run_id: str, events: Any) -> NoReturn:
+    _fail(study, trial, run_id, "interrupted (Ctrl-C or SIGTERM)", "KILLED", interrupted=True)
+    events.put({"kind": "end", "trial": trial.number, "state": "FAIL", "reason": "interrupted", "run_id": run_id})
+    raise SystemExit(0) from None
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, run_id: str, reason: str, run_status: str,

@@ -4,13 +4,18 @@ CIFAR-10 (JPEG copy), checked through the MLflow and Optuna APIs."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -56,7 +61,8 @@ def study(cwd: Path, name: str = "lr_dropout") -> optuna.Study:
 
 
 def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -> None:
-    out = run_sweep(isolated, "lr_dropout", "--trials", "3", "--epochs", "2", "--data", str(cifar_slice)).stdout
+    out = run_sweep(isolated, "lr_dropout", "--trials", "3", "--epochs", "2", "--data", str(cifar_slice),
+                    env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}).stdout  # trials last seconds here
     assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in out
 
     parents, children = runs(isolated)
@@ -77,6 +83,9 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
         # provenance: this checkout's commit, and the tracking libraries' versions
         assert child.data.tags["git_commit"] == head and child.data.tags["git_dirty"] in ("true", "false")
         assert child.data.tags["optuna_version"] == optuna.__version__
+        # the machine while it trained, sampled by MLflow's system metrics monitor
+        assert child.data.metrics["system/system_memory_usage_megabytes"] > 0
+        assert 0 <= child.data.metrics["system/cpu_utilization_percentage"] <= 100
 
     # The confusion matrix counts every test image once; the model loads and predicts.
     child = children[0]
@@ -174,9 +183,52 @@ def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]
             assert {"val_accuracy", "test_accuracy"} <= {m["key"] for m in run["data"]["metrics"]}
         files = api(f"artifacts/list?run_id={children[0]['info']['run_id']}")["files"]
         assert {"confusion_matrix.png", "sweep.yaml"} <= {f["path"] for f in files}
+        # DNS rebinding: a page on another name must not reach the store through this server
+        evil = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=5",
+                                      headers={"Host": "evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(evil, timeout=30)
+        assert refused.value.code == 403
+        check_compare_page(base, experiment_id, children[:2], cwd / "compare-runs.png")
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=60)
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-proxy-server", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1600,1200"]
+
+
+def chromium(url: str, *args: str, profile: Path) -> str:
+    """Run headless Chromium on ``url`` with ``args``; its stdout. The flags keep it off the network
+    (this machine has none) and give it a fresh profile."""
+    binary = shutil.which("chromium")
+    assert binary, "no chromium on PATH: `apt-get install chromium` (.ci/run does)"
+    result = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def check_compare_page(base: str, experiment_id: str, runs: list[dict], screenshot: Path) -> None:
+    """The MLflow UI's run-comparison page, rendered by a real headless Chromium, shows both runs
+    (id and name) and every one of their parameters with its value; a screenshot is saved."""
+    ids = ",".join(f'"{r["info"]["run_id"]}"' for r in runs)
+    url = f"{base}/#/compare-runs?runs=" + urllib.parse.quote(f"[{ids}]") + "&experiments=" + \
+        urllib.parse.quote(f'["{experiment_id}"]')
+    expected = {r["info"]["run_id"] for r in runs} | {r["info"]["run_name"] for r in runs}
+    for run in runs:
+        expected |= {p["key"] for p in run["data"]["params"]} | {p["value"] for p in run["data"]["params"]}
+    for budget in (20_000, 60_000):  # virtual milliseconds for the page's scripts and API calls
+        dom = chromium(url, f"--virtual-time-budget={budget}", "--dump-dom", profile=screenshot.parent / "chrome")
+        text = html.unescape(re.sub(r"<[^>]+>", "\n", re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S)))
+        shown = {line.strip() for line in text.splitlines()}
+        if expected <= shown:
+            break
+    assert "Comparing 2 Runs" in text and expected <= shown, sorted(expected - shown)
+    chromium(url, f"--virtual-time-budget={budget}", f"--screenshot={screenshot}", profile=screenshot.parent / "chrome")
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
 
 
 def test_failing_trials_fail_alone(isolated: Path, cifar_slice: Path) -> None:
@@ -214,7 +266,7 @@ def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(isolated: P
     assert "run the same command to resume" in err
 
     (trial,) = study(isolated).get_trials()
-    assert trial.state == TrialState.FAIL and trial.user_attrs["interrupted"] is True
+    assert trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") is True, (trial.user_attrs, err)
     parents, children = runs(isolated)
     assert children[0].info.status == "KILLED" and parents[0].info.status == "KILLED"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -48,6 +49,19 @@ def test_parent_and_child_runs_and_statuses(store: str) -> None:
     history = client.get_metric_history(child, "val_accuracy")
     assert [m.step for m in history] == [0, 1, 2]
     assert client.get_run(parent).data.tags["x"] == "1"
+
+
+def test_a_run_samples_system_metrics_until_it_ends(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(track, "SYSTEM_SAMPLING_SECONDS", 0.2)
+    run = track.start_run(track.experiment_id("demo"), "r", {}, {})
+    time.sleep(1.5)
+    track.end_run(run, "FINISHED")
+    client = MlflowClient()
+    memory = client.get_metric_history(run, "system/system_memory_usage_megabytes")
+    assert len(memory) >= 2 and all(m.value > 0 for m in memory)
+    assert 0 <= client.get_run(run).data.metrics["system/cpu_utilization_percentage"] <= 100
+    time.sleep(0.6)  # ended: no sample follows
+    assert len(client.get_metric_history(run, "system/system_memory_usage_megabytes")) == len(memory)
 
 
 def test_evaluation_artifacts_hold_what_they_claim(store: str, isolated: Path) -> None:
