@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from cifar_exp.config import (
     DEFAULT_STORAGE,
@@ -23,7 +24,24 @@ from cifar_exp.config import (
     UserError,
     available_sweeps,
     load_sweep,
+    mask_credentials,
 )
+
+
+class _Main(Protocol):
+    def __call__(self, argv: Sequence[str] | None = None) -> int: ...
+
+
+def _entry_point(main: _Main) -> _Main:
+    """A command: files and folders it creates (journal, databases, caches, artifacts) are never
+    writable by group or others, whatever umask the caller has."""
+
+    @functools.wraps(main)
+    def command(argv: Sequence[str] | None = None) -> int:
+        os.umask(os.umask(0o022) | 0o022)
+        return main(argv)
+
+    return command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,6 +105,13 @@ _seed = _number(int, "--seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)")
 _tolerance = _number(float, "--tolerance", lambda v: v >= 0, "0 or more")  # NaN fails too
 
 
+def _gpus(text: str) -> tuple[str, ...]:
+    gpus = tuple(g.strip() for g in text.split(","))
+    if not all(g.isdigit() for g in gpus):
+        raise argparse.ArgumentTypeError(f"--gpus {text!r}: give GPU indices separated by commas, e.g. --gpus 0,1")
+    return gpus
+
+
 def sweep_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m cifar_exp.sweep",
                 description="Run (or resume) the Optuna study of a sweep; every trial is an MLflow run.")
@@ -104,6 +129,8 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help=f"MLflow tracking URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
     p.add_argument("--workers", type=_positive(int, "--workers"), default=1,
                    help="worker processes sharing the study (default 1)")
+    p.add_argument("--gpus", type=_gpus, default=(),
+                   help="GPU indices, e.g. 0,1: worker i sees only GPU i mod count (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--engine", choices=("optuna", "keras-tuner"), default="optuna",
                    help="search with Optuna (default) or with KerasTuner's own tuners, tracked the same way")
     p.add_argument("--register", action="store_true",
@@ -142,7 +169,7 @@ class Progress:
         elif kind == "end":
             state = event["state"]
             self.counts[state] = self.counts.get(state, 0) + 1
-            if not str(event.get("reason", "")).startswith("interrupted"):  # those do not count
+            if not (str(event.get("reason", "")).startswith("interrupted") or event.get("retried")):  # uncounted
                 self.finished += 1
             detail = ""
             if state == "COMPLETE":
@@ -153,9 +180,17 @@ class Progress:
             elif event.get("reason"):
                 detail = f": {event['reason']}"
             self._line(f"trial {event['trial']} {state}{detail} [{self._of()}] {self._status()}")
+        elif kind == "stale":
+            self._line(f"trial {event['trial']} was left running by a worker that is gone: failed, retried once "
+                       f"({event['reason']})")
 
     def _line(self, text: str) -> None:
         print(("\r\033[K" if self.live else "") + text, flush=True)
+
+
+def _error(exc: BaseException) -> None:
+    """The one-line error for the user, with any URL's password hidden."""
+    print(f"error: {mask_credentials(str(exc))}", file=sys.stderr)
 
 
 def _fmt(value: Any) -> str:
@@ -175,6 +210,7 @@ def _apply_overrides(args: argparse.Namespace) -> Any:
     return dataclasses.replace(sweep, **changes)
 
 
+@_entry_point
 def sweep_main(argv: Sequence[str] | None = None) -> int:
     args = sweep_parser().parse_args(argv)
     try:
@@ -197,9 +233,14 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--register reads the Optuna study: register after an Optuna sweep, or pass a "
                               "model URI to python -m cifar_exp.evaluate")
         set_environment(sweep.deterministic)
-        from cifar_exp import data, study  # after set_environment: these may import keras
+        from cifar_exp import data, study, track  # after set_environment: these may import keras
 
-        dataset = data.load(sweep.data.source)  # bad --data fails here, before anything is written
+        # Bad input fails here, before anything is written: the servers first (they write nothing
+        # when checked), then the data (whose cache is the first write).
+        track.check_server(args.tracking_uri)
+        if "://" in args.storage:
+            study.open_storage(args.storage)
+        dataset = data.load(sweep.data.source)
         data.split(dataset, sweep.data.validation_fraction, sweep.sampler.seed)
         tags = {"data_source": sweep.data.source, "data_checksum": dataset.checksum,
                 "command": shlex.join(["python", "-m", "cifar_exp.sweep",
@@ -207,7 +248,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
                 "keras_backend": os.environ["KERAS_BACKEND"], **provenance()}
         del dataset  # the workers load their own copy; the parent keeps no arrays
         settings = study.Settings(sweep=sweep, storage=args.storage, tracking_uri=args.tracking_uri,
-                                  workers=args.workers, tags=tags)
+                                  workers=args.workers, gpus=args.gpus, tags=tags)
         if args.engine == "keras-tuner":
             return _keras_tuner_main(settings, args)
         import optuna
@@ -216,14 +257,15 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         existing = study.create_study(settings)
         finished = len(study.counted(existing.get_trials(deepcopy=False)))
         print(f"sweep {sweep.name}: {sweep.description.strip().splitlines()[0] if sweep.description else ''}")
-        print(f"study '{sweep.name}' in {args.storage}: {finished} trials finished before; "
+        print(f"study '{sweep.name}' in {mask_credentials(args.storage)}: {finished} trials finished before; "
               f"budget {sweep.trials if sweep.trials else 'none'} trials, "
               f"{sweep.epochs} epochs each, {args.workers} worker(s), seed {sweep.sampler.seed}, deterministic "
-              f"kernels {'on' if sweep.deterministic else 'off'}; tracking {args.tracking_uri}", flush=True)
+              f"kernels {'on' if sweep.deterministic else 'off'}; tracking {mask_credentials(args.tracking_uri)}",
+              flush=True)
         progress = Progress(sweep.objective.metric, sweep.objective.direction == "maximize", finished, sweep.trials)
         summary = study.run_sweep(settings, progress)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the workers started: nothing ran yet
         print("interrupted before any trial started", file=sys.stderr)
@@ -239,7 +281,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         try:
             _register(sweep, args.storage, args.data)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            _error(exc)
             return 2
     return 0
 
@@ -258,7 +300,7 @@ def _keras_tuner_main(settings: Any, args: argparse.Namespace) -> int:
     for row in outcome.best:
         params = " ".join(f"{k}={_fmt(v)}" for k, v in row["params"].items())
         print(f"  trial {row['trial']}: {sweep.objective.metric}={row['value']:.4f} {params}")
-    print(f"open the MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri} "
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {mask_credentials(settings.tracking_uri)} "
           f"(experiment {outcome.experiment_id}; runs tagged engine=keras-tuner)")
     return 0
 
@@ -276,7 +318,7 @@ def _print_summary(summary: Any, metric: str, tracking_uri: str) -> None:
             print(f"{rank:>4} {t.number:>5} {t.value:>12.4f} {test if test is None else f'{test:.4f}':>13}  {params}")
         print(f"best run: {summary.best[0].user_attrs.get('mlflow_run_id')} "
               f"(experiment {summary.experiment_id}, parent run {summary.parent_run_id})")
-    print(f"open the MLflow UI: {track.ui_command(tracking_uri)}")
+    print(f"open the MLflow UI: {mask_credentials(track.ui_command(tracking_uri))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +350,7 @@ def _existing_store(tracking_uri: str) -> None:
             raise UserError(f"no MLflow store at {path}: run a sweep first, or pass --tracking-uri")
 
 
+@_entry_point
 def rerun_main(argv: Sequence[str] | None = None) -> int:
     args = rerun_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a report
@@ -332,7 +375,7 @@ def rerun_main(argv: Sequence[str] | None = None) -> int:
         backend.use_deterministic_ops(args.deterministic)
         identity = backend.identity()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -440,6 +483,7 @@ def _register(sweep: Any, storage_url: str, data_source: str | None) -> None:
     print(f"load it with mlflow.pyfunc.load_model('models:/{version.name}@{registry.CHAMPION}')")
 
 
+@_entry_point
 def register_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="python -m cifar_exp.register",
                 description="Register the best completed trial of a sweep's study in the MLflow Model Registry "
@@ -454,11 +498,12 @@ def register_main(argv: Sequence[str] | None = None) -> int:
         _open_store(args.tracking_uri, sweep.deterministic)
         _register(sweep, args.storage, args.data)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     return 0
 
 
+@_entry_point
 def report_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="python -m cifar_exp.report",
                 description="Rebuild a study's plots, trials table and cost ledger in its MLflow parent run, from "
@@ -483,7 +528,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
                             f"pass the --tracking-uri the sweep used") from None
         skipped = study.publish(found, parent, sweep)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     print(f"study '{sweep.name}': {len(found.trials)} trials; report rebuilt in parent run {parent}: "
           f"report.html, trials.csv, trials.html, cost.json and the plots")
@@ -492,6 +537,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@_entry_point
 def ui_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="python -m cifar_exp.ui",
                 description="Start the MLflow UI on this project's store, bound to 127.0.0.1 unless told otherwise.")
@@ -514,9 +560,9 @@ def ui_main(argv: Sequence[str] | None = None) -> int:
             if experiment is None:
                 raise UserError(f"no experiment '{args.name}' in {args.tracking_uri}: run the sweep first")
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
-    print(f"MLflow UI on {args.tracking_uri}: {address}", flush=True)
+    print(f"MLflow UI on {mask_credentials(args.tracking_uri)}: {address}", flush=True)
     if experiment is not None:
         print(f"experiment {args.name}: {address}/#/experiments/{experiment}", flush=True)
     # The server replaces this process: Ctrl-C and signals reach it directly, no orphan is left.
@@ -525,6 +571,7 @@ def ui_main(argv: Sequence[str] | None = None) -> int:
     return 0  # not reached
 
 
+@_entry_point
 def compare_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="python -m cifar_exp.compare",
                 description="The best trials of a sweep as a table, and one PNG overlaying their validation curves.")
@@ -544,7 +591,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         if not best:
             raise UserError(f"study '{sweep.name}' has no complete trial yet")
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     metric = sweep.objective.metric
     names = sorted({key for t in best for key in t.params})
@@ -569,6 +616,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@_entry_point
 def predict_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="python -m cifar_exp.predict",
                 description="Top-k classes with probabilities for image files (any size; resized to the model's "
@@ -587,7 +635,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         images = registry.read_images(args.images, tuple(model.input_shape[1:3]))
         ranked = registry.top_k(registry.probabilities(model, images), names, args.top_k)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     if args.json:
         import json
@@ -603,6 +651,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@_entry_point
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="python -m cifar_exp.evaluate",
                 description="Evaluate a logged or registered model on the test set in a fresh MLflow run, with "
@@ -626,7 +675,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         run_id, metrics = registry.evaluate(args.model, test, experiment, {
             "source_run_id": source_run or "", "data_source": source, "data_checksum": test.checksum})
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     print(f"{args.model} on {len(test.y_test)} test images of {source}: test_accuracy {metrics['test_accuracy']:.4f}"
           f", test_loss {metrics['test_loss']:.4f}, test_macro_f1 {metrics['test_macro_f1']:.4f}")

@@ -32,7 +32,11 @@ OBJECTIVE_METRICS = ("val_accuracy", "val_loss")
 
 
 class UserError(Exception):
-    """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
+    """Bad input from the user: the CLI prints the message on one line and exits with code 2.
+    Line breaks that come with the input (a YAML key, a file name) are shown escaped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class ConfigError(UserError):
@@ -574,6 +578,15 @@ def available_sweeps() -> dict[str, Path]:
         for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
             found.setdefault(path.stem, path)
     return found
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][\w+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]*)@")
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with the password of every URL in it hidden: ``postgresql://me:***@db/optuna``.
+    Whatever reaches MLflow (params, tags) or the terminal goes through this."""
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 def load_sweep(name_or_path: str) -> Sweep:

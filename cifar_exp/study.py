@@ -2,14 +2,25 @@
 
 Process model. ``run_sweep`` (the CLI's process) creates or resumes the study and the MLflow
 parent run, then starts ``workers`` spawned processes. Each worker loads the data once, then
-takes a ticket from the shared trial budget, runs one trial, clears the Keras session and takes
-the next ticket. The parent never imports Keras; it follows the workers through an event queue
-(progress, best so far), replaces a worker whose trial failed (a fresh process: no leaked
-memory or poisoned GPU state), and records a trial whose worker died as failed in both systems.
+claims a trial from the study's budget, runs it, clears the Keras session and claims the next.
+The parent never imports Keras; it follows the workers through an event queue (progress, best
+so far), replaces a worker whose trial failed (a fresh process: no leaked memory or poisoned GPU
+state), and records a trial whose worker died as failed in both systems, and retries it once.
 
 Budget. ``trials`` counts the study's finished trials (complete, pruned, failed), across every
-run of the command: ``--trials 5`` after three finished trials runs two more. Trials ended by an
-interruption do not count, so a resumed sweep still delivers the budget.
+run of the command and every host: ``--trials 5`` after three finished trials runs two more.
+Trials ended by an interruption do not count, nor does a failed trial that was retried, so a
+resumed sweep still delivers the budget. The budget lives in the storage, not in a process: a
+worker claims a trial (counts finished + running trials, then asks) under a lock that every
+process sharing the storage takes (a lock file beside a journal or SQLite file, an advisory lock
+on PostgreSQL), so several hosts never run more than the budget between them.
+
+Stale trials. A trial whose worker is gone (SIGKILL, power cut) stays RUNNING in storage. Each
+trial carries its worker's host, pid and process start time; on PostgreSQL (and any RDB) it also
+records a heartbeat every ``HEARTBEAT_SECONDS``. Before claiming, every process fails the RUNNING
+trials whose worker is gone (same host: the process no longer exists; any host: no heartbeat for
+``GRACE_SECONDS``), closes their MLflow runs as KILLED and enqueues each once more with the same
+parameters.
 """
 
 from __future__ import annotations
@@ -21,20 +32,33 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import optuna
+import psutil
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from cifar_exp import overview, space, track
-from cifar_exp.config import ConfigError, PrunerConfig, SamplerConfig, Sweep, TrainConfig, UserError
+from cifar_exp.config import (
+    ConfigError,
+    PrunerConfig,
+    SamplerConfig,
+    Sweep,
+    TrainConfig,
+    UserError,
+    mask_credentials,
+)
 
 EXIT_TRIAL_FAILED = 3  # a worker exits with this after a failed trial, to be replaced
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -42,6 +66,12 @@ STOP_GRACE_SECONDS = 60.0  # how long interrupted workers get to record their tr
 # Rebuilding the report (every plot of every trial) took 3.7 s for a 12-trial study on this 2-core
 # machine, CPU taken from the workers: at most once a minute while trials finish, and at the end.
 REPORT_EVERY_SECONDS = 60.0
+# RDB storages: a running trial's heartbeat period, and the silence after which it is stale. A
+# worker busy in one long epoch still beats (a thread), so the grace only has to cover a stalled
+# database connection.
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 60
+WAIT_SECONDS = 2.0  # a worker with the budget all claimed polls this often for retries
 
 Event = dict[str, Any]
 
@@ -54,6 +84,7 @@ class Settings:
     storage: str
     tracking_uri: str
     workers: int = 1
+    gpus: tuple[str, ...] = ()  # worker i sees GPU gpus[i % len(gpus)] only; () leaves the environment alone
     tags: dict[str, str] = field(default_factory=dict)  # provenance for the parent run
 
 
@@ -78,14 +109,142 @@ def trial_seed(sweep_seed: int, trial_number: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna storage for ``url``: a database URL (``postgresql://``, ``sqlite:///``) or the path of
-    a journal file, which several local processes can share safely (file lock)."""
+def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS,
+                 grace: int = GRACE_SECONDS) -> optuna.storages.BaseStorage:
+    """Optuna storage for ``url``: a database URL (``postgresql://``, ``sqlite:///``), with
+    heartbeats on, or the path of a journal file, which several local processes can share safely
+    (file lock). A new journal file is readable by its owner only."""
     if "://" in url:
-        return optuna.storages.RDBStorage(url)
+        import sqlalchemy
+
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace)
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot open the Optuna storage {mask_credentials(url)} ({mask_credentials(reason)}): "
+                            f"check the URL, and that the database is running and lets this user in") from None
     path = Path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+@contextmanager
+def budget_lock(url: str, storage: optuna.storages.BaseStorage, name: str) -> Iterator[None]:
+    """Held by whoever claims a trial of study ``name`` in ``url``, in every process and host that
+    shares the storage: ``<file>.budget.lock`` beside a journal or SQLite file (not the journal's own
+    ``.lock``), an advisory lock on PostgreSQL.
+    Other databases get no lock (several hosts may then overshoot the budget by a trial or two)."""
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha256(f"cifar_exp:{name}".encode()).digest()[:8], "little", signed=True)
+        backend: Any = getattr(storage, "_backend", storage)  # a Study wraps its RDBStorage in a cache
+        with backend.engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        return
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    if "://" in path:
+        yield
+        return
+    import fcntl
+
+    fd = os.open(f"{path}.budget.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _alive(pid: Any, started: Any) -> bool:
+    """Whether the process ``pid``, started at ``started`` (psutil's create_time), still runs; the
+    start time tells a reused pid from the original process."""
+    try:
+        return bool(abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.01)
+    except (psutil.Error, TypeError, ValueError):
+        return False
+
+
+def recover_stale(study: optuna.Study) -> list[FrozenTrial]:
+    """Fail the study's RUNNING trials whose worker is gone, close their MLflow runs as KILLED, and
+    enqueue each once more (a trial that is itself a retry is not retried again). Returns them.
+
+    Gone: on this host, a worker process that no longer exists; on an RDB storage, also a trial
+    of any host without a heartbeat for the storage's grace period. Safe to run in many processes
+    at once: only the one whose state change wins closes and retries a trial."""
+    storage = study._storage
+    host = socket.gethostname()
+    stale: list[FrozenTrial] = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        if attrs.get("worker_host") == host and not _alive(attrs.get("worker_pid"), attrs.get("worker_started")):
+            if _fail_stale(storage, trial, f"stale: its worker (pid {attrs.get('worker_pid')}) is gone"):
+                stale.append(trial)
+    rdb = _beating(storage)
+    if rdb is not None:
+        grace = rdb.grace_period or 2 * (rdb.heartbeat_interval or 0)
+        for trial_id in rdb._get_stale_trial_ids(study._study_id):
+            trial = storage.get_trial(trial_id)
+            if _fail_stale(storage, trial, f"stale: no heartbeat for {grace} s (its worker is gone)"):
+                stale.append(trial)
+    for trial in stale:
+        trial = storage.get_trial(trial._trial_id)
+        if "mlflow_run_id" in trial.user_attrs:
+            track.end_run(trial.user_attrs["mlflow_run_id"], "KILLED",
+                          {"state": "FAIL", "fail_reason": trial.user_attrs.get("fail_reason", "stale")})
+        if "retry_of" not in trial.user_attrs:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    return stale
+
+
+def _beating(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
+    """The RDB storage behind ``storage`` if it has heartbeats on (a Study wraps it in a cache)."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) and backend.heartbeat_interval else None
+
+
+def _fail_stale(storage: optuna.storages.BaseStorage, trial: FrozenTrial, reason: str) -> bool:
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        return bool(storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another process got there first
+
+
+@contextmanager
+def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
+    """While the block runs, record ``trial_id``'s heartbeat every interval (RDB storages with
+    heartbeats on; a no-op otherwise), from a thread, so a long epoch does not look like death."""
+    rdb = _beating(storage)
+    if rdb is None:
+        yield
+        return
+    interval = rdb.heartbeat_interval
+    done = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                rdb.record_heartbeat(trial_id)
+            except Exception as exc:  # the database blinked: the next beat retries, well within grace
+                print(f"cifar_exp: heartbeat of trial {trial_id} failed: {exc}", file=sys.stderr)
+            if done.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def load_existing(url: str, name: str) -> optuna.Study:
@@ -119,8 +278,20 @@ def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
 
 
 def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials that count against the budget: finished, and not ended by an interruption."""
-    return [t for t in trials if t.state in COUNTED_STATES and not t.user_attrs.get("interrupted")]
+    """The trials that count against the budget: finished, not ended by an interruption, and not
+    failed trials that were retried (their retry counts instead)."""
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    return [t for t in trials if t.state in COUNTED_STATES and not t.user_attrs.get("interrupted")
+            and t.number not in retried]
+
+
+def budget_state(sweep: Sweep, trials: Sequence[FrozenTrial]) -> Literal["open", "wait", "done"]:
+    """``open``: a trial may be claimed; ``wait``: the budget is all claimed but some trial is still
+    running (it may fail and be retried); ``done``: the budget is finished."""
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    if sweep.trials is None or len(counted(trials)) + running < sweep.trials:
+        return "open"
+    return "wait" if running else "done"
 
 
 def best_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
@@ -151,19 +322,21 @@ def _on_sigterm(signum: int, frame: object) -> None:
         raise Interrupted()
 
 
-def worker_main(settings: Settings, experiment: str, parent_run_id: str, remaining: Any,
+def worker_main(settings: Settings, experiment: str, parent_run_id: str, stop: Any,
                 events: Any, worker_id: int, deadline: float | None) -> None:
-    """A worker process: run trials while the budget and the deadline allow."""
+    """A worker process: run trials while the budget and the deadline allow, until ``stop`` is set."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGTERM, _on_sigterm)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent reports trials
+    if settings.gpus:  # before Keras (and its backend) first touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[worker_id % len(settings.gpus)]
     import keras  # imported here: the parent process never needs Keras
 
     from cifar_exp import backend, data, hypermodel, models
 
     sweep = settings.sweep
     backend.use_deterministic_ops(sweep.deterministic)
-    identity = backend.identity()
+    identity = {**backend.identity(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     track.configure(settings.tracking_uri)
     storage = open_storage(settings.storage)
     splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed)
@@ -176,45 +349,73 @@ def worker_main(settings: Settings, experiment: str, parent_run_id: str, remaini
         return
     keras.backend.clear_session()
     events.put({"kind": "ready", "worker": worker_id})
-    while not _WORKER["stop"] and (deadline is None or time.time() < deadline):
-        with remaining.get_lock():
-            if remaining.value <= 0:
-                break
-            remaining.value -= 1
+    while not _WORKER["stop"] and not stop.is_set() and (deadline is None or time.time() < deadline):
+        claimed = claim(settings, storage)
+        if claimed == "done":
+            break
+        if claimed == "wait":  # another worker's trial may still fail and be retried here
+            stop.wait(WAIT_SECONDS)
+            continue
         ok = _run_trial(settings, storage, splits, experiment, parent_run_id, events, worker_id, identity,
-                        tunable)
+                        claimed, tunable)
         keras.backend.clear_session()  # memory must not grow from trial to trial
         gc.collect()
         if not ok:
             sys.exit(EXIT_TRIAL_FAILED)
 
 
-def ask(settings: Settings, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, optuna.Trial, dict[str, Any]]:
-    """Start the study's next trial and sample its parameters: ``(study, trial, params)``.
+Claimed = tuple[optuna.Study, optuna.Trial, dict[str, Any]]
+
+
+def claim(settings: Settings, storage: optuna.storages.BaseStorage) -> Claimed | Literal["wait", "done"]:
+    """Recover stale trials, then, if the budget allows, start the study's next trial and sample
+    its parameters: ``(study, trial, params)``; else ``"wait"`` or ``"done"`` (see ``budget_state``).
 
     The sampler is seeded per trial from (sweep seed, number of trials so far), so a sequential
     sweep samples the same parameters in the same order on every run from scratch, across
-    resumes and replaced workers. The worker's pid is stamped on the trial first, synchronously
-    in storage: if the process dies, the parent finds its trial by this pid (queued events of a
-    dying process can be lost).
+    resumes and replaced workers. The worker's host, pid and start time are stamped on the trial
+    at once, synchronously in storage: if the process dies, the parent (or a later run) finds its
+    trial by them (queued events of a dying process can be lost).
     """
     sweep = settings.sweep
-    study = _study(settings, storage, trial_seed(sweep.sampler.seed, len(storage.get_all_trials(
-        storage.get_study_id_from_name(sweep.name), deepcopy=False))))
-    trial = study.ask()
-    trial.set_user_attr("worker_pid", os.getpid())
+    study_id = storage.get_study_id_from_name(sweep.name)
+    recover_stale(_study(settings, storage, sweep.sampler.seed))
+    with budget_lock(settings.storage, storage, sweep.name):
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        state = budget_state(sweep, trials)
+        if state != "open":
+            return state
+        study = _study(settings, storage, trial_seed(sweep.sampler.seed, len(trials)))
+        with warnings.catch_warnings():  # we beat ourselves (``heartbeat``), outside Study.optimize
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+            trial = study.ask()
+        me = psutil.Process()
+        # the host last: ``recover_stale`` looks at a trial only once its host is set
+        for key, value in {"worker_pid": me.pid, "worker_started": me.create_time(),
+                           "worker_host": socket.gethostname()}.items():
+            trial.set_user_attr(key, value)
+        rdb = _beating(storage)
+        if rdb is not None:
+            rdb.record_heartbeat(trial._trial_id)
     return study, trial, space.suggest(trial, sweep)
 
 
 def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits: Any, experiment: str,
                parent_run_id: str, events: Any, worker_id: int, identity: Mapping[str, str],
-               tunable: Any = None) -> bool:
-    """Run one trial end to end; False if it failed (the worker is then replaced). ``tunable`` is
-    the sweep's KerasTuner hypermodel, if it has one."""
+               claimed: Claimed, tunable: Any = None) -> bool:
+    """Run the ``claimed`` trial end to end, its heartbeat beating; False if it failed (the worker
+    is then replaced). ``tunable`` is the sweep's KerasTuner hypermodel, if it has one."""
+    with heartbeat(storage, claimed[1]._trial_id):
+        return _run_claimed(settings, splits, experiment, parent_run_id, events, worker_id, identity, claimed,
+                            tunable)
+
+
+def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id: str, events: Any,
+                 worker_id: int, identity: Mapping[str, str], claimed: Claimed, tunable: Any) -> bool:
     from cifar_exp import hypermodel, train
 
     sweep = settings.sweep
-    study, trial, params = ask(settings, storage)
+    study, trial, params = claimed
     seed = trial_seed(sweep.sampler.seed, trial.number)
     cfg = sweep.train_config(params)
     metric = sweep.objective.metric
@@ -320,7 +521,10 @@ def _fail(study: optuna.Study, trial: optuna.Trial, run_id: str, reason: str, ru
     trial.set_user_attr("fail_reason", reason)
     if interrupted:
         trial.set_user_attr("interrupted", True)
-    study.tell(trial, state=TrialState.FAIL)
+    try:
+        study.tell(trial, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass  # already failed as stale by another process, which closed the run too
     try:
         track.end_run(run_id, run_status, {"state": "FAIL", "fail_reason": reason})
     except Exception as exc:  # tracking down: the Optuna record above already holds the reason
@@ -341,7 +545,7 @@ def create_study(settings: Settings) -> optuna.Study:
                                     sampler=make_sampler(sweep.sampler, sweep.sampler.seed),
                                     pruner=make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
     except ValueError as exc:  # e.g. an existing study with the other direction
-        raise ConfigError(f"study '{sweep.name}' in {settings.storage}: {exc}") from None
+        raise ConfigError(f"study '{sweep.name}' in {mask_credentials(settings.storage)}: {exc}") from None
     # One seed per study: it fixes the validation split and every trial's seed, so trials of one
     # study stay comparable. A resume under another seed is refused.
     seed = study.user_attrs.get("sweep_seed")
@@ -351,6 +555,12 @@ def create_study(settings: Settings) -> optuna.Study:
         raise ConfigError(f"study '{sweep.name}' in {settings.storage} was started with seed {seed}, not "
                           f"{sweep.sampler.seed}: use --seed {seed} to resume it, or another --storage")
     return study
+
+
+def load_existing_attr(settings: Settings, key: str) -> Any:
+    """The study's user attribute ``key`` as storage holds it now (not as a cached Study saw it)."""
+    storage = open_storage(settings.storage)
+    return storage.get_study_user_attrs(storage.get_study_id_from_name(settings.sweep.name)).get(key)
 
 
 def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: None) -> Summary:
@@ -363,20 +573,22 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
                           f"{study.direction.name.lower()}; use another sweep name or storage")
     track.configure(settings.tracking_uri)
     experiment = track.experiment_id(sweep.name)
-    parent = track.start_parent(
-        experiment, study.user_attrs.get("mlflow_parent_run_id"), f"{sweep.name}-study",
-        {**settings.tags, "sweep": sweep.name, "sweep_file": str(sweep.path),
-         "sweep_sha256": sweep.content_hash, "objective": f"{sweep.objective.direction} {sweep.objective.metric}",
-         "sampler": f"{sweep.sampler.name} seed={sweep.sampler.seed}", "pruner": sweep.pruner.name,
-         "epochs": str(sweep.epochs), "budget_trials": str(sweep.trials), "optuna_study": sweep.name,
-         "optuna_storage": settings.storage, "deterministic": str(sweep.deterministic).lower(),
-         "engine": "optuna"})
-    study.set_user_attr("mlflow_parent_run_id", parent)
+    with budget_lock(settings.storage, study._storage, sweep.name):  # one parent run, however many hosts
+        parent = track.start_parent(
+            experiment, load_existing_attr(settings, "mlflow_parent_run_id"), f"{sweep.name}-study",
+            {**settings.tags, "sweep": sweep.name, "sweep_file": str(sweep.path),
+             "sweep_sha256": sweep.content_hash, "objective": f"{sweep.objective.direction} {sweep.objective.metric}",
+             "sampler": f"{sweep.sampler.name} seed={sweep.sampler.seed}", "pruner": sweep.pruner.name,
+             "epochs": str(sweep.epochs), "budget_trials": str(sweep.trials), "optuna_study": sweep.name,
+             "optuna_storage": settings.storage, "deterministic": str(sweep.deterministic).lower(),
+             "engine": "optuna"})
+        study.set_user_attr("mlflow_parent_run_id", parent)
     study.set_user_attr("mlflow_experiment_id", experiment)
 
-    done = len(counted(study.get_trials(deepcopy=False)))
+    for trial in recover_stale(study):  # left RUNNING by a run of this command that was killed
+        on_event({"kind": "stale", "trial": trial.number, "reason": trial.user_attrs.get("fail_reason", "")})
     ctx = mp.get_context("spawn")  # fork after importing TensorFlow/JAX threads is unsafe
-    remaining = ctx.Value("i", (sweep.trials - done) if sweep.trials is not None else 2**31 - 1)
+    stop = ctx.Event()
     events: Any = ctx.Queue()
     deadline = time.time() + sweep.timeout if sweep.timeout else None
     state = _ParentState(study, parent, sweep.objective.metric, on_event)
@@ -384,7 +596,7 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
 
     def start_worker(worker_id: int) -> mp.process.BaseProcess:
         process = ctx.Process(target=worker_main, name=f"cifar_exp-worker-{worker_id}", daemon=True,
-                              args=(settings, experiment, parent, remaining, events, worker_id, deadline))
+                              args=(settings, experiment, parent, stop, events, worker_id, deadline))
         process.start()
         assert process.pid is not None
         state.pids.add(process.pid)
@@ -396,8 +608,11 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
     previous = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     workers: dict[int, mp.process.BaseProcess] = {}
     try:
-        for worker_id in range(min(settings.workers, max(remaining.value, 0))):
-            workers[worker_id] = start_worker(worker_id)
+        trials = study.get_trials(deepcopy=False)
+        if budget_state(sweep, trials) != "done":
+            left = sweep.trials - len(counted(trials)) if sweep.trials is not None else settings.workers
+            for worker_id in range(max(1, min(settings.workers, left))):
+                workers[worker_id] = start_worker(worker_id)
         stop_sent = 0.0
         while workers:
             try:
@@ -406,8 +621,7 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
             except queue.Empty:
                 pass
             if (state.interrupted or state.stop_reason or state.fatal) and not stop_sent:
-                with remaining.get_lock():
-                    remaining.value = 0
+                stop.set()
                 if state.interrupted:
                     for process in workers.values():
                         if process.pid and process.is_alive():
@@ -424,8 +638,8 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
                 del workers[worker_id]
                 if process.exitcode not in (0, EXIT_TRIAL_FAILED):
                     state.worker_died(process.pid, process.exitcode)  # type: ignore[arg-type]
-                if process.exitcode != 0 and remaining.value > 0 and not (
-                        state.interrupted or state.stop_reason or state.fatal):
+                if process.exitcode != 0 and not stop.is_set() and \
+                        budget_state(sweep, study.get_trials(deepcopy=False)) != "done":
                     workers[worker_id] = start_worker(worker_id)
                 if state.failures_in_a_row >= sweep.max_consecutive_failures and not state.stop_reason:
                     state.stop_reason = (f"stopped after {state.failures_in_a_row} consecutive failed trials "
@@ -500,14 +714,18 @@ class _ParentState:
                 if t.user_attrs.get("worker_pid") in pids]
 
     def worker_died(self, pid: int, exitcode: int | None) -> None:
-        """A worker ended abnormally (crash, OOM kill): fail its trial in both systems."""
+        """A worker ended abnormally (crash, SIGKILL, OOM kill): fail its trial in both systems, and
+        retry it once (with the same parameters) unless the sweep is stopping."""
         self.failures_in_a_row += 1
         for trial in self._running({pid}):
             reason = f"worker process died (exit code {exitcode})"
             if self.interrupted:
                 reason = "interrupted: the worker was stopped before the trial ended"
             self._fail_record(trial, reason, "KILLED" if self.interrupted else "FAILED", self.interrupted)
-            self.on_event({"kind": "end", "trial": trial.number, "state": "FAIL",
+            retried = not self.interrupted and "retry_of" not in trial.user_attrs
+            if retried:
+                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            self.on_event({"kind": "end", "trial": trial.number, "state": "FAIL", "retried": retried,
                            "reason": "interrupted" if self.interrupted else reason})
 
     def close_orphans(self, reason: str) -> None:

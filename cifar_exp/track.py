@@ -14,6 +14,7 @@ import sqlite3
 import tempfile
 import time
 import types
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from cifar_exp import plots
+from cifar_exp.config import UserError, mask_credentials
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
@@ -53,7 +55,9 @@ def retrying(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any)
 
 
 def configure(tracking_uri: str) -> None:
-    """Point this process at ``tracking_uri``; a local SQLite file is created (WAL mode) if needed.
+    """Point this process at ``tracking_uri``; a local SQLite file is created (WAL mode, readable by
+    its owner only) if needed. A tracking server (``http(s)://``) must answer its health check:
+    ``UserError`` if it does not, before anything is written anywhere.
 
     Decision: WAL lets readers (the UI, other workers) proceed while one worker writes, which
     is what keeps several workers on one SQLite file clear of "database is locked".
@@ -62,9 +66,24 @@ def configure(tracking_uri: str) -> None:
         path = Path(tracking_uri.removeprefix("sqlite:///"))
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
             with sqlite3.connect(path) as db:
                 db.execute("PRAGMA journal_mode=WAL")
+    check_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
+
+
+def check_server(tracking_uri: str) -> None:
+    """``UserError`` if ``tracking_uri`` is a tracking server (``http(s)://``) that does not answer
+    its health check; writes nothing."""
+    if tracking_uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10) as response:
+                response.read()
+        except OSError as exc:  # refused, timed out, or an HTTP error status
+            raise UserError(f"the MLflow tracking server {mask_credentials(tracking_uri)} does not answer "
+                            f"({getattr(exc, 'reason', exc)}): start it (README, 'Many hosts') or fix "
+                            f"--tracking-uri") from None
 
 
 def experiment_id(name: str) -> str:
@@ -96,12 +115,18 @@ def start_parent(experiment: str, run_id: str | None, name: str, tags: Mapping[s
                 return run_id
         except MlflowException:
             pass  # gone (another store, or deleted): start a new parent
-    run = retrying(client.create_run, experiment, run_name=name, tags=dict(tags))
+    run = retrying(client.create_run, experiment, run_name=name, tags=_strings(tags))
     return str(run.info.run_id)
 
 
+def _strings(values: Mapping[str, Any]) -> dict[str, str]:
+    """Params or tags as MLflow stores them: strings, with any URL's password hidden (a storage URL
+    or a command line must not put a credential in the tracking store)."""
+    return {k: mask_credentials(str(v)) for k, v in values.items()}
+
+
 def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
-    tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
+    tag_list = [RunTag(k, v) for k, v in _strings(tags).items()]
     for i in range(0, len(tag_list), 100):
         retrying(MlflowClient().log_batch, run_id, tags=tag_list[i:i + 100])
 
@@ -115,7 +140,7 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> Non
 
 
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:
-    items = [Param(k, str(v)) for k, v in params.items()]
+    items = [Param(k, v) for k, v in _strings(params).items()]
     for i in range(0, len(items), _BATCH_PARAMS):
         retrying(MlflowClient().log_batch, run_id, params=items[i:i + _BATCH_PARAMS])
 
@@ -143,7 +168,7 @@ _MONITORS: dict[str, SystemMetricsMonitor] = {}
 def start_run(experiment: str, name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> str:
     """Create a run named ``name`` in ``experiment`` with ``params`` and ``tags``, and start sampling
     this machine's system metrics into it until :func:`end_run`; returns its id."""
-    run = retrying(MlflowClient().create_run, experiment, run_name=name, tags={k: str(v) for k, v in tags.items()})
+    run = retrying(MlflowClient().create_run, experiment, run_name=name, tags=_strings(tags))
     run_id = str(run.info.run_id)
     log_params(run_id, params)
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_SAMPLING_SECONDS,
@@ -379,7 +404,7 @@ def register(name: str, model_uri: str, run_id: str, description: str, tags: Map
     except MlflowException as exc:
         if "already exists" not in str(exc).lower():
             raise
-    version = retrying(mlflow.register_model, model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    version = retrying(mlflow.register_model, model_uri, name, tags=_strings(tags))
     retrying(client.update_model_version, name, version.version, description=description)
     return Version(name, str(version.version), run_id, created=True)
 

@@ -40,6 +40,10 @@ def _bad_sweep(folder: Path) -> str:
     (lambda d: ["lr_dropout", "--epochs", "two"], "--epochs takes a number"),
     (lambda d: ["lr_dropout", "--bogus"], "unrecognized arguments: --bogus"),
     (lambda d: ["../etc"], "invalid sweep name"),
+    (lambda d: ["a\nb"], "invalid sweep name 'a\\nb'"),
+    (lambda d: ["lr_dropout", "--gpus", "0,gpu1"], "--gpus '0,gpu1': give GPU indices separated by commas"),
+    (lambda d: ["lr_dropout", "--storage", "postgresql://me:hunter2@127.0.0.1:1/optuna"],
+     "cannot open the Optuna storage postgresql://me:***@127.0.0.1:1/optuna"),
     (lambda d: [], "name a sweep"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(isolated: Path, make_args, fragment: str) -> None:
@@ -49,6 +53,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(isolated: Path, make_ar
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
     assert not (isolated / "mlruns").exists()
     assert {p for p in isolated.rglob("*") if "cache" not in p.parts} <= before

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp import backend, reproduce, track
 from cifar_exp.config import ConfigError, TrainConfig, load_sweep
-from cifar_exp.study import Settings, ask, create_study, open_storage
+from cifar_exp.study import Settings, claim, create_study, open_storage
 from tests.test_sweep import clean_env, run_sweep, runs, study
 
 # ---------------------------------------------------------------------------------------------
@@ -34,7 +34,9 @@ def sample(storage_path: Path, seed: int, trials: int = 12) -> list[dict]:
     storage = open_storage(str(storage_path))
     sampled = []
     for _ in range(trials):
-        study, trial, params = ask(settings, storage)
+        claimed = claim(settings, storage)
+        assert isinstance(claimed, tuple)
+        study, trial, params = claimed
         study.tell(trial, params["dropout"] - abs(params["learning_rate"] - 0.01))
         sampled.append(params)
     return sampled

@@ -31,6 +31,7 @@ from cifar_exp.study import open_storage, trial_seed
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the budget's trials (4 epochs: hyperband may prune)
 TEST_IMAGES = 100  # the slice: 10 test images per class
 
 
@@ -232,23 +233,102 @@ def check_compare_page(base: str, experiment_id: str, runs: list[dict], screensh
 
 
 def test_failing_trials_fail_alone(isolated: Path, cifar_slice: Path) -> None:
-    # Trial 1 raises inside its worker; trial 2's worker process dies mid-trial.
+    # Trial 1 raises inside its worker; trial 2's worker process dies mid-trial; trial 4 runs out of memory.
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH", "")]),
-           "CIFAR_EXP_FAULT_RAISE": str(trial_seed(0, 1)), "CIFAR_EXP_FAULT_DIE": str(trial_seed(0, 2))}
+           "CIFAR_EXP_FAULT_RAISE": str(trial_seed(0, 1)), "CIFAR_EXP_FAULT_DIE": str(trial_seed(0, 2)),
+           "CIFAR_EXP_FAULT_OOM": str(trial_seed(0, 4))}
     out = run_sweep(isolated, "lr_dropout", "--trials", "4", "--epochs", "1", "--data", str(cifar_slice),
                     env=env).stdout
     assert "trial 1 FAIL: RuntimeError: injected fault" in out and "worker process died (exit code 9)" in out
 
+    # The dead worker's trial is retried once, with its parameters, as trial 3; the failures that
+    # raised count against the budget, the died-and-retried one does not: 4 counted trials.
     states = {t.number: t for t in study(isolated).get_trials()}
-    assert [states[n].state for n in range(4)] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
-                                                  TrialState.COMPLETE]
+    assert [states[n].state for n in range(5)] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
+                                                  TrialState.COMPLETE, TrialState.FAIL]
     assert states[1].user_attrs["fail_reason"].startswith("RuntimeError: injected fault")
+    assert states[4].user_attrs["fail_reason"].startswith("MemoryError: Unable to allocate 64.0 TiB")
     assert states[2].user_attrs["fail_reason"] == "worker process died (exit code 9)"
+    assert states[3].user_attrs["retry_of"] == 2 and states[3].params == states[2].params
     _, children = runs(isolated)
     by_trial = {int(c.data.tags["trial_number"]): c for c in children}
     assert by_trial[1].info.status == "FAILED" and "injected fault" in by_trial[1].data.tags["fail_reason"]
     assert by_trial[2].info.status == "FAILED" and "died" in by_trial[2].data.tags["fail_reason"]
+    assert by_trial[4].info.status == "FAILED" and "MemoryError" in by_trial[4].data.tags["fail_reason"]
     assert by_trial[0].info.status == by_trial[3].info.status == "FINISHED"
+
+
+def test_gpus_gives_each_worker_its_own_device(isolated: Path, cifar_slice: Path) -> None:
+    run_sweep(isolated, "lr_dropout", "--trials", "2", "--epochs", "1", "--workers", "2", "--gpus", "0,1",
+              "--data", str(cifar_slice))
+    _, children = runs(isolated)
+    assert len(children) == 2
+    for child in children:  # worker i sees GPU i (here, on the CPU, only the environment says so)
+        assert child.data.tags["cuda_visible_devices"] == str(int(child.data.tags["worker"]) % 2)
+
+
+def wait_for_first_epoch(cwd: Path, process: subprocess.Popen, trial: int = 0) -> optuna.trial.FrozenTrial:
+    """Wait until ``trial`` has reported an epoch (its worker is then mid-training): the trial."""
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        journal = cwd / "mlruns" / "optuna.journal"
+        if journal.exists():
+            try:
+                found = [t for t in study(cwd).get_trials() if t.number == trial and t.intermediate_values]
+            except KeyError:  # the study is not created yet
+                found = []
+            if found:
+                return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"trial {trial} never reported an epoch; sweep exit code {process.poll()}")
+
+
+def test_sigkill_of_a_worker_mid_epoch_fails_its_trial_and_retries_it(isolated: Path, cifar_slice: Path) -> None:
+    args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "2", "--epochs", "4",
+            "--data", str(cifar_slice)]
+    process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=clean_env(), umask=0)  # files must not be world-writable even so
+    trial = wait_for_first_epoch(isolated, process)
+    os.kill(trial.user_attrs["worker_pid"], signal.SIGKILL)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert "trial 0 FAIL: worker process died (exit code -9)" in out
+    trials = study(isolated).get_trials()
+    assert trials[0].state == TrialState.FAIL and [t.state in FINISHED for t in trials[1:]] == [True, True]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    parents, children = runs(isolated)
+    statuses = {int(c.data.tags["trial_number"]): c.info.status for c in children}
+    assert statuses == {0: "FAILED", 1: "FINISHED", 2: "FINISHED"} and parents[0].info.status == "FINISHED"
+    written = [p for root in (isolated / "mlruns", isolated / "cache") for p in [root, *root.rglob("*")]]
+    assert len(written) > 20 and [p for p in written if p.stat().st_mode & 0o002] == []
+    for private in ("optuna.journal", "mlflow.db"):
+        assert (isolated / "mlruns" / private).stat().st_mode & 0o077 == 0
+
+
+def test_sigkill_of_the_whole_sweep_then_the_same_command_finishes_the_budget(isolated: Path,
+                                                                             cifar_slice: Path) -> None:
+    args = ["lr_dropout", "--trials", "2", "--epochs", "4", "--data", str(cifar_slice)]
+    process = subprocess.Popen([sys.executable, "-m", "cifar_exp.sweep", *args], cwd=isolated,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
+                               start_new_session=True)
+    wait_for_first_epoch(isolated, process)
+    os.killpg(process.pid, signal.SIGKILL)  # the CLI and its workers, with no chance to record anything
+    process.wait(timeout=60)
+    (stale,) = study(isolated).get_trials()
+    assert stale.state == TrialState.RUNNING
+    _, children = runs(isolated)
+    assert [c.info.status for c in children] == ["RUNNING"]
+
+    out = run_sweep(isolated, *args).stdout
+    assert "trial 0 was left running by a worker that is gone: failed, retried once" in out
+    trials = study(isolated).get_trials()
+    assert trials[0].state == TrialState.FAIL and [t.state in FINISHED for t in trials[1:]] == [True, True]
+    assert "is gone" in trials[0].user_attrs["fail_reason"]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    parents, children = runs(isolated)
+    statuses = {int(c.data.tags["trial_number"]): c.info.status for c in children}
+    assert statuses == {0: "KILLED", 1: "FINISHED", 2: "FINISHED"}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
 
 def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(isolated: Path, cifar_slice: Path) -> None:

@@ -18,6 +18,10 @@ from tests.conftest import ROOT
 from tests.test_sweep import clean_env, run_sweep, runs
 
 
+def model_metrics(run) -> set[str]:  # type: ignore[no-untyped-def]
+    return {k for k in run.data.metrics if not k.startswith("system/")}
+
+
 def test_declare_turns_conditions_into_conditional_scopes() -> None:
     sweep = load_sweep(str(ROOT / "tests" / "sweeps" / "kt_engine.yaml"))
     hp = keras_tuner.HyperParameters()
@@ -49,7 +53,7 @@ def test_keras_tuner_engine_tracks_trials_like_the_optuna_engine(isolated: Path,
     reference = optuna_runs[0]
     for run in kt_runs:
         assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
-        assert set(run.data.metrics) == set(reference.data.metrics)
+        assert model_metrics(run) == model_metrics(reference)  # system/ ones depend on how long a run took
         assert artifacts(run.info.run_id) == artifacts(reference.info.run_id)
         assert run.data.tags["model_uri"].startswith("models:/")
         # the same params, but for the conditional one: momentum exactly when the optimizer is sgd

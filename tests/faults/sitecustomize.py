@@ -4,6 +4,7 @@ with the seeds named in the environment fail for real inside their worker:
 
 - CIFAR_EXP_FAULT_RAISE=seed,...  the trial raises RuntimeError
 - CIFAR_EXP_FAULT_DIE=seed,...    the worker process dies (os._exit(9)) mid-trial
+- CIFAR_EXP_FAULT_OOM=seed,...    the trial asks the OS for 64 TiB (numpy's MemoryError, for real)
 """
 
 import importlib.abc
@@ -13,6 +14,7 @@ import sys
 
 RAISE = {int(s) for s in os.environ.get("CIFAR_EXP_FAULT_RAISE", "").split(",") if s}
 DIE = {int(s) for s in os.environ.get("CIFAR_EXP_FAULT_DIE", "").split(",") if s}
+OOM = {int(s) for s in os.environ.get("CIFAR_EXP_FAULT_OOM", "").split(",") if s}
 
 
 class _WrapTrain(importlib.abc.MetaPathFinder):
@@ -32,6 +34,10 @@ class _WrapTrain(importlib.abc.MetaPathFinder):
                     raise RuntimeError(f"injected fault for seed {seed}")
                 if seed in DIE:
                     os._exit(9)
+                if seed in OOM:
+                    import numpy
+
+                    numpy.empty(1 << 46, dtype=numpy.uint8)
                 return real(cfg, data, epochs=epochs, seed=seed, **kwargs)
 
             module.train = train
@@ -40,5 +46,5 @@ class _WrapTrain(importlib.abc.MetaPathFinder):
         return spec
 
 
-if RAISE or DIE:
+if RAISE or DIE or OOM:
     sys.meta_path.insert(0, _WrapTrain())

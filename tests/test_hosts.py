@@ -1,0 +1,212 @@
+"""Many hosts, for real: a PostgreSQL server (Debian's package; `.ci/run` installs it) holds the
+Optuna study and the MLflow server's runs, a real ``mlflow server`` on loopback holds the
+artifacts, and two sweep processes (two "hosts") share one budget."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from cifar_exp.study import open_storage
+from tests.test_sweep import clean_env
+
+pytestmark = pytest.mark.slow
+PASSWORD = "s3cret-Pw-7"  # must never reach MLflow or the terminal
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A fresh PostgreSQL cluster on a free loopback port, with a password-protected user and the
+    databases ``optuna`` and ``mlflow``; yields ``postgresql://cifar:PASSWORD@127.0.0.1:PORT``."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    assert found, "PostgreSQL is not installed: `apt-get install postgresql` (.ci/run does)"
+    bindir = found[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="cifar_exp-pg-"))  # not under pytest's 0700 tmp: postgres reads it
+    (root / "pw").write_text(PASSWORD)
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        user = pwd.getpwnam("postgres")
+        for path in (root, root / "pw"):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(root / "data"), "-U", "cifar",
+                    f"--pwfile={root / 'pw'}", "--auth-host=scram-sha-256", "--auth-local=trust"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w",
+                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True,
+                   capture_output=True)
+    url = f"postgresql://cifar:{PASSWORD}@127.0.0.1:{port}"
+    try:
+        import psycopg
+
+        with psycopg.connect(f"{url}/postgres", autocommit=True) as connection:
+            connection.execute("CREATE DATABASE optuna")
+            connection.execute("CREATE DATABASE mlflow")
+        yield url
+    finally:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def start_mlflow_server(backend: str, folder: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on ``port`` of loopback, runs in ``backend``, artifacts served from
+    ``folder``/artifacts; returns once it answers its health check."""
+    log = folder / f"server-{port}.log"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL,
+                              stderr=log.open("a"), env=clean_env(), start_new_session=True)
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return server
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+
+
+def stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+
+
+@pytest.fixture()
+def mlflow_server(postgres: str, tmp_path: Path) -> Iterator[str]:
+    """``mlflow server`` on a free loopback port: runs in PostgreSQL, artifacts served from a folder."""
+    port = free_port()
+    server = start_mlflow_server(f"{postgres}/mlflow", tmp_path, port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(server)
+
+
+def test_two_hosts_share_one_study_on_postgresql_and_one_mlflow_server(
+        postgres: str, mlflow_server: str, isolated: Path, cifar_slice: Path) -> None:
+    storage = f"{postgres}/optuna"
+    args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "4", "--epochs", "1",
+            "--data", str(cifar_slice), "--storage", storage, "--tracking-uri", mlflow_server]
+    hosts = []
+    for name in ("host-a", "host-b"):  # two folders: nothing shared but the two servers
+        (isolated / name).mkdir()
+        hosts.append(subprocess.Popen(args, cwd=isolated / name, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=clean_env()))
+        if name == "host-a":  # the second host joins a study that is already running
+            assert hosts[0].stdout is not None
+            for line in hosts[0].stdout:
+                if "started" in line:
+                    break
+    outputs = [host.communicate(timeout=900) for host in hosts]
+    for host, (out, err) in zip(hosts, outputs, strict=True):
+        assert host.returncode == 0, err
+        assert PASSWORD not in out + err
+    assert "postgresql://cifar:***@127.0.0.1" in outputs[1][0]
+
+    trials = optuna.load_study(study_name="lr_dropout", storage=open_storage(storage)).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # the budget, not 4 per host
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == 2  # both hosts ran trials
+
+    client = MlflowClient(mlflow_server)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "lr_dropout"]
+    found = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2, 3]
+    assert parents[0].data.tags["optuna_storage"].startswith("postgresql://cifar:***@127.0.0.1:")
+    for run in found:  # no credential in any param or tag (the command line included)
+        assert not [k for k, v in {**run.data.params, **run.data.tags}.items() if PASSWORD in v]
+    # artifacts went through the server to its artifact store
+    files = {f.path for f in client.list_artifacts(children[0].info.run_id)}
+    assert {"confusion_matrix.png", "sweep.yaml"} <= files
+
+
+def test_a_tracking_server_that_is_down_at_start_is_a_clear_error(isolated: Path, cifar_slice: Path) -> None:
+    port = free_port()  # nothing listens there
+    result = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "1", "--epochs",
+                             "1", "--data", str(cifar_slice), "--tracking-uri", f"http://127.0.0.1:{port}"],
+                            cwd=isolated, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: the MLflow tracking server http://127.0.0.1:{port} does not answer")
+    assert "start it" in line
+    assert not (isolated / "mlruns").exists()  # no study was created
+
+
+def test_a_wrong_database_password_is_a_clear_error_that_hides_the_password(
+        postgres: str, isolated: Path, cifar_slice: Path) -> None:
+    wrong = postgres.replace(PASSWORD, "not-the-Pw-9") + "/optuna"
+    result = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "1", "--epochs",
+                             "1", "--data", str(cifar_slice), "--storage", wrong], cwd=isolated,
+                            capture_output=True, text=True, timeout=300, env=clean_env())
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot open the Optuna storage postgresql://cifar:***@127.0.0.1")
+    assert "not-the-Pw-9" not in result.stdout + result.stderr
+
+
+def test_a_tracking_server_that_goes_away_mid_sweep_loses_nothing(isolated: Path, cifar_slice: Path) -> None:
+    port = free_port()
+    backend = f"sqlite:///{isolated}/server.db"
+    server = start_mlflow_server(backend, isolated, port)
+    sweep = subprocess.Popen([sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "3", "--epochs",
+                              "2", "--data", str(cifar_slice), "--tracking-uri", f"http://127.0.0.1:{port}"],
+                             cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        assert sweep.stdout is not None
+        for line in sweep.stdout:
+            if line.startswith("trial 0 started"):
+                break
+        stop(server)  # gone while trial 0 trains and logs
+        time.sleep(5)
+        server = start_mlflow_server(backend, isolated, port)  # back, same store, same address
+        out, err = sweep.communicate(timeout=900)
+    finally:
+        stop(server)
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, err
+    trials = optuna.load_study(study_name="lr_dropout", storage=open_storage(str(isolated / "mlruns" /
+                                                                              "optuna.journal"))).get_trials()
+    assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    server = start_mlflow_server(backend, isolated, port)
+    try:
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        (experiment,) = [e for e in client.search_experiments() if e.name == "lr_dropout"]
+        children = [r for r in client.search_runs([experiment.experiment_id])
+                    if "mlflow.parentRunId" in r.data.tags]
+        assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2]
+        for child in children:  # every epoch of every trial is there, the outage notwithstanding
+            assert child.info.status == "FINISHED"
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
+            assert steps == list(range(len(steps))) and len(steps) == trials[int(
+                child.data.tags["trial_number"])].user_attrs["epochs_run"]
+    finally:
+        stop(server)

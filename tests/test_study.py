@@ -1,0 +1,144 @@
+"""The study's budget and stale-trial recovery on real storages (a journal file, SQLite through
+Optuna's RDB storage) and a real MLflow SQLite store; no training."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from cifar_exp import study as study_module
+from cifar_exp import track
+from cifar_exp.config import load_sweep
+from cifar_exp.study import Settings, budget_state, claim, counted, create_study, open_storage, recover_stale
+
+
+def settings(storage: str, trials: int | None = 3) -> Settings:
+    return Settings(sweep=dataclasses.replace(load_sweep("lr_dropout"), trials=trials), storage=storage,
+                    tracking_uri="unused")
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_counted_leaves_out_interrupted_and_retried_failures() -> None:
+    s = optuna.create_study()
+    for state, attrs in [(TrialState.COMPLETE, {}), (TrialState.FAIL, {"interrupted": True}),
+                         (TrialState.FAIL, {}), (TrialState.COMPLETE, {"retry_of": 2}), (TrialState.PRUNED, {}),
+                         (TrialState.FAIL, {})]:
+        s.add_trial(optuna.create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                                        intermediate_values={1: 0.1} if state == TrialState.PRUNED else None,
+                                        user_attrs=attrs))
+    assert [t.number for t in counted(s.get_trials())] == [0, 3, 4, 5]
+
+
+def test_budget_state_open_wait_done() -> None:
+    sweep = dataclasses.replace(load_sweep("lr_dropout"), trials=2)
+    s = optuna.create_study()
+    s.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.5))
+    assert budget_state(sweep, s.get_trials()) == "open"
+    running = s.ask()
+    assert budget_state(sweep, s.get_trials()) == "wait"  # it may fail and be retried
+    s.tell(running, 0.6)
+    assert budget_state(sweep, s.get_trials()) == "done"
+    assert budget_state(dataclasses.replace(sweep, trials=None), s.get_trials()) == "open"
+
+
+def _claim_all(storage: str, found: list) -> None:
+    own = settings(storage)
+    handle = open_storage(storage)
+    while (claimed := claim(own, handle)) not in ("done", "wait"):
+        assert isinstance(claimed, tuple)
+        study, trial, _ = claimed
+        time.sleep(0.05)
+        study.tell(trial, 0.5)
+    found.append(claimed)
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_four_processes_claiming_at_once_run_exactly_the_budget(isolated: Path, kind: str) -> None:
+    storage = str(isolated / "o.journal") if kind == "journal" else f"sqlite:///{isolated}/o.db"
+    create_study(settings(storage))
+    ctx = mp.get_context("spawn")
+    with mp.Manager() as manager:
+        found = manager.list()
+        processes = [ctx.Process(target=_claim_all, args=(storage, found)) for _ in range(4)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join(120)
+            assert p.exitcode == 0
+        assert set(found) <= {"done", "wait"}
+    trials = optuna.load_study(study_name="lr_dropout", storage=open_storage(storage)).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # three, however the claims interleaved
+    assert len({t.number for t in trials}) == 3
+
+
+def test_a_trial_whose_worker_is_gone_is_failed_closed_and_retried_once(isolated: Path) -> None:
+    track.configure(f"sqlite:///{isolated}/mlruns/mlflow.db")
+    own = settings(str(isolated / "o.journal"))
+    create_study(own)
+    claimed = claim(own, open_storage(own.storage))
+    assert isinstance(claimed, tuple)
+    study, trial, params = claimed
+    run_id = track.start_run(track.experiment_id("lr_dropout"), "trial-0", params, {})
+    trial.set_user_attr("mlflow_run_id", run_id)
+    assert recover_stale(study) == []  # its worker (this process) lives
+    trial.set_user_attr("worker_pid", dead_pid())
+    (stale,) = recover_stale(study)
+    assert stale.number == 0 and recover_stale(study) == []  # once
+    first, retry = study.get_trials()
+    assert first.state == TrialState.FAIL and "is gone" in first.user_attrs["fail_reason"]
+    assert retry.state == TrialState.WAITING and retry.user_attrs == {"retry_of": 0}
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED" and "is gone" in run.data.tags["fail_reason"]
+    # the retry runs with the same parameters, and counts instead of the stale trial
+    claimed = claim(own, open_storage(own.storage))
+    assert isinstance(claimed, tuple) and claimed[1].number == 1 and claimed[2] == params
+    claimed[0].tell(claimed[1], 0.5)
+    assert [t.number for t in counted(study.get_trials())] == [1]
+    # a retry that goes stale in its turn is failed, not retried again
+    claimed = claim(own, open_storage(own.storage))
+    assert isinstance(claimed, tuple)
+    claimed[1].set_user_attr("worker_pid", dead_pid())
+    recover_stale(study)
+    assert [t.state for t in study.get_trials()][-2:] == [TrialState.FAIL, TrialState.WAITING]
+    retry_of_retry = study.get_trials()[-1]
+    claimed = claim(own, open_storage(own.storage))
+    assert isinstance(claimed, tuple) and claimed[1].number == retry_of_retry.number
+    claimed[1].set_user_attr("worker_pid", dead_pid())
+    recover_stale(study)
+    assert study.get_trials()[-1].state == TrialState.FAIL  # no further retry
+
+
+def test_a_trial_of_another_host_is_stale_once_its_heartbeat_stops(isolated: Path) -> None:
+    url = f"sqlite:///{isolated}/o.db"
+    own = settings(url)
+    create_study(own)
+    storage = open_storage(url, heartbeat=1, grace=2)
+    claimed = claim(own, storage)
+    assert isinstance(claimed, tuple)
+    study, trial, params = claimed
+    trial.set_user_attr("worker_host", "another-host.example")  # its pid means nothing here
+    with study_module.heartbeat(storage, trial._trial_id):
+        time.sleep(3.5)  # beyond the grace period, but beating
+        assert recover_stale(study) == []
+    time.sleep(3)  # silent past the grace period
+    (stale,) = recover_stale(study)
+    assert stale.number == trial.number
+    failed, retry = study.get_trials()
+    assert failed.state == TrialState.FAIL and "no heartbeat for 2 s" in failed.user_attrs["fail_reason"]
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == trial.number
+    assert socket.gethostname() != "another-host.example"
