@@ -433,7 +433,6 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
               "deterministic": str(sweep.deterministic).lower()})
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("seed", seed)
-    track.log_text(run_id, sweep.text, "sweep.yaml")
     events.put({"kind": "start", "worker": worker_id, "trial": trial.number, "run_id": run_id, "params": params})
     epochs_run = 0
 
@@ -455,6 +454,7 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
         _WORKER["training"] = True
 
     try:
+        track.log_text(run_id, sweep.text, "sweep.yaml")  # a full disk here fails the trial, not the worker
         hp, custom = None, None
         if tunable is not None:
             hp = hypermodel.OptunaHyperParameters(trial)
@@ -518,13 +518,13 @@ def _interrupted(study: optuna.Study, trial: optuna.Trial, run_id: str, events: 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, run_id: str, reason: str, run_status: str,
           interrupted: bool = False) -> None:
-    trial.set_user_attr("fail_reason", reason)
-    if interrupted:
-        trial.set_user_attr("interrupted", True)
     try:
+        trial.set_user_attr("fail_reason", reason)
+        if interrupted:
+            trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
-        pass  # already failed as stale by another process, which closed the run too
+        return  # already failed as stale by another process, which closed the run too
     try:
         track.end_run(run_id, run_status, {"state": "FAIL", "fail_reason": reason})
     except Exception as exc:  # tracking down: the Optuna record above already holds the reason
@@ -721,7 +721,8 @@ class _ParentState:
             reason = f"worker process died (exit code {exitcode})"
             if self.interrupted:
                 reason = "interrupted: the worker was stopped before the trial ended"
-            self._fail_record(trial, reason, "KILLED" if self.interrupted else "FAILED", self.interrupted)
+            if not self._fail_record(trial, reason, "KILLED" if self.interrupted else "FAILED", self.interrupted):
+                continue  # a worker found it stale first, and retried it
             retried = not self.interrupted and "retry_of" not in trial.user_attrs
             if retried:
                 self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
@@ -733,14 +734,20 @@ class _ParentState:
         for trial in self._running(self.pids):
             self._fail_record(trial, reason, "KILLED", interrupted=True)
 
-    def _fail_record(self, trial: FrozenTrial, reason: str, run_status: str, interrupted: bool) -> None:
+    def _fail_record(self, trial: FrozenTrial, reason: str, run_status: str, interrupted: bool) -> bool:
+        """Fail ``trial`` in both systems; False if another process (a worker recovering stale
+        trials) already ended it."""
         storage = self.study._storage
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        if interrupted:
-            storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            if interrupted:
+                storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
         if "mlflow_run_id" in trial.user_attrs:
             track.end_run(trial.user_attrs["mlflow_run_id"], run_status, {"state": "FAIL", "fail_reason": reason})
+        return True
 
 
 def publish(study: optuna.Study, parent: str, sweep: Sweep) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(isolated: Path, make_ar
     assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
     assert not (isolated / "mlruns").exists()
     assert {p for p in isolated.rglob("*") if "cache" not in p.parts} <= before
+
+
+def test_jax_keeps_compiled_programs_in_the_project_cache(isolated: Path) -> None:
+    # A worker's environment, then one epoch under JAX in a fresh process: the compiled train step
+    # lands in $CIFAR_EXP_CACHE/jax, where the next process (any worker, any run) finds it.
+    script = """
+from cifar_exp.cli import set_environment
+set_environment(False)
+from cifar_exp import data, train
+from cifar_exp.config import TrainConfig
+from tests.conftest import synthetic_images
+x, y = synthetic_images(64)
+xt, yt = synthetic_images(20, seed=1)
+splits = data.split(data.Cifar10(x, y, xt, yt, tuple("abcdefghij"), "synthetic", "0"), 0.25, 0)
+train.train(TrainConfig(blocks=1, filters=4, convs_per_block=1, dense_units=8), splits, epochs=1, seed=0)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(KERAS_BACKEND="jax", CIFAR_EXP_CACHE=str(isolated / "cache"), PYTHONPATH=str(ROOT),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # cache even quick compiles, for the test
+    result = subprocess.run([sys.executable, "-c", script], cwd=isolated, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any((isolated / "cache" / "jax").iterdir())

@@ -372,3 +372,40 @@ def test_too_many_consecutive_failures_stop_the_sweep(isolated: Path, cifar_slic
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
     parents, _ = runs(isolated, "fragile")
     assert parents[0].info.status == "FINISHED"
+
+
+def test_a_full_disk_while_writing_artifacts_fails_trials_alone(isolated: Path, cifar_slice: Path) -> None:
+    # The artifact folder is a 4 MB tmpfs of its own (a private mount namespace: no root needed):
+    # trial 0's artifacts and model (about 2.8 MB) fit, then the disk is full for real (ENOSPC).
+    # What was on it is copied out before the namespace ends.
+    script = (f"mkdir -p mlruns/1 && mount -t tmpfs -o size=4m tmpfs mlruns/1 && "
+              f"{sys.executable} -m cifar_exp.sweep lr_dropout --trials 3 --epochs 1 --data {cifar_slice}; "
+              f"rc=$?; cp -a mlruns/1 kept; exit $rc")
+    result = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], cwd=isolated,
+                            capture_output=True, text=True, timeout=900, env=clean_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = study(isolated).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    for trial in trials[1:]:
+        assert "No space left on device" in trial.user_attrs["fail_reason"]
+    _, children = runs(isolated)
+    by_trial = {int(c.data.tags["trial_number"]): c for c in children}
+    assert [by_trial[n].info.status for n in range(3)] == ["FINISHED", "FAILED", "FAILED"]
+    # nothing completed is lost: trial 0's artifacts and model are whole
+    kept = isolated / "kept"
+    artifacts = kept / by_trial[0].info.run_id / "artifacts"
+    assert {"confusion_matrix.csv", "sweep.yaml", "model_summary.txt"} <= {p.name for p in artifacts.iterdir()}
+    (model,) = kept.glob("models/*/artifacts/data/model.keras")
+    import keras
+
+    assert keras.saving.load_model(model, safe_mode=True).count_params() == by_trial[0].data.metrics["param_count"]
+
+
+def test_a_diverging_trial_fails_with_the_reason_and_the_sweep_goes_on(isolated: Path, cifar_slice: Path) -> None:
+    out = run_sweep(isolated, str(ROOT / "tests" / "sweeps" / "diverge.yaml"), "--data", str(cifar_slice)).stdout
+    assert "trial 0 FAIL: Diverged: loss is nan at epoch 0" in out and "trial 1 FAIL" in out
+    trials = study(isolated, "diverge").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    _, children = runs(isolated, "diverge")
+    assert {c.info.status for c in children} == {"FAILED"}
+    assert all(c.data.tags["fail_reason"].startswith("Diverged: loss is nan") for c in children)

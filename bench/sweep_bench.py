@@ -1,0 +1,238 @@
+"""Where a sweep's time goes, on whatever machine runs it: bare training, one tracked trial, fixed
+sweeps by worker count, and the plain Optuna + MLflow loop of the libraries' docs.
+
+    python bench/sweep_bench.py --data data/cifar10-jpeg.zip              # the issue's sizes (GPU)
+    python bench/sweep_bench.py --data data/cifar10-jpeg.zip --train-images 2000 --trials 4 \\
+        --epochs 2 --workers 1,2                                         # a size a 2-core CPU finishes
+
+Measured, on the lr_dropout sweep's CNN and space, on a slice of the data (``--train-images``
+training images; the validation and test splits as the sweep makes them):
+
+1. ``fit``: ``cifar_exp.train.train`` (``keras.Model.fit`` and our per-epoch hook, no tracking) of
+   the reference configuration: median seconds per epoch after the first, images per second,
+   and the first epoch's extra seconds (compilation).
+2. one trial through ``python -m cifar_exp.sweep``: the MLflow run's wall time against the
+   seconds its epochs took; the rest is the sweep machinery's overhead (start-up, tracking,
+   evaluation, model logging); then the same trial again, with JAX's compilation cache warm
+   (under TensorFlow, which keeps no such cache, the two should match).
+3. a fixed sweep (``--trials`` trials, seed 0) with each ``--workers`` count: trials per hour,
+   mean GPU utilization (nvidia-smi, sampled every second; "n/a" without a GPU), mean first-epoch
+   extra seconds per trial.
+4. ``bench/baseline_loop.py`` on the same space, trials and epochs: trials per hour.
+
+Writes ``bench/RESULTS.md`` (a table, with machine, backend, versions and data) and
+``bench/results.json`` (the raw numbers). Not measured here yet: the issue's item 5 (a fast model
+family to 93-94%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+REFERENCE = {"learning_rate": 1e-3, "dropout": 0.25, "head_dropout": 0.5, "lr_schedule": "cosine"}
+
+
+def write_slice(source: str, train_images: int, path: Path) -> None:
+    """The first ``train_images / 10`` training images of each class and all test images of
+    ``source``, as a PNG image-folder zip (lossless), so that every part reads the same data."""
+    from PIL import Image
+
+    from cifar_exp import data
+
+    loaded = data.load(source)
+    per_class = train_images // len(loaded.class_names)
+    keep = np.concatenate([np.flatnonzero(loaded.y_train == c)[:per_class] for c in range(len(loaded.class_names))])
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for split, x, y in (("train", loaded.x_train[keep], loaded.y_train[keep]),
+                            ("test", loaded.x_test, loaded.y_test)):
+            for i, (image, label) in enumerate(zip(x, y, strict=True)):
+                blob = io.BytesIO()
+                Image.fromarray(image).save(blob, format="PNG")
+                z.writestr(f"{split}/{loaded.class_names[int(label)]}/{i:05d}.png", blob.getvalue())
+
+
+class GpuSampler:
+    """Mean GPU utilization (%) from ``nvidia-smi`` once a second while running; None without one."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.available = shutil.which("nvidia-smi") is not None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout.split()
+            if out:
+                self.samples.append(statistics.mean(float(v) for v in out))
+
+    def __enter__(self) -> GpuSampler:
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
+
+
+def bare_fit(data_path: Path, epochs: int) -> dict:
+    """Part 1, in this process."""
+    from cifar_exp import backend, data, train
+    from cifar_exp.config import load_sweep
+
+    sweep = load_sweep("lr_dropout")
+    splits = data.split(data.load(str(data_path)), sweep.data.validation_fraction, 0)
+    result = train.train(sweep.train_config(REFERENCE), splits, epochs=epochs, seed=0)
+    seconds = result.history["epoch_seconds"]
+    steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    return {"epoch_s": steady, "first_epoch_extra_s": seconds[0] - steady,
+            "images_per_s": len(splits.x_train) / steady, "train_images": len(splits.x_train),
+            "val_images": len(splits.x_val), "test_images": len(splits.x_test), "identity": backend.identity()}
+
+
+def sweep_runs(folder: Path) -> list[dict]:
+    """Per trial run of the sweep in ``folder``: wall seconds, seconds in epochs, first-epoch extra."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{folder}/mlruns/mlflow.db")
+    client = MlflowClient()
+    found = []
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000):
+        if "mlflow.parentRunId" not in run.data.tags or run.info.end_time is None:
+            continue
+        epochs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
+        steady = statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0]
+        found.append({"wall_s": (run.info.end_time - run.info.start_time) / 1000, "epochs_s": sum(epochs),
+                      "first_epoch_extra_s": epochs[0] - steady, "state": run.data.tags.get("state")})
+    return found
+
+
+def run_sweep(data_path: Path, sweep_file: Path, trials: int, epochs: int, workers: int) -> dict:
+    """Parts 2 and 3: ``python -m cifar_exp.sweep`` in a fresh folder; wall time and its runs."""
+    folder = Path(tempfile.mkdtemp(prefix="cifar_exp-bench-"))
+    shutil.copy(sweep_file, folder / sweep_file.name)
+    command = [sys.executable, "-m", "cifar_exp.sweep", str(folder / sweep_file.name), "--data", str(data_path),
+               "--trials", str(trials), "--epochs", str(epochs), "--workers", str(workers),
+               "--tracking-uri", "sqlite:///mlruns/mlflow.db"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # set_tracking_uri exports it
+    with GpuSampler() as gpu:
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    runs = sweep_runs(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"workers": workers, "trials": trials, "wall_s": wall, "trials_per_hour": 3600 * trials / wall,
+            "gpu_util_mean": gpu.mean, "runs": runs,
+            "first_epoch_extra_s_mean": statistics.mean(r["first_epoch_extra_s"] for r in runs)}
+
+
+def rewrite() -> None:
+    """``python bench/sweep_bench.py --rewrite``: RESULTS.md again from results.json."""
+    (BENCH / "RESULTS.md").write_text(report(json.loads((BENCH / "results.json").read_text())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a CIFAR-10 source, as for --data of the sweep")
+    parser.add_argument("--train-images", type=int, default=45_000)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--workers", default="1,2,4,8")
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite RESULTS.md from results.json")
+    args = parser.parse_args()
+    if args.rewrite:
+        return rewrite()
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    sys.path.insert(0, str(ROOT))
+    from cifar_exp.cli import set_environment
+
+    set_environment(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = Path(tmp) / "bench-data.zip"
+        write_slice(args.data, args.train_images, data_path)
+        results: dict = {"command": " ".join(sys.argv), "data": args.data, "epochs": args.epochs}
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(Path(tmp) / "jax")  # empty: the first trial is cold
+        reference = yaml.safe_load((ROOT / "sweeps" / "lr_dropout.yaml").read_text())
+        reference["space"] = {"dropout": {"type": "categorical", "choices": [REFERENCE["dropout"]]}}
+        reference["fixed"].update({k: v for k, v in REFERENCE.items() if k != "dropout"})
+        fixed = Path(tmp) / "reference.yaml"  # the reference configuration as a one-point sweep
+        fixed.write_text(yaml.safe_dump(reference))
+        one = run_sweep(data_path, fixed, 1, args.epochs, 1)["runs"][0]
+        results["one_trial"] = {**one, "overhead_fraction": 1 - one["epochs_s"] / one["wall_s"]}
+        warm = run_sweep(data_path, fixed, 1, args.epochs, 1)["runs"][0]  # the same program again
+        results["one_trial_warm"] = {**warm, "overhead_fraction": 1 - warm["epochs_s"] / warm["wall_s"]}
+        results["fit"] = bare_fit(data_path, args.epochs)
+        results["sweeps"] = [run_sweep(data_path, ROOT / "sweeps" / "lr_dropout.yaml", args.trials, args.epochs, w)
+                             for w in (int(w) for w in args.workers.split(","))]
+        baseline = subprocess.run([sys.executable, str(BENCH / "baseline_loop.py"), "--data", str(data_path),
+                                   "--trials", str(args.trials), "--epochs", str(args.epochs), "--store", tmp],
+                                  check=True, capture_output=True, text=True, cwd=ROOT).stdout
+        results["baseline"] = json.loads(baseline.strip().splitlines()[-1])
+        results["baseline"]["trials_per_hour"] = 3600 * args.trials / results["baseline"]["wall_s"]
+    (BENCH / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (BENCH / "RESULTS.md").write_text(report(results))
+    print(report(results))
+
+
+def report(r: dict) -> str:
+    fit, one, ident = r["fit"], r["one_trial"], r["fit"]["identity"]
+    gpu = lambda v: "n/a (no nvidia-smi)" if v is None else f"{v:.1f}%"  # noqa: E731
+    best = max(r["sweeps"], key=lambda s: s["trials_per_hour"])
+    lines = [
+        "# Sweep benchmark", "",
+        f"Command: `{r['command']}`", "",
+        f"Machine: {ident['device']}, {os.cpu_count()} CPU cores; backend {ident['keras_backend']} "
+        f"{ident['backend_version']}, keras {ident['keras_version']}, python {ident['python_version']}.", "",
+        f"Data: {r['data']} (CIFAR-10 (JPEG copy)), a class-balanced slice of "
+        f"{fit['train_images'] + fit['val_images']} training images ({fit['train_images']} train / "
+        f"{fit['val_images']} validation after the sweep's split) and all {fit['test_images']} test images, "
+        f"which every trial of the sweep evaluates; {r['epochs']} epochs per trial; the lr_dropout sweep's CNN "
+        f"and space.", "",
+        "| measure | value |", "|---|---|",
+        f"| 1. fit: seconds per epoch (median after the first) | {fit['epoch_s']:.2f} |",
+        f"| 1. fit: images per second | {fit['images_per_s']:.0f} |",
+        f"| 1. fit: first epoch's extra seconds (compilation) | {fit['first_epoch_extra_s']:.2f} |",
+        f"| 2. one trial: MLflow run wall seconds | {one['wall_s']:.2f} |",
+        f"| 2. one trial: seconds in its epochs | {one['epochs_s']:.2f} |",
+        f"| 2. one trial: sweep machinery overhead (share of its wall time) | {100 * one['overhead_fraction']:.1f}% |",
+        f"| 2. one trial: first epoch's extra seconds, compilation cache cold / warm | "
+        f"{one['first_epoch_extra_s']:.2f} / {r['one_trial_warm']['first_epoch_extra_s']:.2f} |",
+    ]
+    for s in r["sweeps"]:
+        lines.append(f"| 3. {s['trials']}-trial sweep, {s['workers']} worker(s): trials per hour / GPU utilization / "
+                     f"first-epoch extra s | {s['trials_per_hour']:.1f} / {gpu(s['gpu_util_mean'])} / "
+                     f"{s['first_epoch_extra_s_mean']:.2f} |")
+    b = r["baseline"]
+    lines += [f"| 4. plain Optuna + MLflow loop: trials per hour | {b['trials_per_hour']:.1f} |",
+              f"| best sweep / plain loop, trials per hour | {best['trials_per_hour'] / b['trials_per_hour']:.2f}x |",
+              ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
