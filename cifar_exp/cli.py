@@ -455,6 +455,13 @@ def _tracking_argument(p: argparse.ArgumentParser) -> None:
                    help=f"MLflow tracking and registry URI (default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
 
 
+def _study_arguments(p: argparse.ArgumentParser) -> None:
+    """What the commands that read a finished study take: its sweep, and where study and runs are."""
+    p.add_argument("name", help="sweep name or path to its .yaml file")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage (default {DEFAULT_STORAGE})")
+    _tracking_argument(p)
+
+
 def _open_store(tracking_uri: str, deterministic: bool) -> None:
     """The preamble of the commands that read a store: the store must exist; then the environment
     (before keras is imported) and the tracking URI."""
@@ -494,10 +501,8 @@ def register_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="python -m cifar_exp.register",
                 description="Register the best completed trial of a sweep's study in the MLflow Model Registry "
                             "(alias challenger) and promote it to champion if it beats the champion on the test set.")
-    p.add_argument("name", help="sweep name or path to its .yaml file")
+    _study_arguments(p)
     p.add_argument("--data", help="the test data to compare on (default: what the best trial trained on)")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage (default {DEFAULT_STORAGE})")
-    _tracking_argument(p)
     args = p.parse_args(argv)
     try:
         sweep = load_sweep(args.name)
@@ -514,9 +519,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="python -m cifar_exp.report",
                 description="Rebuild a study's plots, trials table and cost ledger in its MLflow parent run, from "
                             "storage, without training.")
-    p.add_argument("name", help="sweep name or path to its .yaml file")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage (default {DEFAULT_STORAGE})")
-    _tracking_argument(p)
+    _study_arguments(p)
     args = p.parse_args(argv)
     try:
         sweep = load_sweep(args.name)
@@ -581,11 +584,9 @@ def ui_main(argv: Sequence[str] | None = None) -> int:
 def compare_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="python -m cifar_exp.compare",
                 description="The best trials of a sweep as a table, and one PNG overlaying their validation curves.")
-    p.add_argument("name", help="sweep name or path to its .yaml file")
+    _study_arguments(p)
     p.add_argument("--top", type=_positive(int, "--top"), default=5, help="how many trials (default 5)")
     p.add_argument("--out", help="the PNG to write (default NAME-top-K.png here)")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage (default {DEFAULT_STORAGE})")
-    _tracking_argument(p)
     args = p.parse_args(argv)
     try:
         sweep = load_sweep(args.name)
