@@ -61,18 +61,27 @@ def learning_curves_png(history: Mapping[str, Sequence[float]], path: Path, titl
 def prediction_grid_png(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
                         path: Path, title: str, confidence: np.ndarray, columns: int = 6) -> None:
     """A grid of test images, each titled with its predicted class and that class's probability,
-    and the true class in red when the prediction is wrong (the notebooks' grid of predictions)."""
+    and the true class in red when the prediction is wrong (the notebooks' grid of predictions).
+
+    Decision: the images are pasted into one mosaic array shown by one ``imshow``, labels as text
+    on that one axes. A subplot per image with ``tight_layout`` took 1.55 s for 36 images on the
+    2-core CI machine, the mosaic 0.37 s: more than half of a trial's plotting time, every trial."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.1 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, true, pred, p in zip(axes.flat, images, y_true, y_pred, confidence, strict=False):
-        ax.imshow(image)
+    side, gap, top = images.shape[1] if len(images) else 32, 8, 22  # pixels: tile, column gap, label band
+    canvas = np.full((rows * (side + top), columns * (side + gap), 3), 255, dtype=np.uint8)
+    width = 1.9 * columns
+    fig = plt.figure(figsize=(width, width * canvas.shape[0] / canvas.shape[1] / 0.94))
+    ax = fig.add_axes((0.0, 0.0, 1.0, 0.94))
+    for k, (image, true, pred, p) in enumerate(zip(images, y_true, y_pred, confidence, strict=True)):
+        row, column = divmod(k, columns)
+        y, x = row * (side + top) + top, column * (side + gap) + gap // 2
+        canvas[y:y + side, x:x + side] = image
         right = true == pred
         label = f"{class_names[pred]} {p:.2f}" + ("" if right else f"\n(true: {class_names[true]})")
-        ax.set_title(label, fontsize=8, color="black" if right else "red")
+        ax.text(x + side / 2, y - 1, label, fontsize=8, ha="center", va="bottom", color="black" if right else "red")
+    ax.imshow(canvas, interpolation="nearest")
+    ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

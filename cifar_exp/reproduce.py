@@ -33,7 +33,7 @@ from cifar_exp.config import (
 RERUN_TAG = "rerun_of"
 # Wall-clock time is never reproducible, nor are the system/ metrics (the machine, not the model);
 # every other per-epoch metric must be.
-UNREPRODUCIBLE = ("epoch_seconds", "images_per_second")
+UNREPRODUCIBLE = ("epoch_seconds", "images_per_second", "first_step_seconds")
 # Logged once when a trial completes (step 0), not per epoch: compared like the test metrics.
 FINAL_METRICS = ("param_count",)
 

@@ -350,6 +350,7 @@ def worker_main(settings: Settings, experiment: str, parent_run_id: str, stop: A
     keras.backend.clear_session()
     events.put({"kind": "ready", "worker": worker_id})
     while not _WORKER["stop"] and not stop.is_set() and (deadline is None or time.time() < deadline):
+        started = time.perf_counter()  # the trial's start, for its first_step_seconds
         claimed = claim(settings, storage)
         if claimed == "done":
             break
@@ -357,7 +358,7 @@ def worker_main(settings: Settings, experiment: str, parent_run_id: str, stop: A
             stop.wait(WAIT_SECONDS)
             continue
         ok = _run_trial(settings, storage, splits, experiment, parent_run_id, events, worker_id, identity,
-                        claimed, tunable)
+                        claimed, started, tunable)
         keras.backend.clear_session()  # memory must not grow from trial to trial
         gc.collect()
         if not ok:
@@ -402,16 +403,18 @@ def claim(settings: Settings, storage: optuna.storages.BaseStorage) -> Claimed |
 
 def _run_trial(settings: Settings, storage: optuna.storages.BaseStorage, splits: Any, experiment: str,
                parent_run_id: str, events: Any, worker_id: int, identity: Mapping[str, str],
-               claimed: Claimed, tunable: Any = None) -> bool:
+               claimed: Claimed, started: float, tunable: Any = None) -> bool:
     """Run the ``claimed`` trial end to end, its heartbeat beating; False if it failed (the worker
-    is then replaced). ``tunable`` is the sweep's KerasTuner hypermodel, if it has one."""
+    is then replaced). ``started`` is when the worker began the trial (``time.perf_counter``, before
+    claiming it); ``tunable`` is the sweep's KerasTuner hypermodel, if it has one."""
     with heartbeat(storage, claimed[1]._trial_id):
         return _run_claimed(settings, splits, experiment, parent_run_id, events, worker_id, identity, claimed,
-                            tunable)
+                            started, tunable)
 
 
 def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id: str, events: Any,
-                 worker_id: int, identity: Mapping[str, str], claimed: Claimed, tunable: Any) -> bool:
+                 worker_id: int, identity: Mapping[str, str], claimed: Claimed, started: float,
+                 tunable: Any) -> bool:
     from cifar_exp import hypermodel, train
 
     sweep = settings.sweep
@@ -435,6 +438,9 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
     trial.set_user_attr("seed", seed)
     events.put({"kind": "start", "worker": worker_id, "trial": trial.number, "run_id": run_id, "params": params})
     epochs_run = 0
+    # Seconds from the worker's start of this trial (claim, run, build, compile) until its first
+    # training step was launched; logged with the first epoch's metrics, in the same batch.
+    first_step: dict[str, float] = {}
 
     def on_epoch(epoch: int, logs: Mapping[str, float]) -> None:
         nonlocal epochs_run
@@ -443,7 +449,8 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
         if metric not in logs:
             raise ValueError(f"training logs no {metric} (only {', '.join(sorted(logs))}): compile the model "
                              f"with metrics=['accuracy']")
-        track.log_metrics(run_id, logs, step=epoch)
+        track.log_metrics(run_id, {**logs, **first_step}, step=epoch)
+        first_step.clear()
         trial.report(logs[metric], epochs_run)
         events.put({"kind": "epoch", "trial": trial.number, "epoch": epochs_run, "epochs": sweep.epochs,
                     "value": logs[metric], "logs": logs})
@@ -463,7 +470,9 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
             custom = hypermodel.custom_model(tunable, hp)
         _WORKER["training"] = True
         try:
-            result = train.train(cfg, splits, epochs=sweep.epochs, seed=seed, on_epoch=[on_epoch], custom=custom)
+            result = train.train(cfg, splits, epochs=sweep.epochs, seed=seed, on_epoch=[on_epoch], custom=custom,
+                                 on_first_step=lambda seconds: first_step.update(first_step_seconds=seconds),
+                                 started=started)
         finally:
             _WORKER["training"] = False
         if hp is not None:  # hyperparameters first declared in the hypermodel's fit

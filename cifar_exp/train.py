@@ -128,22 +128,40 @@ def callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
 class _Hooks(keras.callbacks.Callback):
     """Adds ``learning_rate``, ``epoch_seconds`` and ``images_per_second`` (training images over
     the epoch's seconds, validation included) to the logs, stops on a non-finite loss, then calls
-    the hooks."""
+    the hooks. Calls ``on_first_step`` once, with the seconds from ``started`` (a
+    ``time.perf_counter`` value) until the first training step was compiled and launched: the
+    begin of the second batch (or the end of a one-batch epoch).
 
-    def __init__(self, hooks: Sequence[EpochHook], images: int) -> None:
+    Decision: no batch-end hook, which would make Keras wait for every step's result (it
+    dispatches steps asynchronously only while no callback overrides ``on_train_batch_end``)."""
+
+    def __init__(self, hooks: Sequence[EpochHook], images: int, started: float | None = None,
+                 on_first_step: Callable[[float], None] | None = None) -> None:
         super().__init__()
         self.hooks = hooks
         self.images = images
-        self.started = 0.0
+        self.started = time.perf_counter() if started is None else started
+        self.epoch_started = 0.0
+        self.on_first_step = on_first_step
+
+    def _first_step(self) -> None:
+        hook, self.on_first_step = self.on_first_step, None  # once per training, both phases included
+        if hook is not None:
+            hook(time.perf_counter() - self.started)
+
+    def on_train_batch_begin(self, batch, logs=None):  # type: ignore[no-untyped-def]
+        if batch == 1:
+            self._first_step()
 
     def on_epoch_begin(self, epoch, logs=None):  # type: ignore[no-untyped-def]
-        self.started = time.perf_counter()
+        self.epoch_started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+        self._first_step()
         logs = logs if logs is not None else {}
         # The rate the optimizer used in this epoch's last step (schedules are per step).
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        logs["epoch_seconds"] = time.perf_counter() - self.started
+        logs["epoch_seconds"] = time.perf_counter() - self.epoch_started
         logs["images_per_second"] = self.images / logs["epoch_seconds"]
         if not math.isfinite(float(logs.get("loss", 0.0))):
             raise Diverged(f"loss is {logs.get('loss')} at epoch {epoch}")
@@ -162,19 +180,23 @@ def cross_entropy(y_prob: np.ndarray, y_true: np.ndarray, label_smoothing: float
 
 def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
           on_epoch: Sequence[EpochHook] = (), stop_after: int | None = None,
-          custom: CustomModel | None = None) -> TrainResult:
+          custom: CustomModel | None = None, on_first_step: Callable[[float], None] | None = None,
+          started: float | None = None) -> TrainResult:
     """Train ``cfg`` on ``data.x_train`` for ``epochs``, validating on ``data.x_val`` each epoch,
     then evaluate the final model on ``data.x_test``. A transfer model with ``fine_tune_epochs``
     trains its last epochs with the top backbone layers unfrozen (``models.fine_tune``).
     ``stop_after`` ends training after that many epochs of an ``epochs``-long run (the
     learning-rate schedule still spans ``epochs``): how a rerun replays a trial that was pruned.
     With ``custom``, its model replaces ``cfg``'s (``cfg`` still gives batch size and augmentation)
-    and trains as it was compiled.
+    and trains as it was compiled. ``on_first_step`` receives, once, the seconds from ``started``
+    (a ``time.perf_counter()`` value; default: this call) until the first training step was
+    compiled and launched.
 
     Seeds Python, NumPy and the backend with ``seed`` first: the same arguments in the same
     process mode (see ``backend.use_deterministic_ops``) give the same numbers. Raises
     ``Diverged`` on a non-finite loss, and whatever a hook raises.
     """
+    hooks = _Hooks(on_epoch, len(data.x_train), started, on_first_step)
     keras.utils.set_random_seed(seed)
     num_classes = len(data.class_names)
     classifier = custom.build() if custom else None
@@ -201,7 +223,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
                                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing))
         kwargs = dict(initial_epoch=first_epoch, epochs=end_epoch, shuffle=True, verbose=0,
                       validation_data=(data.x_val, labels(data.y_val)),
-                      callbacks=[_Hooks(on_epoch, len(data.x_train)), *callbacks(cfg)])
+                      callbacks=[hooks, *callbacks(cfg)])
         if custom is not None and custom.fit is not None:
             logged = custom.fit(train_model, data.x_train, labels(data.y_train), **kwargs)
         else:

@@ -81,6 +81,10 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
             <= set(child.data.params)
         assert "test_accuracy" in child.data.metrics and "test_recall_cat" in child.data.metrics
         assert child.data.metrics["param_count"] > 0 and child.data.metrics["images_per_second"] > 0
+        # once, with the first epoch: the worker's seconds from claiming the trial to its first step
+        first = client.get_metric_history(child.info.run_id, "first_step_seconds")
+        assert [m.step for m in first] == [0] and 0 < first[0].value < history[0].timestamp / 1000 - \
+            child.info.start_time / 1000 + 5  # claiming precedes the run
         # provenance: this checkout's commit, and the tracking libraries' versions
         assert child.data.tags["git_commit"] == head and child.data.tags["git_dirty"] in ("true", "false")
         assert child.data.tags["optuna_version"] == optuna.__version__

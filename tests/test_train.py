@@ -169,6 +169,20 @@ def test_train_reports_every_epoch_and_evaluates_on_test(splits: data.Splits) ->
     assert math.isclose(result.test_accuracy, accuracy, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("batch_size", [16, 64])  # 3 steps an epoch; one step an epoch
+def test_the_first_step_is_reported_once_with_the_seconds_since_start(splits: data.Splits, batch_size: int) -> None:
+    import time
+
+    seen: list[float] = []
+    epochs: list[float] = []
+    started = time.perf_counter() - 5.0  # the trial began 5 s before training was called
+    cfg = TrainConfig(**SMALL, batch_size=batch_size)
+    train.train(cfg, splits, epochs=2, seed=0, started=started, on_first_step=seen.append,
+                on_epoch=[lambda e, logs: epochs.append(time.perf_counter() - started)])
+    assert len(seen) == 1
+    assert 5.0 < seen[0] <= epochs[0]  # includes the time before the call, within the first epoch
+
+
 def test_a_hook_that_raises_stops_training(splits: data.Splits) -> None:
     class Stop(Exception):
         pass
