@@ -54,9 +54,10 @@ class TrainConfig:
     Field names are the sweep keys, the Optuna parameter names and the MLflow param names.
     """
 
-    # Which model: "cnn", the notebooks' family below, or "transfer", a keras.applications
+    # Which model: "cnn", the notebooks' family below, "airbench", the fast CIFAR-10 recipe
+    # (Jordan, 2024) in Keras (see models.build_airbench), or "transfer", a keras.applications
     # backbone with a new head (the transfer settings further down).
-    model: Literal["cnn", "transfer"] = "cnn"
+    model: Literal["cnn", "transfer", "airbench"] = "cnn"
     # CNN: ``blocks`` conv blocks of ``convs_per_block`` convolutions; block i has
     # ``filters * filter_growth**i`` filters, ends in 2x2 pooling and dropout
     # ``dropout + i * dropout_growth`` (the notebooks' 0.2, 0.3, 0.4 is 0.2 growing by 0.1).
@@ -106,7 +107,8 @@ class TrainConfig:
     base_batch_size: int = field(default=256, metadata=_range(1, 8192))
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, open_high=True))  # sgd
     nesterov: bool = True  # sgd
-    weight_decay: float = field(default=1e-4, metadata=_range(0.0, 1.0))  # adamw
+    # sgd and adamw: Keras' decoupled decay, each step weights -= weights * weight_decay * lr.
+    weight_decay: float = field(default=1e-4, metadata=_range(0.0, 1.0))
     lr_schedule: Literal["constant", "step", "exponential", "cosine", "cosine_warmup", "one_cycle",
                          "plateau"] = "constant"
     step_stages: int = field(default=3, metadata=_range(2, 10))  # step: equal stages
@@ -118,6 +120,9 @@ class TrainConfig:
     plateau_patience: int = field(default=2, metadata=_range(1, 1000))  # plateau: epochs
     batch_size: int = field(default=128, metadata=_range(1, 8192))
     label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0, open_high=True))
+    # "mixed_bfloat16": Keras' mixed precision (bfloat16 compute, float32 weights and
+    # probabilities): tensor-core speed on GPUs; on CPUs it is slower.
+    precision: Literal["float32", "mixed_bfloat16"] = "float32"
 
     @property
     def peak_learning_rate(self) -> float:

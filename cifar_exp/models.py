@@ -1,5 +1,6 @@
 """The models of a sweep, built from plain values (a ``TrainConfig``): the CNN family CIFAR-10
-notebooks use, or a ``keras.applications`` backbone with frozen layers and a new head.
+notebooks use, the airbench family, or a ``keras.applications`` backbone with frozen layers and a
+new head.
 
 ``build(cfg, num_classes)`` returns two models that share every weight:
 - ``train_model``: uint8 images -> rescale -> augmentation -> classifier (what ``fit`` sees);
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import fcntl
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -177,6 +180,61 @@ def build_cnn(cfg: TrainConfig, num_classes: int) -> keras.Model:
     return keras.Model(inputs, _head(x, cfg, num_classes), name="cnn")
 
 
+WHITEN_LAYER = "whiten"
+WHITEN_IMAGES = 5000  # airbench's choice: the patch statistics of 5,000 training images
+
+
+def whitening(images: np.ndarray, eps: float = 5e-4) -> tuple[np.ndarray, np.ndarray]:
+    """``(kernel, bias)`` of a 2x2 valid convolution that whitens the 2x2 patches of ``images``
+    (uint8 or 0..255, scaled to [0, 1] as the classifier sees them): centred, projected on the
+    eigenvectors of the patch covariance and scaled by ``1 / sqrt(eigenvalue + eps)``; each
+    filter also appears negated (24 channels), so the activation after it loses no sign.
+    Decision: the covariance is accumulated 500 images at a time (5,000 images' patches at once
+    would be 460 MB of float64)."""
+    count, total, outer = 0, np.zeros(12), np.zeros((12, 12))
+    for start in range(0, len(images), 500):
+        x = np.asarray(images[start:start + 500], dtype=np.float64) / 255.0
+        patches = np.lib.stride_tricks.sliding_window_view(x, (2, 2), axis=(1, 2))  # n, 31, 31, 3, 2, 2
+        flat = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 12)  # (row, column, channel): Conv2D's order
+        count, total, outer = count + len(flat), total + flat.sum(axis=0), outer + flat.T @ flat
+    mean = total / count
+    eigenvalues, eigenvectors = np.linalg.eigh(outer / count - np.outer(mean, mean))
+    filters = eigenvectors.T / np.sqrt(np.maximum(eigenvalues, 0.0) + eps)[:, None]  # (12 filters, 12)
+    filters = np.concatenate([filters, -filters])
+    kernel = filters.reshape(24, 2, 2, 3).transpose(1, 2, 3, 0)
+    return kernel.astype("float32"), (-filters @ mean).astype("float32")
+
+
+def build_airbench(cfg: TrainConfig, num_classes: int, images: np.ndarray | None = None) -> keras.Model:
+    """Float images in [0, 1] -> class probabilities: Keller Jordan's airbench (2024) network.
+
+    A frozen 2x2 patch-whitening convolution (set from ``images``, see ``whitening``; random
+    without them), then ``blocks`` VGG-like blocks whose first convolution is followed by 2x2
+    max pooling, every convolution by BatchNorm (with ``batch_norm``) and the activation. Block 0
+    has ``filters`` channels, later blocks ``filters * filter_growth`` (airbench94: 64, 256, 256
+    is filters 64, growth 4). Pooling right after the first convolution runs the block's other
+    convolutions on a quarter of the pixels: the recipe's main saving over the CNN family."""
+    inputs = keras.Input(INPUT_SHAPE, name="pixels")
+    whiten = keras.layers.Conv2D(24, 2, padding="valid", trainable=False, name=WHITEN_LAYER)
+    x = _activation(cfg.activation)(whiten(inputs))
+    pool = keras.layers.MaxPooling2D if cfg.pooling == "max" else keras.layers.AveragePooling2D
+    for block in range(cfg.blocks):
+        width = max(1, round(cfg.filters * cfg.filter_growth ** min(block, 1)))
+        for conv in range(cfg.convs_per_block):
+            x = keras.layers.Conv2D(width, 3, padding="same", use_bias=not cfg.batch_norm)(x)
+            if conv == 0 and x.shape[1] >= 2:
+                x = pool(2)(x)
+            if cfg.batch_norm:
+                x = keras.layers.BatchNormalization(momentum=cfg.bn_momentum)(x)
+            x = _activation(cfg.activation)(x)
+        if block_dropout(cfg, block) > 0:
+            x = keras.layers.Dropout(block_dropout(cfg, block))(x)
+    model = keras.Model(inputs, _head(x, cfg, num_classes), name="airbench")
+    if images is not None:
+        whiten.set_weights(list(whitening(images[:WHITEN_IMAGES])))
+    return model
+
+
 def backbone(cfg: TrainConfig, size: int | None = None) -> keras.Model:
     """The ``keras.applications`` backbone of ``cfg`` without its top, with ``cfg.weights``.
     Raises ``WeightsUnavailable`` when ImageNet weights are neither cached nor downloadable."""
@@ -241,9 +299,26 @@ def build_transfer(cfg: TrainConfig, num_classes: int) -> keras.Model:
     return keras.Model(inputs, _head(x, cfg, num_classes), name="transfer")
 
 
-def build_classifier(cfg: TrainConfig, num_classes: int) -> keras.Model:
-    """The classifier of ``cfg`` (float images in [0, 1] -> class probabilities)."""
-    return build_transfer(cfg, num_classes) if cfg.model == "transfer" else build_cnn(cfg, num_classes)
+def build_classifier(cfg: TrainConfig, num_classes: int, images: np.ndarray | None = None) -> keras.Model:
+    """The classifier of ``cfg`` (float images in [0, 1] -> class probabilities); ``images`` are
+    training images for data-dependent initialisation (airbench's whitening)."""
+    if cfg.model == "transfer":
+        return build_transfer(cfg, num_classes)
+    if cfg.model == "airbench":
+        return build_airbench(cfg, num_classes, images)
+    return build_cnn(cfg, num_classes)
+
+
+@contextmanager
+def precision(policy: str) -> Iterator[None]:
+    """Layers created inside take Keras' dtype policy ``policy`` (``TrainConfig.precision``); the
+    global policy is restored after, so it never leaks into the next trial of a worker."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def find_backbone(model: keras.Model) -> keras.Model | None:
@@ -269,11 +344,19 @@ def fine_tune(model: keras.Model, layers: int) -> int:
 
 
 def build(cfg: TrainConfig, num_classes: int, seed: int | None = None,
-          classifier: keras.Model | None = None) -> tuple[keras.Model, keras.Model]:
+          classifier: keras.Model | None = None,
+          images: np.ndarray | None = None) -> tuple[keras.Model, keras.Model]:
     """``(train_model, inference_model)`` sharing weights, both on ``(N, 32, 32, 3)`` pixel values
     0..255: the train model takes uint8 (what the data pipeline feeds), the inference model float32.
-    ``classifier`` (float images in [0, 1] -> probabilities) replaces ``cfg``'s model if given."""
-    classifier = classifier if classifier is not None else build_classifier(cfg, num_classes)
+    ``classifier`` (float images in [0, 1] -> probabilities) replaces ``cfg``'s model if given;
+    ``images`` (training images) initialise data-dependent layers. Layers get ``cfg.precision``."""
+    with precision(cfg.precision):
+        return _build(cfg, num_classes, seed, classifier, images)
+
+
+def _build(cfg: TrainConfig, num_classes: int, seed: int | None, classifier: keras.Model | None,
+           images: np.ndarray | None) -> tuple[keras.Model, keras.Model]:
+    classifier = classifier if classifier is not None else build_classifier(cfg, num_classes, images)
     inputs = keras.Input(INPUT_SHAPE, dtype="uint8", name="image")
     scaled = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
     x = scaled

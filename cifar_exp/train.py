@@ -108,7 +108,7 @@ def optimizer(cfg: TrainConfig, epochs: int, steps_per_epoch: int,
     """``cfg``'s optimizer with its learning-rate schedule, or the constant ``rate`` if given."""
     lr = learning_rate(cfg, epochs, steps_per_epoch) if rate is None else rate
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamax":
@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     keras.utils.set_random_seed(seed)
     num_classes = len(data.class_names)
     classifier = custom.build() if custom else None
-    train_model, model = build(cfg, num_classes, seed=seed, classifier=classifier)
+    train_model, model = build(cfg, num_classes, seed=seed, classifier=classifier, images=data.x_train)
     steps_per_epoch = math.ceil(len(data.x_train) / cfg.batch_size)
     # Transfer learning's optional second phase takes the last fine_tune_epochs of the budget.
     second = min(cfg.fine_tune_epochs, epochs) if cfg.model == "transfer" and not custom else 0

@@ -141,12 +141,54 @@ def test_cnn_options_shape_the_layers() -> None:
     assert "cutout" in {l.name for l in train_model.layers} and "cutout" not in {l.name for l in model.layers}
 
 
+def test_whitening_decorrelates_and_centres_image_patches() -> None:
+    x, _ = synthetic_images(64)
+    x = (x.astype(np.float64) * 0.5 + np.roll(x, 1, axis=2) * 0.5).astype("uint8")  # correlated neighbours
+    kernel, bias = models.whitening(x, eps=1e-6)
+    assert kernel.shape == (2, 2, 3, 24) and bias.shape == (24,)
+    patches = np.lib.stride_tricks.sliding_window_view(x / 255.0, (2, 2), axis=(1, 2))
+    out = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 12) @ kernel.reshape(12, 24) + bias
+    np.testing.assert_allclose(out.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(out[:, :12], rowvar=False), np.eye(12), atol=1e-2)
+    np.testing.assert_allclose(out[:, 12:], -out[:, :12], atol=1e-5)  # each filter and its negation
+
+
+def test_airbench_whitens_then_pools_after_each_block_s_first_conv() -> None:
+    x, _ = synthetic_images(64)
+    cfg = TrainConfig(model="airbench", blocks=3, filters=4, filter_growth=2.0, convs_per_block=2, head="global_max",
+                      dense_units=0, dropout=0.0, activation="gelu")
+    _, model = models.build(cfg, 10, images=x)
+    net = model.get_layer("airbench")
+    whiten = net.get_layer(models.WHITEN_LAYER)
+    assert not whiten.trainable and whiten.count_params() == 2 * 2 * 3 * 24 + 24
+    kernel, bias = models.whitening(x)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(whiten.kernel), kernel)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(whiten.bias), bias)
+    kinds = [type(l).__name__ for l in net.layers if type(l).__name__ in ("Conv2D", "MaxPooling2D")]
+    assert kinds == ["Conv2D"] + ["Conv2D", "MaxPooling2D", "Conv2D"] * 3
+    widths = [l.filters for l in net.layers if isinstance(l, keras.layers.Conv2D)][1:]
+    assert widths == [4, 4, 8, 8, 8, 8]  # filters, then filters * growth once
+    probs = keras.ops.convert_to_numpy(model(x[:3]))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_mixed_bfloat16_computes_in_bfloat16_and_leaves_the_global_policy_alone(splits: data.Splits) -> None:
+    cfg = TrainConfig(**SMALL, precision="mixed_bfloat16", batch_size=16)
+    _, model = models.build(cfg, 10)
+    convs = [l for l in model.get_layer("cnn").layers if isinstance(l, keras.layers.Conv2D)]
+    assert {(l.compute_dtype, l.variable_dtype) for l in convs} == {("bfloat16", "float32")}
+    assert keras.config.dtype_policy().name == "float32"
+    result = train.train(cfg, splits, epochs=1, seed=0)
+    assert result.y_prob.dtype == np.float32 and math.isfinite(result.history["loss"][0])
+    assert keras.config.dtype_policy().name == "float32"
+
+
 @pytest.mark.parametrize("name, cls", [("adam", "Adam"), ("adamax", "Adamax"), ("sgd", "SGD"), ("adamw", "AdamW")])
 def test_optimizers(name: str, cls: str) -> None:
     opt = train.optimizer(TrainConfig(optimizer=name, momentum=0.8, weight_decay=0.01), 2, 5)
     assert type(opt).__name__ == cls
     if name == "sgd":
-        assert opt.momentum == 0.8 and opt.nesterov
+        assert opt.momentum == 0.8 and opt.nesterov and opt.weight_decay == 0.01
     if name == "adamw":
         assert opt.weight_decay == 0.01
 
