@@ -141,6 +141,25 @@ def test_cnn_options_shape_the_layers() -> None:
     assert "cutout" in {l.name for l in train_model.layers} and "cutout" not in {l.name for l in model.layers}
 
 
+def test_full_batches_are_full_reshuffled_each_epoch_and_seeded() -> None:
+    x = np.arange(50)[:, None]
+    batches = train.FullBatches(x, x * 10, batch_size=16, seed=3)
+    assert len(batches) == 3
+    epochs = []
+    for _ in range(2):
+        seen = [batches[i] for i in range(len(batches))]
+        assert all(len(bx) == 16 and np.array_equal(by, bx * 10) for bx, by in seen)
+        images = np.concatenate([bx for bx, _ in seen]).ravel()
+        assert len(set(images)) == 48  # no image twice in an epoch
+        epochs.append(images)
+        batches.on_epoch_end()
+    assert not np.array_equal(epochs[0], epochs[1])
+    again = train.FullBatches(x, x * 10, batch_size=16, seed=3)
+    np.testing.assert_array_equal(np.concatenate([again[i][0] for i in range(3)]).ravel(), epochs[0])
+    small = train.FullBatches(x[:5], x[:5], batch_size=16, seed=0)  # fewer images than a batch
+    assert len(small) == 1 and len(small[0][0]) == 5
+
+
 def test_whitening_decorrelates_and_centres_image_patches() -> None:
     x, _ = synthetic_images(64)
     x = (x.astype(np.float64) * 0.5 + np.roll(x, 1, axis=2) * 0.5).astype("uint8")  # correlated neighbours
