@@ -179,7 +179,9 @@ class FullBatches(keras.utils.PyDataset):
     ends each epoch with a partial batch, a second shape and, under JAX, a second compilation of
     the whole train step in every trial: one epoch of 1,800 images at batch 256 of the lr_dropout
     CNN made 2 XLA compilations (21.36 s compiling, JAX on the 2-core CPU machine), these batches
-    1 (7.93 s)."""
+    1 (7.93 s). Used under JAX only: TensorFlow's trainer relaxes shapes itself, and this class
+    made its epochs slower there (3 epochs of 1,800 images: 18.2, 12.7, 21.9 s against 13.9, 9.1,
+    9.0 s with arrays, same machine)."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> None:
         super().__init__()
@@ -231,7 +233,10 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     num_classes = len(data.class_names)
     classifier = custom.build() if custom else None
     train_model, model = build(cfg, num_classes, seed=seed, classifier=classifier, images=data.x_train)
-    steps_per_epoch = max(1, len(data.x_train) // cfg.batch_size)  # full batches only, see FullBatches
+    whole = keras.backend.backend() == "jax" and not (custom is not None and custom.fit is not None)
+    # under JAX full batches only (see FullBatches); else Keras' array input, its last batch partial
+    steps_per_epoch = max(1, len(data.x_train) // cfg.batch_size) if whole else math.ceil(len(data.x_train) /
+                                                                                             cfg.batch_size)
     # Transfer learning's optional second phase takes the last fine_tune_epochs of the budget.
     second = min(cfg.fine_tune_epochs, epochs) if cfg.model == "transfer" and not custom else 0
     last = epochs if stop_after is None else min(stop_after, epochs)
@@ -245,7 +250,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     labels = (lambda y: y) if sparse else (lambda y: np.eye(num_classes, dtype=np.float32)[y])
     history: dict[str, list[float]] = {}
     batches = FullBatches(data.x_train, labels(data.y_train), cfg.batch_size, seed)
-    trained = len(data.x_train) if custom is not None and custom.fit is not None else len(batches) * batches.batch_size
+    trained = len(batches) * batches.batch_size if whole else len(data.x_train)
     hooks = _Hooks(on_epoch, trained, started, on_first_step)
 
     def fit(opt: keras.optimizers.Optimizer | None, first_epoch: int, end_epoch: int) -> None:
@@ -259,8 +264,11 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
                       callbacks=[hooks, *callbacks(cfg)])
         if custom is not None and custom.fit is not None:  # KerasTuner's contract: arrays in
             logged = custom.fit(train_model, data.x_train, labels(data.y_train), shuffle=True, **kwargs)
-        else:
+        elif whole:
             logged = train_model.fit(batches, **kwargs)
+        else:
+            logged = train_model.fit(data.x_train, labels(data.y_train), batch_size=cfg.batch_size, shuffle=True,
+                                     **kwargs)
         for key, values in logged.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
 
