@@ -233,10 +233,6 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     num_classes = len(data.class_names)
     classifier = custom.build() if custom else None
     train_model, model = build(cfg, num_classes, seed=seed, classifier=classifier, images=data.x_train)
-    whole = keras.backend.backend() == "jax" and not (custom is not None and custom.fit is not None)
-    # under JAX full batches only (see FullBatches); else Keras' array input, its last batch partial
-    steps_per_epoch = max(1, len(data.x_train) // cfg.batch_size) if whole else math.ceil(len(data.x_train) /
-                                                                                             cfg.batch_size)
     # Transfer learning's optional second phase takes the last fine_tune_epochs of the budget.
     second = min(cfg.fine_tune_epochs, epochs) if cfg.model == "transfer" and not custom else 0
     last = epochs if stop_after is None else min(stop_after, epochs)
@@ -249,8 +245,11 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     sparse = compiled is not None and "sparse" in str(compiled.get("loss")).lower()
     labels = (lambda y: y) if sparse else (lambda y: np.eye(num_classes, dtype=np.float32)[y])
     history: dict[str, list[float]] = {}
-    batches = FullBatches(data.x_train, labels(data.y_train), cfg.batch_size, seed)
-    trained = len(batches) * batches.batch_size if whole else len(data.x_train)
+    # Under JAX full batches only (see FullBatches); else Keras' array input, its last batch partial.
+    batches = FullBatches(data.x_train, labels(data.y_train), cfg.batch_size, seed) \
+        if keras.backend.backend() == "jax" and not (custom is not None and custom.fit is not None) else None
+    steps_per_epoch = len(batches) if batches is not None else math.ceil(len(data.x_train) / cfg.batch_size)
+    trained = len(batches) * batches.batch_size if batches is not None else len(data.x_train)
     hooks = _Hooks(on_epoch, trained, started, on_first_step)
 
     def fit(opt: keras.optimizers.Optimizer | None, first_epoch: int, end_epoch: int) -> None:
@@ -264,7 +263,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
                       callbacks=[hooks, *callbacks(cfg)])
         if custom is not None and custom.fit is not None:  # KerasTuner's contract: arrays in
             logged = custom.fit(train_model, data.x_train, labels(data.y_train), shuffle=True, **kwargs)
-        elif whole:
+        elif batches is not None:
             logged = train_model.fit(batches, **kwargs)
         else:
             logged = train_model.fit(data.x_train, labels(data.y_train), batch_size=cfg.batch_size, shuffle=True,

@@ -113,6 +113,7 @@ def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda 
                 and hp.is_active(k)}
 
     def run_trial(self: Any, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+        started = time.perf_counter()  # the trial's start, for its first_step_seconds
         values = trial.hyperparameters.values
         number = int(trial.trial_id)
         params = sampled(sweep, trial.hyperparameters)
@@ -134,14 +135,18 @@ def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda 
             custom = hypermodel.custom_model(model, trial.hyperparameters)
         on_event({"kind": "start", "worker": 0, "trial": number, "run_id": run_id, "params": params})
 
+        first_step: dict[str, float] = {}  # logged with the first epoch's metrics, as the Optuna engine does
+
         def on_epoch(epoch: int, logs: Any) -> None:
-            track.log_metrics(run_id, logs, step=epoch)
+            track.log_metrics(run_id, {**logs, **first_step}, step=epoch)
+            first_step.clear()
             on_event({"kind": "epoch", "trial": number, "epoch": epoch + 1, "epochs": epochs,
                       "value": logs[metric], "logs": logs})
 
         try:
             result = train.train(sweep.train_config(sampled(sweep, trial.hyperparameters)), splits, epochs=epochs,
-                                 seed=seed, on_epoch=[on_epoch], custom=custom)
+                                 seed=seed, on_epoch=[on_epoch], custom=custom, started=started,
+                                 on_first_step=lambda seconds: first_step.update(first_step_seconds=seconds))
             model_uri = track.log_result(run_id, result, splits, title=f"{sweep.name} trial {number} (keras-tuner)")
         except KeyboardInterrupt:
             track.end_run(run_id, "KILLED", {"state": "FAIL", "fail_reason": "interrupted"})
