@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--train-images", type=int, help="a class-balanced subset, as the sweep's --train-images")
     parser.add_argument("--store", required=True, help="a folder for the MLflow store")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -33,7 +34,7 @@ def main() -> None:
     from cifar_exp.config import load_sweep
 
     sweep = load_sweep("lr_dropout")
-    splits = data.split(data.load(args.data), sweep.data.validation_fraction, 0)
+    splits = data.split(data.load(args.data), sweep.data.validation_fraction, 0, args.train_images)
     mlflow.set_tracking_uri(f"sqlite:///{args.store}/mlflow.db")
     mlflow.set_experiment("baseline")
     fit_seconds = 0.0

@@ -5,8 +5,9 @@ sweeps by worker count, and the plain Optuna + MLflow loop of the libraries' doc
     python bench/sweep_bench.py --data data/cifar10-jpeg.zip --train-images 2000 --trials 4 \\
         --epochs 2 --workers 1,2 --airbench-epochs ''                    # a size a 2-core CPU finishes
 
-Measured, on the lr_dropout sweep's CNN and space, on a slice of the data (``--train-images``
-training images; the validation and test splits as the sweep makes them):
+Measured, on the lr_dropout sweep's CNN and space, on ``--train-images`` training images (the
+sweep's own class-balanced subset, ``--train-images`` of the sweep command; the validation and test
+splits whole, as the sweep makes them):
 
 1. ``fit``: ``cifar_exp.train.train`` (``keras.Model.fit`` and our per-epoch hook, no tracking) of
    the reference configuration: median seconds per epoch after the first, images per second,
@@ -33,7 +34,6 @@ Writes ``bench/RESULTS.md`` (a table, with machine, backend, versions and data) 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -43,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -56,25 +55,6 @@ REFERENCE = {"learning_rate": 1e-3, "dropout": 0.25, "head_dropout": 0.5, "lr_sc
 # step): 5e-3 at lr 0.8 shrinks weights per epoch as PyTorch's coupled 5e-4 does at batch 128.
 AIRBENCH = {"learning_rate": 0.8, "momentum": 0.9, "weight_decay": 5e-3, "label_smoothing": 0.2,
             "warmup_fraction": 0.2}
-
-
-def write_slice(source: str, train_images: int, path: Path) -> None:
-    """The first ``train_images / 10`` training images of each class and all test images of
-    ``source``, as a PNG image-folder zip (lossless), so that every part reads the same data."""
-    from PIL import Image
-
-    from cifar_exp import data
-
-    loaded = data.load(source)
-    per_class = train_images // len(loaded.class_names)
-    keep = np.concatenate([np.flatnonzero(loaded.y_train == c)[:per_class] for c in range(len(loaded.class_names))])
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for split, x, y in (("train", loaded.x_train[keep], loaded.y_train[keep]),
-                            ("test", loaded.x_test, loaded.y_test)):
-            for i, (image, label) in enumerate(zip(x, y, strict=True)):
-                blob = io.BytesIO()
-                Image.fromarray(image).save(blob, format="PNG")
-                z.writestr(f"{split}/{loaded.class_names[int(label)]}/{i:05d}.png", blob.getvalue())
 
 
 class GpuSampler:
@@ -106,13 +86,13 @@ class GpuSampler:
         return statistics.mean(self.samples) if self.samples else None
 
 
-def bare_fit(data_path: Path, epochs: int) -> dict:
+def bare_fit(data_path: str, train_images: int | None, epochs: int) -> dict:
     """Part 1, in this process."""
     from cifar_exp import backend, data, train
     from cifar_exp.config import load_sweep
 
     sweep = load_sweep("lr_dropout")
-    splits = data.split(data.load(str(data_path)), sweep.data.validation_fraction, 0)
+    splits = data.split(data.load(data_path), sweep.data.validation_fraction, 0, train_images)
     first: list[float] = []
     result = train.train(sweep.train_config(REFERENCE), splits, epochs=epochs, seed=0, on_first_step=first.append)
     seconds = result.history["epoch_seconds"]
@@ -122,16 +102,19 @@ def bare_fit(data_path: Path, epochs: int) -> dict:
             "val_images": len(splits.x_val), "test_images": len(splits.x_test), "identity": backend.identity()}
 
 
-def airbench(data_path: Path, budgets: list[int]) -> list[dict]:
+def airbench(data_path: str, train_images: int | None, budgets: list[int]) -> list[dict]:
     """Part 5, in this process: per epoch budget, test accuracy after each epoch and seconds."""
     import keras
 
     from cifar_exp import data, train
     from cifar_exp.config import load_sweep
 
-    loaded = data.load(str(data_path))
-    # Every training image trains; the test set is the per-epoch validation (nothing is chosen on it).
-    splits = data.Splits(loaded.x_train, loaded.y_train, loaded.x_test, loaded.y_test, loaded.x_test,
+    loaded = data.load(data_path)
+    # Every training image (of the subset) trains; the test set is the per-epoch validation
+    # (nothing is chosen on it).
+    keep = np.arange(len(loaded.y_train)) if train_images is None else \
+        data.balanced_subset(loaded.y_train, np.arange(len(loaded.y_train)), train_images, 0)
+    splits = data.Splits(loaded.x_train[keep], loaded.y_train[keep], loaded.x_test, loaded.y_test, loaded.x_test,
                          loaded.y_test, loaded.class_names)
     cfg = load_sweep("airbench").train_config(AIRBENCH)
     found = []
@@ -163,13 +146,15 @@ def sweep_runs(folder: Path) -> list[dict]:
     return found
 
 
-def run_sweep(data_path: Path, sweep_file: Path, trials: int, epochs: int, workers: int) -> dict:
+def run_sweep(data_path: str, train_images: int | None, sweep_file: Path, trials: int, epochs: int,
+              workers: int) -> dict:
     """Parts 2 and 3: ``python -m cifar_exp.sweep`` in a fresh folder; wall time and its runs."""
     folder = Path(tempfile.mkdtemp(prefix="cifar_exp-bench-"))
     shutil.copy(sweep_file, folder / sweep_file.name)
-    command = [sys.executable, "-m", "cifar_exp.sweep", str(folder / sweep_file.name), "--data", str(data_path),
+    command = [sys.executable, "-m", "cifar_exp.sweep", str(folder / sweep_file.name), "--data", data_path,
                "--trials", str(trials), "--epochs", str(epochs), "--workers", str(workers),
-               "--tracking-uri", "sqlite:///mlruns/mlflow.db"]
+               "--tracking-uri", "sqlite:///mlruns/mlflow.db",
+               *(["--train-images", str(train_images)] if train_images else [])]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # set_tracking_uri exports it
     with GpuSampler() as gpu:
         started = time.perf_counter()
@@ -192,7 +177,7 @@ def rewrite() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a CIFAR-10 source, as for --data of the sweep")
-    parser.add_argument("--train-images", type=int, default=50_000)
+    parser.add_argument("--train-images", type=int, help="a class-balanced subset (default: every image)")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", default="1,2,4,8")
@@ -207,9 +192,8 @@ def main() -> None:
     from cifar_exp.cli import set_environment
 
     set_environment(True)
+    data_path, subset = str(Path(args.data).resolve()), args.train_images
     with tempfile.TemporaryDirectory() as tmp:
-        data_path = Path(tmp) / "bench-data.zip"
-        write_slice(args.data, args.train_images, data_path)
         results: dict = {"command": " ".join(sys.argv), "data": args.data, "epochs": args.epochs}
         os.environ["JAX_COMPILATION_CACHE_DIR"] = str(Path(tmp) / "jax")  # empty: the first trial is cold
         reference = yaml.safe_load((ROOT / "sweeps" / "lr_dropout.yaml").read_text())
@@ -217,16 +201,17 @@ def main() -> None:
         reference["fixed"].update({k: v for k, v in REFERENCE.items() if k != "dropout"})
         fixed = Path(tmp) / "reference.yaml"  # the reference configuration as a one-point sweep
         fixed.write_text(yaml.safe_dump(reference))
-        one = run_sweep(data_path, fixed, 1, args.epochs, 1)["runs"][0]
+        one = run_sweep(data_path, subset, fixed, 1, args.epochs, 1)["runs"][0]
         results["one_trial"] = {**one, "overhead_fraction": 1 - one["epochs_s"] / one["wall_s"]}
-        warm = run_sweep(data_path, fixed, 1, args.epochs, 1)["runs"][0]  # the same program again
+        warm = run_sweep(data_path, subset, fixed, 1, args.epochs, 1)["runs"][0]  # the same program again
         results["one_trial_warm"] = {**warm, "overhead_fraction": 1 - warm["epochs_s"] / warm["wall_s"]}
-        results["fit"] = bare_fit(data_path, args.epochs)
-        results["airbench"] = airbench(data_path, [int(e) for e in args.airbench_epochs.split(",") if e])
-        results["sweeps"] = [run_sweep(data_path, ROOT / "sweeps" / "lr_dropout.yaml", args.trials, args.epochs, w)
-                             for w in (int(w) for w in args.workers.split(","))]
-        baseline = subprocess.run([sys.executable, str(BENCH / "baseline_loop.py"), "--data", str(data_path),
-                                   "--trials", str(args.trials), "--epochs", str(args.epochs), "--store", tmp],
+        results["fit"] = bare_fit(data_path, subset, args.epochs)
+        results["airbench"] = airbench(data_path, subset, [int(e) for e in args.airbench_epochs.split(",") if e])
+        results["sweeps"] = [run_sweep(data_path, subset, ROOT / "sweeps" / "lr_dropout.yaml", args.trials,
+                                       args.epochs, w) for w in (int(w) for w in args.workers.split(","))]
+        baseline = subprocess.run([sys.executable, str(BENCH / "baseline_loop.py"), "--data", data_path,
+                                   "--trials", str(args.trials), "--epochs", str(args.epochs), "--store", tmp,
+                                   *(["--train-images", str(subset)] if subset else [])],
                                   check=True, capture_output=True, text=True, cwd=ROOT).stdout
         results["baseline"] = json.loads(baseline.strip().splitlines()[-1])
         results["baseline"]["trials_per_hour"] = 3600 * args.trials / results["baseline"]["wall_s"]

@@ -129,6 +129,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, help="the sweep seed (sampler, trial seeds, validation split)")
     p.add_argument("--data", help="'keras', a cifar-10-python.tar.gz, cifar-10-batches-py/, "
                                   "or an image-folder tree or .zip (train/<class>/, test/<class>/)")
+    p.add_argument("--train-images", type=_positive(int, "--train-images"),
+                   help="train on a class-balanced, seeded subset of this many training images (a quick look)")
     p.add_argument("--storage", default=DEFAULT_STORAGE,
                    help=f"Optuna storage: journal file path or database URL (default {DEFAULT_STORAGE})")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
@@ -185,6 +187,8 @@ class Progress:
                 detail = f" {self.metric}={value:.4f} test_accuracy={event['test_accuracy']:.4f}"
             elif event.get("reason"):
                 detail = f": {event['reason']}"
+            if event.get("degenerate"):
+                detail += f" [degenerate: {event['degenerate']}]"
             self._line(f"trial {event['trial']} {state}{detail} [{self._of()}] {self._status()}")
         elif kind == "stale":
             self._line(f"trial {event['trial']} was left running by a worker that is gone: failed, retried once "
@@ -211,6 +215,8 @@ def _apply_overrides(args: argparse.Namespace) -> Any:
             changes[key] = getattr(args, key)
     if args.data is not None:
         changes["data"] = dataclasses.replace(sweep.data, source=args.data)
+    if args.train_images is not None:
+        changes["data"] = dataclasses.replace(changes.get("data", sweep.data), train_images=args.train_images)
     if args.seed is not None:
         changes["sampler"] = dataclasses.replace(sweep.sampler, seed=args.seed)
     return dataclasses.replace(sweep, **changes)
@@ -247,14 +253,15 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         if "://" in args.storage:
             study.open_storage(args.storage)
         dataset = data.load(sweep.data.source)
-        data.split(dataset, sweep.data.validation_fraction, sweep.sampler.seed)
+        splits = data.split(dataset, sweep.data.validation_fraction, sweep.sampler.seed, sweep.data.train_images)
         tags = {"data_source": sweep.data.source, "data_checksum": dataset.checksum,
                 "command": shlex.join(["python", "-m", "cifar_exp.sweep",
                                        *(argv if argv is not None else sys.argv[1:])]),
                 "keras_backend": os.environ["KERAS_BACKEND"], **provenance()}
-        del dataset  # the workers load their own copy; the parent keeps no arrays
+        sizes = f"{len(splits.y_train)} training / {len(splits.y_val)} validation / {len(splits.y_test)} test images"
         settings = study.Settings(sweep=sweep, storage=args.storage, tracking_uri=args.tracking_uri,
-                                  workers=args.workers, gpus=args.gpus, tags=tags)
+                                  workers=args.workers, gpus=args.gpus, tags=tags, data_checksum=dataset.checksum)
+        del dataset, splits  # the workers load their own copy; the parent keeps no arrays
         if args.engine == "keras-tuner":
             return _keras_tuner_main(settings, args)
         import optuna
@@ -265,8 +272,9 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         print(f"sweep {sweep.name}: {sweep.description.strip().splitlines()[0] if sweep.description else ''}")
         print(f"study '{sweep.name}' in {mask_credentials(args.storage)}: {finished} trials finished before; "
               f"budget {sweep.trials if sweep.trials else 'none'} trials, "
-              f"{sweep.epochs} epochs each, {args.workers} worker(s), seed {sweep.sampler.seed}, deterministic "
-              f"kernels {'on' if sweep.deterministic else 'off'}; tracking {mask_credentials(args.tracking_uri)}",
+              f"{sweep.epochs} epochs each on {sizes}, {args.workers} worker(s), seed {sweep.sampler.seed}, "
+              f"deterministic kernels {'on' if sweep.deterministic else 'off'}; "
+              f"tracking {mask_credentials(args.tracking_uri)}",
               flush=True)
         progress = Progress(sweep.objective.metric, sweep.objective.direction == "maximize", finished, sweep.trials)
         summary = study.run_sweep(settings, progress)
@@ -377,7 +385,8 @@ def rerun_main(argv: Sequence[str] | None = None) -> int:
         source = args.data if args.data is not None else original.sweep.data.source
         dataset = data.load(source)
         reproduce.check_data(original, source, dataset.checksum)  # before anything is written
-        splits = data.split(dataset, original.sweep.data.validation_fraction, original.sweep.sampler.seed)
+        splits = data.split(dataset, original.sweep.data.validation_fraction, original.sweep.sampler.seed,
+                            original.sweep.data.train_images)
         backend.use_deterministic_ops(args.deterministic)
         identity = backend.identity()
     except UserError as exc:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -66,9 +67,9 @@ class TrainConfig:
     filter_growth: float = field(default=2.0, metadata=_range(1.0, 4.0))
     convs_per_block: int = field(default=2, metadata=_range(1, 3))
     batch_norm: bool = True
-    # Keras' default 0.99 averages over ~100 steps: in short trials on small data the moving
-    # statistics lag the weights and validation stays near chance, so it is a dimension.
-    bn_momentum: float = field(default=0.99, metadata=_range(0.0, 1.0, open_high=True))
+    # Not Keras' 0.99, which averages the moving statistics over ~100 steps: in a short trial
+    # they lag the weights and validation sits at chance (README, "Short runs", has the numbers).
+    bn_momentum: float = field(default=0.9, metadata=_range(0.0, 1.0, open_high=True))
     activation: Literal["relu", "leaky_relu", "gelu"] = "relu"
     pooling: Literal["max", "avg"] = "max"
     dropout: float = field(default=0.25, metadata=_range(0.0, 1.0, open_high=True))
@@ -173,6 +174,9 @@ class DataConfig:
     # cifar-10-batches-py/, or an image-folder tree / .zip of train/<class>/, test/<class>/.
     source: str = "keras"
     validation_fraction: float = field(default=0.1, metadata=_range(0.01, 0.5))
+    # Train on a class-balanced, seeded subset of this many images of the training split (the
+    # validation and test sets stay whole): a quick look at a sweep. None: every image.
+    train_images: int | None = field(default=None, metadata=_range(1, None))
 
 
 @dataclass(frozen=True)
@@ -235,11 +239,62 @@ class Sweep:
         return ()
 
     def logged_params(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
-        """The trial's MLflow params: every ``TrainConfig`` value that applies (all, or with a
-        hypermodel ``HYPERMODEL_FIELDS``) except inactive dimensions."""
-        return {key: value for key, value in dataclasses.asdict(self.train_config(sampled)).items()
-                if (key not in self.space or key in sampled)
+        """The trial's MLflow params: the ``TrainConfig`` values that apply to it (see ``applies``;
+        with a hypermodel, only ``HYPERMODEL_FIELDS``), and every sampled value. Inactive
+        dimensions are left out, so are the settings of a schedule, model family or optimizer
+        the trial does not use."""
+        cfg = self.train_config(sampled)
+        return {key: value for key, value in dataclasses.asdict(cfg).items()
+                if (key in sampled or (key not in self.space and applies(key, cfg)))
                 and (not self.hypermodel or key in HYPERMODEL_FIELDS)}
+
+    def identity(self, data_checksum: str) -> dict[str, Any]:
+        """What makes the trials of one study comparable: a resume must not change any of it.
+        ``searched_sha256`` hashes what defines the trials (objective, space, fixed values,
+        hypermodel), not the budget, sampler, pruner or description."""
+        searched = json.dumps({"objective": dataclasses.asdict(self.objective), "hypermodel": self.hypermodel,
+                               "space": {k: dataclasses.asdict(v) for k, v in self.space.items()},
+                               "fixed": dict(self.fixed)}, sort_keys=True, default=str)
+        return {"data_checksum": data_checksum, "train_images": self.data.train_images, "epochs": self.epochs,
+                "validation_fraction": self.data.validation_fraction, "sweep_seed": self.sampler.seed,
+                "searched_sha256": hashlib.sha256(searched.encode()).hexdigest()}
+
+
+def _not_transfer(cfg: TrainConfig) -> bool:
+    return cfg.model != "transfer"
+
+
+def _transfer(cfg: TrainConfig) -> bool:
+    return cfg.model == "transfer"
+
+
+# When a TrainConfig field takes part in training (fields not named here always do). One rule
+# for every sweep: a run logs the settings that apply to it, not those of a schedule, a model
+# family or an optimizer it does not use.
+_APPLIES: dict[str, Callable[[TrainConfig], bool]] = {
+    **dict.fromkeys(("blocks", "filters", "convs_per_block", "batch_norm", "pooling", "dropout",
+                     "dropout_growth"), _not_transfer),
+    "filter_growth": lambda c: _not_transfer(c) and c.blocks > 1,
+    "bn_momentum": lambda c: _not_transfer(c) and c.batch_norm,
+    "activation": lambda c: _not_transfer(c) or c.dense_units > 0,  # the head's hidden layer
+    **dict.fromkeys(("backbone", "weights", "image_size", "fine_tune_epochs"), _transfer),
+    "frozen_layers": lambda c: _transfer(c) and c.frozen_layers is not None,
+    "frozen_fraction": lambda c: _transfer(c) and c.frozen_layers is None,
+    **dict.fromkeys(("fine_tune_layers", "fine_tune_learning_rate"), lambda c: _transfer(c) and c.fine_tune_epochs > 0),
+    **dict.fromkeys(("momentum", "nesterov"), lambda c: c.optimizer == "sgd"),
+    "weight_decay": lambda c: c.optimizer in ("sgd", "adamw"),
+    "base_batch_size": lambda c: c.lr_scaling != "none",
+    **dict.fromkeys(("step_stages", "step_factor"), lambda c: c.lr_schedule == "step"),
+    "decay_rate": lambda c: c.lr_schedule == "exponential",
+    "warmup_epochs": lambda c: c.lr_schedule == "cosine_warmup",
+    "warmup_fraction": lambda c: c.lr_schedule == "one_cycle",
+    **dict.fromkeys(("plateau_factor", "plateau_patience"), lambda c: c.lr_schedule == "plateau"),
+}
+
+
+def applies(name: str, cfg: TrainConfig) -> bool:
+    """Whether the ``TrainConfig`` field ``name`` takes part in training ``cfg``."""
+    return _APPLIES.get(name, lambda c: True)(cfg)
 
 
 # Top-level keys of a sweep file, with the type each must have.

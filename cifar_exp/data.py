@@ -307,11 +307,13 @@ def _decode_folder(path: Path):  # type: ignore[no-untyped-def]
     return _decode_images(entries, path)
 
 
-def split(data: Cifar10, validation_fraction: float, seed: int) -> Splits:
-    """Carve a stratified validation set of ``validation_fraction`` of the training set.
+def split(data: Cifar10, validation_fraction: float, seed: int, train_images: int | None = None) -> Splits:
+    """Carve a stratified validation set of ``validation_fraction`` of the training set; with
+    ``train_images``, train on a class-balanced subset of that many images of the rest.
 
-    The split depends only on ``seed`` (the sweep's seed), so every trial of a sweep is
-    selected on the same validation images. The test set is passed through untouched.
+    Both depend only on ``seed`` (the sweep's seed), so every trial of a sweep trains on the
+    same images and is selected on the same validation images, whatever ``train_images`` is
+    (the validation set does not shrink with it). The test set is passed through untouched.
     """
     from sklearn.model_selection import train_test_split
 
@@ -322,6 +324,25 @@ def split(data: Cifar10, validation_fraction: float, seed: int) -> Splits:
     except ValueError as exc:
         raise DataError(f"cannot carve a stratified validation split from {len(indices)} "
                         f"training images ({exc})") from None
+    if train_images is not None:
+        train_idx = balanced_subset(data.y_train, np.sort(train_idx), train_images, seed)
     train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
     return Splits(data.x_train[train_idx], data.y_train[train_idx], data.x_train[val_idx],
                   data.y_train[val_idx], data.x_test, data.y_test, data.class_names)
+
+
+def balanced_subset(labels: np.ndarray, indices: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """``size`` of ``indices``, as many of each class as the classes allow (a class with too few
+    images gives all it has and the others make up for it), drawn with ``seed``, sorted."""
+    classes = np.unique(labels[indices])
+    if not len(classes) <= size <= len(indices):
+        raise DataError(f"train_images {size} is not possible: the training split has {len(indices)} images of "
+                        f"{len(classes)} classes (give between {len(classes)} and {len(indices)})")
+    rng = np.random.default_rng(seed)
+    pools = [list(rng.permutation(indices[labels[indices] == c])) for c in classes]
+    taken: list[int] = []
+    while len(taken) < size:  # round robin over the classes, in a seeded order of images
+        for pool in pools:
+            if pool and len(taken) < size:
+                taken.append(pool.pop())
+    return np.sort(np.array(taken, dtype=indices.dtype))

@@ -4,8 +4,9 @@ HTML page), the table of all trials (CSV and HTML) and the cost ledger.
 ``write(study, folder, epochs)`` builds every file from the study alone (storage, not memory), so
 ``python -m cifar_exp.report NAME`` can rebuild them at any time without training. Decisions:
 the interactive page embeds plotly.js once (about 4.8 MB) so that it opens offline; one page
-per plot would repeat it six times. A plot Optuna cannot draw yet (importances need two
-complete trials, a contour two parameters) is listed on the page with Optuna's reason.
+per plot would repeat it six times. A plot Optuna cannot draw yet (a contour needs two
+parameters) or that would rest on too few trials (importances and the contour, below
+``MIN_COMPLETE_FOR_IMPORTANCE`` complete trials) is listed on the page with the reason.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "contour",
          "intermediate_values")
+# Importances (fANOVA's random forest) and the contour of the two most important parameters are
+# noise on a handful of trials: drawn from this many complete trials on, and titled with the count.
+THIN_PLOTS = ("param_importances", "contour")
+MIN_COMPLETE_FOR_IMPORTANCE = 5
 
 
 def trial_rows(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
@@ -163,11 +168,21 @@ def write(study: optuna.Study, folder: Path, epochs: int, metric: str = "objecti
             try:
                 if not complete:
                     raise ValueError("no complete trial yet")
+                thin = name in THIN_PLOTS
+                if thin and len(complete) < MIN_COMPLETE_FOR_IMPORTANCE:
+                    raise ValueError(f"left out below {MIN_COMPLETE_FOR_IMPORTANCE} complete trials "
+                                     f"(has {len(complete)}): importances from fewer are noise")
+                note = f"from {len(complete)} complete trials"
                 figure = _figure_of(draw_png())
+                if thin:
+                    figure.text(0.99, 0.01, note, ha="right", va="bottom", fontsize=9, color="dimgrey")
                 figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
                 plt.close(figure)
+                interactive = draw_html()
+                if thin:
+                    interactive.update_layout(title_text=f"{interactive.layout.title.text or name} ({note})")
                 # plotly.js goes into the page once, with the first figure drawn
-                sections.append(f"<h2>{name.replace('_', ' ')}</h2>" + draw_html().to_html(
+                sections.append(f"<h2>{name.replace('_', ' ')}</h2>" + interactive.to_html(
                     full_html=False, include_plotlyjs=not sections))
             except Exception as exc:  # noqa: BLE001 (a plot that fails must not take the tables with it)
                 plt.close("all")
@@ -178,6 +193,12 @@ def write(study: optuna.Study, folder: Path, epochs: int, metric: str = "objecti
     summary = (f"<p>{len(trials)} trials: {cost.trials_complete} complete, {cost.trials_pruned} pruned, "
                f"{cost.trials_failed} failed; {cost.seconds_total:.1f} s of trials, "
                f"{cost.pruning_saved_seconds:.1f} s saved by pruning.</p>")
+    degenerate = [t for t in trials if t.user_attrs.get("degenerate")]
+    if degenerate:  # numbers that mean nothing: named before any plot draws them as results
+        summary += (f"<p><b>{len(degenerate)} degenerate trial(s)</b> (see the degenerate column of the "
+                    f"trials table):</p><ul>" + "".join(
+                        f"<li>trial {t.number}: {html.escape(str(t.user_attrs['degenerate']))}</li>"
+                        for t in degenerate) + "</ul>")
     (folder / "report.html").write_text(_page(f"Study {study.study_name}", summary + "".join(sections)))
     return skipped
 

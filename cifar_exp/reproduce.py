@@ -43,7 +43,8 @@ def final(key: str) -> bool:
     return key.startswith("test_") or key in FINAL_METRICS
 EPOCH_METRICS_ORDER = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 # Tags of the original that describe what was trained on; the rerun carries them over.
-PROVENANCE_TAGS = ("sweep", "sweep_sha256", "sweep_seed", "validation_fraction", "data_source", "data_checksum")
+PROVENANCE_TAGS = ("sweep", "sweep_sha256", "sweep_seed", "validation_fraction", "train_images", "data_source",
+                   "data_checksum")
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,10 @@ def load_original(run_id: str) -> Original:
             sweep, epochs=epochs,
             sampler=dataclasses.replace(sweep.sampler, seed=int(_tag(run, "sweep_seed"))),
             data=dataclasses.replace(sweep.data, source=_tag(run, "data_source"),
-                                     validation_fraction=float(_tag(run, "validation_fraction"))))
+                                     validation_fraction=float(_tag(run, "validation_fraction")),
+                                     # "all", or absent: a run from before training subsets
+                                     train_images=None if run.tags.get("train_images", "all") == "all"
+                                     else int(run.tags["train_images"])))
     except ValueError as exc:
         raise UserError(f"{where}: a seed, epochs or split value is not a number ({exc})") from None
     params = run.params if not sweep.hypermodel else {k: v for k, v in run.params.items() if k in HYPERMODEL_FIELDS}

@@ -49,7 +49,7 @@ import psutil
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp import overview, space, track
+from cifar_exp import evaluation, overview, space, track
 from cifar_exp.config import (
     ConfigError,
     PrunerConfig,
@@ -86,6 +86,7 @@ class Settings:
     workers: int = 1
     gpus: tuple[str, ...] = ()  # worker i sees GPU gpus[i % len(gpus)] only; () leaves the environment alone
     tags: dict[str, str] = field(default_factory=dict)  # provenance for the parent run
+    data_checksum: str = ""  # of the data the sweep trains on: part of the study's identity
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,8 @@ def worker_main(settings: Settings, experiment: str, parent_run_id: str, stop: A
     identity = {**backend.identity(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     track.configure(settings.tracking_uri)
     storage = open_storage(settings.storage)
-    splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed)
+    splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed,
+                        sweep.data.train_images)
     try:  # ImageNet weights missing offline, or a broken hypermodel: one clear error for the sweep
         for name in sweep.imagenet_backbones():
             models.backbone(TrainConfig(model="transfer", backbone=name, weights="imagenet"))
@@ -432,7 +434,7 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
                 "seed": seed, "epochs": sweep.epochs},
         tags={**settings.tags, **identity, "sweep": sweep.name, "worker": worker_id, "engine": "optuna",
               "sweep_sha256": sweep.content_hash, "sweep_seed": sweep.sampler.seed,
-              "validation_fraction": sweep.data.validation_fraction,
+              "validation_fraction": sweep.data.validation_fraction, "train_images": sweep.data.train_images or "all",
               "deterministic": str(sweep.deterministic).lower()})
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("seed", seed)
@@ -441,11 +443,14 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
     # Seconds from the worker's start of this trial (claim, run, build, compile) until its first
     # training step was launched; logged with the first epoch's metrics, in the same batch.
     first_step: dict[str, float] = {}
+    seen: dict[str, list[float]] = {}  # the logs so far, to judge a pruned trial
 
     def on_epoch(epoch: int, logs: Mapping[str, float]) -> None:
         nonlocal epochs_run
         _WORKER["training"] = False
         epochs_run = epoch + 1
+        for key, v in logs.items():
+            seen.setdefault(key, []).append(v)
         if metric not in logs:
             raise ValueError(f"training logs no {metric} (only {', '.join(sorted(logs))}): compile the model "
                              f"with metrics=['accuracy']")
@@ -480,19 +485,22 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
         value = result.history[metric][-1]
         model_uri = track.log_result(run_id, result, splits, title=f"{sweep.name} trial {trial.number}")
         test = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy}
+        verdict = _judge(trial, result.history, result.y_prob, splits)
         for key, v in {**test, "epochs_run": epochs_run, "model_uri": model_uri}.items():
             trial.set_user_attr(key, v)
         study.tell(trial, value)
-        track.end_run(run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri})
+        track.end_run(run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri, **verdict})
         events.put({"kind": "end", "trial": trial.number, "state": "COMPLETE", "value": value,
-                    "run_id": run_id, "test_accuracy": result.test_accuracy})
+                    "run_id": run_id, "test_accuracy": result.test_accuracy, **verdict})
         return True
     except optuna.TrialPruned as exc:
         trial.set_user_attr("epochs_run", epochs_run)
+        verdict = _judge(trial, seen, None, splits)
         study.tell(trial, state=TrialState.PRUNED)
-        track.end_run(run_id, "FINISHED", {"state": "PRUNED", "pruned": "true", "pruned_epoch": epochs_run})
+        track.end_run(run_id, "FINISHED", {"state": "PRUNED", "pruned": "true", "pruned_epoch": epochs_run,
+                                           **verdict})
         events.put({"kind": "end", "trial": trial.number, "state": "PRUNED", "reason": str(exc),
-                    "run_id": run_id})
+                    "run_id": run_id, **verdict})
         return True
     except Interrupted:
         _interrupted(study, trial, run_id, events)
@@ -505,6 +513,15 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
         _fail(study, trial, run_id, reason, "FAILED")
         events.put({"kind": "end", "trial": trial.number, "state": "FAIL", "reason": reason, "run_id": run_id})
         return False
+
+
+def _judge(trial: optuna.Trial, history: Mapping[str, Sequence[float]], y_prob: Any, splits: Any) -> dict[str, str]:
+    """``{"degenerate": why}`` for a trial whose numbers mean nothing (``evaluation.degenerate``),
+    recorded on the Optuna trial too; ``{}`` otherwise."""
+    why = evaluation.degenerate(history, y_prob, len(splits.y_val), splits.class_names)
+    if why:
+        trial.set_user_attr("degenerate", why)
+    return {"degenerate": why} if why else {}
 
 
 def log_hyperparameters(run_id: str, values: Mapping[str, Any], sweep: Sweep) -> None:
@@ -555,15 +572,38 @@ def create_study(settings: Settings) -> optuna.Study:
                                     pruner=make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
     except ValueError as exc:  # e.g. an existing study with the other direction
         raise ConfigError(f"study '{sweep.name}' in {mask_credentials(settings.storage)}: {exc}") from None
-    # One seed per study: it fixes the validation split and every trial's seed, so trials of one
-    # study stay comparable. A resume under another seed is refused.
-    seed = study.user_attrs.get("sweep_seed")
-    if seed is None:
-        study.set_user_attr("sweep_seed", sweep.sampler.seed)
-    elif seed != sweep.sampler.seed:
-        raise ConfigError(f"study '{sweep.name}' in {settings.storage} was started with seed {seed}, not "
-                          f"{sweep.sampler.seed}: use --seed {seed} to resume it, or another --storage")
+    check_identity(study, sweep.identity(settings.data_checksum), settings.storage)
     return study
+
+
+# What a resume would change, and how to keep the study's value.
+_KEEP = {"data_checksum": "pass the --data it started with",
+         "train_images": "pass --train-images {old}",
+         "epochs": "pass --epochs {old}",
+         "validation_fraction": "restore data.validation_fraction: {old} in the sweep file",
+         "sweep_seed": "pass --seed {old}",
+         "searched_sha256": "restore the sweep file's space, fixed and objective"}
+
+
+def check_identity(study: optuna.Study, identity: Mapping[str, Any], storage: str) -> None:
+    """Record what makes the study's trials comparable (``Sweep.identity``) when it starts; on a
+    resume, ``ConfigError`` naming the first setting that differs and how to resume or start anew.
+    A study from before this record gets it now; an empty checksum is not checked."""
+    recorded = study.user_attrs
+    for key, value in identity.items():
+        if key not in recorded:
+            if key != "data_checksum" or value:
+                study.set_user_attr(key, value)
+            continue
+        old = recorded[key]
+        if old != value and not (key == "data_checksum" and not value):
+            show = (lambda v: str(v)[:12]) if key.endswith(("checksum", "sha256")) else str
+            raise ConfigError(
+                f"study '{study.study_name}' in {mask_credentials(storage)} was started with {key} {show(old)}, "
+                f"not {show(value)}: its trials would not be comparable. To resume it, "
+                f"{'drop --train-images' if key == 'train_images' and old is None else _KEEP[key].format(old=old)}"
+                f"; to start a new study, copy the sweep file under another name "
+                f"or pass another --storage")
 
 
 def load_existing_attr(settings: Settings, key: str) -> Any:

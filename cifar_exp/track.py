@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import plots
+from cifar_exp import evaluation, plots
 from cifar_exp.config import UserError, mask_credentials
 
 T = TypeVar("T")
@@ -263,7 +263,8 @@ def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: 
                    title: str) -> dict[str, float]:
     """Log a test-set evaluation: per-class precision/recall/F1 and macro F1 as metrics;
     confusion matrix (PNG, CSV), the most-confused class pairs (CSV), classification report
-    (JSON), a grid of predictions, misclassified first (PNG) and, given a ``history``, learning
+    (JSON), a grid of predictions (PNG: misclassified images across classes, then correct ones,
+    see ``evaluation.grid_picks``) and, given a ``history``, learning
     curves (PNG) as artifacts.
     Returns the metrics logged."""
     from sklearn.metrics import classification_report, confusion_matrix
@@ -291,10 +292,7 @@ def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: 
             pairs.writeheader()
             pairs.writerows(confused_pairs(counts, class_names))
         plots.confusion_matrix_png(counts, class_names, out / "confusion_matrix.png", title)
-        # Misclassified images first (the ones worth looking at), then correct ones, each in
-        # test-set order.
-        order = np.concatenate([np.flatnonzero(y_pred != y_true), np.flatnonzero(y_pred == y_true)])
-        shown = order[:GRID_IMAGES]
+        shown = evaluation.grid_picks(y_true, y_pred, GRID_IMAGES)
         plots.prediction_grid_png(images[shown], y_true[shown], y_pred[shown], class_names,
                                   out / "prediction_grid.png", title, y_prob[shown, y_pred[shown]])
         if history is not None:

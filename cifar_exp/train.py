@@ -117,12 +117,20 @@ def optimizer(cfg: TrainConfig, epochs: int, steps_per_epoch: int,
 
 
 def callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
-    """Callbacks the configuration needs besides the hooks (they run after the hooks, so the
-    logged ``learning_rate`` is the one the epoch trained at)."""
+    """Callbacks the configuration needs besides the hooks (they run after the hooks: the
+    plateau rule lowers the rate of the next epoch, not the one logged)."""
     if cfg.lr_schedule == "plateau":
         return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.plateau_factor,
                                                   patience=cfg.plateau_patience, min_lr=0.0, verbose=0)]
     return []
+
+
+def _rate(optimizer: keras.optimizers.Optimizer, step: Any = None) -> float:
+    """The optimizer's learning rate at ``step`` (default: the next step it will take)."""
+    schedule = getattr(optimizer, "_learning_rate", None)
+    if step is not None and isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return float(keras.ops.convert_to_numpy(schedule(step)))
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
 class _Hooks(keras.callbacks.Callback):
@@ -131,6 +139,11 @@ class _Hooks(keras.callbacks.Callback):
     the hooks. Calls ``on_first_step`` once, with the seconds from ``started`` (a
     ``time.perf_counter`` value) until the first training step was compiled and launched: the
     begin of the second batch (or the end of a one-batch epoch).
+
+    ``learning_rate`` is the rate of the epoch's first step; a per-step schedule also logs
+    ``learning_rate_last``, the rate of its last step. (Read after the epoch, the optimizer's rate
+    is the next epoch's: a step schedule at 1e-3 logged 1e-4, 1e-5, 1e-5 while it trained at
+    1e-3, 1e-4, 1e-5.)
 
     Decision: no batch-end hook, which would make Keras wait for every step's result (it
     dispatches steps asynchronously only while no callback overrides ``on_train_batch_end``)."""
@@ -142,6 +155,7 @@ class _Hooks(keras.callbacks.Callback):
         self.images = images
         self.started = time.perf_counter() if started is None else started
         self.epoch_started = 0.0
+        self.epoch_rate = 0.0
         self.on_first_step = on_first_step
 
     def _first_step(self) -> None:
@@ -155,12 +169,15 @@ class _Hooks(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):  # type: ignore[no-untyped-def]
         self.epoch_started = time.perf_counter()
+        self.epoch_rate = _rate(self.model.optimizer)
 
     def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
         self._first_step()
         logs = logs if logs is not None else {}
-        # The rate the optimizer used in this epoch's last step (schedules are per step).
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        optimizer = self.model.optimizer
+        logs["learning_rate"] = self.epoch_rate
+        if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule):
+            logs["learning_rate_last"] = _rate(optimizer, keras.ops.maximum(optimizer.iterations - 1, 0))
         logs["epoch_seconds"] = time.perf_counter() - self.epoch_started
         logs["images_per_second"] = self.images / logs["epoch_seconds"]
         if not math.isfinite(float(logs.get("loss", 0.0))):

@@ -26,7 +26,7 @@ from typing import Any
 import keras
 import keras_tuner
 
-from cifar_exp import backend, data, hypermodel, track, train
+from cifar_exp import backend, data, evaluation, hypermodel, track, train
 from cifar_exp.config import Sweep, UserError
 from cifar_exp.study import Settings, log_hyperparameters, trial_seed
 
@@ -75,7 +75,8 @@ def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda 
     identity = backend.identity()
     track.configure(settings.tracking_uri)
     experiment = track.experiment_id(sweep.name)
-    splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed)
+    splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed,
+                        sweep.data.train_images)
     store = Path(settings.storage).parent if "://" not in settings.storage else Path("mlruns")
     directory = store / "keras_tuner"
     parent_file = directory / sweep.name / "mlflow_parent_run_id"
@@ -123,6 +124,7 @@ def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda 
             experiment, parent, number, params={**sweep.logged_params(params), "seed": seed, "epochs": epochs},
             tags={**settings.tags, **identity, "sweep": sweep.name, "sweep_sha256": sweep.content_hash,
                   "sweep_seed": sweep.sampler.seed, "validation_fraction": sweep.data.validation_fraction,
+                  "train_images": sweep.data.train_images or "all",
                   "deterministic": str(sweep.deterministic).lower(), ENGINE_TAG: "keras-tuner",
                   "keras_tuner_trial": trial.trial_id,
                   **{f"keras_tuner_{k[6:]}": v for k, v in values.items() if k.startswith("tuner/")}})
@@ -159,9 +161,11 @@ def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda 
         finally:
             keras.backend.clear_session()
         value = result.history[metric][-1]
-        track.end_run(run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri})
+        why = evaluation.degenerate(result.history, result.y_prob, len(splits.y_val), splits.class_names)
+        verdict = {"degenerate": why} if why else {}
+        track.end_run(run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri, **verdict})
         on_event({"kind": "end", "trial": number, "state": "COMPLETE", "value": value, "run_id": run_id,
-                  "test_accuracy": result.test_accuracy})
+                  "test_accuracy": result.test_accuracy, **verdict})
         return {metric: value}
 
     tuner = type(f"Tracked{base.__name__}", (base,), {"run_trial": run_trial})(**common)

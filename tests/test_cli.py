@@ -38,6 +38,7 @@ def _bad_sweep(folder: Path) -> str:
     (lambda d: ["lr_dropout", "--data", str((d / "empty").mkdir() or d / "empty")],
      "not a recognisable CIFAR-10 layout"),
     (lambda d: ["lr_dropout", "--trials", "0"], "--trials must be greater than 0"),
+    (lambda d: ["lr_dropout", "--train-images", "0"], "--train-images must be greater than 0"),
     (lambda d: ["lr_dropout", "--epochs", "two"], "--epochs takes a number"),
     (lambda d: ["lr_dropout", "--bogus"], "unrecognized arguments: --bogus"),
     (lambda d: ["../etc"], "invalid sweep name"),
@@ -80,3 +81,17 @@ train.train(TrainConfig(blocks=1, filters=4, convs_per_block=1, dense_units=8), 
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert any((isolated / "cache" / "jax").iterdir())
+
+
+def test_progress_names_a_degenerate_trial_on_its_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_exp.cli import Progress
+
+    progress = Progress("val_accuracy", True, 0, 4)
+    progress({"kind": "end", "trial": 2, "state": "COMPLETE", "value": 0.1, "test_accuracy": 0.1,
+              "degenerate": "predictions collapsed onto cat (97% of test images)"})
+    progress({"kind": "end", "trial": 3, "state": "PRUNED", "reason": "pruned after epoch 1: val_accuracy=0.1000",
+              "degenerate": "val_accuracy at chance (best 0.1000 <= 0.1085 in 1 epochs)"})
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert first.startswith("trial 2 COMPLETE val_accuracy=0.1000 test_accuracy=0.1000 [degenerate: predictions "
+                            "collapsed onto cat (97% of test images)]")
+    assert "trial 3 PRUNED: pruned after epoch 1" in second and "[degenerate: val_accuracy at chance" in second

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from cifar_exp.config import (
     ConfigError,
     TrainConfig,
+    applies,
     available_sweeps,
     check_name,
     load_sweep,
@@ -229,3 +231,61 @@ def test_a_hypermodel_sweep_needs_no_space_and_takes_only_what_applies() -> None
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_test_sweep_loads(path: Path) -> None:
     assert load_sweep(str(path)).description
+
+
+SCHEDULE_PARAMS = {"step_stages", "step_factor", "decay_rate", "warmup_epochs", "warmup_fraction", "plateau_factor",
+                   "plateau_patience"}
+
+
+@pytest.mark.parametrize("name", sorted(available_sweeps()))
+def test_every_shipped_sweep_logs_the_settings_that_apply_and_no_others(name: str) -> None:
+    import optuna
+
+    from cifar_exp import space
+
+    sweep = load_sweep(name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        sampled = space.suggest(trial, sweep)
+        cfg = sweep.train_config(sampled)
+        logged = sweep.logged_params(sampled)
+        for key in dataclasses.asdict(cfg):
+            expected = key in sampled or (key not in sweep.space and applies(key, cfg))
+            assert (key in logged) == expected, (key, sampled)
+        # the schedule's own settings, and nothing of the schedules it does not use
+        owned = {"step": {"step_stages", "step_factor"}, "exponential": {"decay_rate"},
+                 "cosine_warmup": {"warmup_epochs"}, "one_cycle": {"warmup_fraction"},
+                 "plateau": {"plateau_factor", "plateau_patience"}}.get(cfg.lr_schedule, set())
+        assert SCHEDULE_PARAMS & set(logged) == owned, (cfg.lr_schedule, set(logged))
+        assert ("momentum" in logged) == (cfg.optimizer == "sgd")
+        assert ("backbone" in logged) == (cfg.model == "transfer") and ("blocks" in logged) != (cfg.model == "transfer")
+        study.tell(trial, 0.0)
+
+
+def test_applies_follows_the_model_family_optimizer_and_schedule() -> None:
+    cnn, sgd = TrainConfig(), TrainConfig(optimizer="sgd", lr_schedule="step")
+    transfer = TrainConfig(model="transfer", dense_units=0, fine_tune_epochs=2)
+    assert applies("bn_momentum", cnn) and not applies("bn_momentum", TrainConfig(batch_norm=False))
+    assert not applies("backbone", cnn) and applies("backbone", transfer) and not applies("blocks", transfer)
+    assert not applies("activation", transfer) and applies("fine_tune_learning_rate", transfer)
+    assert applies("frozen_fraction", transfer) and not applies("frozen_layers", transfer)
+    assert not applies("momentum", cnn) and applies("momentum", sgd) and applies("weight_decay", sgd)
+    assert applies("step_factor", sgd) and not applies("decay_rate", sgd) and not applies("step_factor", cnn)
+    assert not applies("base_batch_size", cnn) and applies("base_batch_size", TrainConfig(lr_scaling="linear"))
+
+
+@pytest.mark.parametrize("name", sorted(available_sweeps()))
+def test_no_shipped_sweep_runs_batchnorm_at_keras_long_run_momentum(name: str) -> None:
+    # 0.99 kept validation at chance in 3-epoch runs on 5,000 images (README, "Short runs").
+    sweep = load_sweep(name)
+    if "bn_momentum" not in sweep.space:
+        assert sweep.train_config({}).bn_momentum <= 0.9
+    assert TrainConfig().bn_momentum == 0.9
+
+
+def test_a_sweep_file_may_train_on_a_subset() -> None:
+    assert parse("space:\n  dropout: {type: float, low: 0.1, high: 0.5}\ndata: {train_images: 5000}\n"
+                 ).data.train_images == 5000
+    assert "data.train_images: 0 is out of range" in error("space:\n  dropout: {type: float, low: 0.1, high: 0.5}\n"
+                                                          "data: {train_images: 0}\n")

@@ -181,3 +181,33 @@ def test_split_is_stratified_seeded_and_disjoint() -> None:
     assert not np.array_equal(a.y_val, c.y_val) or not np.array_equal(a.x_val, c.x_val)
     assert len(a.y_train) + len(a.y_val) == 1000
     np.testing.assert_array_equal(a.x_test, source.x_test)
+
+
+def test_train_images_is_a_class_balanced_seeded_subset_and_leaves_validation_whole() -> None:
+    rng = np.random.default_rng(0)
+    x = np.arange(1000, dtype=np.uint8).repeat(32 * 32 * 3).reshape(1000, 32, 32, 3)
+    y = rng.permutation(np.arange(1000) % 10)
+    source = data.Cifar10(x, y, x[:10], y[:10], tuple(CLASSES), "s", "c")
+    whole = data.split(source, 0.2, 7)
+    a, b, c = (data.split(source, 0.2, seed, train_images=95) for seed in (7, 7, 8))
+    assert len(a.y_train) == 95 and sorted(np.bincount(a.y_train).tolist()) == [9] * 5 + [10] * 5
+    np.testing.assert_array_equal(a.x_train, b.x_train)  # seeded
+    assert not np.array_equal(a.x_train, c.x_train)
+    np.testing.assert_array_equal(a.x_val, whole.x_val)  # the validation split does not shrink
+    assert set(a.x_train[:, 0, 0, 0].tolist()) <= set(whole.x_train[:, 0, 0, 0].tolist())
+
+
+def test_a_class_short_of_images_gives_all_it_has() -> None:
+    labels = np.array([0] * 50 + [1] * 3)
+    picked = data.balanced_subset(labels, np.arange(53), 20, seed=0)
+    assert np.bincount(labels[picked]).tolist() == [17, 3] and len(set(picked.tolist())) == 20
+
+
+@pytest.mark.parametrize("size", [1, 801])
+def test_an_impossible_train_images_is_one_clear_error(size: int) -> None:
+    y = np.arange(1000) % 10
+    source = data.Cifar10(np.zeros((1000, 32, 32, 3), np.uint8), y, np.zeros((10, 32, 32, 3), np.uint8), y[:10],
+                          tuple(CLASSES), "s", "c")
+    with pytest.raises(DataError, match=f"train_images {size} is not possible: the training split has 800 images "
+                                        f"of 10 classes"):
+        data.split(source, 0.2, 0, train_images=size)

@@ -35,7 +35,7 @@ def test_ledger_adds_seconds_by_state_and_what_pruning_saved() -> None:
     assert (cost.trials_complete, cost.trials_pruned, cost.trials_failed, cost.seconds_total) == (1, 2, 1, 157)
 
 
-def synthetic_study() -> optuna.Study:
+def synthetic_study(trials: int = 10) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
 
@@ -47,9 +47,11 @@ def synthetic_study() -> optuna.Study:
             t.report(dropout + epoch * lr, epoch + 1)
         if t.number == 3:
             raise optuna.TrialPruned()
+        if t.number == 2:
+            t.set_user_attr("degenerate", "val_accuracy at chance (best 0.1000 <= 0.1085 in 3 epochs)")
         return dropout + lr
 
-    study.optimize(objective, n_trials=10)
+    study.optimize(objective, n_trials=trials)
     return study
 
 
@@ -61,6 +63,8 @@ def test_report_has_every_plot_both_tables_and_marks_pruned_trials(tmp_path: Pat
     page = (tmp_path / "report.html").read_text()
     assert page.count("<h2>") == len(overview.PLOTS) and page.count("plotly.js v") == 1  # embedded once
     assert "Trial3 (pruned)" in page and "10 trials: 9 complete, 1 pruned, 0 failed" in page
+    assert "from 9 complete trials" in page  # importances and contour say what they rest on
+    assert "1 degenerate trial(s)" in page and "trial 2: val_accuracy at chance" in page
     rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
     assert [(r["number"], r["state"]) for r in rows] == [(str(t.number), t.state.name) for t in study.trials]
     assert (tmp_path / "trials.html").read_text().count("<tr>") == 11  # header and one row per trial
@@ -74,3 +78,13 @@ def test_plots_that_cannot_be_drawn_yet_are_named_with_the_reason(tmp_path: Path
     assert set(skipped) == set(overview.PLOTS) and skipped["contour"] == "no complete trial yet"
     assert "not drawn yet" in (tmp_path / "report.html").read_text()
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_importances_and_contour_are_left_out_below_the_minimum_of_complete_trials(tmp_path: Path) -> None:
+    study = synthetic_study(trials=4)  # 3 complete, 1 pruned
+    skipped = overview.write(study, tmp_path, epochs=3, metric="val_accuracy")
+    assert set(skipped) == {"param_importances", "contour"}
+    assert skipped["param_importances"] == (f"left out below {overview.MIN_COMPLETE_FOR_IMPORTANCE} complete trials "
+                                            f"(has 3): importances from fewer are noise")
+    assert not (tmp_path / "param_importances.png").exists() and (tmp_path / "slice.png").exists()
+    assert "left out below 5 complete trials (has 3)" in (tmp_path / "report.html").read_text()

@@ -48,15 +48,39 @@ def test_same_seed_samples_the_same_params_in_the_same_order(isolated: Path) -> 
     assert sample(isolated / "c.journal", seed=4) != first
 
 
-def test_resuming_a_study_with_another_seed_is_refused(isolated: Path) -> None:
+@pytest.mark.parametrize("change, fragment", [
+    (lambda s: dict(sampler=dataclasses.replace(s.sampler, seed=9)), "sweep_seed 0, not 9: its trials would not "
+                                                                       "be comparable. To resume it, pass --seed 0"),
+    (lambda s: dict(epochs=3), "epochs 20, not 3: its trials would not be comparable. To resume it, pass --epochs 20"),
+    (lambda s: dict(data=dataclasses.replace(s.data, train_images=5000)),
+     "train_images None, not 5000: its trials would not be comparable. To resume it, drop --train-images"),
+    (lambda s: dict(data=dataclasses.replace(s.data, validation_fraction=0.2)), "validation_fraction 0.1, not 0.2"),
+    (lambda s: dict(fixed={**s.fixed, "batch_size": 64}), "searched_sha256"),
+    ("checksum-b", "data_checksum checksum-a, not checksum-b: its trials would not be comparable. To resume it, "
+                   "pass the --data it started with"),
+])
+def test_resuming_a_study_with_other_data_epochs_subset_split_seed_or_space_is_refused(
+        isolated: Path, change, fragment: str) -> None:
     sweep = load_sweep("lr_dropout")
-    settings = Settings(sweep=sweep, storage=str(isolated / "s.journal"), tracking_uri="unused")
+    settings = Settings(sweep=sweep, storage=str(isolated / "s.journal"), tracking_uri="unused",
+                        data_checksum="checksum-a")
     create_study(settings)
-    other = dataclasses.replace(settings, sweep=dataclasses.replace(
-        sweep, sampler=dataclasses.replace(sweep.sampler, seed=9)))
-    with pytest.raises(ConfigError, match="was started with seed 0, not 9: use --seed 0 to resume it"):
+    other = dataclasses.replace(settings, data_checksum=change) if isinstance(change, str) else \
+        dataclasses.replace(settings, sweep=dataclasses.replace(sweep, **change(sweep)))
+    with pytest.raises(ConfigError, match="was started with") as refused:
         create_study(other)
+    assert fragment in str(refused.value) and "start a new study" in str(refused.value)
     assert create_study(settings).user_attrs["sweep_seed"] == 0
+
+
+def test_resuming_with_another_budget_or_description_is_allowed(isolated: Path) -> None:
+    sweep = load_sweep("lr_dropout")
+    settings = Settings(sweep=sweep, storage=str(isolated / "s.journal"), tracking_uri="unused",
+                        data_checksum="checksum-a")
+    create_study(settings)
+    create_study(dataclasses.replace(settings, sweep=dataclasses.replace(
+        sweep, trials=80, timeout=600.0, description="more", pruner=dataclasses.replace(sweep.pruner, name="none"))))
+    assert create_study(settings).user_attrs["epochs"] == 20
 
 
 def test_determinism_env_adds_the_xla_flag_once() -> None:

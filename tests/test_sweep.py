@@ -406,7 +406,8 @@ def test_a_full_disk_while_writing_artifacts_fails_trials_alone(isolated: Path, 
 
 
 def test_a_diverging_trial_fails_with_the_reason_and_the_sweep_goes_on(isolated: Path, cifar_slice: Path) -> None:
-    out = run_sweep(isolated, str(ROOT / "tests" / "sweeps" / "diverge.yaml"), "--data", str(cifar_slice)).stdout
+    out = run_sweep(isolated, str(ROOT / "tests" / "sweeps" / "diverge.yaml"), "--data", str(cifar_slice),
+                    env={"PYTHONPATH": str(ROOT)}).stdout  # the NaN hypermodel is importable
     assert "trial 0 FAIL: Diverged: loss is nan at epoch 0" in out and "trial 1 FAIL" in out
     trials = study(isolated, "diverge").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]

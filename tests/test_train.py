@@ -285,3 +285,40 @@ def test_same_seed_same_numbers_another_seed_other_numbers(splits: data.Splits) 
     assert all(runs[0].history[k] == runs[1].history[k] for k in keys)  # bit for bit
     np.testing.assert_array_equal(runs[0].y_prob, runs[1].y_prob)
     assert runs[0].history["loss"] != runs[2].history["loss"]
+
+
+class _Applied(keras.callbacks.Callback):
+    """Records the rate each optimizer step applies (read before the step, as the step reads it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[list[float]] = []
+
+    def on_epoch_begin(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+        self.epochs.append([])
+
+    def on_train_batch_begin(self, batch, logs=None):  # type: ignore[no-untyped-def]
+        self.epochs[-1].append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+
+@pytest.mark.parametrize("schedule, options", [
+    ("step", dict(step_stages=3, step_factor=0.1)), ("exponential", dict(decay_rate=0.5)), ("cosine", {}),
+    ("cosine_warmup", dict(warmup_epochs=1)), ("one_cycle", dict(warmup_fraction=0.3)),
+    ("plateau", dict(plateau_patience=1, plateau_factor=0.5)),
+])
+def test_the_logged_learning_rate_is_the_rate_each_epoch_trained_at(
+        splits: data.Splits, monkeypatch: pytest.MonkeyPatch, schedule: str, options: dict) -> None:
+    applied = _Applied()
+    monkeypatch.setattr(train, "callbacks", lambda cfg, original=train.callbacks: [*original(cfg), applied])
+    cfg = TrainConfig(**SMALL, learning_rate=0.01, lr_schedule=schedule, batch_size=8, **options)
+    logs: list[dict] = []
+    train.train(cfg, splits, epochs=3, seed=0, on_epoch=[lambda e, l: logs.append(dict(l))])
+    assert len(applied.epochs) == 3 and all(len(steps) > 1 for steps in applied.epochs)
+    np.testing.assert_allclose([entry["learning_rate"] for entry in logs], [s[0] for s in applied.epochs], rtol=1e-6)
+    if schedule == "plateau":  # a constant rate within each epoch: no second value
+        assert "learning_rate_last" not in logs[0]
+    else:
+        np.testing.assert_allclose([entry["learning_rate_last"] for entry in logs], [s[-1] for s in applied.epochs],
+                                   rtol=1e-6)
+    if schedule == "step":  # the three stages, in the epochs that trained at them
+        np.testing.assert_allclose([entry["learning_rate"] for entry in logs], [0.01, 0.001, 0.0001], rtol=1e-5)
