@@ -36,8 +36,13 @@ def confusion_matrix_png(counts: np.ndarray, class_names: Sequence[str], path: P
 
 
 def learning_curves_png(history: Mapping[str, Sequence[float]], path: Path, title: str) -> None:
-    """Loss and accuracy per epoch, train and validation; the learning rate on a second axis."""
+    """Loss and accuracy per epoch, train and validation (at each epoch's end); on a second axis
+    the learning rate each epoch trained at, drawn over the epoch (from epoch - 1 to epoch): flat,
+    or from its first step's rate to its last step's for a per-step schedule."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    lr, last = history.get("learning_rate") or [], history.get("learning_rate_last") or []
     for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         for name, style in ((key, "-"), (f"val_{key}", "--")):
             if history.get(name):
@@ -45,13 +50,19 @@ def learning_curves_png(history: Mapping[str, Sequence[float]], path: Path, titl
                 ax.plot(epochs, history[name], style, marker="o", label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if history.get("learning_rate"):
+        handles, labels = ax.get_legend_handles_labels()
+        if lr:
             lr_axis = ax.twinx()
-            lr = history["learning_rate"]
-            lr_axis.plot(np.arange(1, len(lr) + 1), lr, ":", color="grey", label="learning_rate")
+            ends = last if len(last) == len(lr) else lr
+            x = np.repeat(np.arange(len(lr) + 1), 2)[1:-1]  # 0, 1, 1, 2, 2, ...: each epoch's span
+            y = np.ravel(np.column_stack([lr, ends]))
+            (line,) = lr_axis.plot(x, y, ":", color="grey", label="learning_rate")
             lr_axis.set_ylabel("learning rate", color="grey")
-        ax.legend(loc="best")
+            handles, labels = [*handles, line], [*labels, "learning_rate"]
+        # one legend for both axes, below the plot: never over the curves
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
