@@ -245,6 +245,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--register reads the Optuna study: register after an Optuna sweep, or pass a "
                               "model URI to python -m cifar_exp.evaluate")
         set_environment(sweep.deterministic)
+        _check_hypermodel(sweep.hypermodel)
         from cifar_exp import data, study, track  # after set_environment: these may import keras
 
         # Bad input fails here, before anything is written: the servers first (they write nothing
@@ -298,6 +299,23 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
             _error(exc)
             return 2
     return 0
+
+
+def _check_hypermodel(spec: str) -> None:
+    """A sweep's hypermodel module can be found (``ConfigError`` if not), checked without importing
+    it, so a typo costs a second and writes nothing; workers import it."""
+    if not spec:
+        return
+    import importlib.util
+
+    module = spec.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except Exception:  # noqa: BLE001 (a parent package that is missing, or fails on import)
+        found = False
+    if not found:
+        raise ConfigError(f"hypermodel {spec}: no module {module} on the Python path: run from the folder that "
+                          f"holds it, add that folder to PYTHONPATH, or install it")
 
 
 def _keras_tuner_main(settings: Any, args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,7 @@ class Objective:
 @dataclass(frozen=True)
 class SamplerConfig:
     name: Literal["tpe", "random", "cmaes"] = "tpe"
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # what NumPy and the samplers accept
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,80 @@ TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TRAIN_TYPES = get_type_hints(TrainConfig)
 
 
+# A sweep file is a few hundred bytes; these bound what a malformed or hostile one can cost.
+MAX_SWEEP_BYTES = 64 * 1024  # 60 times the largest shipped sweep; a 1 MB flow list took 3 s to load
+MAX_YAML_DEPTH = 20  # a sweep file nests 4 levels (space: name: when: value)
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` bounded (strings, numbers and containers cut): messages never embed an
+    unbounded value from a sweep file."""
+    try:
+        return _SHORT.repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return "<a number too long to show>"
+
+
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser where PyYAML has it
+
+
+class _SweepLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """Safe YAML, refusing a key written twice in one mapping (PyYAML lets the last one win)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the constructor below names it
+                continue
+            if duplicate:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: {_short(key)} is written twice in one "
+                                  f"mapping: keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """The YAML ``text`` loaded, after a pass over its events refusing anchors and aliases (an
+    alias bomb expands 1 KB into gigabytes) and nesting deeper than ``MAX_YAML_DEPTH``."""
+    if len(text) > MAX_SWEEP_BYTES:
+        raise ConfigError(f"{where}: {len(text)} characters; a sweep file is a few KB (limit {MAX_SWEEP_BYTES})")
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=_BaseLoader):
+            line = f"line {event.start_mark.line + 1}" if event.start_mark else "the file"
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ConfigError(f"{where}: {line}: YAML anchors and aliases (&name, *name) are not allowed in a "
+                                  f"sweep file: write the values out")
+            if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise ConfigError(f"{where}: {line}: nested deeper than {MAX_YAML_DEPTH} levels (a sweep file "
+                                      f"needs 4)")
+            elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+                depth -= 1
+        loader = _SweepLoader(text)  # a safe loader (no Python objects), without duplicate keys
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except ConfigError as exc:
+        raise ConfigError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {at}{_short(problem)[1:-1]}") from None
+    except (ValueError, RecursionError, MemoryError) as exc:  # e.g. an int of 5,000 digits
+        raise ConfigError(f"{where}: invalid YAML: {type(exc).__name__}: {_short(str(exc))[1:-1]}") from None
+
+
 def _unknown(key: str, known: Any, where: str) -> ConfigError:
+    key = _short(key)[1:-1] if len(key) > 60 else key
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
     return ConfigError(f"{where}: unknown key '{key}' ({hint})")
@@ -345,7 +419,7 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
     if origin is Literal:
         allowed = get_args(typ)
         if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{where}: {_short(value)} is not one of {', '.join(map(str, allowed))}")
         return value
     if origin is Union or (origin is not None and type(None) in get_args(typ)):
         if value is None and type(None) in get_args(typ):
@@ -354,25 +428,25 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
         return coerce(value, inner, where)
     if typ is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
         return value
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
         return value
     if typ is float:
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {_short(value)}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected text, got {value!r}")
+            raise ConfigError(f"{where}: expected text, got {_short(value)}")
         return value
     if typ is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of key: value, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of key: value, got {_short(value)}")
         return value
     raise TypeError(f"unsupported type {typ!r}")  # a bug in this module, not user input
 
@@ -382,7 +456,7 @@ def _check_range(value: float, bounds: tuple[Any, ...], where: str) -> None:
     open_high = bounds[2] if len(bounds) > 2 else False
     if value < low or (high is not None and (value >= high if open_high else value > high)):
         span = f"[{low}, {high})" if open_high else f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"{where}: {value} is out of range {span}")
+        raise ConfigError(f"{where}: {_short(value)} is out of range {span}")
 
 
 def _section(cls: Any, raw: Any, where: str) -> Any:
@@ -473,7 +547,10 @@ def _dimension(name: str, raw: Any, where: str) -> Dimension:
     if step is not None:
         step = coerce(step, int if kind == "int" else float, f"{where}.step")
         if step <= 0:
-            raise ConfigError(f"{where}.step: must be greater than 0, got {step}")
+            raise ConfigError(f"{where}.step: must be greater than 0, got {_short(step)}")
+        if step > high - low:
+            raise ConfigError(f"{where}.step: {_short(step)} is wider than the range {low}..{high}, so every trial "
+                              f"would get {low}: give a step of at most {high - low}")
         if log:
             raise ConfigError(f"{where}: log and step cannot be combined (drop one)")
     if log and low <= 0:
@@ -484,13 +561,7 @@ def _dimension(name: str, raw: Any, where: str) -> Dimension:
 def parse_sweep(name: str, text: str, path: Path) -> Sweep:
     """Parse and validate the YAML ``text`` of the sweep ``name``; errors are prefixed by ``path``."""
     where = str(path)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML: {at}{problem}") from None
+    raw = _load_yaml(text, where)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -522,7 +593,7 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
     hypermodel = values.get("hypermodel", "")
     if hypermodel:
         if not _HYPERMODEL_RE.match(hypermodel):
-            raise ConfigError(f"{where}: hypermodel: {hypermodel!r} is not module:attribute "
+            raise ConfigError(f"{where}: hypermodel: {_short(hypermodel)} is not module:attribute "
                               f"(e.g. my_models:build_model)")
         for key in [*space, *fixed]:
             if key not in HYPERMODEL_FIELDS:
@@ -548,7 +619,7 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
         raise ConfigError(f"{where}: objective: {objective.direction} {objective.metric} "
                           f"optimises the wrong way (swap the direction)")
     if "registered_model" in values and not _NAME_RE.match(values["registered_model"]):
-        raise ConfigError(f"{where}: registered_model: {values['registered_model']!r} is not a valid name "
+        raise ConfigError(f"{where}: registered_model: {_short(values['registered_model'])} is not a valid name "
                           f"(letters, digits, '_', '-' and '.', starting with a letter or digit)")
     if values.get("trials", 20) is None and values.get("timeout") is None:
         raise ConfigError(f"{where}: give a budget: trials, timeout, or both")
@@ -622,7 +693,7 @@ def _sampling_order(space: Mapping[str, Dimension], where: str) -> dict[str, Dim
 def check_weights(value: str, where: str) -> str:
     """``value`` if it is "imagenet", "none" or an existing weights file."""
     if value not in ("imagenet", "none") and not Path(value).is_file():
-        raise ConfigError(f"{where}: {value!r} is neither imagenet, none, nor an existing weights file "
+        raise ConfigError(f"{where}: {_short(value)} is neither imagenet, none, nor an existing weights file "
                           f"(give the path of a .weights.h5 file saved from the backbone)")
     return value
 
@@ -669,6 +740,9 @@ def load_sweep(name_or_path: str) -> Sweep:
                               f" (or pass a path to a .yaml file)")
         path = sweeps[name]
     try:
+        size = path.stat().st_size
+        if size > MAX_SWEEP_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a sweep file is a few KB (limit {MAX_SWEEP_BYTES})")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the sweep file ({exc})") from None

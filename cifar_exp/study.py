@@ -61,6 +61,7 @@ from cifar_exp.config import (
 )
 
 EXIT_TRIAL_FAILED = 3  # a worker exits with this after a failed trial, to be replaced
+EXIT_ORPHANED = 4  # a worker whose sweep command died, after its grace
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STOP_GRACE_SECONDS = 60.0  # how long interrupted workers get to record their trials
 # Rebuilding the report (every plot of every trial) took 3.7 s for a 12-trial study on this 2-core
@@ -197,12 +198,27 @@ def recover_stale(study: optuna.Study) -> list[FrozenTrial]:
                 stale.append(trial)
     for trial in stale:
         trial = storage.get_trial(trial._trial_id)
-        if "mlflow_run_id" in trial.user_attrs:
-            track.end_run(trial.user_attrs["mlflow_run_id"], "KILLED",
-                          {"state": "FAIL", "fail_reason": trial.user_attrs.get("fail_reason", "stale")})
+        close_run(study, trial, "KILLED", trial.user_attrs.get("fail_reason", "stale"))
         if "retry_of" not in trial.user_attrs:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     return stale
+
+
+def close_run(study: optuna.Study, trial: FrozenTrial, status: str, reason: str) -> None:
+    """End the MLflow run of a failed ``trial`` with ``status`` and ``reason``. A trial whose worker
+    died before it created the run gets one now (its params, tagged ``state=FAIL`` and
+    ``trial_number`` under the parent run), so every trial of the study has exactly one run;
+    without the study's experiment (nothing tracked yet) there is nowhere to put it. (Optuna
+    takes no attribute on a finished trial, so such a trial's ``mlflow_run_id`` stays unset.)"""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        attrs = study.user_attrs
+        if "mlflow_experiment_id" not in attrs or "mlflow_parent_run_id" not in attrs:
+            return
+        run_id = track.start_trial_run(attrs["mlflow_experiment_id"], attrs["mlflow_parent_run_id"], trial.number,
+                                       params=dict(trial.params), tags={"sweep": study.study_name,
+                                                                        "engine": "optuna"})
+    track.end_run(run_id, status, {"state": "FAIL", "fail_reason": reason})
 
 
 def _beating(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
@@ -323,11 +339,31 @@ def _on_sigterm(signum: int, frame: object) -> None:
         raise Interrupted()
 
 
+ORPHAN_GRACE_SECONDS = 10.0  # a worker whose sweep command died gets this long to record its trial
+
+
+def _die_with_parent(parent: int, poll: float = 0.5) -> None:
+    """From a daemon thread: once the sweep command (``parent``) is gone (SIGKILL, OOM kill; the
+    worker is re-parented), stop as on SIGTERM (the trial ends as interrupted), and exit
+    regardless after ``ORPHAN_GRACE_SECONDS``. A trial left RUNNING is failed and retried by the
+    next start, as for any dead worker. Decision: workers never train on unsupervised; a killed
+    command whose workers went on stacked workers on top of orphans at each restart."""
+    while os.getppid() == parent:
+        time.sleep(poll)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(ORPHAN_GRACE_SECONDS)
+    os._exit(EXIT_ORPHANED)
+
+
 def worker_main(settings: Settings, experiment: str, parent_run_id: str, stop: Any,
-                events: Any, worker_id: int, deadline: float | None) -> None:
-    """A worker process: run trials while the budget and the deadline allow, until ``stop`` is set."""
+                events: Any, worker_id: int, deadline: float | None, parent: int | None = None) -> None:
+    """A worker process: run trials while the budget and the deadline allow, until ``stop`` is set
+    or the process ``parent`` (the sweep command) is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGTERM, _on_sigterm)
+    events.cancel_join_thread()  # exiting must not wait on a queue whose reader may be dead
+    if parent is not None:
+        threading.Thread(target=_die_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent reports trials
     if settings.gpus:  # before Keras (and its backend) first touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[worker_id % len(settings.gpus)]
@@ -645,7 +681,7 @@ def run_sweep(settings: Settings, on_event: Callable[[Event], None] = lambda e: 
 
     def start_worker(worker_id: int) -> mp.process.BaseProcess:
         process = ctx.Process(target=worker_main, name=f"cifar_exp-worker-{worker_id}", daemon=True,
-                              args=(settings, experiment, parent, stop, events, worker_id, deadline))
+                              args=(settings, experiment, parent, stop, events, worker_id, deadline, os.getpid()))
         process.start()
         assert process.pid is not None
         state.pids.add(process.pid)
@@ -794,8 +830,7 @@ class _ParentState:
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
-        if "mlflow_run_id" in trial.user_attrs:
-            track.end_run(trial.user_attrs["mlflow_run_id"], run_status, {"state": "FAIL", "fail_reason": reason})
+        close_run(self.study, storage.get_trial(trial._trial_id), run_status, reason)
         return True
 
 

@@ -56,21 +56,34 @@ def retrying(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any)
 
 def configure(tracking_uri: str) -> None:
     """Point this process at ``tracking_uri``; a local SQLite file is created (WAL mode, readable by
-    its owner only) if needed. A tracking server (``http(s)://``) must answer its health check:
-    ``UserError`` if it does not, before anything is written anywhere.
+    its owner only) with MLflow's schema if needed, one process at a time (``<file>.lock``). A
+    tracking server (``http(s)://``) must answer its health check: ``UserError`` if it does not,
+    before anything is written anywhere.
 
     Decision: WAL lets readers (the UI, other workers) proceed while one worker writes, which
     is what keeps several workers on one SQLite file clear of "database is locked".
     """
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.removeprefix("sqlite:///"))
+    check_server(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    # MLflow creates (and migrates) its schema on first use; two processes doing it at once on a
+    # fresh file crashed one of them (alembic "expected to match one row", "duplicate column").
+    # One process at a time creates the file and the schema; the others find them made.
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
             with sqlite3.connect(path) as db:
                 db.execute("PRAGMA journal_mode=WAL")
-    check_server(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
+        retrying(MlflowClient().search_experiments, max_results=1)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_server(tracking_uri: str) -> None:

@@ -142,3 +142,24 @@ def test_a_trial_of_another_host_is_stale_once_its_heartbeat_stops(isolated: Pat
     assert failed.state == TrialState.FAIL and "no heartbeat for 2 s" in failed.user_attrs["fail_reason"]
     assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == trial.number
     assert socket.gethostname() != "another-host.example"
+
+
+def test_a_trial_whose_worker_died_before_its_run_existed_gets_one_run_recording_the_failure(isolated: Path) -> None:
+    track.configure(f"sqlite:///{isolated}/mlruns/mlflow.db")
+    own = settings(str(isolated / "o.journal"))
+    study = create_study(own)
+    experiment = track.experiment_id("lr_dropout")
+    parent = track.start_run(experiment, "lr_dropout-study", {}, {})
+    study.set_user_attr("mlflow_experiment_id", experiment)
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    claimed = claim(own, open_storage(own.storage))
+    assert isinstance(claimed, tuple)
+    study, trial, params = claimed
+    trial.set_user_attr("worker_pid", dead_pid())  # died between its claim and its run
+    assert "mlflow_run_id" not in trial.user_attrs
+    (stale,) = recover_stale(study)
+    assert recover_stale(study) == []  # once
+    (run,) = MlflowClient().search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert run.info.status == "KILLED" and "is gone" in run.data.tags["fail_reason"]
+    assert run.data.tags["trial_number"] == "0" and run.data.tags["state"] == "FAIL"
+    assert run.data.params == {k: str(v) for k, v in params.items()}

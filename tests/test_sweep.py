@@ -414,3 +414,40 @@ def test_a_diverging_trial_fails_with_the_reason_and_the_sweep_goes_on(isolated:
     _, children = runs(isolated, "diverge")
     assert {c.info.status for c in children} == {"FAILED"}
     assert all(c.data.tags["fail_reason"].startswith("Diverged: loss is nan") for c in children)
+
+
+def test_sigkill_of_the_sweep_command_alone_takes_its_workers_with_it(isolated: Path, cifar_slice: Path) -> None:
+    import psutil
+
+    from cifar_exp.study import ORPHAN_GRACE_SECONDS
+
+    args = ["lr_dropout", "--trials", "2", "--epochs", "6", "--data", str(cifar_slice), "--workers", "2"]
+    process = subprocess.Popen([sys.executable, "-m", "cifar_exp.sweep", *args], cwd=isolated,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+    wait_for_first_epoch(isolated, process)
+    workers = psutil.Process(process.pid).children(recursive=True)  # the workers and multiprocessing's helper
+    assert workers, "no worker process found"
+    process.kill()  # the command only: its workers are re-parented, as after an OOM kill of the CLI
+    process.wait(timeout=60)
+    killed = time.monotonic()
+    _, alive = psutil.wait_procs(workers, timeout=ORPHAN_GRACE_SECONDS + 5)
+    assert not alive, f"{len(alive)} worker(s) outlived the sweep command by {time.monotonic() - killed:.1f} s"
+
+    out = run_sweep(isolated, *args[:-2]).stdout  # the next start ends whatever they held, and finishes the budget
+    trials = study(isolated).get_trials()
+    assert sum(t.state in FINISHED and not t.user_attrs.get("interrupted") for t in trials) >= 2, out
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_two_sweep_commands_started_at_once_on_a_fresh_store_share_the_budget(isolated: Path,
+                                                                               cifar_slice: Path) -> None:
+    args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "2", "--epochs", "1", "--data",
+            str(cifar_slice)]
+    processes = [subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=clean_env()) for _ in range(2)]
+    outcomes = [p.communicate(timeout=900) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outcomes]
+    trials = study(isolated).get_trials()
+    assert [t.state in FINISHED for t in trials] == [True, True]  # the budget, exactly
+    parents, children = runs(isolated)
+    assert len(parents) == 1 and len(children) == 2
