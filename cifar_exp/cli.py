@@ -602,8 +602,12 @@ def ui_main(argv: Sequence[str] | None = None) -> int:
     if experiment is not None:
         print(f"experiment {args.name}: {address}/#/experiments/{experiment}", flush=True)
     # The server replaces this process: Ctrl-C and signals reach it directly, no orphan is left.
+    # MLflow accepts state changes from every localhost origin: any other program's page on this
+    # machine could change the store. Our app (track.create_ui_app) lets only the UI's own pages.
+    origins = {address, f"http://localhost:{args.port}", f"http://127.0.0.1:{args.port}"}
+    os.environ[track.UI_ORIGINS_ENV] = ",".join(sorted(origins))
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri,
-                              "--host", args.host, "--port", str(args.port)])
+                              "--host", args.host, "--port", str(args.port), "--app-name", "cifar-exp-ui"])
     return 0  # not reached
 
 

@@ -20,6 +20,7 @@ import re
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,17 +78,33 @@ def cache_dir() -> Path:
 
 
 def detect(source: str) -> tuple[str, Path | None]:
-    """The kind of ``source`` (keras, tar, batches, folder, zip) and its path; ``DataError`` if none."""
+    """The kind of ``source`` (keras, tar, batches, folder, zip) and its path; ``DataError`` if none,
+    naming a permission problem or a damaged archive as such."""
     if source == "keras":
         return "keras", None
     path = Path(source).expanduser()
+    try:
+        return _detect(source, path)
+    except PermissionError as exc:
+        raise DataError(f"cannot read data source {source}: permission denied ({exc.filename or path}); "
+                        f"give this user read access to it") from None
+
+
+def _detect(source: str, path: Path) -> tuple[str, Path]:
     if not path.exists():
         raise DataError(f"data source {source} does not exist; {SOURCES_HELP}")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise PermissionError(13, "Permission denied", str(path))
     if path.is_file():
         if path.name.endswith((".tar.gz", ".tgz", ".tar")) and tarfile.is_tarfile(path):
             return "tar", path
         if zipfile.is_zipfile(path):
             return "zip", path
+        if path.suffix.lower() == ".zip":
+            raise DataError(f"data source {source} is a damaged zip (no central directory: truncated?); "
+                            f"copy or unpack it again")
+        if path.name.endswith((".tar.gz", ".tgz", ".tar")):
+            raise DataError(f"data source {source} is a damaged tar archive; copy or download it again")
     elif (path / "data_batch_1").is_file():
         return "batches", path
     elif (path / "cifar-10-batches-py" / "data_batch_1").is_file():
@@ -114,8 +131,17 @@ def _sha256_file(path: Path) -> str:
 
 
 def _folder_images(root: Path) -> list[Path]:
-    return sorted(p for split in ("train", "test") for p in (root / split).rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Every image file under ``root/train`` and ``root/test``; a folder this user cannot read is
+    a ``PermissionError`` (a silent skip would drop a class)."""
+    found = []
+    for split in ("train", "test"):
+        for folder, _, files in os.walk(root / split, onerror=_raise):
+            found += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def checksum(kind: str, path: Path) -> str:
@@ -128,25 +154,54 @@ def checksum(kind: str, path: Path) -> str:
 
 
 def load(source: str, cache: Path | None = None) -> Cifar10:
-    """Load CIFAR-10 from ``source`` (see the module docstring), through the cache when possible."""
+    """Load CIFAR-10 from ``source`` (see the module docstring), through the cache when possible.
+    The decoded data are checked (``check_classes``) before anything is cached."""
     kind, path = detect(source)
     if kind == "keras":
         return _load_keras()
     assert path is not None
     try:
         digest = checksum(kind, path)
+    except PermissionError as exc:
+        raise DataError(f"cannot read data source {source}: permission denied ({exc.filename}); give this user "
+                        f"read access to it") from None
     except OSError as exc:
         raise DataError(f"cannot read data source {source}: {exc}") from None
-    cache_file = (cache or cache_dir()) / f"cifar10-{kind}-{digest[:32]}-v{CACHE_FORMAT}.npz"
+    folder = cache or cache_dir()
+    cache_file = folder / f"cifar10-{kind}-{digest[:32]}-v{CACHE_FORMAT}.npz"
     cached = _read_cache(cache_file)
     if cached is not None:
         x_train, y_train, x_test, y_test, names = cached
     else:
         decode = {"tar": _decode_tar, "batches": _decode_batches, "zip": _decode_zip,
                   "folder": _decode_folder}[kind]
-        x_train, y_train, x_test, y_test, names = decode(path)
-        _write_cache(cache_file, x_train, y_train, x_test, y_test, names)
+        try:
+            x_train, y_train, x_test, y_test, names = decode(path)
+        except PermissionError as exc:
+            raise DataError(f"cannot read data source {source}: permission denied ({exc.filename}); give this "
+                            f"user read access to it") from None
+        check_classes(y_train, y_test, names, source)
+        try:
+            _write_cache(cache_file, x_train, y_train, x_test, y_test, names)
+        except OSError as exc:
+            raise DataError(f"cannot write the data cache in {folder} ({exc.strerror or exc}): make it writable, "
+                            f"or set CIFAR_EXP_CACHE to a writable folder") from None
     return Cifar10(x_train, y_train, x_test, y_test, tuple(names), source, digest)
+
+
+def check_classes(y_train: np.ndarray, y_test: np.ndarray, names: list[str] | tuple[str, ...], source: str) -> None:
+    """``DataError`` unless there are two classes or more, each with two training images or more
+    (a stratified validation split needs them) and a test image: a one-class set would report
+    test accuracy 1.0, a class without test images an accuracy that never asks about it."""
+    if len(names) < 2:
+        raise DataError(f"data source {source} has {len(names)} class ({', '.join(names) or 'none'}): a classifier "
+                        f"needs two or more (train/<class>/ folders)")
+    train, test = np.bincount(y_train, minlength=len(names)), np.bincount(y_test, minlength=len(names))
+    for split, counts, least in (("train", train, 2), ("test", test, 1)):
+        short = [f"{names[i]} ({counts[i]})" for i in range(len(names)) if counts[i] < least]
+        if short:
+            raise DataError(f"data source {source}: {split}/ has fewer than {least} image(s) of "
+                            f"{', '.join(short[:5])}: every class needs {least}+ in {split}/")
 
 
 def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]] | None:
@@ -297,11 +352,16 @@ def _decode_zip(path: Path):  # type: ignore[no-untyped-def]
 
     try:
         return _decode_images(entries(), path)
-    except zipfile.BadZipFile as exc:
-        raise DataError(f"{path} is not a readable zip ({exc})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise DataError(f"{path} is a damaged zip ({exc}); copy or unpack it again") from None
 
 
 def _decode_folder(path: Path):  # type: ignore[no-untyped-def]
+    for split in ("train", "test"):  # a class folder left empty would silently drop the class
+        empty = sorted(d.name for d in (path / split).iterdir()
+                       if d.is_dir() and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()))
+        if empty:
+            raise DataError(f"{path}: {split}/{empty[0]}/ has no images: add them, or remove the folder")
     entries = ((p.relative_to(path).parts[0], p.parent.name, p.name, p.read_bytes())
                for p in _folder_images(path) if len(p.relative_to(path).parts) == 3)
     return _decode_images(entries, path)

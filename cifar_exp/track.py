@@ -14,6 +14,7 @@ import sqlite3
 import tempfile
 import time
 import types
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def configure(tracking_uri: str) -> None:
     is what keeps several workers on one SQLite file clear of "database is locked".
     """
     check_server(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(_credentials_to_env(tracking_uri))
     if not tracking_uri.startswith("sqlite:///"):
         return
     import fcntl
@@ -86,17 +87,45 @@ def configure(tracking_uri: str) -> None:
         os.close(fd)  # releases the lock
 
 
+def _credentials_to_env(tracking_uri: str) -> str:
+    """``tracking_uri`` without ``user:password@``, which go to MLflow's own variables
+    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` (where MLflow's client reads
+    them, for every request; they are not in the URI that MLflow stores or prints)."""
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or parts.username is None:
+        return tracking_uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def check_server(tracking_uri: str) -> None:
     """``UserError`` if ``tracking_uri`` is a tracking server (``http(s)://``) that does not answer
-    its health check; writes nothing."""
-    if tracking_uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10) as response:
-                response.read()
-        except OSError as exc:  # refused, timed out, or an HTTP error status
-            raise UserError(f"the MLflow tracking server {mask_credentials(tracking_uri)} does not answer "
-                            f"({getattr(exc, 'reason', exc)}): start it (README, 'Many hosts') or fix "
-                            f"--tracking-uri") from None
+    its health check, or refuses this user (credentials from the URI or MLflow's variables, see
+    ``_credentials_to_env``); writes nothing."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    plain = _credentials_to_env(tracking_uri)
+    try:
+        with urllib.request.urlopen(f"{plain.rstrip('/')}/health", timeout=10) as response:
+            response.read()
+    except OSError as exc:  # refused, timed out, or an HTTP error status
+        raise UserError(f"the MLflow tracking server {mask_credentials(tracking_uri)} does not answer "
+                        f"({getattr(exc, 'reason', exc)}): start it (README, 'Many hosts') or fix "
+                        f"--tracking-uri") from None
+    try:  # /health needs no login; this does, through MLflow's own client and credentials
+        MlflowClient(plain).search_experiments(max_results=1)
+    except MlflowException as exc:
+        status = getattr(exc, "get_http_status_code", lambda: None)()
+        reason = mask_credentials(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if status in (401, 403) or "401" in reason or "403" in reason or "Unauthorized" in reason:
+            raise UserError(f"the MLflow tracking server {mask_credentials(plain)} refused this user ({reason[:200]}): "
+                            f"set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (README, 'Many hosts')"
+                            ) from None
+        raise UserError(f"the MLflow tracking server {mask_credentials(plain)} failed a request ({reason[:200]})"
+                        ) from None
 
 
 def experiment_id(name: str) -> str:
@@ -384,7 +413,14 @@ def load_model(model_uri: str) -> tuple[Any, list[str] | None]:
     """``(keras model, class names or None)`` for ``model_uri``, after ``check_safe``, loaded with
     Keras ``safe_mode`` on (no Lambda-layer bytecode is deserialized)."""
     check_safe(model_uri)
-    model = retrying(mlflow.keras.load_model, model_uri, load_model_kwargs={"safe_mode": True})
+    try:
+        model = retrying(mlflow.keras.load_model, model_uri, load_model_kwargs={"safe_mode": True})
+    except (TypeError, ValueError) as exc:  # Keras' safe_mode refusal, which it words as a generic failure
+        text = str(exc)
+        if "safe_mode" in text or "lambda" in text.lower() or "could not be deserialized" in text:
+            raise UnsafeModel("Keras' safe_mode refused it: it holds a Lambda layer (Python bytecode) or a class "
+                              "that is not Keras' own, which loading would run; only stock layers are loaded") from None
+        raise
     metadata = retrying(mlflow.models.get_model_info, model_uri).metadata or {}
     names = metadata.get("class_names")
     return model, list(names) if names else None
@@ -449,3 +485,40 @@ def ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+UI_ORIGINS_ENV = "CIFAR_EXP_UI_ORIGINS"  # comma-separated origins that may change the store through the UI
+_WRITES = (b"POST", b"PUT", b"PATCH", b"DELETE")
+
+
+class SameOriginWrites:
+    """ASGI middleware: a state-changing request that carries an ``Origin`` header other than the
+    ``origins`` is refused (403). MLflow's own guard lets every localhost origin through, so any
+    other program's page on this machine could change the store; requests without ``Origin``
+    (the Python client, curl) are no browser page and pass."""
+
+    def __init__(self, app: Any, origins: frozenset[str]) -> None:
+        self.app, self.origins = app, origins
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"].encode() in _WRITES:
+            origin = dict(scope["headers"]).get(b"origin")
+            if origin is not None and origin.decode("latin-1") not in self.origins:
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+                await send({"type": "http.response.body",
+                            "body": b"cross-origin request refused: only the UI's own pages may change the store"})
+                return
+        await self.app(scope, receive, send)
+
+
+def create_ui_app() -> Any:
+    """The MLflow app that ``python -m cifar_exp.ui`` serves (``mlflow ui --app-name cifar-exp-ui``,
+    an ``mlflow.app`` entry point): MLflow's own, behind ``SameOriginWrites`` for the origins in
+    ``$CIFAR_EXP_UI_ORIGINS``."""
+    from mlflow.server import app as flask_app
+    from mlflow.server.fastapi_app import create_fastapi_app
+
+    origins = frozenset(o for o in os.environ.get(UI_ORIGINS_ENV, "").split(",") if o)
+    return SameOriginWrites(create_fastapi_app(flask_app), origins)
+

@@ -211,3 +211,79 @@ def test_an_impossible_train_images_is_one_clear_error(size: int) -> None:
     with pytest.raises(DataError, match=f"train_images {size} is not possible: the training split has 800 images "
                                         f"of 10 classes"):
         data.split(source, 0.2, 0, train_images=size)
+
+
+# Permission problems. CI runs as root, whom chmod does not stop reading, so the two tests below
+# make the OS answer as it does to another user: EACCES from access() and from scandir().
+def test_an_unreadable_data_folder_is_named_as_a_permission_problem(
+        tmp_path: Path, arrays: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    root = make_folder(tmp_path / "tree", arrays)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == root else real(p, mode, **k))
+    with pytest.raises(DataError, match=f"cannot read data source {root}: permission denied"):
+        data.load(str(root), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_unreadable_class_folder_is_a_permission_problem_not_missing_classes(
+        tmp_path: Path, arrays: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    root = make_folder(tmp_path / "tree", arrays)
+    locked, real = root / "train" / "cat", os.scandir
+
+    def scandir(path="."):  # type: ignore[no-untyped-def]
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=f"permission denied \\({locked}\\)"):
+        data.load(str(root), cache=tmp_path / "cache")
+
+
+def test_a_cache_that_cannot_be_written_is_one_clear_error(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    root = make_folder(tmp_path / "tree", arrays)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.raises(DataError, match=f"cannot write the data cache in {blocked} .*set CIFAR_EXP_CACHE"):
+        data.load(str(root), cache=blocked)
+
+
+def test_a_truncated_zip_is_called_damaged(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path = tmp_path / "cifar.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, blob in _entries(arrays):
+            z.writestr(name, blob)
+    path.write_bytes(path.read_bytes()[:-200])  # the central directory cut off, as by a broken copy
+    with pytest.raises(DataError, match="is a damaged zip .*copy or unpack it again"):
+        data.load(str(path), cache=tmp_path / "cache")
+
+
+def test_a_one_class_data_set_is_refused_before_anything_is_cached(tmp_path: Path,
+                                                                    arrays: dict[str, np.ndarray]) -> None:
+    one = {k: v[:3] if k.endswith("train") else v[:2] for k, v in arrays.items()}  # airplane only
+    root = make_folder(tmp_path / "tree", one)
+    with pytest.raises(DataError, match="has 1 class \\(airplane\\): a classifier needs two or more"):
+        data.load(str(root), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_empty_class_folder_is_refused(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    root = make_folder(tmp_path / "tree", arrays)
+    for image in (root / "train" / "cat").iterdir():
+        image.unlink()
+    with pytest.raises(DataError, match="train/cat/ has no images: add them, or remove the folder"):
+        data.load(str(root), cache=tmp_path / "cache")
+
+
+def test_a_class_with_one_training_image_is_refused_before_anything_is_cached(
+        tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    labels = arrays["y_train"].copy()
+    labels[1:3] = 1  # airplane keeps one image of its three
+    root = make_batches(tmp_path / "batches", {**arrays, "y_train": labels})
+    with pytest.raises(DataError, match="train/ has fewer than 2 image\\(s\\) of airplane \\(1\\)"):
+        data.load(str(root), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

@@ -71,14 +71,15 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def start_mlflow_server(backend: str, folder: Path, port: int) -> subprocess.Popen:
+def start_mlflow_server(backend: str, folder: Path, port: int, *extra: str,
+                        env: dict[str, str] | None = None) -> subprocess.Popen:
     """``mlflow server`` on ``port`` of loopback, runs in ``backend``, artifacts served from
     ``folder``/artifacts; returns once it answers its health check."""
     log = folder / f"server-{port}.log"
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
                                "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL,
-                              stderr=log.open("a"), env=clean_env(), start_new_session=True)
+                               "--port", str(port), "--workers", "1", *extra], stdout=subprocess.DEVNULL,
+                              stderr=log.open("a"), env=clean_env(**(env or {})), start_new_session=True)
     deadline = time.time() + 180
     while True:
         try:
@@ -210,3 +211,62 @@ def test_a_tracking_server_that_goes_away_mid_sweep_loses_nothing(isolated: Path
                 child.data.tags["trial_number"])].user_attrs["epochs_run"]
     finally:
         stop(server)
+
+
+def test_a_tracking_server_behind_basic_auth_takes_credentials_from_the_uri_or_mlflow_s_variables(
+        isolated: Path, cifar_slice: Path) -> None:
+    from cifar_exp import track
+    from cifar_exp.config import UserError
+
+    port, admin = free_port(), "Adm1n-pw-4242-long"
+    config = isolated / "auth.ini"  # MLflow's basic-auth app, its users in a file of this test
+    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{isolated}/auth.db\n"
+                      f"admin_username = admin\nadmin_password = {admin}\n"
+                      f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    server = start_mlflow_server(f"sqlite:///{isolated}/server.db", isolated, port, "--app-name", "basic-auth",
+                                 env={"MLFLOW_AUTH_CONFIG_PATH": str(config),
+                                      "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-secret"})
+    base = f"http://127.0.0.1:{port}"
+    work = isolated / "work"
+    work.mkdir()
+    try:
+        def sweep(uri: str, **env: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "1",
+                                   "--epochs", "1", "--data", str(cifar_slice), "--tracking-uri", uri], cwd=work,
+                                  capture_output=True, text=True, timeout=600, env=clean_env(**env))
+
+        refused = sweep(f"http://admin:wrong-pw@127.0.0.1:{port}")
+        assert refused.returncode == 2, refused.stderr
+        (line,) = refused.stderr.strip().splitlines()
+        assert f"the MLflow tracking server {base} refused this user" in line and "MLFLOW_TRACKING_USERNAME" in line
+        assert "wrong-pw" not in refused.stdout + refused.stderr and not (work / "mlruns").exists()
+
+        done = sweep(f"http://admin:{admin}@127.0.0.1:{port}")  # credentials in the URI
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert admin not in done.stdout + done.stderr
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        client = MlflowClient(base)
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin)  # MLflow's variables
+        try:
+            track.check_server(base)
+            (experiment,) = [e for e in client.search_experiments() if e.name == "lr_dropout"]
+            (child,) = [r for r in client.search_runs([experiment.experiment_id])
+                        if "mlflow.parentRunId" in r.data.tags]
+            assert child.info.status == "FINISHED"
+            assert admin not in str(child.data.params) + str(child.data.tags)
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = "wrong-pw"
+            with pytest.raises(UserError, match="refused this user"):
+                track.check_server(base)
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+            os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+    finally:
+        stop(server)
+
+
+def test_the_database_password_can_stay_out_of_the_command_line(postgres: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)  # or ~/.pgpass: libpq reads both, `ps` shows neither
+    url = postgres.replace(f":{PASSWORD}@", "@") + "/optuna"
+    assert PASSWORD not in url
+    study = optuna.create_study(study_name="no-password-in-argv", storage=open_storage(url))
+    assert study.study_name in optuna.get_all_study_names(open_storage(url))

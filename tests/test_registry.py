@@ -75,6 +75,19 @@ def test_a_pickled_python_model_is_refused(isolated: Path) -> None:
         registry.load(info.model_uri)
 
 
+def test_a_keras_model_with_python_code_is_refused_and_says_why(isolated: Path) -> None:
+    import keras
+
+    track.configure(f"sqlite:///{isolated}/mlruns/mlflow.db")
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2.0)(inputs))  # bytecode inside the file
+    with mlflow.start_run():
+        info = mlflow.keras.log_model(model, name="model")
+    with pytest.raises(UserError, match=f"refusing to load {info.model_uri}: Keras' safe_mode refused it: it holds "
+                                        f"a Lambda layer"):
+        registry.load(info.model_uri)
+
+
 def cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", f"cifar_exp.{module}", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=900, env=clean_env(**(env or {})))

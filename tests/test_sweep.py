@@ -194,6 +194,18 @@ def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(evil, timeout=30)
         assert refused.value.code == 403
+        # Another local program's page (another port) must not change the store; the UI's own may.
+        body = json.dumps({"name": "cross-origin"}).encode()
+        for origin, allowed in ((f"http://127.0.0.1:{port + 1}", False), (base, True)):
+            forged = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/create", data=body, method="POST",
+                                            headers={"Origin": origin, "Content-Type": "application/json"})
+            if allowed:
+                with urllib.request.urlopen(forged, timeout=30) as response:
+                    assert response.status == 200
+            else:
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(forged, timeout=30)
+                assert refused.value.code == 403, origin
         check_compare_page(base, experiment_id, children[:2], cwd / "compare-runs.png")
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
