@@ -626,10 +626,8 @@ def check_identity(study: optuna.Study, identity: Mapping[str, Any], storage: st
     resume, ``ConfigError`` naming the first setting that differs and how to resume or start anew.
     A study from before this record gets it now; an empty checksum is not checked."""
     recorded = study.user_attrs
-    for key, value in identity.items():
+    for key, value in identity.items():  # every check before anything is recorded
         if key not in recorded:
-            if key != "data_checksum" or value:
-                study.set_user_attr(key, value)
             continue
         old = recorded[key]
         if old != value and not (key == "data_checksum" and not value):
@@ -640,6 +638,9 @@ def check_identity(study: optuna.Study, identity: Mapping[str, Any], storage: st
                 f"{'drop --train-images' if key == 'train_images' and old is None else _KEEP[key].format(old=old)}"
                 f"; to start a new study, copy the sweep file under another name "
                 f"or pass another --storage")
+    for key, value in identity.items():
+        if key not in recorded and (key != "data_checksum" or value):
+            study.set_user_attr(key, value)
 
 
 def load_existing_attr(settings: Settings, key: str) -> Any:

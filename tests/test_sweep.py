@@ -117,6 +117,13 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
     assert len(parents) == 1 and parents[0].info.run_id == parent.info.run_id
     assert len(children) == 5 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert [t.number for t in study(isolated).get_trials()] == [0, 1, 2, 3, 4]
+    # ... but not with other epochs: its trials would not be comparable (one line, exit 2)
+    refused = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "6", "--epochs", "3",
+                              "--data", str(cifar_slice)], cwd=isolated, capture_output=True, text=True, timeout=600,
+                             env=clean_env())
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "was started with epochs 2, not 3" in refused.stderr and "pass --epochs 2" in refused.stderr
+    assert len(study(isolated).get_trials()) == 5
     trials_csv = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="trials.csv",
                                                           dst_path=str(isolated / "b")))
     assert len(list(csv.DictReader(trials_csv.open()))) == 5
