@@ -18,6 +18,7 @@ from typing import Any, NoReturn, Protocol
 
 from cifar_exp.config import (
     DEFAULT_STORAGE,
+    DEFAULT_STORE,
     DEFAULT_TRACKING_URI,
     PACKAGE_DIR,
     ConfigError,
@@ -617,7 +618,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
                 description="The best trials of a sweep as a table, and one PNG overlaying their validation curves.")
     _study_arguments(p)
     p.add_argument("--top", type=_positive(int, "--top"), default=5, help="how many trials (default 5)")
-    p.add_argument("--out", help="the PNG to write (default NAME-top-K.png here)")
+    p.add_argument("--out", help="the PNG to write (default mlruns/NAME-top-K.png, beside the store)")
     args = p.parse_args(argv)
     try:
         sweep = load_sweep(args.name)
@@ -648,7 +649,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for line in (header, *rows):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
-    out = args.out or f"{sweep.name}-top-{args.top}.png"
+    out = args.out or str(DEFAULT_STORE / f"{sweep.name}-top-{args.top}.png")  # nothing lands in a checkout
     plots.curves_png(curves, metric, out, f"{sweep.name}: {metric} of the {len(best)} best trials")
     print(f"wrote {out}")
     return 0

@@ -96,7 +96,15 @@ def test_identity_names_backend_versions_and_device() -> None:
     identity = backend.identity()
     assert set(identity) == set(backend.IDENTITY_TAGS)
     assert identity["keras_backend"] == keras.backend.backend() and identity["keras_version"] == keras.__version__
-    assert identity["device"].startswith("cpu: ")  # CI has no GPU
+    if keras.backend.backend() == "jax":
+        import jax
+
+        accelerated = any(d.platform != "cpu" for d in jax.devices())
+    else:
+        import tensorflow as tf
+
+        accelerated = bool(tf.config.list_physical_devices("GPU"))
+    assert identity["device"].startswith("gpu: " if accelerated else "cpu: ")  # what this process trains on
 
 
 def original(history: dict[str, list[float]], state: str = "COMPLETE", test: dict | None = None,

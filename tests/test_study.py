@@ -72,7 +72,7 @@ def test_four_processes_claiming_at_once_run_exactly_the_budget(isolated: Path, 
     storage = str(isolated / "o.journal") if kind == "journal" else f"sqlite:///{isolated}/o.db"
     create_study(settings(storage))
     ctx = mp.get_context("spawn")
-    with mp.Manager() as manager:
+    with ctx.Manager() as manager:  # spawned too: forking after JAX started its threads can deadlock
         found = manager.list()
         processes = [ctx.Process(target=_claim_all, args=(storage, found)) for _ in range(4)]
         for p in processes:
