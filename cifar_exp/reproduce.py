@@ -14,13 +14,13 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cifar_exp import backend, track
+from cifar_exp import trial as one_trial
 from cifar_exp.config import (
     HYPERMODEL_FIELDS,
     Sweep,
@@ -194,15 +194,13 @@ def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deter
         {**tags, **{k: run.tags[k] for k in PROVENANCE_TAGS if k in run.tags}, **identity,
          RERUN_TAG: run.run_id, "rerun_of_trial": original.trial_number, "rerun_of_state": original.state,
          "deterministic": str(deterministic).lower()})
-    track.log_text(run_id, original.sweep.text, "sweep.yaml")
+    tracked = one_trial.Tracked(run_id)
+    one_trial.log_sweep(tracked, original.sweep)
     if original.hyperparameters is not None:
         track.log_text(run_id, json.dumps(original.hyperparameters, sort_keys=True), "hyperparameters.json")
-    history: dict[str, list[float]] = defaultdict(list)
 
     def record(epoch: int, logs: Mapping[str, float]) -> None:
-        track.log_metrics(run_id, logs, step=epoch)
-        for key, value in logs.items():
-            history[key].append(value)
+        tracked.log_epoch(epoch, logs)
         if on_epoch:
             on_epoch(epoch, logs)
 
@@ -221,14 +219,14 @@ def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deter
         track.end_run(run_id, "KILLED", {"fail_reason": "interrupted"})
         raise
     except Exception as exc:
-        return Outcome(run_id, dict(history), {}, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+        return Outcome(run_id, tracked.history, {}, one_trial.failure_reason(exc))
     test: dict[str, float] = {}
     if complete:
-        model_uri = track.log_result(run_id, result, splits,
-                                     title=f"{original.sweep.name} trial {original.trial_number} (rerun)")
-        track.set_tags(run_id, {"model_uri": model_uri})
+        evaluated = one_trial.evaluate(tracked, result, splits,
+                                       title=f"{original.sweep.name} trial {original.trial_number} (rerun)")
+        track.set_tags(run_id, {"model_uri": evaluated.model_uri, **evaluated.verdict})
         test = {k: v for k, v in track.get_run(run_id).metrics.items() if final(k)}
-    return Outcome(run_id, dict(history), test)
+    return Outcome(run_id, tracked.history, test)
 
 
 @dataclass(frozen=True)

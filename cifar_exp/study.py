@@ -49,7 +49,8 @@ import psutil
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp import evaluation, overview, space, track
+from cifar_exp import overview, space, track
+from cifar_exp import trial as one_trial
 from cifar_exp.config import (
     ConfigError,
     PrunerConfig,
@@ -218,7 +219,7 @@ def close_run(study: optuna.Study, trial: FrozenTrial, status: str, reason: str)
         run_id = track.start_trial_run(attrs["mlflow_experiment_id"], attrs["mlflow_parent_run_id"], trial.number,
                                        params=dict(trial.params), tags={"sweep": study.study_name,
                                                                         "engine": "optuna"})
-    track.end_run(run_id, status, {"state": "FAIL", "fail_reason": reason})
+    one_trial.end_failed(run_id, reason, status)
 
 
 def _beating(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
@@ -458,51 +459,34 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
     sweep = settings.sweep
     study, trial, params = claimed
     seed = trial_seed(sweep.sampler.seed, trial.number)
-    cfg = sweep.train_config(params)
     metric = sweep.objective.metric
-    # Everything a rerun needs is on the run: every TrainConfig value, seed and epochs as params;
-    # the data's checksum, split and determinism mode, and the sweep file itself.
-    run_id = track.start_trial_run(
-        experiment, parent_run_id, trial.number,
-        params={**{k: v for k, v in sweep.logged_params(params).items()
-                   # a hypermodel that overrides fit chooses its own batch size
-                   if not (tunable is not None and k == "batch_size" and hypermodel.overrides_fit(tunable))},
-                "seed": seed, "epochs": sweep.epochs},
-        tags={**settings.tags, **identity, "sweep": sweep.name, "worker": worker_id, "engine": "optuna",
-              "sweep_sha256": sweep.content_hash, "sweep_seed": sweep.sampler.seed,
-              "validation_fraction": sweep.data.validation_fraction, "train_images": sweep.data.train_images or "all",
-              "deterministic": str(sweep.deterministic).lower()})
+    logged = {k: v for k, v in sweep.logged_params(params).items()
+              # a hypermodel that overrides fit chooses its own batch size
+              if not (tunable is not None and k == "batch_size" and hypermodel.overrides_fit(tunable))}
+    tracked = one_trial.start(experiment, parent_run_id, trial.number, sweep, logged, seed, sweep.epochs,
+                             one_trial.run_tags(sweep, "optuna", identity, {**settings.tags, "worker": worker_id}))
+    run_id = tracked.run_id
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("seed", seed)
     events.put({"kind": "start", "worker": worker_id, "trial": trial.number, "run_id": run_id, "params": params})
-    epochs_run = 0
-    # Seconds from the worker's start of this trial (claim, run, build, compile) until its first
-    # training step was launched; logged with the first epoch's metrics, in the same batch.
-    first_step: dict[str, float] = {}
-    seen: dict[str, list[float]] = {}  # the logs so far, to judge a pruned trial
 
     def on_epoch(epoch: int, logs: Mapping[str, float]) -> None:
-        nonlocal epochs_run
         _WORKER["training"] = False
-        epochs_run = epoch + 1
-        for key, v in logs.items():
-            seen.setdefault(key, []).append(v)
         if metric not in logs:
             raise ValueError(f"training logs no {metric} (only {', '.join(sorted(logs))}): compile the model "
                              f"with metrics=['accuracy']")
-        track.log_metrics(run_id, {**logs, **first_step}, step=epoch)
-        first_step.clear()
-        trial.report(logs[metric], epochs_run)
-        events.put({"kind": "epoch", "trial": trial.number, "epoch": epochs_run, "epochs": sweep.epochs,
+        tracked.log_epoch(epoch, logs)
+        trial.report(logs[metric], epoch + 1)
+        events.put({"kind": "epoch", "trial": trial.number, "epoch": epoch + 1, "epochs": sweep.epochs,
                     "value": logs[metric], "logs": logs})
         if _WORKER["stop"]:
             raise Interrupted()
-        if epochs_run < sweep.epochs and trial.should_prune():  # a finished trial is not pruned
-            raise optuna.TrialPruned(f"pruned after epoch {epochs_run}: {metric}={logs[metric]:.4f}")
+        if epoch + 1 < sweep.epochs and trial.should_prune():  # a finished trial is not pruned
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {metric}={logs[metric]:.4f}")
         _WORKER["training"] = True
 
     try:
-        track.log_text(run_id, sweep.text, "sweep.yaml")  # a full disk here fails the trial, not the worker
+        one_trial.log_sweep(tracked, sweep)  # a full disk here fails the trial, not the worker
         hp, custom = None, None
         if tunable is not None:
             hp = hypermodel.OptunaHyperParameters(trial)
@@ -511,30 +495,29 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
             custom = hypermodel.custom_model(tunable, hp)
         _WORKER["training"] = True
         try:
-            result = train.train(cfg, splits, epochs=sweep.epochs, seed=seed, on_epoch=[on_epoch], custom=custom,
-                                 on_first_step=lambda seconds: first_step.update(first_step_seconds=seconds),
+            result = train.train(sweep.train_config(params), splits, epochs=sweep.epochs, seed=seed,
+                                 on_epoch=[on_epoch], custom=custom, on_first_step=tracked.on_first_step,
                                  started=started)
         finally:
             _WORKER["training"] = False
         if hp is not None:  # hyperparameters first declared in the hypermodel's fit
             log_hyperparameters(run_id, hp.values, sweep)
         value = result.history[metric][-1]
-        model_uri = track.log_result(run_id, result, splits, title=f"{sweep.name} trial {trial.number}")
-        test = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy}
-        verdict = _judge(trial, result.history, result.y_prob, splits)
-        for key, v in {**test, "epochs_run": epochs_run, "model_uri": model_uri}.items():
+        evaluated = one_trial.evaluate(tracked, result, splits, title=f"{sweep.name} trial {trial.number}")
+        for key, v in {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
+                       "epochs_run": tracked.epochs_run, "model_uri": evaluated.model_uri, **evaluated.verdict}.items():
             trial.set_user_attr(key, v)
         study.tell(trial, value)
-        track.end_run(run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri, **verdict})
+        one_trial.end_complete(tracked, evaluated)
         events.put({"kind": "end", "trial": trial.number, "state": "COMPLETE", "value": value,
-                    "run_id": run_id, "test_accuracy": result.test_accuracy, **verdict})
+                    "run_id": run_id, "test_accuracy": result.test_accuracy, **evaluated.verdict})
         return True
     except optuna.TrialPruned as exc:
-        trial.set_user_attr("epochs_run", epochs_run)
-        verdict = _judge(trial, seen, None, splits)
+        verdict = one_trial.judge(tracked.history, None, splits)
+        for key, v in {"epochs_run": tracked.epochs_run, **verdict}.items():
+            trial.set_user_attr(key, v)
         study.tell(trial, state=TrialState.PRUNED)
-        track.end_run(run_id, "FINISHED", {"state": "PRUNED", "pruned": "true", "pruned_epoch": epochs_run,
-                                           **verdict})
+        one_trial.end_pruned(tracked, verdict)
         events.put({"kind": "end", "trial": trial.number, "state": "PRUNED", "reason": str(exc),
                     "run_id": run_id, **verdict})
         return True
@@ -545,19 +528,10 @@ def _run_claimed(settings: Settings, splits: Any, experiment: str, parent_run_id
             # Raised from the signal handler inside Keras, Interrupted can come out as another
             # exception (one raised by a `finally` of the fit loop on its way out): still a stop.
             _interrupted(study, trial, run_id, events)
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        reason = one_trial.failure_reason(exc)
         _fail(study, trial, run_id, reason, "FAILED")
         events.put({"kind": "end", "trial": trial.number, "state": "FAIL", "reason": reason, "run_id": run_id})
         return False
-
-
-def _judge(trial: optuna.Trial, history: Mapping[str, Sequence[float]], y_prob: Any, splits: Any) -> dict[str, str]:
-    """``{"degenerate": why}`` for a trial whose numbers mean nothing (``evaluation.degenerate``),
-    recorded on the Optuna trial too; ``{}`` otherwise."""
-    why = evaluation.degenerate(history, y_prob, len(splits.y_val), splits.class_names)
-    if why:
-        trial.set_user_attr("degenerate", why)
-    return {"degenerate": why} if why else {}
 
 
 def log_hyperparameters(run_id: str, values: Mapping[str, Any], sweep: Sweep) -> None:
@@ -588,7 +562,7 @@ def _fail(study: optuna.Study, trial: optuna.Trial, run_id: str, reason: str, ru
     except optuna.exceptions.UpdateFinishedTrialError:
         return  # already failed as stale by another process, which closed the run too
     try:
-        track.end_run(run_id, run_status, {"state": "FAIL", "fail_reason": reason})
+        one_trial.end_failed(run_id, reason, run_status)
     except Exception as exc:  # tracking down: the Optuna record above already holds the reason
         print(f"cifar_exp: could not close MLflow run {run_id}: {exc}", file=sys.stderr)
 

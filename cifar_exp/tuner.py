@@ -26,7 +26,8 @@ from typing import Any
 import keras
 import keras_tuner
 
-from cifar_exp import backend, data, evaluation, hypermodel, track, train
+from cifar_exp import backend, data, hypermodel, track, train
+from cifar_exp import trial as one_trial
 from cifar_exp.config import Sweep, UserError
 from cifar_exp.study import Settings, log_hyperparameters, trial_seed
 
@@ -120,15 +121,13 @@ def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda 
         params = sampled(sweep, trial.hyperparameters)
         epochs = int(values.get("tuner/epochs", sweep.epochs))
         seed = trial_seed(sweep.sampler.seed, number)
-        run_id = track.start_trial_run(
-            experiment, parent, number, params={**sweep.logged_params(params), "seed": seed, "epochs": epochs},
-            tags={**settings.tags, **identity, "sweep": sweep.name, "sweep_sha256": sweep.content_hash,
-                  "sweep_seed": sweep.sampler.seed, "validation_fraction": sweep.data.validation_fraction,
-                  "train_images": sweep.data.train_images or "all",
-                  "deterministic": str(sweep.deterministic).lower(), ENGINE_TAG: "keras-tuner",
-                  "keras_tuner_trial": trial.trial_id,
-                  **{f"keras_tuner_{k[6:]}": v for k, v in values.items() if k.startswith("tuner/")}})
-        track.log_text(run_id, sweep.text, "sweep.yaml")
+        tracked = one_trial.start(
+            experiment, parent, number, sweep, sweep.logged_params(params), seed, epochs,
+            one_trial.run_tags(sweep, "keras-tuner", identity, {
+                **settings.tags, "keras_tuner_trial": trial.trial_id,
+                **{f"keras_tuner_{k[6:]}": v for k, v in values.items() if k.startswith("tuner/")}}))
+        run_id = tracked.run_id
+        one_trial.log_sweep(tracked, sweep)
         custom = None
         if model is not None:
             tuned = hypermodel_values(trial.hyperparameters)
@@ -137,35 +136,30 @@ def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda 
             custom = hypermodel.custom_model(model, trial.hyperparameters)
         on_event({"kind": "start", "worker": 0, "trial": number, "run_id": run_id, "params": params})
 
-        first_step: dict[str, float] = {}  # logged with the first epoch's metrics, as the Optuna engine does
-
         def on_epoch(epoch: int, logs: Any) -> None:
-            track.log_metrics(run_id, {**logs, **first_step}, step=epoch)
-            first_step.clear()
+            tracked.log_epoch(epoch, logs)
             on_event({"kind": "epoch", "trial": number, "epoch": epoch + 1, "epochs": epochs,
                       "value": logs[metric], "logs": logs})
 
         try:
             result = train.train(sweep.train_config(sampled(sweep, trial.hyperparameters)), splits, epochs=epochs,
                                  seed=seed, on_epoch=[on_epoch], custom=custom, started=started,
-                                 on_first_step=lambda seconds: first_step.update(first_step_seconds=seconds))
-            model_uri = track.log_result(run_id, result, splits, title=f"{sweep.name} trial {number} (keras-tuner)")
+                                 on_first_step=tracked.on_first_step)
+            evaluated = one_trial.evaluate(tracked, result, splits, title=f"{sweep.name} trial {number} (keras-tuner)")
         except KeyboardInterrupt:
-            track.end_run(run_id, "KILLED", {"state": "FAIL", "fail_reason": "interrupted"})
+            one_trial.end_failed(run_id, "interrupted", "KILLED")
             raise
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            track.end_run(run_id, "FAILED", {"state": "FAIL", "fail_reason": reason})
+            reason = one_trial.failure_reason(exc)
+            one_trial.end_failed(run_id, reason)
             on_event({"kind": "end", "trial": number, "state": "FAIL", "reason": reason, "run_id": run_id})
             raise keras_tuner.errors.FailedTrialError(reason) from exc
         finally:
             keras.backend.clear_session()
         value = result.history[metric][-1]
-        why = evaluation.degenerate(result.history, result.y_prob, len(splits.y_val), splits.class_names)
-        verdict = {"degenerate": why} if why else {}
-        track.end_run(run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri, **verdict})
+        one_trial.end_complete(tracked, evaluated)
         on_event({"kind": "end", "trial": number, "state": "COMPLETE", "value": value, "run_id": run_id,
-                  "test_accuracy": result.test_accuracy, **verdict})
+                  "test_accuracy": result.test_accuracy, **evaluated.verdict})
         return {metric: value}
 
     tuner = type(f"Tracked{base.__name__}", (base,), {"run_trial": run_trial})(**common)

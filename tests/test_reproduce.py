@@ -217,12 +217,14 @@ def test_rerun_reproduces_every_epoch_bit_for_bit(seeded_sweep: Path, cifar_slic
     # Trial 1 ran second in its worker process; the rerun runs alone in a fresh one.
     result = rerun("lr_dropout", "--trial", "1", "--data", str(cifar_slice), cwd=seeded_sweep)
     assert result.returncode == 0, result.stdout + result.stderr
-    # 2 epochs x 5 per-epoch metrics, test loss/accuracy/macro F1, 30 per-class metrics, param_count
-    assert "identical: all 44 values match the original bit for bit" in result.stdout
-    assert "differs from the original" not in result.stdout  # same machine, versions, mode
-
     _, children = runs(seeded_sweep)
     trial_1 = study(seeded_sweep).trials[1].user_attrs["mlflow_run_id"]
+    # 2 epochs x 5 per-epoch metrics (6 with a per-step schedule's learning_rate_last), test
+    # loss/accuracy/macro F1, 30 per-class metrics, param_count
+    values = 44 + 2 * ("learning_rate_last" in MlflowClient().get_run(trial_1).data.metrics)
+    assert f"identical: all {values} values match the original bit for bit" in result.stdout, result.stdout
+    assert "differs from the original" not in result.stdout  # same machine, versions, mode
+
     (again,) = [r for r in MlflowClient().search_runs([children[0].info.experiment_id])
                 if r.data.tags.get("rerun_of") == trial_1]
     assert again.info.status == "FINISHED" and again.data.tags["rerun_match"] == "true"

@@ -56,10 +56,11 @@ def test_keras_tuner_engine_tracks_trials_like_the_optuna_engine(isolated: Path,
         assert model_metrics(run) == model_metrics(reference)  # system/ ones depend on how long a run took
         assert artifacts(run.info.run_id) == artifacts(reference.info.run_id)
         assert run.data.tags["model_uri"].startswith("models:/")
-        # the same params, but for the conditional one: momentum exactly when the optimizer is sgd
-        sgd = run.data.params["optimizer"] == "sgd"
-        assert ("momentum" in run.data.params) == sgd
-        assert set(run.data.params) - {"momentum"} == set(reference.data.params) - {"momentum"}
+        # the same params, but for SGD's own: momentum (searched), nesterov and weight_decay exactly
+        # when the optimizer is sgd (the settings that apply, config.applies)
+        sgd, own = run.data.params["optimizer"] == "sgd", {"momentum", "nesterov", "weight_decay"}
+        assert own & set(run.data.params) == (own if sgd else set())
+        assert set(run.data.params) - own == set(reference.data.params) - own
     assert {r.data.params["optimizer"] for r in kt_runs} == {"adam", "sgd"}
 
     # a KerasTuner trial reruns like any other, from its run id

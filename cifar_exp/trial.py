@@ -1,0 +1,104 @@
+"""One tracked trial, start to end: its MLflow run with the tags every trial carries, its
+per-epoch metrics (the first with ``first_step_seconds``), its test evaluation and model, the
+verdict on degenerate numbers, and the run's end with the outcome and its reason.
+
+The Optuna worker (``study``), the KerasTuner engine (``tuner``) and reruns (``reproduce``) all
+track a trial through this module, so the engines cannot drift apart; each keeps its own search
+algorithm (ask, report, prune, tell) between these steps. Imports neither optuna nor keras.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cifar_exp import evaluation, track
+from cifar_exp.config import Sweep
+
+
+def run_tags(sweep: Sweep, engine: str, identity: Mapping[str, str], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The tags of a trial's run: ``extra`` (provenance, engine details), the process ``identity``
+    (backend, versions, device) and what a rerun needs to rebuild the trial's data and mode."""
+    return {**extra, **identity, "sweep": sweep.name, "engine": engine, "sweep_sha256": sweep.content_hash,
+            "sweep_seed": sweep.sampler.seed, "validation_fraction": sweep.data.validation_fraction,
+            "train_images": sweep.data.train_images or "all", "deterministic": str(sweep.deterministic).lower()}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The one-line ``fail_reason`` of a trial that raised ``exc``."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+@dataclass
+class Tracked:
+    """A trial's open run: ``log_epoch`` is the training hook that logs each epoch's metrics (the
+    first epoch's with the seconds ``on_first_step`` received) and keeps them in ``history``."""
+
+    run_id: str
+    history: dict[str, list[float]] = field(default_factory=dict)
+    _first_step: dict[str, float] = field(default_factory=dict)
+
+    def on_first_step(self, seconds: float) -> None:
+        # From the trial's start (claim, run, build, compile) to its first launched training
+        # step; logged with the first epoch's metrics, in the same batch.
+        self._first_step["first_step_seconds"] = seconds
+
+    def log_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
+        track.log_metrics(self.run_id, {**logs, **self._first_step}, step=epoch)
+        self._first_step.clear()
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+    @property
+    def epochs_run(self) -> int:
+        return max((len(values) for values in self.history.values()), default=0)
+
+
+def start(experiment: str, parent_run_id: str, number: int, sweep: Sweep, params: Mapping[str, Any], seed: int,
+          epochs: int, tags: Mapping[str, Any]) -> Tracked:
+    """Open the run of trial ``number``: ``params`` (the trial's settings), ``seed`` and ``epochs``
+    as params, ``tags`` (see ``run_tags``). Everything a rerun needs is on it once ``log_sweep``
+    has added the sweep file."""
+    return Tracked(track.start_trial_run(experiment, parent_run_id, number,
+                                         params={**params, "seed": seed, "epochs": epochs}, tags=tags))
+
+
+def log_sweep(tracked: Tracked, sweep: Sweep) -> None:
+    """The sweep file as the run's ``sweep.yaml`` (call it where a full disk fails the trial)."""
+    track.log_text(tracked.run_id, sweep.text, "sweep.yaml")
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    model_uri: str
+    verdict: dict[str, str]  # {"degenerate": why}, or {} for numbers that mean something
+
+
+def judge(history: Mapping[str, Sequence[float]], y_prob: Any, splits: Any) -> dict[str, str]:
+    """``{"degenerate": why}`` for a trial whose numbers mean nothing (``evaluation.degenerate``;
+    ``y_prob`` None for a trial that never reached the test set), ``{}`` otherwise."""
+    why = evaluation.degenerate(history, y_prob, len(splits.y_val), splits.class_names)
+    return {"degenerate": why} if why else {}
+
+
+def evaluate(tracked: Tracked, result: Any, splits: Any, title: str) -> Evaluated:
+    """Log a finished training's test metrics, artifacts and model (``track.log_result``) and
+    judge its numbers. ``result`` is a ``train.TrainResult``."""
+    model_uri = track.log_result(tracked.run_id, result, splits, title=title)
+    return Evaluated(model_uri, judge(result.history, result.y_prob, splits))
+
+
+def end_complete(tracked: Tracked, evaluated: Evaluated) -> None:
+    track.end_run(tracked.run_id, "FINISHED", {"state": "COMPLETE", "model_uri": evaluated.model_uri,
+                                               **evaluated.verdict})
+
+
+def end_pruned(tracked: Tracked, verdict: Mapping[str, str]) -> None:
+    track.end_run(tracked.run_id, "FINISHED", {"state": "PRUNED", "pruned": "true",
+                                               "pruned_epoch": tracked.epochs_run, **verdict})
+
+
+def end_failed(run_id: str, reason: str, status: str = "FAILED") -> None:
+    """End a failed trial's run: ``status`` FAILED, or KILLED for an interruption."""
+    track.end_run(run_id, status, {"state": "FAIL", "fail_reason": reason})
