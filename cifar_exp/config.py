@@ -332,7 +332,7 @@ _TRAIN_TYPES = get_type_hints(TrainConfig)
 
 
 # A sweep file is a few hundred bytes; these bound what a malformed or hostile one can cost.
-MAX_SWEEP_BYTES = 64 * 1024  # 60 times the largest shipped sweep; a 1 MB flow list took 3 s to load
+MAX_SWEEP_BYTES = 64 * 1024  # 40 times the largest shipped sweep (a 1 MB flow list took 3 s to load here)
 MAX_YAML_DEPTH = 20  # a sweep file nests 4 levels (space: name: when: value)
 _SHORT = reprlib.Repr()
 _SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60

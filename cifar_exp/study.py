@@ -343,7 +343,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 ORPHAN_GRACE_SECONDS = 10.0  # a worker whose sweep command died gets this long to record its trial
 
 
-def _die_with_parent(parent: int, poll: float = 0.5) -> None:
+def _die_with_parent(parent: int, events: Any, poll: float = 0.5) -> None:
     """From a daemon thread: once the sweep command (``parent``) is gone (SIGKILL, OOM kill; the
     worker is re-parented), stop as on SIGTERM (the trial ends as interrupted), and exit
     regardless after ``ORPHAN_GRACE_SECONDS``. A trial left RUNNING is failed and retried by the
@@ -351,6 +351,7 @@ def _die_with_parent(parent: int, poll: float = 0.5) -> None:
     command whose workers went on stacked workers on top of orphans at each restart."""
     while os.getppid() == parent:
         time.sleep(poll)
+    events.cancel_join_thread()  # exiting must not wait to flush events nobody will read
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(ORPHAN_GRACE_SECONDS)
     os._exit(EXIT_ORPHANED)
@@ -362,9 +363,8 @@ def worker_main(settings: Settings, experiment: str, parent_run_id: str, stop: A
     or the process ``parent`` (the sweep command) is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGTERM, _on_sigterm)
-    events.cancel_join_thread()  # exiting must not wait on a queue whose reader may be dead
     if parent is not None:
-        threading.Thread(target=_die_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+        threading.Thread(target=_die_with_parent, args=(parent, events), name="parent-watch", daemon=True).start()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent reports trials
     if settings.gpus:  # before Keras (and its backend) first touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[worker_id % len(settings.gpus)]
