@@ -11,9 +11,12 @@ import dataclasses
 import functools
 import os
 import shlex
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 from cifar_exp.config import (
@@ -144,42 +147,72 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help="search with Optuna (default) or with KerasTuner's own tuners, tracked the same way")
     p.add_argument("--register", action="store_true",
                    help="when the sweep ends, register its best model (as python -m cifar_exp.register)")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print only the final table and errors")
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="show the libraries' log lines here instead of in mlruns/logs/NAME.log")
     return p
 
 
 class Progress:
-    """Prints what the workers report: a line per trial start and end; on a terminal, a live
-    status line per epoch."""
+    """Prints what the workers report: a line per trial start and end; per epoch, on a terminal
+    one live status line (rewritten in place), elsewhere (a file, a pipe) one plain line. The
+    status carries the best value, the counts, the elapsed time and an estimate of what is left
+    (finished trials' mean seconds x trials left / workers). ``quiet``: nothing until the end.
 
-    def __init__(self, metric: str, maximize: bool, finished: int, budget: int | None) -> None:
+    ``counts`` and ``best`` start from the study's trials so far, so a resume reports them."""
+
+    def __init__(self, metric: str, maximize: bool, finished: int, budget: int | None, workers: int = 1,
+                 counts: dict[str, int] | None = None, best: tuple[float, int] | None = None,
+                 quiet: bool = False) -> None:
         self.metric, self.maximize = metric, maximize
-        self.finished, self.budget = finished, budget
-        self.counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
-        self.best: tuple[float, int] | None = None
+        self.finished, self.budget, self.workers = finished, budget, workers
+        self.counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, **(counts or {})}
+        self.best = best
         self.live = sys.stdout.isatty()
+        self.quiet = quiet
+        self.started = time.monotonic()
+        self.trial_started: dict[int, float] = {}
+        self.durations: list[float] = []  # seconds of the trials finished in this run
 
     def _of(self) -> str:
         return f"{self.finished} of {self.budget}" if self.budget else f"{self.finished}"
 
+    def _clock(self) -> str:
+        elapsed = time.monotonic() - self.started
+        text = f"{_duration(elapsed)} elapsed"
+        if self.budget and self.durations:
+            left = max(self.budget - self.finished, 0) * statistics.mean(self.durations) / self.workers
+            text += f", about {_duration(left)} left"
+        return text
+
     def _status(self) -> str:
         best = f"best {self.metric}={self.best[0]:.4f} (trial {self.best[1]})" if self.best else "no best yet"
         return (f"{best} | {self.counts['COMPLETE']} complete, {self.counts['PRUNED']} pruned, "
-                f"{self.counts['FAIL']} failed")
+                f"{self.counts['FAIL']} failed | {self._clock()}")
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["kind"]
         if kind == "start":
+            self.trial_started[event["trial"]] = time.monotonic()
             params = " ".join(f"{k}={_fmt(v)}" for k, v in event["params"].items())
             self._line(f"trial {event['trial']} started (worker {event['worker']}): {params}")
-        elif kind == "epoch" and self.live:
-            sys.stdout.write(f"\r  trial {event['trial']} epoch {event['epoch']}/{event['epochs']} "
-                             f"{self.metric}={event['value']:.4f} | {self._status()}\033[K")
-            sys.stdout.flush()
+        elif kind == "epoch":
+            seconds = event.get("logs", {}).get("epoch_seconds")
+            text = (f"trial {event['trial']} epoch {event['epoch']}/{event['epochs']} "
+                    f"{self.metric}={event['value']:.4f}" + (f" ({seconds:.1f} s)" if seconds is not None else ""))
+            if self.live and not self.quiet:
+                sys.stdout.write(f"\r  {text} | {self._status()}\033[K")
+                sys.stdout.flush()
+            else:
+                self._line(f"  {text}")
         elif kind == "end":
             state = event["state"]
             self.counts[state] = self.counts.get(state, 0) + 1
             if not (str(event.get("reason", "")).startswith("interrupted") or event.get("retried")):  # uncounted
                 self.finished += 1
+                if event["trial"] in self.trial_started:
+                    self.durations.append(time.monotonic() - self.trial_started.pop(event["trial"]))
             detail = ""
             if state == "COMPLETE":
                 value = event["value"]
@@ -196,7 +229,14 @@ class Progress:
                        f"({event['reason']})")
 
     def _line(self, text: str) -> None:
-        print(("\r\033[K" if self.live else "") + text, flush=True)
+        if not self.quiet:
+            print(("\r\033[K" if self.live else "") + text, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _error(exc: BaseException) -> None:
@@ -269,16 +309,27 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress
+        if not args.verbose:
+            log_file = _library_log(args.storage, sweep.name)
+            settings = dataclasses.replace(settings, log_file=str(log_file))
         existing = study.create_study(settings)
-        finished = len(study.counted(existing.get_trials(deepcopy=False)))
-        print(f"sweep {sweep.name}: {sweep.description.strip().splitlines()[0] if sweep.description else ''}")
-        print(f"study '{sweep.name}' in {mask_credentials(args.storage)}: {finished} trials finished before; "
-              f"budget {sweep.trials if sweep.trials else 'none'} trials, "
-              f"{sweep.epochs} epochs each on {sizes}, {args.workers} worker(s), seed {sweep.sampler.seed}, "
-              f"deterministic kernels {'on' if sweep.deterministic else 'off'}; "
-              f"tracking {mask_credentials(args.tracking_uri)}",
-              flush=True)
-        progress = Progress(sweep.objective.metric, sweep.objective.direction == "maximize", finished, sweep.trials)
+        trials = existing.get_trials(deepcopy=False)
+        finished = len(study.counted(trials))
+        say = (lambda *a, **k: None) if args.quiet else print
+        say(f"sweep {sweep.name}: {sweep.description.strip().splitlines()[0] if sweep.description else ''}")
+        say(f"study '{sweep.name}' in {mask_credentials(args.storage)}: {finished} trials finished before; "
+            f"budget {sweep.trials if sweep.trials else 'none'} trials, "
+            f"{sweep.epochs} epochs each on {sizes}, {args.workers} worker(s), seed {sweep.sampler.seed}, "
+            f"deterministic kernels {'on' if sweep.deterministic else 'off'}; "
+            f"tracking {mask_credentials(args.tracking_uri)}", flush=True)
+        if settings.log_file:
+            say(f"library log lines (TensorFlow, MLflow, Optuna): {settings.log_file} (-v shows them here)",
+                flush=True)
+        top = study.best_trials(existing, 1)
+        progress = Progress(sweep.objective.metric, sweep.objective.direction == "maximize", finished, sweep.trials,
+                            workers=args.workers, quiet=args.quiet,
+                            counts={s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
+                            best=(float(top[0].value or 0.0), top[0].number) if top else None)
         summary = study.run_sweep(settings, progress)
     except UserError as exc:
         _error(exc)
@@ -317,6 +368,23 @@ def _check_hypermodel(spec: str) -> None:
     if not found:
         raise ConfigError(f"hypermodel {spec}: no module {module} on the Python path: run from the folder that "
                           f"holds it, add that folder to PYTHONPATH, or install it")
+
+
+def _library_log(storage: str, name: str) -> Path:
+    """``logs/NAME.log`` beside the store (``mlruns/`` for a database storage), where the parent's
+    and the workers' library log lines go; the parent's go there from now on."""
+    import logging
+
+    store = Path(storage).parent if "://" not in storage else DEFAULT_STORE
+    path = store / "logs" / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for logger in ("mlflow", "optuna", "alembic", "absl", "py.warnings"):
+        logging.getLogger(logger).handlers[:] = [handler]
+        logging.getLogger(logger).propagate = False
+    logging.captureWarnings(True)
+    return path
 
 
 def _keras_tuner_main(settings: Any, args: argparse.Namespace) -> int:

@@ -89,6 +89,7 @@ class Settings:
     gpus: tuple[str, ...] = ()  # worker i sees GPU gpus[i % len(gpus)] only; () leaves the environment alone
     tags: dict[str, str] = field(default_factory=dict)  # provenance for the parent run
     data_checksum: str = ""  # of the data the sweep trains on: part of the study's identity
+    log_file: str = ""  # where workers write their output (library log lines); "" leaves it on the terminal
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,13 @@ def worker_main(settings: Settings, experiment: str, parent_run_id: str, stop: A
                 events: Any, worker_id: int, deadline: float | None, parent: int | None = None) -> None:
     """A worker process: run trials while the budget and the deadline allow, until ``stop`` is set
     or the process ``parent`` (the sweep command) is gone."""
+    if settings.log_file:  # before TensorFlow and MLflow print anything: they print to fds 1 and 2
+        fd = os.open(settings.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGTERM, _on_sigterm)
     if parent is not None:

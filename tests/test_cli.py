@@ -95,3 +95,40 @@ def test_progress_names_a_degenerate_trial_on_its_line(capsys: pytest.CaptureFix
     assert first.startswith("trial 2 COMPLETE val_accuracy=0.1000 test_accuracy=0.1000 [degenerate: predictions "
                             "collapsed onto cat (97% of test images)]")
     assert "trial 3 PRUNED: pruned after epoch 1" in second and "[degenerate: val_accuracy at chance" in second
+
+
+def test_without_a_terminal_each_epoch_is_one_plain_line_and_the_status_has_time_left(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_exp import cli
+
+    clock = iter([0.0, 10.0, 70.0, 70.0, 70.0])  # created, trial 0 starts, ends (60 s), status
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    progress = cli.Progress("val_accuracy", True, 0, 4, workers=2)
+    progress({"kind": "start", "trial": 0, "worker": 0, "params": {"dropout": 0.25}})
+    progress({"kind": "epoch", "trial": 0, "epoch": 1, "epochs": 3, "value": 0.25, "logs": {"epoch_seconds": 12.34}})
+    progress({"kind": "end", "trial": 0, "state": "COMPLETE", "value": 0.25, "test_accuracy": 0.24})
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\033" not in out  # no control characters into a file or a pipe
+    lines = out.splitlines()
+    assert lines[1] == "  trial 0 epoch 1/3 val_accuracy=0.2500 (12.3 s)"
+    # 3 trials left x 60 s / 2 workers
+    assert lines[2].endswith("| 1 complete, 0 pruned, 0 failed | 1m10s elapsed, about 1m30s left")
+
+
+def test_a_resumed_sweep_reports_the_trials_it_already_has(capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_exp.cli import Progress
+
+    progress = Progress("val_accuracy", True, 3, 5, counts={"COMPLETE": 2, "PRUNED": 1}, best=(0.41, 1))
+    progress({"kind": "end", "trial": 3, "state": "PRUNED", "reason": "pruned after epoch 1: val_accuracy=0.2"})
+    line = capsys.readouterr().out.strip()
+    assert "[4 of 5] best val_accuracy=0.4100 (trial 1) | 2 complete, 2 pruned, 0 failed" in line
+
+
+def test_quiet_prints_nothing_while_the_sweep_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_exp.cli import Progress
+
+    progress = Progress("val_accuracy", True, 0, 2, quiet=True)
+    progress({"kind": "start", "trial": 0, "worker": 0, "params": {}})
+    progress({"kind": "epoch", "trial": 0, "epoch": 1, "epochs": 1, "value": 0.3, "logs": {}})
+    progress({"kind": "end", "trial": 0, "state": "COMPLETE", "value": 0.3, "test_accuracy": 0.3})
+    assert capsys.readouterr().out == ""

@@ -62,8 +62,16 @@ def study(cwd: Path, name: str = "lr_dropout") -> optuna.Study:
 
 
 def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -> None:
-    out = run_sweep(isolated, "lr_dropout", "--trials", "3", "--epochs", "2", "--data", str(cifar_slice),
-                    env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}).stdout  # trials last seconds here
+    done = run_sweep(isolated, "lr_dropout", "--trials", "3", "--epochs", "2", "--data", str(cifar_slice),
+                     env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"})  # trials last seconds here
+    out = done.stdout
+    # A quiet terminal: our lines only, one per epoch without a terminal; the libraries' in the log
+    noise = ("oneDNN", "cuda", "absl", " INFO mlflow", "WARNING", "Traceback", "\r", "\033")
+    assert not [line for line in (out + done.stderr).splitlines() if any(n in line for n in noise)], out + done.stderr
+    assert "library log lines (TensorFlow, MLflow, Optuna): mlruns/logs/lr_dropout.log" in out
+    assert sum(line.startswith("  trial ") and " epoch " in line for line in out.splitlines()) == 6
+    log = (isolated / "mlruns" / "logs" / "lr_dropout.log").read_text()
+    assert "mlflow" in log and "Started monitoring system metrics" in log
     assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in out
 
     parents, children = runs(isolated)
@@ -112,7 +120,9 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
     assert "best_val_accuracy" in parent.data.metrics
 
     # The same command with a larger budget resumes: two more trials under the same parent.
-    run_sweep(isolated, "lr_dropout", "--trials", "5", "--epochs", "2", "--data", str(cifar_slice))
+    resumed = run_sweep(isolated, "lr_dropout", "--trials", "5", "--epochs", "2", "--data", str(cifar_slice)).stdout
+    assert "3 trials finished before" in resumed and "[4 of 5]" in resumed
+    assert "no best yet" not in resumed and " 0 complete" not in resumed  # it counts the 3 it had
     parents, children = runs(isolated)
     assert len(parents) == 1 and parents[0].info.run_id == parent.info.run_id
     assert len(children) == 5 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
