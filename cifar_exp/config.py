@@ -76,7 +76,7 @@ class TrainConfig:
     dropout: float = field(default=0.25, metadata=_range(0.0, 1.0, open_high=True))
     dropout_growth: float = field(default=0.0, metadata=_range(0.0, 0.5))
     # The head (both models): pooling of the last feature map, an optional hidden dense layer.
-    # Not the notebooks' flatten: its 2,048 inputs to the dense layer kept the CNN at chance with
+    # Not flatten, the former default: its 2,048 inputs to the dense layer kept the CNN at chance with
     # Adam at 1e-2 (3 epochs on 5,000 images: test 0.1000, training accuracy 0.09), where global
     # average pooling reached 0.2370 (README, "Short runs").
     head: Literal["flatten", "global_avg", "global_max"] = "global_avg"
