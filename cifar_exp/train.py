@@ -125,12 +125,10 @@ def callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
     return []
 
 
-def _rate(optimizer: keras.optimizers.Optimizer, step: Any = None) -> float:
-    """The optimizer's learning rate at ``step`` (default: the next step it will take)."""
+def _schedule(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.schedules.LearningRateSchedule | None:
+    """The optimizer's per-step schedule, None for a constant (or plateau-set) rate."""
     schedule = getattr(optimizer, "_learning_rate", None)
-    if step is not None and isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-        return float(keras.ops.convert_to_numpy(schedule(step)))
-    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    return schedule if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule) else None
 
 
 class _Hooks(keras.callbacks.Callback):
@@ -169,15 +167,16 @@ class _Hooks(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):  # type: ignore[no-untyped-def]
         self.epoch_started = time.perf_counter()
-        self.epoch_rate = _rate(self.model.optimizer)
+        self.epoch_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))  # the next step's
 
     def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
         self._first_step()
         logs = logs if logs is not None else {}
-        optimizer = self.model.optimizer
         logs["learning_rate"] = self.epoch_rate
-        if isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule):
-            logs["learning_rate_last"] = _rate(optimizer, keras.ops.maximum(optimizer.iterations - 1, 0))
+        schedule = _schedule(self.model.optimizer)
+        if schedule is not None:  # the step just taken, the epoch's last
+            last = keras.ops.maximum(self.model.optimizer.iterations - 1, 0)
+            logs["learning_rate_last"] = float(keras.ops.convert_to_numpy(schedule(last)))
         logs["epoch_seconds"] = time.perf_counter() - self.epoch_started
         logs["images_per_second"] = self.images / logs["epoch_seconds"]
         if not math.isfinite(float(logs.get("loss", 0.0))):
