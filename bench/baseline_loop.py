@@ -31,7 +31,7 @@ def main() -> None:
     import optuna
 
     from cifar_exp import data, models
-    from cifar_exp.config import load_sweep
+    from cifar_exp.sweepfile import load_sweep
 
     sweep = load_sweep("lr_dropout")
     splits = data.split(data.load(args.data), sweep.data.validation_fraction, 0, args.train_images)

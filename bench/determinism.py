@@ -18,11 +18,11 @@ from pathlib import Path
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from cifar_exp.cli import set_environment
+    from cifar_exp.commands import set_environment
 
     set_environment(args.mode == "on")
     from cifar_exp import backend, data, train
-    from cifar_exp.config import load_sweep
+    from cifar_exp.sweepfile import load_sweep
 
     backend.use_deterministic_ops(args.mode == "on")
     sweep = load_sweep("lr_dropout")

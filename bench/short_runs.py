@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cifar_exp.cli import set_environment
+from cifar_exp.commands import set_environment
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     set_environment(deterministic=True)
     from cifar_exp import backend, data, evaluation, train
-    from cifar_exp.config import load_sweep
+    from cifar_exp.sweepfile import load_sweep
 
     backend.use_deterministic_ops(True)
     sweep = load_sweep("lr_dropout")

@@ -1,7 +1,7 @@
 """Where a sweep's time goes, on whatever machine runs it: bare training, one tracked trial, fixed
 sweeps by worker count, and the plain Optuna + MLflow loop of the libraries' docs.
 
-    python bench/sweep_bench.py --data data/cifar10-jpeg.zip              # the issue's sizes (GPU)
+    python bench/sweep_bench.py --data data/cifar10-jpeg.zip              # sized for a GPU
     python bench/sweep_bench.py --data data/cifar10-jpeg.zip --train-images 2000 --trials 4 \\
         --epochs 2 --workers 1,2 --airbench-epochs ''                    # a size a 2-core CPU finishes
 
@@ -89,7 +89,7 @@ class GpuSampler:
 def bare_fit(data_path: str, train_images: int | None, epochs: int) -> dict:
     """Part 1, in this process."""
     from cifar_exp import backend, data, train
-    from cifar_exp.config import load_sweep
+    from cifar_exp.sweepfile import load_sweep
 
     sweep = load_sweep("lr_dropout")
     splits = data.split(data.load(data_path), sweep.data.validation_fraction, 0, train_images)
@@ -107,7 +107,7 @@ def airbench(data_path: str, train_images: int | None, budgets: list[int]) -> li
     import keras
 
     from cifar_exp import data, train
-    from cifar_exp.config import load_sweep
+    from cifar_exp.sweepfile import load_sweep
 
     loaded = data.load(data_path)
     # Every training image (of the subset) trains; the test set is the per-epoch validation
@@ -189,7 +189,7 @@ def main() -> None:
         return rewrite()
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     sys.path.insert(0, str(ROOT))
-    from cifar_exp.cli import set_environment
+    from cifar_exp.commands import set_environment
 
     set_environment(True)
     data_path, subset = str(Path(args.data).resolve()), args.train_images

@@ -1,6 +1,6 @@
-"""``python -m cifar_exp.compare``: see ``cifar_exp.cli.compare_main``."""
+"""``python -m cifar_exp.compare``: the best trials of a sweep side by side."""
 
 if __name__ == "__main__":
-    from cifar_exp.cli import compare_main
+    from cifar_exp.cli import command
 
-    raise SystemExit(compare_main())
+    raise SystemExit(command("compare"))

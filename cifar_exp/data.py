@@ -13,35 +13,22 @@ bytes, so a second start reads one file instead of decoding 60,000 images.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import pickle
-import re
+import sys
 import tarfile
 import tempfile
 import zipfile
-import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cifar_exp.config import UserError
+from cifar_exp import formats
+from cifar_exp.formats import CIFAR10_CLASSES, SOURCES_HELP, DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-SOURCES_HELP = ("give --data one of: 'keras' (download through Keras on a connected machine), "
-                "a cifar-10-python.tar.gz or extracted cifar-10-batches-py/ folder, "
-                "or an image-folder tree or .zip of train/<class>/*.jpg and test/<class>/*.jpg")
-_BATCH_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 CACHE_FORMAT = 1  # bump when the cached arrays change meaning
 
-
-class DataError(UserError):
-    """The data source is missing, unreadable or not a CIFAR-10 layout."""
-
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 @dataclass(frozen=True)
@@ -130,27 +117,14 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _folder_images(root: Path) -> list[Path]:
-    """Every image file under ``root/train`` and ``root/test``; a folder this user cannot read is
-    a ``PermissionError`` (a silent skip would drop a class)."""
-    found = []
-    for split in ("train", "test"):
-        for folder, _, files in os.walk(root / split, onerror=_raise):
-            found += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(found)
-
-
-def _raise(error: OSError) -> None:
-    raise error
-
 
 def checksum(kind: str, path: Path) -> str:
     """sha256 over the source's bytes: the file itself, or every relevant file of a folder."""
     if kind in ("tar", "zip"):
         return _sha256_file(path)
     if kind == "batches":
-        return _sha256_files([path / name for name in _BATCH_FILES], path)
-    return _sha256_files(_folder_images(path), path)
+        return _sha256_files([path / name for name in formats.BATCH_FILES], path)
+    return _sha256_files(formats.folder_images(path), path)
 
 
 def load(source: str, cache: Path | None = None) -> Cifar10:
@@ -173,8 +147,8 @@ def load(source: str, cache: Path | None = None) -> Cifar10:
     if cached is not None:
         x_train, y_train, x_test, y_test, names = cached
     else:
-        decode = {"tar": _decode_tar, "batches": _decode_batches, "zip": _decode_zip,
-                  "folder": _decode_folder}[kind]
+        decode = {"tar": formats.decode_tar, "batches": formats.decode_batches, "zip": formats.decode_zip,
+                  "folder": formats.decode_folder}[kind]
         try:
             x_train, y_train, x_test, y_test, names = decode(path)
         except PermissionError as exc:
@@ -233,6 +207,24 @@ def _write_cache(path: Path, x_train: np.ndarray, y_train: np.ndarray, x_test: n
 
 
 def _load_keras() -> Cifar10:
+    """``keras.datasets.cifar10``. A process that has not imported Keras (the sweep command, which
+    only checks the data and takes its checksum) gets the arrays from a spawned child, so
+    importing Keras stays the workers' business."""
+    if "keras" in sys.modules:
+        x_train, y_train, x_test, y_test = _keras_arrays()
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            x_train, y_train, x_test, y_test = child.submit(_keras_arrays).result()
+    digest = hashlib.sha256()
+    for array in (x_train, y_train, x_test, y_test):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return Cifar10(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras", digest.hexdigest())
+
+
+def _keras_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     import keras  # only this source needs Keras; the others decode with numpy and Pillow
 
     try:
@@ -241,130 +233,8 @@ def _load_keras() -> Cifar10:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"cannot download CIFAR-10 through Keras ({reason[:200]}); "
                         f"{SOURCES_HELP}") from None
-    y_train, y_test = y_train.reshape(-1).astype(np.int64), y_test.reshape(-1).astype(np.int64)
-    digest = hashlib.sha256()
-    for array in (x_train, y_train, x_test, y_test):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return Cifar10(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras", digest.hexdigest())
+    return x_train, y_train.reshape(-1).astype(np.int64), x_test, y_test.reshape(-1).astype(np.int64)
 
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR-10's python batches, allowing only the numpy globals they need."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def _unpickle(blob: bytes, name: str) -> dict[str, object]:
-    try:
-        raw = _BatchUnpickler(io.BytesIO(blob), encoding="bytes").load()
-    except Exception as exc:
-        raise DataError(f"{name} is not a CIFAR-10 python batch ({exc})") from None
-    if not isinstance(raw, dict):
-        raise DataError(f"{name} is not a CIFAR-10 python batch")
-    return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in raw.items()}
-
-
-def _from_batches(read: dict[str, bytes]):  # type: ignore[no-untyped-def]
-    meta = _unpickle(read["batches.meta"], "batches.meta")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta["label_names"]]  # type: ignore[attr-defined]
-    xs, ys = [], []
-    for name in _BATCH_FILES[:-1]:
-        batch = _unpickle(read[name], name)
-        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(np.asarray(batch["labels"], dtype=np.int64))
-    return (np.concatenate(xs[:5]), np.concatenate(ys[:5]), xs[5], ys[5], names)
-
-
-def _decode_tar(path: Path):  # type: ignore[no-untyped-def]
-    read = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            base = member.name.rsplit("/", 1)[-1]
-            if member.isfile() and base in _BATCH_FILES:
-                f = tar.extractfile(member)
-                assert f is not None
-                read[base] = f.read()
-    missing = [n for n in _BATCH_FILES if n not in read]
-    if missing:
-        raise DataError(f"{path} lacks {', '.join(missing)}: not a cifar-10-python.tar.gz; {SOURCES_HELP}")
-    return _from_batches(read)
-
-
-def _decode_batches(path: Path):  # type: ignore[no-untyped-def]
-    missing = [n for n in _BATCH_FILES if not (path / n).is_file()]
-    if missing:
-        raise DataError(f"{path} lacks {', '.join(missing)}: not a cifar-10-batches-py folder")
-    return _from_batches({n: (path / n).read_bytes() for n in _BATCH_FILES})
-
-
-def _decode_images(entries: list[tuple[str, str, str, bytes]] | Iterator[tuple[str, str, str, bytes]],
-                   origin: Path):  # type: ignore[no-untyped-def]
-    """Decode (split, class, name, bytes) entries into arrays; classes in alphabetical order."""
-    from PIL import Image
-
-    by_split: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
-    for split, cls, name, blob in entries:
-        by_split[split].append((cls, name, blob))
-    train_classes = sorted({c for c, _, _ in by_split["train"]})
-    test_classes = sorted({c for c, _, _ in by_split["test"]})
-    if not train_classes or not test_classes:
-        raise DataError(f"{origin} has no images under train/<class>/ and test/<class>/; {SOURCES_HELP}")
-    if train_classes != test_classes:
-        raise DataError(f"{origin}: train/ classes ({', '.join(train_classes)}) differ from "
-                        f"test/ classes ({', '.join(test_classes)})")
-    index = {c: i for i, c in enumerate(train_classes)}
-    arrays = []
-    for split in ("train", "test"):
-        items = sorted(by_split[split])
-        x = np.empty((len(items), 32, 32, 3), dtype=np.uint8)
-        for i, (cls, name, blob) in enumerate(items):
-            try:
-                with Image.open(io.BytesIO(blob)) as img:
-                    pixels = np.asarray(img.convert("RGB"))
-            except Exception as exc:
-                raise DataError(f"{origin}: cannot decode {split}/{cls}/{name} ({exc})") from None
-            if pixels.shape != (32, 32, 3):
-                raise DataError(f"{origin}: {split}/{cls}/{name} is {pixels.shape[1]}x{pixels.shape[0]}"
-                                f", CIFAR-10 images are 32x32")
-            x[i] = pixels
-        arrays += [x, np.array([index[c] for c, _, _ in items], dtype=np.int64)]
-    return (*arrays, train_classes)
-
-
-_ENTRY = re.compile(r"(?:^|.*/)(train|test)/([^/]+)/([^/]+)$")
-
-
-def _decode_zip(path: Path):  # type: ignore[no-untyped-def]
-    def entries() -> Iterator[tuple[str, str, str, bytes]]:
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                m = _ENTRY.match(info.filename)
-                if m and not info.is_dir() and info.filename.lower().endswith(IMAGE_SUFFIXES) \
-                        and "__MACOSX" not in info.filename:
-                    yield m.group(1), m.group(2), m.group(3), z.read(info)
-
-    try:
-        return _decode_images(entries(), path)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        raise DataError(f"{path} is a damaged zip ({exc}); copy or unpack it again") from None
-
-
-def _decode_folder(path: Path):  # type: ignore[no-untyped-def]
-    for split in ("train", "test"):  # a class folder left empty would silently drop the class
-        empty = sorted(d.name for d in (path / split).iterdir()
-                       if d.is_dir() and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()))
-        if empty:
-            raise DataError(f"{path}: {split}/{empty[0]}/ has no images: add them, or remove the folder")
-    entries = ((p.relative_to(path).parts[0], p.parent.name, p.name, p.read_bytes())
-               for p in _folder_images(path) if len(p.relative_to(path).parts) == 3)
-    return _decode_images(entries, path)
 
 
 def split(data: Cifar10, validation_fraction: float, seed: int, train_images: int | None = None) -> Splits:

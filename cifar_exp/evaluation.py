@@ -1,13 +1,18 @@
-"""Judging a trial's numbers, pure: from labels, probabilities and history to verdicts and picks.
+"""A trial's test evaluation, pure: from labels, probabilities and history to metrics, verdicts
+and the artifact files (``write_report``), which ``track`` then logs.
 
-Imports neither Keras, Optuna nor MLflow: the worker, the KerasTuner engine and the registry's
-evaluation call these on plain arrays.
+Imports neither Keras, Optuna nor MLflow: training, the worker, the KerasTuner engine and the
+registry's evaluation call these on plain arrays.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,3 +67,70 @@ def grid_picks(y_true: np.ndarray, y_pred: np.ndarray, count: int) -> np.ndarray
                     chosen.append(int(pool.pop(0)))
         picks += chosen
     return np.array(picks, dtype=np.int64)
+
+
+EPSILON = 1e-7  # Keras' fuzz factor (keras.config.epsilon()), with which its cross-entropy clips
+GRID_IMAGES = 24  # test images in prediction_grid.png
+
+
+def cross_entropy(y_prob: np.ndarray, y_true: np.ndarray, label_smoothing: float = 0.0) -> float:
+    """Keras' categorical cross-entropy (same clipping and label smoothing) computed in numpy,
+    so that the test set is passed through the model once, by ``predict``."""
+    classes = y_prob.shape[1]
+    target = np.eye(classes, dtype=np.float64)[y_true] * (1 - label_smoothing) + label_smoothing / classes
+    return float(np.mean(-np.sum(target * np.log(np.clip(y_prob, EPSILON, 1 - EPSILON)), axis=1)))
+
+
+def test_metrics(y_prob: np.ndarray, y_true: np.ndarray, label_smoothing: float = 0.0) -> dict[str, float]:
+    """``test_loss`` and ``test_accuracy`` from one pass's probabilities."""
+    return {"test_loss": cross_entropy(y_prob, y_true, label_smoothing),
+            "test_accuracy": float(np.mean(y_prob.argmax(axis=1) == y_true))}
+
+
+def confused_pairs(counts: np.ndarray, class_names: Sequence[str], top: int = 5) -> list[dict[str, Any]]:
+    """The ``top`` class pairs most often mistaken for each other, most first: ``a_as_b`` counts
+    true a predicted b, ``b_as_a`` the reverse, ``total`` both; pairs never confused are left out."""
+    pairs: list[dict[str, Any]] = [
+        {"pair": f"{class_names[a]} <-> {class_names[b]}", "total": int(counts[a, b] + counts[b, a]),
+         "a_as_b": int(counts[a, b]), "b_as_a": int(counts[b, a])}
+        for a in range(len(class_names)) for b in range(a + 1, len(class_names)) if counts[a, b] + counts[b, a]]
+    return sorted(pairs, key=lambda pair: -pair["total"])[:top]
+
+
+def write_report(out: Path, images: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray,
+                 class_names: Sequence[str], history: Mapping[str, Sequence[float]] | None,
+                 title: str) -> dict[str, float]:
+    """A test-set evaluation into the folder ``out``: confusion matrix (PNG, CSV), the most-confused
+    class pairs (CSV), classification report (JSON), a grid of predictions (PNG: misclassified
+    images across classes, then correct ones, see ``grid_picks``) and, given a ``history``,
+    learning curves (PNG). Returns the per-class precision/recall/F1 and macro F1 metrics."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    from cifar_exp import plots
+
+    y_pred = y_prob.argmax(axis=1)
+    labels = list(range(len(class_names)))
+    counts = confusion_matrix(y_true, y_pred, labels=labels)
+    report = classification_report(y_true, y_pred, labels=labels, target_names=list(class_names),
+                                   output_dict=True, zero_division=0)
+    metrics = {"test_macro_f1": float(report["macro avg"]["f1-score"])}
+    for name in class_names:
+        for key, short in (("precision", "precision"), ("recall", "recall"), ("f1-score", "f1")):
+            metrics[f"test_{short}_{name}"] = float(report[name][key])
+    with (out / "confusion_matrix.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *class_names])
+        for name, row in zip(class_names, counts, strict=True):
+            writer.writerow([name, *map(int, row)])
+    (out / "classification_report.json").write_text(json.dumps(report, indent=2))
+    with (out / "confused_pairs.csv").open("w", newline="") as f:
+        pairs = csv.DictWriter(f, fieldnames=["pair", "total", "a_as_b", "b_as_a"])
+        pairs.writeheader()
+        pairs.writerows(confused_pairs(counts, class_names))
+    plots.confusion_matrix_png(counts, class_names, out / "confusion_matrix.png", title)
+    shown = grid_picks(y_true, y_pred, GRID_IMAGES)
+    plots.prediction_grid_png(images[shown], y_true[shown], y_pred[shown], class_names,
+                              out / "prediction_grid.png", title, y_prob[shown, y_pred[shown]])
+    if history is not None:
+        plots.learning_curves_png(history, out / "learning_curves.png", title)
+    return metrics

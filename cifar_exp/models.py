@@ -1,6 +1,6 @@
-"""The models of a sweep, built from plain values (a ``TrainConfig``): the CNN family CIFAR-10
-notebooks use, the airbench family, or a ``keras.applications`` backbone with frozen layers and a
-new head.
+"""The models of a sweep, built from plain values (a ``TrainConfig``): the classic CNN family
+(Conv, BatchNorm, pooling, dropout), the airbench family, or a ``keras.applications`` backbone with
+frozen layers and a new head.
 
 ``build(cfg, num_classes)`` returns two models that share every weight:
 - ``train_model``: uint8 images -> rescale -> augmentation -> classifier (what ``fit`` sees);
@@ -137,7 +137,7 @@ class Cutout(keras.layers.Layer):
 
 def _activation(name: str) -> keras.layers.Layer:
     if name == "leaky_relu":
-        return keras.layers.LeakyReLU(negative_slope=0.1)  # the notebooks' slope
+        return keras.layers.LeakyReLU(negative_slope=0.1)  # 0.1: a gentler leak than Keras' default 0.3
     return keras.layers.Activation(name)
 
 
@@ -206,7 +206,7 @@ def whitening(images: np.ndarray, eps: float = 5e-4) -> tuple[np.ndarray, np.nda
 
 
 def build_airbench(cfg: TrainConfig, num_classes: int, images: np.ndarray | None = None) -> keras.Model:
-    """Float images in [0, 1] -> class probabilities: Keller Jordan's airbench (2024) network.
+    """Float images in [0, 1] -> class probabilities: the airbench network.
 
     A frozen 2x2 patch-whitening convolution (set from ``images``, see ``whitening``; random
     without them), then ``blocks`` VGG-like blocks whose first convolution is followed by 2x2

@@ -11,6 +11,7 @@ parameters) or that would rest on too few trials (importances and the contour, b
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import json
@@ -114,21 +115,41 @@ def _figures(study: optuna.Study, metric: str) -> dict[str, tuple[Callable[[], A
 
 
 def _learning_curves(study: optuna.Study, metric: str) -> Any:
-    """Every trial's reported value per epoch; pruned trials dashed, with an x where they stopped
-    (Optuna's own plot does not tell them apart)."""
+    """Every trial's reported value per epoch, coloured by trial number (a colour scale, so that
+    no two trials share a colour however many there are) and labelled at its last epoch; pruned
+    trials dashed, with an x where they stopped (Optuna's own plot does not tell them apart)."""
+    from matplotlib.ticker import MaxNLocator
+
+    trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
     figure, ax = plt.subplots(figsize=(8, 4.5))
-    for t in study.get_trials(deepcopy=False):
-        if not t.intermediate_values:
-            continue
+    scale = plt.Normalize(0, max([t.number for t in trials], default=0) or 1)
+    for t in trials:
         steps = sorted(t.intermediate_values)
         values = [t.intermediate_values[s] for s in steps]
         pruned = t.state == TrialState.PRUNED
-        (line,) = ax.plot(steps, values, "--" if pruned else "-", alpha=0.6 if pruned else 0.9, linewidth=1)
+        colour = plt.cm.viridis(scale(t.number))
+        ax.plot(steps, values, "--" if pruned else "-", color=colour, alpha=0.7 if pruned else 0.95, linewidth=1.2)
         if pruned:
-            ax.plot(steps[-1:], values[-1:], "x", color=line.get_color(), markersize=8)
+            ax.plot(steps[-1:], values[-1:], "x", color=colour, markersize=8)
+        ax.annotate(str(t.number), (steps[-1], values[-1]), xytext=(4, 0), textcoords="offset points",
+                    fontsize=8, color=colour, va="center")
+    figure.colorbar(plt.cm.ScalarMappable(norm=scale, cmap="viridis"), ax=ax, label="trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch of every trial (dashed, x: pruned)")
     ax.grid(alpha=0.3)
     return ax
+
+
+def _readable(name: str, figure: Any, params: int) -> None:
+    """Room for Optuna's matplotlib plots' labels: the parallel coordinates get 1.6 inches per
+    axis (at 6.4 for five axes, the tick labels of neighbouring axes ran into each other), the
+    slice plots' ticks are turned and made smaller."""
+    if name == "parallel_coordinate":
+        figure.set_size_inches(max(6.4, 1.6 * (params + 1)), 4.8)
+    if name == "slice":
+        figure.set_size_inches(max(6.4, 3.2 * params), 3.6)
+        for ax in figure.axes:
+            ax.tick_params(axis="x", which="both", labelrotation=30, labelsize=8)
 
 
 def _marked(study: optuna.Study) -> Any:
@@ -174,6 +195,7 @@ def write(study: optuna.Study, folder: Path, epochs: int, metric: str = "objecti
                                      f"(has {len(complete)}): importances from fewer are noise")
                 note = f"from {len(complete)} complete trials"
                 figure = _figure_of(draw_png())
+                _readable(name, figure, len({p for t in complete for p in t.params}))
                 if thin:
                     figure.text(0.99, 0.01, note, ha="right", va="bottom", fontsize=9, color="dimgrey")
                 figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
@@ -181,9 +203,11 @@ def write(study: optuna.Study, folder: Path, epochs: int, metric: str = "objecti
                 interactive = draw_html()
                 if thin:
                     interactive.update_layout(title_text=f"{interactive.layout.title.text or name} ({note})")
-                # plotly.js goes into the page once, with the first figure drawn
-                sections.append(f"<h2>{name.replace('_', ' ')}</h2>" + interactive.to_html(
-                    full_html=False, include_plotlyjs=not sections))
+                # The PNG first: it shows where scripts do not run (MLflow's artifact viewer showed
+                # the interactive plots blank). plotly.js goes into the page once, with the first.
+                png = base64.b64encode((folder / f"{name}.png").read_bytes()).decode()
+                sections.append(f"<h2>{name.replace('_', ' ')}</h2><img alt='{name}' src='data:image/png;base64,"
+                                f"{png}'>" + interactive.to_html(full_html=False, include_plotlyjs=not sections))
             except Exception as exc:  # noqa: BLE001 (a plot that fails must not take the tables with it)
                 plt.close("all")
                 skipped[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -3,7 +3,7 @@
 Promotion uses aliases, not the deprecated stages: every registration points ``challenger`` at
 the new version; ``champion`` moves to it only if it beats the current champion on the test set,
 with both models evaluated now on the same images (numbers logged earlier may come from other
-data). Models are loaded through ``track.load_model``: refused when loading could run foreign
+data). Models are loaded through ``track.models.load_model``: refused when loading could run foreign
 code or unpickle, and read with Keras ``safe_mode`` on.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from optuna.trial import FrozenTrial
 
-from cifar_exp import track
+from cifar_exp import evaluation, track
 from cifar_exp.config import Sweep, UserError
 from cifar_exp.data import CIFAR10_CLASSES, Cifar10
 
@@ -27,10 +27,10 @@ PREDICT_BATCH = 1024
 
 @dataclass(frozen=True)
 class Promotion:
-    version: track.Version
+    version: track.models.Version
     trial: FrozenTrial
     accuracy: float  # the challenger's test accuracy, measured now
-    champion: track.Version | None  # the champion before this registration
+    champion: track.models.Version | None  # the champion before this registration
     champion_accuracy: float | None
     promoted: bool
     reason: str  # why it was or was not promoted
@@ -39,8 +39,8 @@ class Promotion:
 def load(model_uri: str) -> tuple[Any, list[str]]:
     """The Keras model at ``model_uri`` and its class names; ``UserError`` if it cannot be had safely."""
     try:
-        model, names = track.load_model(model_uri)
-    except track.UnsafeModel as exc:
+        model, names = track.models.load_model(model_uri)
+    except track.models.UnsafeModel as exc:
         raise UserError(f"refusing to load {model_uri}: {exc}") from None
     except Exception as exc:  # MlflowException (no such model/alias), OSError
         raise UserError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from None
@@ -84,20 +84,20 @@ def promote(sweep: Sweep, name: str, trials: Sequence[FrozenTrial], test: Cifar1
     ``challenger`` at it, and make it ``champion`` if it beats the champion on ``test`` now."""
     trial = best_trial(trials, sweep.objective.direction == "maximize")
     description, tags = describe(trial, sweep)
-    version = track.register(name, trial.user_attrs["model_uri"], trial.user_attrs["mlflow_run_id"],
+    version = track.models.register(name, trial.user_attrs["model_uri"], trial.user_attrs["mlflow_run_id"],
                              description, tags)
-    champion = track.alias_version(name, CHAMPION)
-    track.set_alias(name, CHALLENGER, version.version)
+    champion = track.models.alias_version(name, CHAMPION)
+    track.models.set_alias(name, CHALLENGER, version.version)
     mine = accuracy(f"models:/{name}/{version.version}", test)
     images = f"{len(test.y_test)} test images ({test.source})"
     if champion is None:
-        track.set_alias(name, CHAMPION, version.version)
+        track.models.set_alias(name, CHAMPION, version.version)
         return Promotion(version, trial, mine, None, None, True, f"first champion of {name}")
     if champion.version == version.version:
         return Promotion(version, trial, mine, champion, mine, False, f"version {version.version} is already champion")
     theirs = accuracy(f"models:/{name}/{champion.version}", test)
     if mine > theirs:
-        track.set_alias(name, CHAMPION, version.version)
+        track.models.set_alias(name, CHAMPION, version.version)
         return Promotion(version, trial, mine, champion, theirs, True,
                          f"test_accuracy {mine:.4f} beats champion version {champion.version}'s {theirs:.4f} "
                          f"on {images}")
@@ -113,11 +113,8 @@ def evaluate(model_uri: str, test: Cifar10, experiment: str, tags: dict[str, Any
     model, names = load(model_uri)
     if len(names) != len(test.class_names):
         raise UserError(f"{model_uri} predicts {len(names)} classes but the data has {len(test.class_names)}")
-    from cifar_exp.train import cross_entropy
-
     y_prob = probabilities(model, test.x_test)
-    metrics = {"test_accuracy": float(np.mean(y_prob.argmax(axis=1) == test.y_test)),
-               "test_loss": cross_entropy(y_prob, test.y_test, label_smoothing=0.0)}
+    metrics = evaluation.test_metrics(y_prob, test.y_test)
     run_id = track.start_run(experiment, f"evaluate {model_uri}", {}, {**tags, "evaluated_model": model_uri})
     track.log_metrics(run_id, metrics)
     metrics.update(track.log_evaluation(run_id, test.x_test, test.y_test, y_prob, names, None,

@@ -21,14 +21,8 @@ from typing import Any
 
 from cifar_exp import backend, track
 from cifar_exp import trial as one_trial
-from cifar_exp.config import (
-    HYPERMODEL_FIELDS,
-    Sweep,
-    TrainConfig,
-    UserError,
-    parse_sweep,
-    train_values_from_strings,
-)
+from cifar_exp.config import HYPERMODEL_FIELDS, Sweep, TrainConfig, UserError
+from cifar_exp.sweepfile import parse_sweep, train_values_from_strings
 
 RERUN_TAG = "rerun_of"
 # Wall-clock time is never reproducible, nor are the system/ metrics (the machine, not the model);
@@ -82,7 +76,7 @@ def _tag(run: track.RunRecord, name: str) -> str:
 
 def find_trial_run(storage_url: str, name: str, number: int) -> str:
     """The MLflow run id of trial ``number`` of the study ``name`` in ``storage_url``."""
-    from cifar_exp.study import load_existing
+    from cifar_exp.storage import load_existing
 
     study = load_existing(storage_url, name)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}

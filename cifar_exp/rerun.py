@@ -2,6 +2,6 @@
 it with the original (see ``cifar_exp.reproduce``)."""
 
 if __name__ == "__main__":
-    from cifar_exp.cli import rerun_main
+    from cifar_exp.cli import command
 
-    raise SystemExit(rerun_main())
+    raise SystemExit(command("rerun"))

@@ -1,6 +1,6 @@
 """``python -m cifar_exp.sweep NAME``: run or resume a sweep (see ``cifar_exp.cli``)."""
 
 if __name__ == "__main__":
-    from cifar_exp.cli import sweep_main
+    from cifar_exp.cli import command
 
-    raise SystemExit(sweep_main())
+    raise SystemExit(command("sweep"))

@@ -16,6 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from cifar_exp import evaluation
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import Splits
 from cifar_exp.models import build, fine_tune
@@ -217,15 +218,6 @@ class FullBatches(keras.utils.PyDataset):
         self.order = self.rng.permutation(len(self.x))
 
 
-def cross_entropy(y_prob: np.ndarray, y_true: np.ndarray, label_smoothing: float) -> float:
-    """Keras' categorical cross-entropy (same clipping and label smoothing) computed in numpy,
-    so that the test set is passed through the model once, by ``predict``."""
-    classes = y_prob.shape[1]
-    target = np.eye(classes, dtype=np.float64)[y_true] * (1 - label_smoothing) + label_smoothing / classes
-    eps = keras.config.epsilon()
-    return float(np.mean(-np.sum(target * np.log(np.clip(y_prob, eps, 1 - eps)), axis=1)))
-
-
 def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
           on_epoch: Sequence[EpochHook] = (), stop_after: int | None = None,
           custom: CustomModel | None = None, on_first_step: Callable[[float], None] | None = None,
@@ -238,12 +230,9 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     With ``custom``, its model replaces ``cfg``'s (``cfg`` still gives batch size and augmentation)
     and trains as it was compiled. ``on_first_step`` receives, once, the seconds from ``started``
     (a ``time.perf_counter()`` value; default: this call) until the first training step was
-    compiled and launched.
-
-    Seeds Python, NumPy and the backend with ``seed`` first: the same arguments in the same
-    process mode (see ``backend.use_deterministic_ops``) give the same numbers. Raises
-    ``Diverged`` on a non-finite loss, and whatever a hook raises.
-    """
+    compiled and launched. Seeds Python, NumPy and the backend with ``seed`` first: the same
+    arguments in the same process mode (see ``backend.use_deterministic_ops``) give the same
+    numbers. Raises ``Diverged`` on a non-finite loss, and whatever a hook raises."""
     started = time.perf_counter() if started is None else started
     keras.utils.set_random_seed(seed)
     num_classes = len(data.class_names)
@@ -252,21 +241,14 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     # Transfer learning's optional second phase takes the last fine_tune_epochs of the budget.
     second = min(cfg.fine_tune_epochs, epochs) if cfg.model == "transfer" and not custom else 0
     last = epochs if stop_after is None else min(stop_after, epochs)
-    compiled = classifier.get_compile_config() if classifier is not None else None
-    if classifier is not None and not compiled:
-        raise ValueError("the hypermodel returned a model that is not compiled: compile it in build(hp), "
-                         "as KerasTuner requires")
-    # One-hot labels: label smoothing needs them (the sparse loss has no smoothing). A custom
-    # model compiled with a sparse loss gets class indices.
-    sparse = compiled is not None and "sparse" in str(compiled.get("loss")).lower()
-    labels = (lambda y: y) if sparse else (lambda y: np.eye(num_classes, dtype=np.float32)[y])
+    compiled, labels = _labelling(classifier, num_classes)
     history: dict[str, list[float]] = {}
     # Under JAX full batches only (see FullBatches); else Keras' array input, its last batch partial.
     batches = FullBatches(data.x_train, labels(data.y_train), cfg.batch_size, seed) \
         if keras.backend.backend() == "jax" and not (custom is not None and custom.fit is not None) else None
     steps_per_epoch = len(batches) if batches is not None else math.ceil(len(data.x_train) / cfg.batch_size)
-    trained = len(batches) * batches.batch_size if batches is not None else len(data.x_train)
-    hooks = _Hooks(on_epoch, trained, started, on_first_step)
+    hooks = _Hooks(on_epoch, len(batches) * batches.batch_size if batches is not None else len(data.x_train),
+                   started, on_first_step)
 
     def fit(opt: keras.optimizers.Optimizer | None, first_epoch: int, end_epoch: int) -> None:
         if compiled is not None:
@@ -294,10 +276,18 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
         # A new optimizer: its state would belong to the first phase's trainable weights.
         fit(optimizer(cfg, second, steps_per_epoch, rate=cfg.fine_tune_learning_rate), epochs - second, last)
     y_prob = np.asarray(model.predict(data.x_test, batch_size=PREDICT_BATCH, verbose=0))
-    return TrainResult(
-        history=history,
-        test_loss=cross_entropy(y_prob, data.y_test, cfg.label_smoothing),
-        test_accuracy=float(np.mean(y_prob.argmax(axis=1) == data.y_test)),
-        y_prob=y_prob,
-        model=model,
-    )
+    return TrainResult(history=history, **evaluation.test_metrics(y_prob, data.y_test, cfg.label_smoothing),
+                       y_prob=y_prob, model=model)
+
+
+def _labelling(classifier: keras.Model | None, num_classes: int) -> tuple[dict[str, Any] | None, Callable[..., Any]]:
+    """A hypermodel's compile config (``None`` without one) and how labels are fed: one-hot, as
+    label smoothing needs them (the sparse loss has no smoothing), or class indices for a
+    custom model compiled with a sparse loss."""
+    compiled = classifier.get_compile_config() if classifier is not None else None
+    if classifier is not None and not compiled:
+        raise ValueError("the hypermodel returned a model that is not compiled: compile it in build(hp), "
+                         "as KerasTuner requires")
+    if compiled is not None and "sparse" in str(compiled.get("loss")).lower():
+        return compiled, lambda y: y
+    return compiled, lambda y: np.eye(num_classes, dtype=np.float32)[y]

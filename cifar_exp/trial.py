@@ -9,6 +9,8 @@ algorithm (ask, report, prune, tell) between these steps. Imports neither optuna
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,24 @@ def run_tags(sweep: Sweep, engine: str, identity: Mapping[str, str], extra: Mapp
     return {**extra, **identity, "sweep": sweep.name, "engine": engine, "sweep_sha256": sweep.content_hash,
             "sweep_seed": sweep.sampler.seed, "validation_fraction": sweep.data.validation_fraction,
             "train_images": sweep.data.train_images or "all", "deterministic": str(sweep.deterministic).lower()}
+
+
+def trial_seed(sweep_seed: int, trial_number: int) -> int:
+    """The seed of trial ``trial_number``: a hash of (sweep seed, trial number), 31 bits."""
+    digest = hashlib.sha256(f"{sweep_seed}:{trial_number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def log_hyperparameters(run_id: str, values: Mapping[str, Any], sweep: Sweep) -> None:
+    """A hypermodel's hyperparameters: MLflow params, and typed in ``hyperparameters.json`` (what a
+    rerun builds from). Names that are also sweep dimensions are refused: one name, one concept."""
+    clashes = sorted(set(values) & set(sweep.space))
+    if clashes:
+        raise ValueError(f"the hypermodel's hyperparameter {clashes[0]} is also a dimension of the sweep: "
+                         f"rename one of them")
+    logged = track.get_run(run_id).params
+    track.log_params(run_id, {k: v for k, v in values.items() if k not in logged})
+    track.log_text(run_id, json.dumps(dict(values), sort_keys=True), "hyperparameters.json")
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -26,10 +26,10 @@ from typing import Any
 import keras
 import keras_tuner
 
-from cifar_exp import backend, data, hypermodel, track, train
+from cifar_exp import backend, data, events, hypermodel, track, train
 from cifar_exp import trial as one_trial
 from cifar_exp.config import Sweep, UserError
-from cifar_exp.study import Settings, log_hyperparameters, trial_seed
+from cifar_exp.storage import Settings
 
 ENGINE_TAG = "engine"
 
@@ -69,11 +69,24 @@ class Outcome:
     best: list[dict[str, Any]]  # best first: trial, value, run_id, params
 
 
-def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> Outcome:
+OnEvent = Callable[[events.Event, events.Tally], None]
+
+
+def tuner_class(sweep: Sweep) -> tuple[type, dict[str, Any]]:
+    """The KerasTuner tuner for ``sweep`` (see the module docstring) and its budget arguments."""
+    if sweep.pruner.name == "hyperband":
+        return keras_tuner.Hyperband, dict(max_epochs=sweep.epochs, factor=sweep.pruner.reduction_factor,
+                                           hyperband_iterations=1)
+    budget = dict(max_trials=sweep.trials or 1_000_000)
+    if sweep.sampler.name == "random":
+        return keras_tuner.RandomSearch, budget
+    return keras_tuner.BayesianOptimization, budget
+
+
+def run(settings: Settings, on_event: OnEvent = lambda event, tally: None) -> Outcome:
     """Run (or resume) the sweep with KerasTuner in this process."""
     sweep = settings.sweep
     backend.use_deterministic_ops(sweep.deterministic)
-    identity = backend.identity()
     track.configure(settings.tracking_uri)
     experiment = track.experiment_id(sweep.name)
     splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed,
@@ -81,26 +94,10 @@ def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda 
     store = Path(settings.storage).parent if "://" not in settings.storage else Path("mlruns")
     directory = store / "keras_tuner"
     parent_file = directory / sweep.name / "mlflow_parent_run_id"
-    maximize = sweep.objective.direction == "maximize"
     metric = sweep.objective.metric
     hp = keras_tuner.HyperParameters()
     declare(sweep, hp)
-    # A sweep's hypermodel is KerasTuner's own: the tuner declares its space by building it.
-    model = hypermodel.load(sweep.hypermodel) if sweep.hypermodel else None
-    common: dict[str, Any] = dict(
-        hypermodel=model, objective=keras_tuner.Objective(metric, "max" if maximize else "min"), hyperparameters=hp,
-        seed=sweep.sampler.seed, directory=str(directory), project_name=sweep.name, overwrite=False,
-        max_consecutive_failed_trials=sweep.max_consecutive_failures)
-    budget = sweep.trials or 1_000_000
-    if sweep.pruner.name == "hyperband":
-        base: type = keras_tuner.Hyperband
-        common.update(max_epochs=sweep.epochs, factor=sweep.pruner.reduction_factor, hyperband_iterations=1)
-    elif sweep.sampler.name == "random":
-        base = keras_tuner.RandomSearch
-        common.update(max_trials=budget)
-    else:
-        base = keras_tuner.BayesianOptimization
-        common.update(max_trials=budget)
+    base, budget = tuner_class(sweep)
     tags = {**settings.tags, "sweep": sweep.name, "sweep_file": str(sweep.path), "sweep_sha256": sweep.content_hash,
             "objective": f"{sweep.objective.direction} {metric}", ENGINE_TAG: "keras-tuner",
             "keras_tuner_tuner": base.__name__, "epochs": str(sweep.epochs), "budget_trials": str(sweep.trials),
@@ -109,60 +106,13 @@ def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda 
     existing = parent_file.read_text().strip() if parent_file.is_file() else None
     parent = track.start_parent(experiment, existing, f"{sweep.name}-keras-tuner", tags)
     parent_file.write_text(parent)
-
-    def hypermodel_values(hp: keras_tuner.HyperParameters) -> dict[str, Any]:
-        return {k: v for k, v in hp.values.items() if not k.startswith("tuner/") and k not in sweep.space
-                and hp.is_active(k)}
-
-    def run_trial(self: Any, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
-        started = time.perf_counter()  # the trial's start, for its first_step_seconds
-        values = trial.hyperparameters.values
-        number = int(trial.trial_id)
-        params = sampled(sweep, trial.hyperparameters)
-        epochs = int(values.get("tuner/epochs", sweep.epochs))
-        seed = trial_seed(sweep.sampler.seed, number)
-        tracked = one_trial.start(
-            experiment, parent, number, sweep, sweep.logged_params(params), seed, epochs,
-            one_trial.run_tags(sweep, "keras-tuner", identity, {
-                **settings.tags, "keras_tuner_trial": trial.trial_id,
-                **{f"keras_tuner_{k[6:]}": v for k, v in values.items() if k.startswith("tuner/")}}))
-        run_id = tracked.run_id
-        one_trial.log_sweep(tracked, sweep)
-        custom = None
-        if model is not None:
-            tuned = hypermodel_values(trial.hyperparameters)
-            log_hyperparameters(run_id, tuned, sweep)
-            params = {**params, **tuned}
-            custom = hypermodel.custom_model(model, trial.hyperparameters)
-        on_event({"kind": "start", "worker": 0, "trial": number, "run_id": run_id, "params": params})
-
-        def on_epoch(epoch: int, logs: Any) -> None:
-            tracked.log_epoch(epoch, logs)
-            on_event({"kind": "epoch", "trial": number, "epoch": epoch + 1, "epochs": epochs,
-                      "value": logs[metric], "logs": logs})
-
-        try:
-            result = train.train(sweep.train_config(sampled(sweep, trial.hyperparameters)), splits, epochs=epochs,
-                                 seed=seed, on_epoch=[on_epoch], custom=custom, started=started,
-                                 on_first_step=tracked.on_first_step)
-            evaluated = one_trial.evaluate(tracked, result, splits, title=f"{sweep.name} trial {number} (keras-tuner)")
-        except KeyboardInterrupt:
-            one_trial.end_failed(run_id, "interrupted", "KILLED")
-            raise
-        except Exception as exc:
-            reason = one_trial.failure_reason(exc)
-            one_trial.end_failed(run_id, reason)
-            on_event({"kind": "end", "trial": number, "state": "FAIL", "reason": reason, "run_id": run_id})
-            raise keras_tuner.errors.FailedTrialError(reason) from exc
-        finally:
-            keras.backend.clear_session()
-        value = result.history[metric][-1]
-        one_trial.end_complete(tracked, evaluated)
-        on_event({"kind": "end", "trial": number, "state": "COMPLETE", "value": value, "run_id": run_id,
-                  "test_accuracy": result.test_accuracy, **evaluated.verdict})
-        return {metric: value}
-
-    tuner = type(f"Tracked{base.__name__}", (base,), {"run_trial": run_trial})(**common)
+    # A sweep's hypermodel is KerasTuner's own: the tuner declares its space by building it.
+    trials = _Trials(settings, experiment, parent, splits, on_event,
+                     hypermodel.load(sweep.hypermodel) if sweep.hypermodel else None)
+    tuner = type(f"Tracked{base.__name__}", (base,), {"run_trial": trials.run_trial})(
+        hypermodel=trials.model, objective=keras_tuner.Objective(metric, "max" if trials.tally.maximize else "min"),
+        hyperparameters=hp, seed=sweep.sampler.seed, directory=str(directory), project_name=sweep.name,
+        overwrite=False, max_consecutive_failed_trials=sweep.max_consecutive_failures, **budget)
     started = time.time()
     try:
         tuner.search(verbose=0)
@@ -172,15 +122,93 @@ def run(settings: Settings, on_event: Callable[[dict[str, Any]], None] = lambda 
     except KeyboardInterrupt:
         track.end_run(parent, "KILLED", {"fail_reason": "interrupted"})
         raise
-    trials = list(tuner.oracle.trials.values())
-    counts = {state: sum(str(t.status) == state for t in trials) for state in ("COMPLETED", "FAILED", "INVALID")}
-    best = []
-    for t in tuner.oracle.get_best_trials(5):
-        values = {**sampled(sweep, t.hyperparameters), **(hypermodel_values(t.hyperparameters) if model else {})}
-        best.append({"trial": int(t.trial_id), "value": t.score, "params": values})
-    final: dict[str, Any] = {"trials_finished": len(trials), "seconds": round(time.time() - started, 1)}
+    return _finish(tuner, trials, experiment, parent, base.__name__, time.time() - started)
+
+
+def _finish(tuner: Any, trials: _Trials, experiment: str, parent: str, name: str, seconds: float) -> Outcome:
+    """End the parent run with the best trial; the outcome for the command to print."""
+    metric = trials.sweep.objective.metric
+    done = list(tuner.oracle.trials.values())
+    counts = {state: sum(str(t.status) == state for t in done) for state in ("COMPLETED", "FAILED", "INVALID")}
+    best = [{"trial": int(t.trial_id), "value": t.score, "params": trials.values(t.hyperparameters)}
+            for t in tuner.oracle.get_best_trials(5)]
+    final: dict[str, Any] = {"trials_finished": len(done), "seconds": round(seconds, 1)}
     if best:
         final.update({"best_trial": best[0]["trial"], **{f"best.{k}": v for k, v in best[0]["params"].items()}})
         track.log_metrics(parent, {f"best_{metric}": float(best[0]["value"])}, step=best[0]["trial"])
     track.end_run(parent, "FINISHED", final)
-    return Outcome(experiment, parent, base.__name__, counts, best)
+    return Outcome(experiment, parent, name, counts, best)
+
+
+class _Trials:
+    """KerasTuner's ``run_trial``: one tracked trial (``trial``), its events and their tally."""
+
+    def __init__(self, settings: Settings, experiment: str, parent: str, splits: Any, on_event: OnEvent,
+                 model: Any) -> None:
+        self.settings, self.sweep = settings, settings.sweep
+        self.experiment, self.parent, self.splits = experiment, parent, splits
+        self.on_event, self.model = on_event, model
+        self.identity = backend.identity()
+        self.tally = events.Tally(maximize=self.sweep.objective.direction == "maximize")
+
+    def emit(self, event: events.Event) -> None:
+        if isinstance(event, events.Ended):
+            self.tally.add(event)
+        self.on_event(event, self.tally)
+
+    def tuned(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
+        """The hypermodel's own hyperparameters in ``hp`` (none without a hypermodel)."""
+        if self.model is None:
+            return {}
+        return {k: v for k, v in hp.values.items() if not k.startswith("tuner/") and k not in self.sweep.space
+                and hp.is_active(k)}
+
+    def values(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
+        return {**sampled(self.sweep, hp), **self.tuned(hp)}
+
+    def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+        # A bound method in the tuner's class dict: called with KerasTuner's arguments, no tuner.
+        sweep, metric = self.sweep, self.sweep.objective.metric
+        started = time.perf_counter()  # the trial's start, for its first_step_seconds
+        values = trial.hyperparameters.values
+        number = int(trial.trial_id)
+        params = sampled(sweep, trial.hyperparameters)
+        epochs = int(values.get("tuner/epochs", sweep.epochs))
+        seed = one_trial.trial_seed(sweep.sampler.seed, number)
+        tracked = one_trial.start(
+            self.experiment, self.parent, number, sweep, sweep.logged_params(params), seed, epochs,
+            one_trial.run_tags(sweep, "keras-tuner", self.identity, {
+                **self.settings.tags, "keras_tuner_trial": trial.trial_id,
+                **{f"keras_tuner_{k[6:]}": v for k, v in values.items() if k.startswith("tuner/")}}))
+        one_trial.log_sweep(tracked, sweep)
+        custom = None
+        if self.model is not None:
+            one_trial.log_hyperparameters(tracked.run_id, self.tuned(trial.hyperparameters), sweep)
+            custom = hypermodel.custom_model(self.model, trial.hyperparameters)
+        self.emit(events.Started(0, number, tracked.run_id, self.values(trial.hyperparameters)))
+
+        def on_epoch(epoch: int, logs: Any) -> None:
+            tracked.log_epoch(epoch, logs)
+            self.emit(events.Epoch(number, epoch + 1, epochs, logs[metric], dict(logs)))
+
+        try:
+            result = train.train(sweep.train_config(params), self.splits, epochs=epochs, seed=seed,
+                                 on_epoch=[on_epoch], custom=custom, started=started,
+                                 on_first_step=tracked.on_first_step)
+            evaluated = one_trial.evaluate(tracked, result, self.splits,
+                                           title=f"{sweep.name} trial {number} (keras-tuner)")
+        except KeyboardInterrupt:
+            one_trial.end_failed(tracked.run_id, "interrupted", "KILLED")
+            raise
+        except Exception as exc:
+            reason = one_trial.failure_reason(exc)
+            one_trial.end_failed(tracked.run_id, reason)
+            self.emit(events.Ended(number, "FAIL", tracked.run_id, reason=reason))
+            raise keras_tuner.errors.FailedTrialError(reason) from exc
+        finally:
+            keras.backend.clear_session()
+        value = result.history[metric][-1]
+        one_trial.end_complete(tracked, evaluated)
+        self.emit(events.Ended(number, "COMPLETE", tracked.run_id, value=value, test_accuracy=result.test_accuracy,
+                               degenerate=evaluated.verdict.get("degenerate", "")))
+        return {metric: value}

@@ -1,6 +1,6 @@
-"""``python -m cifar_exp.ui``: see ``cifar_exp.cli.ui_main``."""
+"""``python -m cifar_exp.ui``: the MLflow UI on this project's store."""
 
 if __name__ == "__main__":
-    from cifar_exp.cli import ui_main
+    from cifar_exp.cli import command
 
-    raise SystemExit(ui_main())
+    raise SystemExit(command("ui"))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from cifar_exp import cli
-from cifar_exp.config import ConfigError, load_sweep
+from cifar_exp.config import ConfigError
+from cifar_exp.sweepfile import load_sweep
 
 GOOD = """description: a good sweep
 objective: {metric: val_accuracy, direction: maximize}

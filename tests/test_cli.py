@@ -5,11 +5,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT
+
+
+@pytest.fixture
+def environment() -> Iterator[None]:
+    """The process environment as it was, after a test that runs a command in this process (a
+    command sets its backend's variables)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def sweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -48,23 +60,81 @@ def _bad_sweep(folder: Path) -> str:
      "cannot open the Optuna storage postgresql://me:***@127.0.0.1:1/optuna"),
     (lambda d: [], "name a sweep"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(isolated: Path, make_args, fragment: str) -> None:
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(isolated: Path, make_args, fragment: str,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         environment: None) -> None:
+    # In this process (the CLI's own error boundary; a real process's exit code: the next test).
+    from cifar_exp import cli
+
     args = make_args(isolated)
     before = set(isolated.rglob("*"))
-    result = sweep(*args, cwd=isolated)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], result.stderr
-    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
+    try:
+        code = cli.command("sweep", args)
+    except SystemExit as exc:  # argparse's own errors exit from the parser
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err and "hunter2" not in err
     assert not (isolated / "mlruns").exists()
     assert {p for p in isolated.rglob("*") if "cache" not in p.parts} <= before
 
 
+def test_a_real_process_exits_2_with_one_line(isolated: Path) -> None:
+    result = sweep("lr_dropuot", cwd=isolated)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: unknown sweep 'lr_dropuot': did you mean 'lr_dropout'? available: " + ", ".join(
+            sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))) + " (or pass a path to a .yaml file)"]
+    assert not (isolated / "mlruns").exists()
+
+
+def test_cifar_exp_debug_adds_the_chained_traceback(isolated: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch, environment: None) -> None:
+    from cifar_exp import cli
+
+    monkeypatch.setenv("CIFAR_EXP_DEBUG", "1")
+    assert cli.main(["report", "lr_dropout"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UserError: no MLflow store at mlruns/mlflow.db" in err
+    assert err.strip().splitlines()[-1] == "error: no MLflow store at mlruns/mlflow.db: run a sweep first, or pass " \
+                                           "--tracking-uri"
+
+
+def test_one_console_script_has_every_command(capsys: pytest.CaptureFixture[str], environment: None) -> None:
+    from cifar_exp import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("sweep", "rerun", "register", "predict", "evaluate", "report", "compare", "ui"):
+        assert f"    {command} " in out, out
+        assert (ROOT / "cifar_exp" / f"{command}.py").is_file()  # and python -m cifar_exp.<command>
+    assert cli.main(["sweep", "--list"]) == 0
+    assert "lr_dropout" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_sweep_command_never_imports_keras(isolated: Path, cifar_slice: Path) -> None:
+    # The sweep command checks the input and follows its workers; Keras (and its backend) live
+    # in the workers only, so the command's own memory and start-up stay small.
+    script = ("import sys; from cifar_exp.cli import main; "
+              "code = main(['sweep', 'lr_dropout', '--data', sys.argv[1], '--trials', '1', '--epochs', '1', "
+              "'--train-images', '100', '-q']); "
+              "print('heavy:', sorted(m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules)); "
+              "sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", script, str(cifar_slice)], cwd=isolated, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "heavy: []" in result.stdout and "1 complete" in result.stdout, result.stdout
+
+
+@pytest.mark.keras
 def test_jax_keeps_compiled_programs_in_the_project_cache(isolated: Path) -> None:
     # A worker's environment, then one epoch under JAX in a fresh process: the compiled train step
     # lands in $CIFAR_EXP_CACHE/jax, where the next process (any worker, any run) finds it.
     script = """
-from cifar_exp.cli import set_environment
+from cifar_exp.commands import set_environment
 set_environment(False)
 from cifar_exp import data, train
 from cifar_exp.config import TrainConfig
@@ -83,14 +153,25 @@ train.train(TrainConfig(blocks=1, filters=4, convs_per_block=1, dense_units=8), 
     assert any((isolated / "cache" / "jax").iterdir())
 
 
-def test_progress_names_a_degenerate_trial_on_its_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from cifar_exp.cli import Progress
+def _feed(progress: Any, tally: Any, *events_: Any) -> None:
+    """Events through the tally and into the display, as the supervisor passes them."""
+    from cifar_exp import events
 
-    progress = Progress("val_accuracy", True, 0, 4)
-    progress({"kind": "end", "trial": 2, "state": "COMPLETE", "value": 0.1, "test_accuracy": 0.1,
-              "degenerate": "predictions collapsed onto cat (97% of test images)"})
-    progress({"kind": "end", "trial": 3, "state": "PRUNED", "reason": "pruned after epoch 1: val_accuracy=0.1000",
-              "degenerate": "val_accuracy at chance (best 0.1000 <= 0.1085 in 1 epochs)"})
+    for event in events_:
+        if isinstance(event, events.Ended):
+            tally.add(event)
+        progress(event, tally)
+
+
+def test_progress_names_a_degenerate_trial_on_its_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_exp.events import Ended, Tally
+    from cifar_exp.progress import Progress
+
+    _feed(Progress("val_accuracy", 4), Tally(maximize=True),
+          Ended(2, "COMPLETE", value=0.1, test_accuracy=0.1,
+                degenerate="predictions collapsed onto cat (97% of test images)"),
+          Ended(3, "PRUNED", reason="pruned after epoch 1: val_accuracy=0.1000",
+                degenerate="val_accuracy at chance (best 0.1000 <= 0.1085 in 1 epochs)"))
     first, second = capsys.readouterr().out.strip().splitlines()
     assert first.startswith("trial 2 COMPLETE val_accuracy=0.1000 test_accuracy=0.1000 [degenerate: predictions "
                             "collapsed onto cat (97% of test images)]")
@@ -99,14 +180,15 @@ def test_progress_names_a_degenerate_trial_on_its_line(capsys: pytest.CaptureFix
 
 def test_without_a_terminal_each_epoch_is_one_plain_line_and_the_status_has_time_left(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from cifar_exp import cli
+    from cifar_exp import progress as progress_module
+    from cifar_exp.events import Ended, Epoch, Started, Tally
 
     clock = iter([0.0, 10.0, 70.0, 70.0, 70.0])  # created, trial 0 starts, ends (60 s), status
-    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
-    progress = cli.Progress("val_accuracy", True, 0, 4, workers=2)
-    progress({"kind": "start", "trial": 0, "worker": 0, "params": {"dropout": 0.25}})
-    progress({"kind": "epoch", "trial": 0, "epoch": 1, "epochs": 3, "value": 0.25, "logs": {"epoch_seconds": 12.34}})
-    progress({"kind": "end", "trial": 0, "state": "COMPLETE", "value": 0.25, "test_accuracy": 0.24})
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    _feed(progress_module.Progress("val_accuracy", 4, workers=2), Tally(maximize=True),
+          Started(0, 0, "run", {"dropout": 0.25}),
+          Epoch(0, 1, 3, 0.25, {"epoch_seconds": 12.34}),
+          Ended(0, "COMPLETE", value=0.25, test_accuracy=0.24))
     out = capsys.readouterr().out
     assert "\r" not in out and "\033" not in out  # no control characters into a file or a pipe
     lines = out.splitlines()
@@ -116,19 +198,32 @@ def test_without_a_terminal_each_epoch_is_one_plain_line_and_the_status_has_time
 
 
 def test_a_resumed_sweep_reports_the_trials_it_already_has(capsys: pytest.CaptureFixture[str]) -> None:
-    from cifar_exp.cli import Progress
+    from cifar_exp.events import Ended, Tally
+    from cifar_exp.progress import Progress
 
-    progress = Progress("val_accuracy", True, 3, 5, counts={"COMPLETE": 2, "PRUNED": 1}, best=(0.41, 1))
-    progress({"kind": "end", "trial": 3, "state": "PRUNED", "reason": "pruned after epoch 1: val_accuracy=0.2"})
+    tally = Tally(maximize=True, finished=3, states={"COMPLETE": 2, "PRUNED": 1, "FAIL": 0}, best=(0.41, 1))
+    _feed(Progress("val_accuracy", 5), tally, Ended(3, "PRUNED", reason="pruned after epoch 1: val_accuracy=0.2"))
     line = capsys.readouterr().out.strip()
     assert "[4 of 5] best val_accuracy=0.4100 (trial 1) | 2 complete, 2 pruned, 0 failed" in line
 
 
-def test_quiet_prints_nothing_while_the_sweep_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    from cifar_exp.cli import Progress
+def test_an_interrupted_or_retried_trial_does_not_count_and_failures_in_a_row_reset_on_success() -> None:
+    from cifar_exp.events import INTERRUPTED, Ended, Tally
 
-    progress = Progress("val_accuracy", True, 0, 2, quiet=True)
-    progress({"kind": "start", "trial": 0, "worker": 0, "params": {}})
-    progress({"kind": "epoch", "trial": 0, "epoch": 1, "epochs": 1, "value": 0.3, "logs": {}})
-    progress({"kind": "end", "trial": 0, "state": "COMPLETE", "value": 0.3, "test_accuracy": 0.3})
+    tally = Tally(maximize=False)
+    for event in (Ended(0, "FAIL", reason="ValueError: x"), Ended(1, "FAIL", reason="died", retried=True),
+                  Ended(2, "FAIL", reason=INTERRUPTED)):
+        tally.add(event)
+    assert (tally.finished, tally.states["FAIL"], tally.failures_in_a_row) == (1, 3, 2)
+    assert tally.add(Ended(3, "COMPLETE", value=0.9)) and tally.add(Ended(4, "COMPLETE", value=0.5))
+    assert not tally.add(Ended(5, "COMPLETE", value=0.7))  # minimize: 0.7 is no new best
+    assert (tally.best, tally.failures_in_a_row, tally.finished) == ((0.5, 4), 0, 4)
+
+
+def test_quiet_prints_nothing_while_the_sweep_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_exp.events import Ended, Epoch, Started, Tally
+    from cifar_exp.progress import Progress
+
+    _feed(Progress("val_accuracy", 2, quiet=True), Tally(maximize=True), Started(0, 0, "run", {}),
+          Epoch(0, 1, 1, 0.3, {}), Ended(0, "COMPLETE", value=0.3, test_accuracy=0.3))
     assert capsys.readouterr().out == ""

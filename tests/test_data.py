@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import socket
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -138,6 +141,7 @@ def test_wrong_image_size_names_the_file(tmp_path: Path, arrays: dict[str, np.nd
         data.load(str(tree))
 
 
+@pytest.mark.keras
 def test_offline_keras_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # No cached copy, and every HTTPS request goes to a closed port on this machine.
     with socket.socket() as s:
@@ -152,6 +156,22 @@ def test_offline_keras_download_is_a_clear_error(tmp_path: Path, monkeypatch: py
     assert "tar.gz" in str(info.value) and ".zip" in str(info.value)
 
 
+@pytest.mark.keras
+def test_the_keras_source_leaves_keras_out_of_a_process_without_it(tmp_path: Path) -> None:
+    # The sweep command checks the data without importing Keras: a spawned child fetches it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = ("import sys\nfrom cifar_exp import data\ntry:\n    data.load('keras')\n"
+              "except data.DataError as exc:\n    print(exc)\nprint('keras imported:', 'keras' in sys.modules)")
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras_home"), "https_proxy": f"http://127.0.0.1:{port}",
+           "HTTPS_PROXY": f"http://127.0.0.1:{port}"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert "cannot download CIFAR-10 through Keras" in result.stdout, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("keras imported: False")
+
+
+@pytest.mark.keras
 def test_keras_source_decodes_what_keras_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Keras checks its cached archive against the official sha256, so fixture files stand in for
     # the download itself: get_file returns the folder holding cifar-10-batches-py/, and Keras'

@@ -19,6 +19,8 @@ from cifar_exp.config import TrainConfig
 from tests.conftest import ROOT, synthetic_images
 from tests.test_sweep import clean_env, runs, study
 
+pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
+
 
 def sampled_trial(spec: str, seed: int = 0) -> tuple[optuna.trial.FrozenTrial, dict]:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))

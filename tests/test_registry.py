@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cifar_exp import registry, track
-from cifar_exp.config import ConfigError, UserError, parse_sweep
+from cifar_exp.config import ConfigError, UserError
+from cifar_exp.sweepfile import parse_sweep
 from tests.conftest import ROOT, write_slice
 from tests.test_sweep import clean_env, run_sweep
 
@@ -75,6 +76,7 @@ def test_a_pickled_python_model_is_refused(isolated: Path) -> None:
         registry.load(info.model_uri)
 
 
+@pytest.mark.keras
 def test_a_keras_model_with_python_code_is_refused_and_says_why(isolated: Path) -> None:
     import keras
 
@@ -133,7 +135,7 @@ def client(registered: dict) -> MlflowClient:
 def best_good_trial(registered: dict) -> tuple[str, float]:
     import optuna
 
-    from cifar_exp.study import open_storage
+    from cifar_exp.storage import open_storage
 
     study = optuna.load_study(study_name="registry_good",
                               storage=open_storage(str(registered["folder"] / "mlruns" / "optuna.journal")))
@@ -274,7 +276,7 @@ def test_mlflow_models_serve_answers_rest_predictions(registered: dict) -> None:
 def test_unknown_model_and_empty_study_are_one_line_errors(isolated: Path) -> None:
     import optuna
 
-    from cifar_exp.study import open_storage
+    from cifar_exp.storage import open_storage
 
     track.configure(f"sqlite:///{isolated}/mlruns/mlflow.db")
     result = cli("predict", "x.jpg", "--model", "models:/nothing@champion", cwd=isolated)

@@ -16,8 +16,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cifar_exp import backend, reproduce, track
-from cifar_exp.config import ConfigError, TrainConfig, load_sweep
-from cifar_exp.study import Settings, claim, create_study, open_storage
+from cifar_exp.config import ConfigError, TrainConfig
+from cifar_exp.storage import Claim, Settings, claim, create_study, open_storage
+from cifar_exp.sweepfile import load_sweep
 from tests.test_sweep import clean_env, run_sweep, runs, study
 
 # ---------------------------------------------------------------------------------------------
@@ -35,8 +36,8 @@ def sample(storage_path: Path, seed: int, trials: int = 12) -> list[dict]:
     sampled = []
     for _ in range(trials):
         claimed = claim(settings, storage)
-        assert isinstance(claimed, tuple)
-        study, trial, params = claimed
+        assert isinstance(claimed, Claim)
+        study, trial, params = claimed.study, claimed.trial, claimed.params
         study.tell(trial, params["dropout"] - abs(params["learning_rate"] - 0.01))
         sampled.append(params)
     return sampled
@@ -90,6 +91,7 @@ def test_determinism_env_adds_the_xla_flag_once() -> None:
     assert backend.determinism_env(False, {}) == {}
 
 
+@pytest.mark.keras
 def test_identity_names_backend_versions_and_device() -> None:
     import keras
 

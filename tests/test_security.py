@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SOURCES = sorted((ROOT / "cifar_exp").glob("*.py"))
+SOURCES = sorted((ROOT / "cifar_exp").rglob("*.py"))
 
 
 @pytest.mark.parametrize("pattern", [r"enable_unsafe_deserialization", r"safe_mode\s*=\s*False",

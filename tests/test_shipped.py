@@ -1,21 +1,50 @@
 """Every shipped sweep, shrunk to one trial of one epoch on a slice of the real CIFAR-10 (JPEG
-copy), runs for real; conditional dimensions that are inactive are in neither Optuna nor MLflow."""
+copy), runs for real; conditional dimensions that are inactive are in neither Optuna nor MLflow.
+
+What gets tracked does not depend on process boundaries, so these run a sweep's worker in this
+process (``sweep_in_process``); the sweep command's own processes are tested in test_sweep.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import queue
+import threading
 from pathlib import Path
 
 import pytest
 
-from cifar_exp.config import available_sweeps, load_sweep
-from tests.test_sweep import clean_env, run_sweep, runs, study
+from cifar_exp.sweepfile import available_sweeps, load_sweep
+from tests.test_sweep import clean_env, runs, study
 
 pytestmark = pytest.mark.slow
 SHIPPED = ("airbench", "architecture", "batch_size", "lr_dropout", "lr_schedule", "optimizer", "transfer_freeze")
 
 
-def test_the_issue_s_sweeps_are_all_shipped() -> None:
+def test_every_sweep_the_docs_name_is_shipped() -> None:
     assert set(SHIPPED) <= set(available_sweeps())
+
+
+def sweep_in_process(cwd: Path, sweep_file: Path, trials: int, epochs: int, data: Path) -> None:
+    """Run ``trials`` trials of the sweep in ``sweep_file`` with one ``worker.Worker`` in this
+    process, into ``cwd/mlruns`` (the sweep command's default storage and store), as the sweep
+    command's worker would: the study, its parent run, claims, tracked trials."""
+    from cifar_exp import storage, track, worker
+    from cifar_exp.study import start_parent_run
+
+    sweep = load_sweep(str(sweep_file))
+    sweep = dataclasses.replace(sweep, trials=trials, epochs=epochs,
+                                data=dataclasses.replace(sweep.data, source=str(data)))
+    settings = storage.Settings(sweep=sweep, storage=str(cwd / "mlruns" / "optuna.journal"),
+                                tracking_uri=f"sqlite:///{cwd}/mlruns/mlflow.db")
+    created = storage.create_study(settings)
+    track.configure(settings.tracking_uri)
+    experiment = track.experiment_id(sweep.name)
+    parent = start_parent_run(settings, created, experiment)
+    events: queue.Queue = queue.Queue()
+    one = worker.Worker(settings, experiment, parent, events, 0)
+    assert one.prepare(), events.get_nowait()
+    one.run(threading.Event(), deadline=None)  # a failed trial exits: SystemExit fails the test
+    track.end_run(parent, "FINISHED")
 
 
 def shrunk(name: str, directory: Path) -> Path:
@@ -33,7 +62,7 @@ def shrunk(name: str, directory: Path) -> Path:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_sweep_runs_one_trial_of_one_epoch(isolated: Path, cifar_slice: Path, name: str) -> None:
     path = shrunk(name, isolated)
-    run_sweep(isolated, str(path), "--trials", "1", "--epochs", "1", "--data", str(cifar_slice))
+    sweep_in_process(isolated, path, trials=1, epochs=1, data=cifar_slice)
     (trial,) = study(isolated, name).get_trials()
     assert trial.state.name == "COMPLETE", trial.user_attrs.get("fail_reason")
     parents, children = runs(isolated, name)
@@ -47,7 +76,7 @@ def test_every_shipped_sweep_runs_one_trial_of_one_epoch(isolated: Path, cifar_s
 
 
 def test_conditional_dimensions_follow_the_sampled_schedule(isolated: Path, cifar_slice: Path) -> None:
-    run_sweep(isolated, "lr_schedule", "--trials", "6", "--epochs", "1", "--data", str(cifar_slice))
+    sweep_in_process(isolated, available_sweeps()["lr_schedule"], trials=6, epochs=1, data=cifar_slice)
     trials = study(isolated, "lr_schedule").get_trials()
     _, children = runs(isolated, "lr_schedule")
     by_run = {run.info.run_id: run for run in children}

@@ -16,10 +16,19 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from cifar_exp import study as study_module
+from cifar_exp import storage as storage_module
 from cifar_exp import track
-from cifar_exp.config import load_sweep
-from cifar_exp.study import Settings, budget_state, claim, counted, create_study, open_storage, recover_stale
+from cifar_exp.storage import (
+    Claim,
+    Settings,
+    budget_state,
+    claim,
+    counted,
+    create_study,
+    open_storage,
+    recover_stale,
+)
+from cifar_exp.sweepfile import load_sweep
 
 
 def settings(storage: str, trials: int | None = 3) -> Settings:
@@ -60,8 +69,8 @@ def _claim_all(storage: str, found: list) -> None:
     own = settings(storage)
     handle = open_storage(storage)
     while (claimed := claim(own, handle)) not in ("done", "wait"):
-        assert isinstance(claimed, tuple)
-        study, trial, _ = claimed
+        assert isinstance(claimed, Claim)
+        study, trial = claimed.study, claimed.trial
         time.sleep(0.05)
         study.tell(trial, 0.5)
     found.append(claimed)
@@ -91,8 +100,8 @@ def test_a_trial_whose_worker_is_gone_is_failed_closed_and_retried_once(isolated
     own = settings(str(isolated / "o.journal"))
     create_study(own)
     claimed = claim(own, open_storage(own.storage))
-    assert isinstance(claimed, tuple)
-    study, trial, params = claimed
+    assert isinstance(claimed, Claim)
+    study, trial, params = claimed.study, claimed.trial, claimed.params
     run_id = track.start_run(track.experiment_id("lr_dropout"), "trial-0", params, {})
     trial.set_user_attr("mlflow_run_id", run_id)
     assert recover_stale(study) == []  # its worker (this process) lives
@@ -106,19 +115,19 @@ def test_a_trial_whose_worker_is_gone_is_failed_closed_and_retried_once(isolated
     assert run.info.status == "KILLED" and "is gone" in run.data.tags["fail_reason"]
     # the retry runs with the same parameters, and counts instead of the stale trial
     claimed = claim(own, open_storage(own.storage))
-    assert isinstance(claimed, tuple) and claimed[1].number == 1 and claimed[2] == params
-    claimed[0].tell(claimed[1], 0.5)
+    assert isinstance(claimed, Claim) and claimed.trial.number == 1 and claimed.params == params
+    claimed.study.tell(claimed.trial, 0.5)
     assert [t.number for t in counted(study.get_trials())] == [1]
     # a retry that goes stale in its turn is failed, not retried again
     claimed = claim(own, open_storage(own.storage))
-    assert isinstance(claimed, tuple)
-    claimed[1].set_user_attr("worker_pid", dead_pid())
+    assert isinstance(claimed, Claim)
+    claimed.trial.set_user_attr("worker_pid", dead_pid())
     recover_stale(study)
     assert [t.state for t in study.get_trials()][-2:] == [TrialState.FAIL, TrialState.WAITING]
     retry_of_retry = study.get_trials()[-1]
     claimed = claim(own, open_storage(own.storage))
-    assert isinstance(claimed, tuple) and claimed[1].number == retry_of_retry.number
-    claimed[1].set_user_attr("worker_pid", dead_pid())
+    assert isinstance(claimed, Claim) and claimed.trial.number == retry_of_retry.number
+    claimed.trial.set_user_attr("worker_pid", dead_pid())
     recover_stale(study)
     assert study.get_trials()[-1].state == TrialState.FAIL  # no further retry
 
@@ -129,10 +138,10 @@ def test_a_trial_of_another_host_is_stale_once_its_heartbeat_stops(isolated: Pat
     create_study(own)
     storage = open_storage(url, heartbeat=1, grace=2)
     claimed = claim(own, storage)
-    assert isinstance(claimed, tuple)
-    study, trial, params = claimed
+    assert isinstance(claimed, Claim)
+    study, trial = claimed.study, claimed.trial
     trial.set_user_attr("worker_host", "another-host.example")  # its pid means nothing here
-    with study_module.heartbeat(storage, trial._trial_id):
+    with storage_module.heartbeat(storage, trial):
         time.sleep(3.5)  # beyond the grace period, but beating
         assert recover_stale(study) == []
     time.sleep(3)  # silent past the grace period
@@ -153,8 +162,8 @@ def test_a_trial_whose_worker_died_before_its_run_existed_gets_one_run_recording
     study.set_user_attr("mlflow_experiment_id", experiment)
     study.set_user_attr("mlflow_parent_run_id", parent)
     claimed = claim(own, open_storage(own.storage))
-    assert isinstance(claimed, tuple)
-    study, trial, params = claimed
+    assert isinstance(claimed, Claim)
+    study, trial, params = claimed.study, claimed.trial, claimed.params
     trial.set_user_attr("worker_pid", dead_pid())  # died between its claim and its run
     assert "mlflow_run_id" not in trial.user_attrs
     (stale,) = recover_stale(study)

@@ -27,7 +27,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from cifar_exp import data
-from cifar_exp.study import open_storage, trial_seed
+from cifar_exp.storage import open_storage
+from cifar_exp.trial import trial_seed
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -178,8 +179,10 @@ def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]
     try:
         assert ui.stdout is not None
         assert ui.stdout.readline().strip() == f"MLflow UI on sqlite:///mlruns/mlflow.db: {base}"
-        assert ui.stdout.readline().strip() == f"experiment lr_dropout: {base}/#/experiments/{experiment_id}"
-        deadline = time.time() + 120
+        printed = ui.stdout.readline().strip()
+        assert printed == f"experiment lr_dropout: {base}/#/experiments/{experiment_id}/runs" \
+                          "?workflowType=machine_learning"
+        deadline = time.time() + 300  # the server's start, polled; slower while other work runs
         while True:
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
@@ -223,6 +226,7 @@ def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]
                 with pytest.raises(urllib.error.HTTPError) as refused:
                     urllib.request.urlopen(forged, timeout=30)
                 assert refused.value.code == 403, origin
+        check_runs_page(printed.split(": ", 1)[1], len(found), cwd / "runs.png")
         check_compare_page(base, experiment_id, children[:2], cwd / "compare-runs.png")
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
@@ -243,6 +247,29 @@ def chromium(url: str, *args: str, profile: Path) -> str:
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+def page_lines(url: str, budget: int, profile: Path) -> list[str]:
+    """The lines of text ``url`` shows in headless Chromium after ``budget`` virtual milliseconds."""
+    dom = chromium(url, f"--virtual-time-budget={budget}", "--dump-dom", profile=profile)
+    text = html.unescape(re.sub(r"<[^>]+>", "\n", re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S)))
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def check_runs_page(url: str, runs: int, screenshot: Path) -> None:
+    """The address ``cifar_exp.ui`` prints opens the experiment's runs table (MLflow's page for
+    model training, not its GenAI overview of traces) with the sweep's ``runs`` in it: the parent
+    run's row (its trials grouped under it) and the count of matching runs; a screenshot is saved."""
+    for budget in (20_000, 60_000):  # virtual milliseconds for the page's scripts and API calls
+        lines = page_lines(url, budget, screenshot.parent / "chrome")
+        if "matching runs" in lines:
+            break
+    assert lines[0].startswith("Runs - Experiment"), lines[:5]  # the page's title
+    assert "Run Name" in lines and "lr_dropout-study" in lines, lines
+    assert "Sessions" not in lines and "Judges" not in lines, lines  # GenAI's navigation
+    assert lines[lines.index("matching runs") - 1] == str(runs), lines
+    chromium(url, f"--virtual-time-budget={budget}", f"--screenshot={screenshot}", profile=screenshot.parent / "chrome")
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
 
 
 def check_compare_page(base: str, experiment_id: str, runs: list[dict], screenshot: Path) -> None:
@@ -448,7 +475,7 @@ def test_a_diverging_trial_fails_with_the_reason_and_the_sweep_goes_on(isolated:
 def test_sigkill_of_the_sweep_command_alone_takes_its_workers_with_it(isolated: Path, cifar_slice: Path) -> None:
     import psutil
 
-    from cifar_exp.study import ORPHAN_GRACE_SECONDS
+    from cifar_exp.worker import ORPHAN_GRACE_SECONDS
 
     args = ["lr_dropout", "--trials", "2", "--epochs", "6", "--data", str(cifar_slice), "--workers", "2"]
     process = subprocess.Popen([sys.executable, "-m", "cifar_exp.sweep", *args], cwd=isolated,

@@ -91,6 +91,7 @@ def test_evaluation_artifacts_hold_what_they_claim(store: str, isolated: Path) -
     assert logged["test_macro_f1"] == pytest.approx(metrics["test_macro_f1"])
 
 
+@pytest.mark.keras
 def test_logged_model_loads_and_predicts(store: str) -> None:
     import keras
 
@@ -99,8 +100,8 @@ def test_logged_model_loads_and_predicts(store: str) -> None:
     experiment = track.experiment_id("demo")
     run = track.start_trial_run(experiment, "p", 0, params={}, tags={})
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    uri = track.log_model(run, model, x[:2], [str(i) for i in range(10)])
-    loaded, names = track.load_model(uri)
+    uri = track.models.log_model(run, model, x[:2], [str(i) for i in range(10)])
+    loaded, names = track.models.load_model(uri)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5)
     assert names == [str(i) for i in range(10)]
     info = mlflow.models.get_model_info(uri)

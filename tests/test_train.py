@@ -12,6 +12,8 @@ from cifar_exp import data, models, train
 from cifar_exp.config import TrainConfig
 from tests.conftest import synthetic_images
 
+pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
+
 SMALL = dict(blocks=2, filters=4, convs_per_block=1, dense_units=8)
 
 
@@ -77,7 +79,7 @@ def test_every_schedule_follows_its_closed_form_at_every_step(schedule: str) -> 
     np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-9)
 
 
-def test_step_schedule_is_the_notebooks_hundredfold_drop() -> None:
+def test_step_schedule_drops_a_hundredfold_in_three_stages() -> None:
     cfg = TrainConfig(learning_rate=0.01, lr_schedule="step", step_stages=3, step_factor=0.1)
     schedule = train.learning_rate(cfg, epochs=3, steps_per_epoch=10)
     values = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 9, 10, 19, 20, 29)]

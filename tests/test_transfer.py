@@ -19,6 +19,8 @@ from cifar_exp import data, models, train
 from cifar_exp.config import TrainConfig
 from tests.conftest import ROOT, synthetic_images
 
+pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
+
 HEAD = dict(model="transfer", weights="none", dense_units=0, head="global_avg", head_dropout=0.0, flip=False,
             translate=0.0)
 

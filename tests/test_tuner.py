@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cifar_exp import tuner
-from cifar_exp.config import load_sweep
+from cifar_exp.sweepfile import load_sweep
 from tests.conftest import ROOT
 from tests.test_sweep import clean_env, run_sweep, runs
 

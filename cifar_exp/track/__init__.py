@@ -1,19 +1,17 @@
-"""Everything MLflow: the store, the sweep's parent run, one child run per trial, artifacts, models.
+"""Everything MLflow: the store, the sweep's parent run, one child run per trial, artifacts;
+models and the registry in ``track.models``, the UI in ``track.ui``.
 
-The only module that imports mlflow. Runs are addressed by id through ``MlflowClient`` (the
+The only package that imports mlflow. Runs are addressed by id through ``MlflowClient`` (the
 fluent "active run" does not cross processes); every child run names its parent explicitly.
 Calls that can hit a busy SQLite file or a restarting server are retried with backoff.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import sqlite3
 import tempfile
 import time
-import types
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import evaluation, plots
+from cifar_exp import evaluation
 from cifar_exp.config import UserError, mask_credentials
 
 T = TypeVar("T")
@@ -128,16 +126,25 @@ def check_server(tracking_uri: str) -> None:
                         ) from None
 
 
+# The MLflow UI opens an experiment on its runs table only when the experiment says it holds
+# model training: without this tag MLflow 3's UI opened ours on its GenAI overview (traces, tokens).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(name: str) -> str:
-    """The id of the experiment ``name``, created (artifacts beside the store) if missing."""
+    """The id of the experiment ``name``, created (artifacts beside the store) if missing, of the
+    kind whose UI page is the runs table (``EXPERIMENT_KIND``)."""
     client = MlflowClient()
     experiment = retrying(client.get_experiment_by_name, name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             retrying(client.restore_experiment, experiment.experiment_id)
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:  # a store from before the tag
+                retrying(client.set_experiment_tag, experiment.experiment_id, key, value)
         return str(experiment.experiment_id)
     try:
-        return str(retrying(client.create_experiment, name))
+        return str(retrying(client.create_experiment, name, tags=EXPERIMENT_KIND))
     except MlflowException:  # created by another process in the meantime
         experiment = retrying(client.get_experiment_by_name, name)
         if experiment is None:
@@ -200,7 +207,7 @@ def end_run(run_id: str, status: str, tags: Mapping[str, Any] | None = None) -> 
 
 # System metrics: MLflow's own monitor (psutil; NVML for NVIDIA GPUs), one thread per open run,
 # logged as ``system/...`` metrics. Decision: a sample every 5 s rather than MLflow's 10 s, since a
-# trial of the seed CNN on an H100 lasts tens of seconds; MLflow's environment variable
+# trial of the CNN family on an H100 lasts tens of seconds; MLflow's environment variable
 # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL still overrides it.
 SYSTEM_PREFIX = "system/"
 SYSTEM_SAMPLING_SECONDS = 5.0
@@ -284,189 +291,19 @@ def log_result(run_id: str, result: Any, splits: Any, title: str) -> str:
     log_text(run_id, "\n".join(lines) + "\n", "model_summary.txt")
     log_evaluation(run_id, splits.x_test, splits.y_test, result.y_prob, splits.class_names, result.history,
                    title=title)
-    return log_model(run_id, model, splits.x_test[:2], splits.class_names)
-
-
-def confused_pairs(counts: np.ndarray, class_names: Sequence[str], top: int = 5) -> list[dict[str, Any]]:
-    """The ``top`` class pairs most often mistaken for each other, most first: ``a_as_b`` counts
-    true a predicted b, ``b_as_a`` the reverse, ``total`` both; pairs never confused are left out."""
-    pairs: list[dict[str, Any]] = [
-        {"pair": f"{class_names[a]} <-> {class_names[b]}", "total": int(counts[a, b] + counts[b, a]),
-         "a_as_b": int(counts[a, b]), "b_as_a": int(counts[b, a])}
-        for a in range(len(class_names)) for b in range(a + 1, len(class_names)) if counts[a, b] + counts[b, a]]
-    return sorted(pairs, key=lambda pair: -pair["total"])[:top]
-
-
-GRID_IMAGES = 24  # test images in prediction_grid.png
+    return models.log_model(run_id, model, splits.x_test[:2], splits.class_names)
 
 
 def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray,
                    class_names: Sequence[str], history: Mapping[str, Sequence[float]] | None,
                    title: str) -> dict[str, float]:
-    """Log a test-set evaluation: per-class precision/recall/F1 and macro F1 as metrics;
-    confusion matrix (PNG, CSV), the most-confused class pairs (CSV), classification report
-    (JSON), a grid of predictions (PNG: misclassified images across classes, then correct ones,
-    see ``evaluation.grid_picks``) and, given a ``history``, learning
-    curves (PNG) as artifacts.
-    Returns the metrics logged."""
-    from sklearn.metrics import classification_report, confusion_matrix
-
-    y_pred = y_prob.argmax(axis=1)
-    labels = list(range(len(class_names)))
-    counts = confusion_matrix(y_true, y_pred, labels=labels)
-    report = classification_report(y_true, y_pred, labels=labels, target_names=list(class_names),
-                                   output_dict=True, zero_division=0)
-    metrics = {"test_macro_f1": float(report["macro avg"]["f1-score"])}
-    for name in class_names:
-        for key, short in (("precision", "precision"), ("recall", "recall"), ("f1-score", "f1")):
-            metrics[f"test_{short}_{name}"] = float(report[name][key])
-    log_metrics(run_id, metrics)
+    """Log a test-set evaluation (``evaluation.write_report``): its metrics, and its files as
+    artifacts. Returns the metrics logged."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        with (out / "confusion_matrix.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["true \\ predicted", *class_names])
-            for name, row in zip(class_names, counts, strict=True):
-                writer.writerow([name, *map(int, row)])
-        (out / "classification_report.json").write_text(json.dumps(report, indent=2))
-        with (out / "confused_pairs.csv").open("w", newline="") as f:
-            pairs = csv.DictWriter(f, fieldnames=["pair", "total", "a_as_b", "b_as_a"])
-            pairs.writeheader()
-            pairs.writerows(confused_pairs(counts, class_names))
-        plots.confusion_matrix_png(counts, class_names, out / "confusion_matrix.png", title)
-        shown = evaluation.grid_picks(y_true, y_pred, GRID_IMAGES)
-        plots.prediction_grid_png(images[shown], y_true[shown], y_pred[shown], class_names,
-                                  out / "prediction_grid.png", title, y_prob[shown, y_pred[shown]])
-        if history is not None:
-            plots.learning_curves_png(history, out / "learning_curves.png", title)
-        retrying(MlflowClient().log_artifacts, run_id, str(out))
+        metrics = evaluation.write_report(Path(tmp), images, y_true, y_prob, class_names, history, title)
+        log_metrics(run_id, metrics)
+        retrying(MlflowClient().log_artifacts, run_id, tmp)
     return metrics
-
-
-def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequence[str]) -> str:
-    """Log the Keras model (``.keras`` format) to ``run_id`` with a signature, an input example and
-    its class names (model metadata ``class_names``); returns its model URI.
-
-    The signature takes float32 images of pixel values 0..255: a REST request's integer or float
-    pixels are parsed to it; pyfunc callers pass float32 (pyfunc enforces the dtype exactly).
-    Decision: pip requirements are given, not inferred; inference reloads the model in a
-    subprocess, which would cost seconds per trial.
-    """
-    import keras
-
-    backend = keras.backend.backend()
-    backend_pkg = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend, backend)
-    from importlib.metadata import version
-
-    requirements = [f"keras=={keras.__version__}", f"{backend_pkg}=={version(backend_pkg)}"]
-    example = np.asarray(example, dtype="float32")
-    signature = mlflow.models.infer_signature(example, np.asarray(model(example)))
-    with mlflow.start_run(run_id=run_id):
-        info = retrying(mlflow.models.Model.log, artifact_path=None, name="model", flavor=_KERAS_FLAVOR, model=model,
-                        signature=signature, input_example=example, pip_requirements=requirements,
-                        metadata={"class_names": list(class_names)}, validate_serving_input=False)
-    return str(info.model_uri)
-
-
-def _save_keras_model(path: str, validate_serving_input: bool = True, **kwargs: Any) -> None:
-    # mlflow.keras.save_model (MLflow 3.17) writes the input example before it creates the model
-    # folder (FileNotFoundError: .../model/input_example.json); creating the folder first is
-    # the whole fix. validate_serving_input is Model.log's switch, not save_model's: serving is
-    # tested end to end instead of reloading every trial's model at log time.
-    os.makedirs(path, exist_ok=True)
-    mlflow.keras.save_model(path=path, **kwargs)
-
-
-# mlflow.keras with the save fix above; Model.log records it under mlflow.keras' name.
-_KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading models safely; the Model Registry
-
-
-class UnsafeModel(Exception):
-    """A logged model that loading would run foreign code or unpickle."""
-
-
-def check_safe(model_uri: str) -> dict[str, Any]:
-    """The MLmodel flavors of ``model_uri`` if loading it runs only MLflow's and Keras' own code
-    on data files; raises ``UnsafeModel`` naming the reason otherwise (custom pyfunc code,
-    pickled python models, TensorFlow SavedModel exports, flavors other than keras)."""
-    flavors = retrying(mlflow.models.get_model_info, model_uri).flavors
-    pyfunc = flavors.get("python_function", {})
-    loader = str(pyfunc.get("loader_module", ""))
-    if pyfunc.get("code") or "python_model" in pyfunc or "cloudpickle_version" in pyfunc:
-        raise UnsafeModel("it carries Python code or a pickled python_model")
-    if loader and not loader.startswith("mlflow."):
-        raise UnsafeModel(f"its MLmodel loads through code outside mlflow ({loader})")
-    if set(flavors) - {"keras", "python_function"}:
-        raise UnsafeModel(f"flavors {sorted(set(flavors) - {'keras', 'python_function'})} (only keras is loaded)")
-    if "keras" not in flavors:
-        raise UnsafeModel("no keras flavor")
-    if flavors["keras"].get("save_exported_model") or flavors["keras"].get("save_format", "keras") != "keras":
-        raise UnsafeModel("it is not in the .keras format (safe_mode applies to .keras files only)")
-    return flavors
-
-
-def load_model(model_uri: str) -> tuple[Any, list[str] | None]:
-    """``(keras model, class names or None)`` for ``model_uri``, after ``check_safe``, loaded with
-    Keras ``safe_mode`` on (no Lambda-layer bytecode is deserialized)."""
-    check_safe(model_uri)
-    try:
-        model = retrying(mlflow.keras.load_model, model_uri, load_model_kwargs={"safe_mode": True})
-    except (TypeError, ValueError) as exc:  # Keras' safe_mode refusal, which it words as a generic failure
-        text = str(exc)
-        if "safe_mode" in text or "lambda" in text.lower() or "could not be deserialized" in text:
-            raise UnsafeModel("Keras' safe_mode refused it: it holds a Lambda layer (Python bytecode) or a class "
-                              "that is not Keras' own, which loading would run; only stock layers are loaded") from None
-        raise
-    metadata = retrying(mlflow.models.get_model_info, model_uri).metadata or {}
-    names = metadata.get("class_names")
-    return model, list(names) if names else None
-
-
-def model_run_id(model_uri: str) -> str | None:
-    """The run that logged ``model_uri`` (a ``models:/`` name, version or alias, or a logged model)."""
-    return retrying(mlflow.models.get_model_info, model_uri).run_id
-
-
-@dataclass(frozen=True)
-class Version:
-    name: str
-    version: str
-    run_id: str
-    created: bool  # False: the run was already registered under ``name``
-
-
-def register(name: str, model_uri: str, run_id: str, description: str, tags: Mapping[str, Any]) -> Version:
-    """Register ``model_uri`` (logged by ``run_id``) as a version of ``name``. The same run
-    registered twice gives back its existing version."""
-    client = MlflowClient()
-    existing = retrying(client.search_model_versions, f"name='{name}' and run_id='{run_id}'")
-    if existing:
-        return Version(name, str(existing[0].version), run_id, created=False)
-    try:
-        retrying(client.create_registered_model, name)
-    except MlflowException as exc:
-        if "already exists" not in str(exc).lower():
-            raise
-    version = retrying(mlflow.register_model, model_uri, name, tags=_strings(tags))
-    retrying(client.update_model_version, name, version.version, description=description)
-    return Version(name, str(version.version), run_id, created=True)
-
-
-def alias_version(name: str, alias: str) -> Version | None:
-    """The version of ``name`` that ``alias`` points at, or None."""
-    try:
-        version = retrying(MlflowClient().get_model_version_by_alias, name, alias)
-    except MlflowException:
-        return None
-    return Version(name, str(version.version), str(version.run_id), created=False)
-
-
-def set_alias(name: str, alias: str, version: str) -> None:
-    retrying(MlflowClient().set_registered_model_alias, name, alias, version)
 
 
 def log_dir(run_id: str, folder: Path) -> None:
@@ -480,45 +317,5 @@ def find_experiment(name: str) -> str | None:
     return None if experiment is None else str(experiment.experiment_id)
 
 
-def ui_command(tracking_uri: str) -> str:
-    """The shell command that opens the MLflow UI on this store."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
-
-
-UI_ORIGINS_ENV = "CIFAR_EXP_UI_ORIGINS"  # comma-separated origins that may change the store through the UI
-_WRITES = (b"POST", b"PUT", b"PATCH", b"DELETE")
-
-
-class SameOriginWrites:
-    """ASGI middleware: a state-changing request that carries an ``Origin`` header other than the
-    ``origins`` is refused (403). MLflow's own guard lets every localhost origin through, so any
-    other program's page on this machine could change the store; requests without ``Origin``
-    (the Python client, curl) are no browser page and pass."""
-
-    def __init__(self, app: Any, origins: frozenset[str]) -> None:
-        self.app, self.origins = app, origins
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"].encode() in _WRITES:
-            origin = dict(scope["headers"]).get(b"origin")
-            if origin is not None and origin.decode("latin-1") not in self.origins:
-                await send({"type": "http.response.start", "status": 403,
-                            "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
-                await send({"type": "http.response.body",
-                            "body": b"cross-origin request refused: only the UI's own pages may change the store"})
-                return
-        await self.app(scope, receive, send)
-
-
-def create_ui_app() -> Any:
-    """The MLflow app that ``python -m cifar_exp.ui`` serves (``mlflow ui --app-name cifar-exp-ui``,
-    an ``mlflow.app`` entry point): MLflow's own, behind ``SameOriginWrites`` for the origins in
-    ``$CIFAR_EXP_UI_ORIGINS``."""
-    from mlflow.server import app as flask_app
-    from mlflow.server.fastapi_app import create_fastapi_app
-
-    origins = frozenset(o for o in os.environ.get(UI_ORIGINS_ENV, "").split(",") if o)
-    return SameOriginWrites(create_fastapi_app(flask_app), origins)
-
+# Last: they build on the helpers above (retrying, _strings).
+from cifar_exp.track import models, ui  # noqa: E402, F401

@@ -1,0 +1,282 @@
+"""What each command does with its parsed arguments (``cli`` parses them and is the error
+boundary): the environment (set before anything imports Keras), the calls into the core modules,
+and what the terminal shows. A command returns its exit code or raises ``UserError``.
+
+The sweep command's process never imports Keras: it checks the input, then follows the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from cifar_exp.config import DEFAULT_STORE, PACKAGE_DIR, ConfigError, Sweep, UserError, mask_credentials
+from cifar_exp.progress import Progress, fmt, print_comparison, print_summary
+from cifar_exp.sweepfile import available_sweeps, load_sweep
+
+
+def set_environment(deterministic: bool) -> None:
+    """Environment for Keras and its backends; must run before anything imports keras."""
+    from cifar_exp.backend import determinism_env
+    from cifar_exp.data import cache_dir
+
+    os.environ.update(determinism_env(deterministic, os.environ))
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    # TensorFlow's C++ log: start-up chatter, and under op determinism a harmless "NodeDef mentions
+    # attribute use_unbounded_threadpool" ERROR line per epoch. Python exceptions still surface.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Several workers share one GPU: no process may take all of its memory up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    # JAX keeps compiled programs (those that took over 1 s to compile) on disk, shared by every
+    # worker and run: a trial of a program seen before skips its compilation (15 s of first-epoch
+    # compilation for the CNN family on an H100).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "jax"))
+
+
+def provenance() -> dict[str, str]:
+    """Where the code came from: the git commit of this checkout and whether it had uncommitted
+    changes ("unknown" outside a git checkout), and the versions of the tracking libraries."""
+    import importlib.metadata
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(PACKAGE_DIR.parent), *args], capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit or "unknown",
+            "git_dirty": "unknown" if commit is None or dirty is None else str(bool(dirty)).lower(),
+            **{f"{name.replace('-', '_')}_version": importlib.metadata.version(name)
+               for name in ("optuna", "mlflow", "keras-tuner")}}
+
+
+def _existing_store(tracking_uri: str) -> None:
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri.removeprefix("sqlite:///")
+        if not os.path.isfile(path):
+            raise UserError(f"no MLflow store at {path}: run a sweep first, or pass --tracking-uri")
+
+
+def _open_store(tracking_uri: str, deterministic: bool) -> None:
+    """The preamble of the commands that read a store: the store must exist; then the environment
+    (before keras is imported) and the tracking URI."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a report
+    _existing_store(tracking_uri)
+    set_environment(deterministic)
+    from cifar_exp import track
+
+    track.configure(tracking_uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep
+
+
+def _list_sweeps() -> int:
+    for name, path in available_sweeps().items():
+        try:
+            description = load_sweep(str(path)).description.strip().splitlines()[0]
+        except (UserError, IndexError) as exc:
+            description = f"(invalid: {exc})" if isinstance(exc, UserError) else ""
+        print(f"{name:<20} {description}")
+    return 0
+
+
+def _with_overrides(args: argparse.Namespace) -> Sweep:
+    """The sweep named on the command line, with the flags that override its file."""
+    if args.engine == "keras-tuner" and args.workers != 1:
+        raise ConfigError("--engine keras-tuner runs its trials one after another in this process: drop --workers")
+    if args.engine == "keras-tuner" and args.register:
+        raise ConfigError("--register reads the Optuna study: register after an Optuna sweep, or pass a "
+                          "model URI to the evaluate command")
+    sweep = load_sweep(args.name)
+    changes: dict[str, Any] = {key: getattr(args, key) for key in ("trials", "epochs", "timeout")
+                               if getattr(args, key) is not None}
+    if args.data is not None:
+        changes["data"] = dataclasses.replace(sweep.data, source=args.data)
+    if args.train_images is not None:
+        changes["data"] = dataclasses.replace(changes.get("data", sweep.data), train_images=args.train_images)
+    if args.seed is not None:
+        changes["sampler"] = dataclasses.replace(sweep.sampler, seed=args.seed)
+    return dataclasses.replace(sweep, **changes)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list_sweeps()
+    if not args.name:
+        raise ConfigError(f"name a sweep: python -m cifar_exp.sweep NAME (available: {', '.join(available_sweeps())})")
+    chosen = _with_overrides(args)
+    set_environment(chosen.deterministic)
+    _check_hypermodel(chosen.hypermodel)
+    from cifar_exp import data, storage, track
+
+    # Bad input fails here, before anything is written: the servers first (they write nothing
+    # when checked), then the data (whose cache is the first write).
+    track.check_server(args.tracking_uri)
+    if "://" in args.storage:
+        storage.open_storage(args.storage)
+    dataset = data.load(chosen.data.source)
+    splits = data.split(dataset, chosen.data.validation_fraction, chosen.sampler.seed, chosen.data.train_images)
+    tags = {"data_source": chosen.data.source, "data_checksum": dataset.checksum,
+            "command": shlex.join(args.command_line), "keras_backend": os.environ["KERAS_BACKEND"], **provenance()}
+    sizes = f"{len(splits.y_train)} training / {len(splits.y_val)} validation / {len(splits.y_test)} test images"
+    settings = storage.Settings(sweep=chosen, storage=args.storage, tracking_uri=args.tracking_uri,
+                                workers=args.workers, gpus=args.gpus, tags=tags, data_checksum=dataset.checksum)
+    del dataset, splits  # the workers load their own copy; the parent keeps no arrays
+    if args.engine == "keras-tuner":
+        return _keras_tuner(settings)
+    if not args.verbose:
+        settings = dataclasses.replace(settings, log_file=str(_library_log(args.storage, chosen.name)))
+    return _optuna(settings, args, sizes)
+
+
+def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
+    """The Optuna engine: the header, the workers' progress, the final table, the exit code."""
+    import optuna
+
+    from cifar_exp import storage, study, track
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress
+    chosen = settings.sweep
+    tally = study.tally(storage.create_study(settings))
+    say = (lambda *a, **k: None) if args.quiet else print
+    say(f"sweep {chosen.name}: {chosen.description.strip().splitlines()[0] if chosen.description else ''}")
+    say(f"study '{chosen.name}' in {mask_credentials(args.storage)}: {tally.finished} trials finished before; "
+        f"budget {chosen.trials if chosen.trials else 'none'} trials, "
+        f"{chosen.epochs} epochs each on {sizes}, {args.workers} worker(s), seed {chosen.sampler.seed}, "
+        f"deterministic kernels {'on' if chosen.deterministic else 'off'}; "
+        f"tracking {mask_credentials(args.tracking_uri)}", flush=True)
+    if settings.log_file:
+        say(f"library log lines (TensorFlow, MLflow, Optuna): {settings.log_file} (-v shows them here)", flush=True)
+    progress = Progress(chosen.objective.metric, chosen.trials, workers=args.workers, quiet=args.quiet)
+    try:
+        summary = study.run_sweep(settings, progress)
+    except KeyboardInterrupt:  # Ctrl-C before the workers started: nothing ran yet
+        print("interrupted before any trial started", file=sys.stderr)
+        return 130
+    print_summary(summary, chosen.objective.metric, track.ui.ui_command(args.tracking_uri))
+    if summary.interrupted:
+        print("interrupted: run the same command to resume the sweep", file=sys.stderr)
+        return 130
+    if summary.stop_reason:
+        print(f"error: {summary.stop_reason}", file=sys.stderr)
+        return 1
+    if args.register:
+        from cifar_exp.results import register_best
+
+        register_best(chosen, args.storage, args.data)
+    return 0
+
+
+def _check_hypermodel(spec: str) -> None:
+    """A sweep's hypermodel module can be found (``ConfigError`` if not), checked without importing
+    it, so a typo costs a second and writes nothing; workers import it."""
+    if not spec:
+        return
+    import importlib.util
+
+    module = spec.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except Exception:  # noqa: BLE001 (a parent package that is missing, or fails on import)
+        found = False
+    if not found:
+        raise ConfigError(f"hypermodel {spec}: no module {module} on the Python path: run from the folder that "
+                          f"holds it, add that folder to PYTHONPATH, or install it")
+
+
+def _library_log(storage: str, name: str) -> Path:
+    """``logs/NAME.log`` beside the store (``mlruns/`` for a database storage), where the parent's
+    and the workers' library log lines go; the parent's go there from now on."""
+    import logging
+
+    store = Path(storage).parent if "://" not in storage else DEFAULT_STORE
+    path = store / "logs" / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for logger in ("mlflow", "optuna", "alembic", "absl", "py.warnings"):
+        logging.getLogger(logger).handlers[:] = [handler]
+        logging.getLogger(logger).propagate = False
+    logging.captureWarnings(True)
+    return path
+
+
+def _keras_tuner(settings: Any) -> int:
+    """``--engine keras-tuner``: the sweep in this process with KerasTuner (see ``tuner``)."""
+    from cifar_exp import tuner
+
+    chosen = settings.sweep
+    print(f"sweep {chosen.name} with KerasTuner: {chosen.epochs} epochs per trial, seed {chosen.sampler.seed}; "
+          f"tracking {settings.tracking_uri}", flush=True)
+    outcome = tuner.run(settings, Progress(chosen.objective.metric, chosen.trials))
+    print(f"{outcome.tuner}: {outcome.counts['COMPLETED']} completed, "
+          f"{outcome.counts['FAILED'] + outcome.counts['INVALID']} failed")
+    for row in outcome.best:
+        params = " ".join(f"{k}={fmt(v)}" for k, v in row["params"].items())
+        print(f"  trial {row['trial']}: {chosen.objective.metric}={row['value']:.4f} {params}")
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {mask_credentials(settings.tracking_uri)} "
+          f"(experiment {outcome.experiment_id}; runs tagged engine=keras-tuner)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# rerun
+
+
+def rerun(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a report
+    _existing_store(args.tracking_uri)
+    from cifar_exp import reproduce, track  # no keras yet: the original decides the backend
+
+    run_id = args.target
+    if args.trial is not None:
+        run_id = reproduce.find_trial_run(args.storage, args.target, args.trial)
+    track.configure(args.tracking_uri)
+    original = reproduce.load_original(run_id)
+    # The original's backend unless the user chose one: another backend gives other numbers.
+    os.environ.setdefault("KERAS_BACKEND", original.run.tags.get("keras_backend", "tensorflow"))
+    set_environment(args.deterministic)
+    from cifar_exp import backend, data
+
+    source = args.data if args.data is not None else original.sweep.data.source
+    dataset = data.load(source)
+    reproduce.check_data(original, source, dataset.checksum)  # before anything is written
+    splits = data.split(dataset, original.sweep.data.validation_fraction, original.sweep.sampler.seed,
+                        original.sweep.data.train_images)
+    backend.use_deterministic_ops(args.deterministic)
+    identity = backend.identity()
+    epochs = original.sweep.epochs if original.state == "COMPLETE" else original.epochs_logged
+    print(f"rerun of trial {original.trial_number} of sweep {original.sweep.name} (run {original.run.run_id}, "
+          f"{original.state}): {epochs} of {original.sweep.epochs} epochs, seed {original.seed}, "
+          f"deterministic kernels {'on' if args.deterministic else 'off'}")
+    for line in reproduce.differences(original, identity, args.deterministic):
+        print(f"  differs from the original: {line}")
+    try:
+        outcome = reproduce.rerun(original, splits, identity=identity, deterministic=args.deterministic,
+                                  tags={"command": shlex.join(args.command_line)})
+    except KeyboardInterrupt:
+        print("interrupted: the rerun's run is marked KILLED", file=sys.stderr)
+        return 130
+    comparison = reproduce.compare(original, outcome, args.tolerance)
+    reproduce.finish(outcome, comparison)
+    print_comparison(comparison)
+    print(f"rerun logged as run {outcome.run_id} (tag rerun_of={original.run.run_id})")
+    if not comparison.matched:
+        print(f"error: the rerun does not reproduce run {original.run.run_id}: "
+              f"{comparison.failure or f'{comparison.mismatches} values differ by more than {args.tolerance}'}",
+              file=sys.stderr)
+        return 1
+    return 0

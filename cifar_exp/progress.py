@@ -1,0 +1,136 @@
+"""What the terminal shows: a sweep's progress as its events arrive, and the tables a command
+prints at its end. Formatting only; the counts come from ``events.Tally``."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any
+
+from cifar_exp import events
+from cifar_exp.config import mask_credentials
+
+
+class Progress:
+    """Prints what the workers report: a line per trial start and end; per epoch, on a terminal
+    one live status line (rewritten in place), elsewhere (a file, a pipe) one plain line. The
+    status carries the best value, the counts, the elapsed time and an estimate of what is left
+    (finished trials' mean seconds x trials left / workers). ``quiet``: nothing until the end."""
+
+    def __init__(self, metric: str, budget: int | None, workers: int = 1, quiet: bool = False) -> None:
+        self.metric, self.budget, self.workers = metric, budget, workers
+        self.live = sys.stdout.isatty()
+        self.quiet = quiet
+        self.started = time.monotonic()
+        self.trial_started: dict[int, float] = {}
+        self.durations: list[float] = []  # seconds of the trials finished in this run
+
+    def _of(self, tally: events.Tally) -> str:
+        return f"{tally.finished} of {self.budget}" if self.budget else f"{tally.finished}"
+
+    def _clock(self, tally: events.Tally) -> str:
+        text = f"{duration(time.monotonic() - self.started)} elapsed"
+        if self.budget and self.durations:
+            left = max(self.budget - tally.finished, 0) * statistics.mean(self.durations) / self.workers
+            text += f", about {duration(left)} left"
+        return text
+
+    def status(self, tally: events.Tally) -> str:
+        best = f"best {self.metric}={tally.best[0]:.4f} (trial {tally.best[1]})" if tally.best else "no best yet"
+        states = tally.states
+        return (f"{best} | {states.get('COMPLETE', 0)} complete, {states.get('PRUNED', 0)} pruned, "
+                f"{states.get('FAIL', 0)} failed | {self._clock(tally)}")
+
+    def __call__(self, event: events.Event, tally: events.Tally) -> None:
+        if isinstance(event, events.Started):
+            self.trial_started[event.trial] = time.monotonic()
+            params = " ".join(f"{k}={fmt(v)}" for k, v in event.params.items())
+            self._line(f"trial {event.trial} started (worker {event.worker}): {params}")
+        elif isinstance(event, events.Epoch):
+            seconds = event.logs.get("epoch_seconds")
+            text = (f"trial {event.trial} epoch {event.epoch}/{event.epochs} {self.metric}={event.value:.4f}"
+                    + (f" ({seconds:.1f} s)" if seconds is not None else ""))
+            if self.live and not self.quiet:
+                sys.stdout.write(f"\r  {text} | {self.status(tally)}\033[K")
+                sys.stdout.flush()
+            else:
+                self._line(f"  {text}")
+        elif isinstance(event, events.Ended):
+            if event.counts and event.trial in self.trial_started:
+                self.durations.append(time.monotonic() - self.trial_started.pop(event.trial))
+            detail = ""
+            if event.state == "COMPLETE":
+                detail = f" {self.metric}={event.value:.4f} test_accuracy={event.test_accuracy:.4f}"
+            elif event.reason:
+                detail = f": {event.reason}"
+            if event.degenerate:
+                detail += f" [degenerate: {event.degenerate}]"
+            self._line(f"trial {event.trial} {event.state}{detail} [{self._of(tally)}] {self.status(tally)}")
+        elif isinstance(event, events.Stale):
+            self._line(f"trial {event.trial} was left running by a worker that is gone: failed, retried once "
+                       f"({event.reason})")
+
+    def _line(self, text: str) -> None:
+        if not self.quiet:
+            print(("\r\033[K" if self.live else "") + text, flush=True)
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_summary(summary: Any, metric: str, ui_command: str) -> None:
+    """The sweep's final table: counts, then the best trials with their params."""
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in summary.counts.items() if n)
+    print(f"\nstudy '{summary.study_name}': {counts or 'no trials'}")
+    if summary.best:
+        print(f"{'rank':>4} {'trial':>5} {metric:>12} {'test_accuracy':>13}  params")
+        for rank, t in enumerate(summary.best, 1):
+            params = " ".join(f"{k}={fmt(v)}" for k, v in t.params.items())
+            test = t.user_attrs.get("test_accuracy")
+            print(f"{rank:>4} {t.number:>5} {t.value:>12.4f} {test if test is None else f'{test:.4f}':>13}  {params}")
+        print(f"best run: {summary.best[0].user_attrs.get('mlflow_run_id')} "
+              f"(experiment {summary.experiment_id}, parent run {summary.parent_run_id})")
+    print(f"open the MLflow UI: {mask_credentials(ui_command)}")
+
+
+def _diff(pair: tuple[float, float | None]) -> str:
+    from cifar_exp.reproduce import same
+
+    before, after = pair
+    if after is None:
+        return "missing"
+    return "=" if same(before, after) else f"{after - before:+.3g}"
+
+
+def print_comparison(comparison: Any) -> None:
+    """A rerun against its original, a line per epoch: '=' where the rerun's value is
+    bit-identical, else rerun - original."""
+    width = max([12, *(len(m) + 2 for m in comparison.metrics)])
+    print("epoch" + "".join(f"{m:>{width}}" for m in comparison.metrics))
+    for epoch, row in enumerate(comparison.epochs, 1):
+        print(f"{epoch:>5}" + "".join(f"{_diff(row[m]) if m in row else '':>{width}}" for m in comparison.metrics))
+    if comparison.test:
+        shown = [k for k in ("test_loss", "test_accuracy", "test_macro_f1", "param_count") if k in comparison.test]
+        print("test  " + "  ".join(f"{k} {_diff(comparison.test[k])}" for k in shown))
+        others = [k for k in comparison.test if k not in shown]
+        differing = [f"{k} {_diff(comparison.test[k])}" for k in others if _diff(comparison.test[k]) != "="]
+        if others:
+            print(f"      {len(others) - len(differing)} of {len(others)} per-class test metrics identical"
+                  + (f"; {', '.join(differing)}" if differing else ""))
+    total = len(comparison.values())
+    if comparison.matched and comparison.max_abs_diff == 0:
+        print(f"identical: all {total} values match the original bit for bit")
+    elif comparison.matched:
+        print(f"within tolerance: all {total} values within {comparison.tolerance} "
+              f"(largest difference {comparison.max_abs_diff:.3g})")
+    else:
+        print(f"differs: {comparison.mismatches} of {total} values differ by more than {comparison.tolerance} "
+              f"(largest difference {comparison.max_abs_diff:.3g})")

@@ -1,0 +1,169 @@
+"""The commands on what sweeps left behind: register, report, compare and ui (a finished
+study), predict and evaluate (a model). ``cli`` parses their arguments and is the error boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from cifar_exp.commands import _existing_store, _open_store
+from cifar_exp.config import DEFAULT_STORE, Sweep, UserError, mask_credentials
+from cifar_exp.progress import fmt
+from cifar_exp.sweepfile import load_sweep
+
+
+def register_best(chosen: Sweep, storage_url: str, data_source: str | None) -> None:
+    """Register the study's best model and promote it; prints what happened (the caller has
+    set up the environment and the tracking store)."""
+    from cifar_exp import data, registry, track
+    from cifar_exp.storage import load_existing
+
+    trials = load_existing(storage_url, chosen.name).get_trials(deepcopy=False)
+    best = registry.best_trial(trials, chosen.objective.direction == "maximize")
+    if data_source is None:  # the data the trial trained on, which --data may have overridden
+        data_source = track.get_run(best.user_attrs["mlflow_run_id"]).tags.get("data_source", chosen.data.source)
+    promotion = registry.promote(chosen, chosen.model_name, trials, data.load(data_source))
+    version = promotion.version
+    print(f"{'registered' if version.created else 'already registered:'} {version.name} version {version.version} "
+          f"(trial {promotion.trial.number}, run {version.run_id}); alias {registry.CHALLENGER} -> "
+          f"version {version.version}")
+    if promotion.promoted:
+        print(f"alias {registry.CHAMPION} -> version {version.version}: {promotion.reason}")
+    else:
+        print(f"not promoted to {registry.CHAMPION}: {promotion.reason}")
+    print(f"load it with mlflow.pyfunc.load_model('models:/{version.name}@{registry.CHAMPION}')")
+
+
+def register(args: argparse.Namespace) -> int:
+    chosen = load_sweep(args.name)
+    _open_store(args.tracking_uri, chosen.deterministic)
+    register_best(chosen, args.storage, args.data)
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    chosen = load_sweep(args.name)
+    _open_store(args.tracking_uri, chosen.deterministic)
+    from cifar_exp import storage, study, track
+
+    found = storage.load_existing(args.storage, chosen.name)
+    parent = found.user_attrs.get("mlflow_parent_run_id")
+    if not parent:
+        raise UserError(f"study '{chosen.name}' has no MLflow parent run yet: run the sweep first")
+    try:  # the epoch budget the study ran with (a --epochs override is on the parent run)
+        chosen = dataclasses.replace(chosen, epochs=int(track.get_run(parent).tags.get("epochs", chosen.epochs)))
+    except LookupError:
+        raise UserError(f"the parent run {parent} of study '{chosen.name}' is not in {args.tracking_uri}: "
+                        f"pass the --tracking-uri the sweep used") from None
+    skipped = study.publish(found, parent, chosen)
+    print(f"study '{chosen.name}': {len(found.trials)} trials; report rebuilt in parent run {parent}: "
+          f"report.html, trials.csv, trials.html, cost.json and the plots")
+    for name, why in skipped.items():
+        print(f"  {name} not drawn: {why}")
+    return 0
+
+
+def ui(args: argparse.Namespace) -> int:
+    _existing_store(args.tracking_uri)
+    from cifar_exp import track
+
+    track.configure(args.tracking_uri)
+    address = f"http://{args.host}:{args.port}"
+    experiment = None
+    if args.name:
+        name = load_sweep(args.name).name
+        if track.find_experiment(name) is None:
+            raise UserError(f"no experiment '{args.name}' in {args.tracking_uri}: run the sweep first")
+        experiment = track.experiment_id(name)  # tags a store's older experiment as one of runs
+    print(f"MLflow UI on {mask_credentials(args.tracking_uri)}: {address}", flush=True)
+    if experiment is not None:
+        # The runs table in MLflow's model-training view (its default view is GenAI's)
+        print(f"experiment {args.name}: {address}/#/experiments/{experiment}/runs?workflowType=machine_learning",
+              flush=True)
+    # The server replaces this process: Ctrl-C and signals reach it directly, no orphan is left.
+    # MLflow accepts state changes from every localhost origin: any other program's page on this
+    # machine could change the store. Our app (track.ui.create_ui_app) lets only the UI's own pages.
+    origins = {address, f"http://localhost:{args.port}", f"http://127.0.0.1:{args.port}"}
+    os.environ[track.ui.UI_ORIGINS_ENV] = ",".join(sorted(origins))
+    # One worker process: MLflow's default 4 each import its server app at start. On a 2-core
+    # machine /health answered after 16.0 s with 4, 10.6 s with 1, and not within 120 s with 4
+    # while sweeps trained beside it. One user's UI needs no more.
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri,
+                              "--host", args.host, "--port", str(args.port), "--app-name", "cifar-exp-ui",
+                              "--workers", "1"])
+    return 0  # not reached
+
+
+def compare(args: argparse.Namespace) -> int:
+    chosen = load_sweep(args.name)
+    _existing_store(args.tracking_uri)
+    from cifar_exp import plots, storage, track
+
+    track.configure(args.tracking_uri)
+    best = storage.best_trials(storage.load_existing(args.storage, chosen.name), args.top)
+    if not best:
+        raise UserError(f"study '{chosen.name}' has no complete trial yet")
+    metric = chosen.objective.metric
+    names = sorted({key for t in best for key in t.params})
+    header = ["rank", "trial", metric, "test_accuracy", "epochs", "seconds", *names]
+    rows, curves = [], {}
+    for rank, t in enumerate(best, 1):
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else float("nan")
+        test = t.user_attrs.get("test_accuracy", float("nan"))
+        rows.append([str(rank), str(t.number), f"{t.value:.4f}", f"{test:.4f}", str(t.user_attrs.get("epochs_run", "")),
+                     f"{seconds:.1f}", *(fmt(t.params[n]) if n in t.params else "-" for n in names)])
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id:
+            curves[f"trial {t.number}"] = track.metric_history(run_id, metric)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for line in (header, *rows):
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+    out = args.out or str(DEFAULT_STORE / f"{chosen.name}-top-{args.top}.png")  # nothing lands in a checkout
+    plots.curves_png(curves, metric, out, f"{chosen.name}: {metric} of the {len(best)} best trials")
+    print(f"wrote {out}")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    _open_store(args.tracking_uri, deterministic=False)
+    from cifar_exp import registry
+
+    model, names = registry.load(args.model)
+    images = registry.read_images(args.images, tuple(model.input_shape[1:3]))
+    ranked = registry.top_k(registry.probabilities(model, images), names, args.top_k)
+    if args.json:
+        print(json.dumps([{"image": image, "predictions": [{"class": c, "probability": p} for c, p in top]}
+                          for image, top in zip(args.images, ranked, strict=True)], indent=2))
+        return 0
+    width = max(len("image"), *(len(i) for i in args.images))
+    print(f"{'image':<{width}}  {'rank':>4}  {'class':<12} probability")
+    for image, top in zip(args.images, ranked, strict=True):
+        for rank, (name, prob) in enumerate(top, 1):
+            print(f"{image if rank == 1 else '':<{width}}  {rank:>4}  {name:<12} {prob:.4f}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    _open_store(args.tracking_uri, deterministic=False)
+    from cifar_exp import data, registry, track
+
+    try:
+        source_run = track.models.model_run_id(args.model)
+    except Exception as exc:
+        raise UserError(f"cannot find {args.model}: {str(exc).splitlines()[0]}") from None
+    run = track.get_run(source_run) if source_run else None
+    source = args.data or (run.tags.get("data_source") if run else None) or "keras"
+    test = data.load(source)
+    experiment = run.experiment_id if run else track.experiment_id("evaluations")
+    run_id, metrics = registry.evaluate(args.model, test, experiment, {
+        "source_run_id": source_run or "", "data_source": source, "data_checksum": test.checksum})
+    print(f"{args.model} on {len(test.y_test)} test images of {source}: test_accuracy {metrics['test_accuracy']:.4f}"
+          f", test_loss {metrics['test_loss']:.4f}, test_macro_f1 {metrics['test_macro_f1']:.4f}")
+    print(f"evaluation run {run_id} (experiment {experiment}): confusion_matrix.png, classification_report.json, "
+          f"prediction_grid.png")
+    return 0

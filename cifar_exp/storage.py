@@ -1,0 +1,396 @@
+"""An Optuna study in its storage: open it, the budget and its lock, stale trials, heartbeats,
+claiming the next trial, failing a trial, and the study's identity. The one module that uses
+Optuna's storage API (and the few private names it needs); worker and supervisor go through it.
+
+Budget. ``trials`` counts the study's finished trials (complete, pruned, failed), across every
+run of the command and every host: ``--trials 5`` after three finished trials runs two more.
+Trials ended by an interruption do not count, nor does a failed trial that was retried, so a
+resumed sweep still delivers the budget. The budget lives in the storage, not in a process: a
+worker claims a trial (counts finished + running trials, then asks) under a lock that every
+process sharing the storage takes (a lock file beside a journal or SQLite file, an advisory lock
+on PostgreSQL), so several hosts never run more than the budget between them.
+
+Stale trials. A trial whose worker is gone (SIGKILL, power cut) stays RUNNING in storage. Each
+trial carries its worker's host, pid and process start time; on PostgreSQL (and any RDB) it also
+records a heartbeat every ``HEARTBEAT_SECONDS``. Before claiming, every process fails the RUNNING
+trials whose worker is gone (same host: the process no longer exists; any host: no heartbeat for
+``GRACE_SECONDS``), closes their MLflow runs as KILLED and enqueues each once more with the same
+parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+import threading
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+import psutil
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from cifar_exp import space, track
+from cifar_exp import trial as one_trial
+from cifar_exp.config import ConfigError, PrunerConfig, SamplerConfig, Sweep, UserError, mask_credentials
+
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# RDB storages: a running trial's heartbeat period, and the silence after which it is stale. A
+# worker busy in one long epoch still beats (a thread), so the grace only has to cover a stalled
+# database connection.
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a sweep needs, resolved: the sweep (with overrides applied) and where things go."""
+
+    sweep: Sweep
+    storage: str
+    tracking_uri: str
+    workers: int = 1
+    gpus: tuple[str, ...] = ()  # worker i sees GPU gpus[i % len(gpus)] only; () leaves the environment alone
+    tags: dict[str, str] = field(default_factory=dict)  # provenance for the parent run
+    data_checksum: str = ""  # of the data the sweep trains on: part of the study's identity
+    log_file: str = ""  # where workers write their output (library log lines); "" leaves it on the terminal
+
+
+
+def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS,
+                 grace: int = GRACE_SECONDS) -> optuna.storages.BaseStorage:
+    """Optuna storage for ``url``: a database URL (``postgresql://``, ``sqlite:///``), with
+    heartbeats on, or the path of a journal file, which several local processes can share safely
+    (file lock). A new journal file is readable by its owner only."""
+    if "://" in url:
+        import sqlalchemy
+
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace)
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot open the Optuna storage {mask_credentials(url)} ({mask_credentials(reason)}): "
+                            f"check the URL, and that the database is running and lets this user in") from None
+    path = Path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+@contextmanager
+def budget_lock(url: str, storage: optuna.storages.BaseStorage, name: str) -> Iterator[None]:
+    """Held by whoever claims a trial of study ``name`` in ``url``, in every process and host that
+    shares the storage: ``<file>.budget.lock`` beside a journal or SQLite file (not the journal's own
+    ``.lock``), an advisory lock on PostgreSQL.
+    Other databases get no lock (several hosts may then overshoot the budget by a trial or two)."""
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha256(f"cifar_exp:{name}".encode()).digest()[:8], "little", signed=True)
+        backend: Any = getattr(storage, "_backend", storage)  # a Study wraps its RDBStorage in a cache
+        with backend.engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        return
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    if "://" in path:
+        yield
+        return
+    import fcntl
+
+    fd = os.open(f"{path}.budget.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _alive(pid: Any, started: Any) -> bool:
+    """Whether the process ``pid``, started at ``started`` (psutil's create_time), still runs; the
+    start time tells a reused pid from the original process."""
+    try:
+        return bool(abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.01)
+    except (psutil.Error, TypeError, ValueError):
+        return False
+
+
+def recover_stale(study: optuna.Study) -> list[FrozenTrial]:
+    """Fail the study's RUNNING trials whose worker is gone, close their MLflow runs as KILLED, and
+    enqueue each once more (a trial that is itself a retry is not retried again). Returns them.
+
+    Gone: on this host, a worker process that no longer exists; on an RDB storage, also a trial
+    of any host without a heartbeat for the storage's grace period. Safe to run in many processes
+    at once: only the one whose state change wins closes and retries a trial."""
+    host = socket.gethostname()
+    gone = [(t, f"stale: its worker (pid {t.user_attrs.get('worker_pid')}) is gone")
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker_host") == host
+            and not _alive(t.user_attrs.get("worker_pid"), t.user_attrs.get("worker_started"))]
+    rdb = _beating(study._storage)
+    if rdb is not None:
+        grace = rdb.grace_period or 2 * (rdb.heartbeat_interval or 0)
+        gone += [(study._storage.get_trial(trial_id), f"stale: no heartbeat for {grace} s (its worker is gone)")
+                 for trial_id in rdb._get_stale_trial_ids(study._study_id)]
+    stale = [trial for trial, reason in gone if fail_trial(study, trial, reason, "KILLED")]
+    for trial in stale:
+        if "retry_of" not in trial.user_attrs:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    return stale
+
+
+def _beating(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
+    """The RDB storage behind ``storage`` if it has heartbeats on (a Study wraps it in a cache)."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) and backend.heartbeat_interval else None
+
+
+@contextmanager
+def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial | FrozenTrial) -> Iterator[None]:
+    """While the block runs, record ``trial``'s heartbeat every interval (RDB storages with
+    heartbeats on; a no-op otherwise), from a thread, so a long epoch does not look like death."""
+    trial_id = trial._trial_id
+    rdb = _beating(storage)
+    if rdb is None:
+        yield
+        return
+    interval = rdb.heartbeat_interval
+    done = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                rdb.record_heartbeat(trial_id)
+            except Exception as exc:  # the database blinked: the next beat retries, well within grace
+                print(f"cifar_exp: heartbeat of trial {trial_id} failed: {exc}", file=sys.stderr)
+            if done.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def load_existing(url: str, name: str) -> optuna.Study:
+    """The existing study ``name`` in ``url``; ``UserError`` if the storage or the study is missing."""
+    if "://" not in url and not Path(url).is_file():
+        raise UserError(f"no Optuna storage at {url}: run the sweep first, or pass --storage")
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = ", ".join(optuna.get_all_study_names(storage))
+        raise UserError(f"no study '{name}' in {url} (studies: {names or 'none'})") from None
+
+
+def make_sampler(cfg: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
+    if cfg.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
+    # Steps are epochs completed (1-based), so min_epochs=1 allows pruning after the first epoch.
+    if cfg.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_epochs, max_resource=max(epochs, 1),
+                                              reduction_factor=cfg.reduction_factor)
+    if cfg.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=cfg.min_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that count against the budget: finished, not ended by an interruption, and not
+    failed trials that were retried (their retry counts instead)."""
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    return [t for t in trials if t.state in COUNTED_STATES and not t.user_attrs.get("interrupted")
+            and t.number not in retried]
+
+
+def budget_state(sweep: Sweep, trials: Sequence[FrozenTrial]) -> Literal["open", "wait", "done"]:
+    """``open``: a trial may be claimed; ``wait``: the budget is all claimed but some trial is still
+    running (it may fail and be retried); ``done``: the budget is finished."""
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    if sweep.trials is None or len(counted(trials)) + running < sweep.trials:
+        return "open"
+    return "wait" if running else "done"
+
+
+def best_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(done, key=lambda t: t.value, reverse=maximize)[:k]  # type: ignore[arg-type, return-value]
+
+
+
+def load(settings: Settings, storage: optuna.storages.BaseStorage, seed: int) -> optuna.Study:
+    """The sweep's study in ``storage`` with its sampler (seeded with ``seed``) and pruner."""
+    sweep = settings.sweep
+    return optuna.load_study(study_name=sweep.name, storage=storage,
+                             sampler=make_sampler(sweep.sampler, seed),
+                             pruner=make_pruner(sweep.pruner, sweep.epochs))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A trial a worker now owns: its study (sampler seeded for it), the trial and its parameters."""
+
+    study: optuna.Study
+    trial: optuna.Trial
+    params: dict[str, Any]
+
+
+def claim(settings: Settings, storage: optuna.storages.BaseStorage) -> Claim | Literal["wait", "done"]:
+    """Recover stale trials, then, if the budget allows, start the study's next trial and sample
+    its parameters; else ``"wait"`` or ``"done"`` (see ``budget_state``).
+
+    The sampler is seeded per trial from (sweep seed, number of trials so far), so a sequential
+    sweep samples the same parameters in the same order on every run from scratch, across
+    resumes and replaced workers. The worker's host, pid and start time are stamped on the trial
+    at once, synchronously in storage: if the process dies, the parent (or a later run) finds its
+    trial by them (queued events of a dying process can be lost).
+    """
+    sweep = settings.sweep
+    study_id = storage.get_study_id_from_name(sweep.name)
+    recover_stale(load(settings, storage, sweep.sampler.seed))
+    with budget_lock(settings.storage, storage, sweep.name):
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        state = budget_state(sweep, trials)
+        if state != "open":
+            return state
+        study = load(settings, storage, one_trial.trial_seed(sweep.sampler.seed, len(trials)))
+        with warnings.catch_warnings():  # we beat ourselves (``heartbeat``), outside Study.optimize
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+            trial = study.ask()
+        me = psutil.Process()
+        # the host last: ``recover_stale`` looks at a trial only once its host is set
+        for key, value in {"worker_pid": me.pid, "worker_started": me.create_time(),
+                           "worker_host": socket.gethostname()}.items():
+            trial.set_user_attr(key, value)
+        rdb = _beating(storage)
+        if rdb is not None:
+            rdb.record_heartbeat(trial._trial_id)
+    return Claim(study, trial, space.suggest(trial, sweep))
+
+
+def fail_trial(study: optuna.Study, trial: optuna.Trial | FrozenTrial, reason: str, run_status: str = "FAILED",
+               interrupted: bool = False) -> bool:
+    """Fail ``trial`` in both systems: in the study with its ``fail_reason`` (and ``interrupted``,
+    which keeps it out of the budget), and its MLflow run ended with ``run_status`` (FAILED, or
+    KILLED for an interruption or a dead worker; see ``close_run``). False, and nothing done,
+    if another process already ended the trial (a worker that found it stale closes it itself).
+    Every failure path (a raising trial, an interruption, a dead or stale worker) comes here."""
+    storage = study._storage
+    trial_id = trial._trial_id
+    try:
+        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        if interrupted:
+            storage.set_trial_user_attr(trial_id, "interrupted", True)
+        if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    try:
+        close_run(study, storage.get_trial(trial_id), run_status, reason)
+    except Exception as exc:  # tracking down: the Optuna record above already holds the reason
+        print(f"cifar_exp: could not close the MLflow run of trial {trial.number}: {exc}", file=sys.stderr)
+    return True
+
+
+def close_run(study: optuna.Study, trial: FrozenTrial, status: str, reason: str) -> None:
+    """End the MLflow run of a failed ``trial`` with ``status`` and ``reason``. A trial whose worker
+    died before it created the run gets one now (its params, tagged ``state=FAIL`` and
+    ``trial_number`` under the parent run), so every trial of the study has exactly one run;
+    without the study's experiment (nothing tracked yet) there is nowhere to put it. (Optuna
+    takes no attribute on a finished trial, so such a trial's ``mlflow_run_id`` stays unset.)"""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        attrs = study.user_attrs
+        if "mlflow_experiment_id" not in attrs or "mlflow_parent_run_id" not in attrs:
+            return
+        run_id = track.start_trial_run(attrs["mlflow_experiment_id"], attrs["mlflow_parent_run_id"], trial.number,
+                                       params=dict(trial.params), tags={"sweep": study.study_name,
+                                                                        "engine": "optuna"})
+    one_trial.end_failed(run_id, reason, status)
+
+
+def running(study: optuna.Study, pids: set[int]) -> list[FrozenTrial]:
+    """The study's RUNNING trials whose worker is one of ``pids`` (on any host)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker_pid") in pids]
+
+
+def create_study(settings: Settings) -> optuna.Study:
+    """Create the study, or load it when it exists (the same command resumes a sweep), and check
+    that a resumed study is the same study (``check_identity``)."""
+    sweep = settings.sweep
+    storage = open_storage(settings.storage)
+    direction = sweep.objective.direction
+    try:
+        study = optuna.create_study(study_name=sweep.name, storage=storage, direction=direction,
+                                    sampler=make_sampler(sweep.sampler, sweep.sampler.seed),
+                                    pruner=make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
+    except ValueError as exc:  # e.g. an existing study with the other direction
+        raise ConfigError(f"study '{sweep.name}' in {mask_credentials(settings.storage)}: {exc}") from None
+    if study.direction.name.lower() != direction:
+        raise ConfigError(f"study '{sweep.name}' already exists with direction "
+                          f"{study.direction.name.lower()}; use another sweep name or storage")
+    check_identity(study, sweep.identity(settings.data_checksum), settings.storage)
+    return study
+
+
+# What a resume would change, and how to keep the study's value.
+_KEEP = {"data_checksum": "pass the --data it started with",
+         "train_images": "pass --train-images {old}",
+         "epochs": "pass --epochs {old}",
+         "validation_fraction": "restore data.validation_fraction: {old} in the sweep file",
+         "sweep_seed": "pass --seed {old}",
+         "searched_sha256": "restore the sweep file's space, fixed and objective"}
+
+
+def check_identity(study: optuna.Study, identity: Mapping[str, Any], storage: str) -> None:
+    """Record what makes the study's trials comparable (``Sweep.identity``) when it starts; on a
+    resume, ``ConfigError`` naming the first setting that differs and how to resume or start anew.
+    A study from before this record gets it now; an empty checksum is not checked."""
+    recorded = study.user_attrs
+    for key, value in identity.items():  # every check before anything is recorded
+        if key not in recorded:
+            continue
+        old = recorded[key]
+        if old != value and not (key == "data_checksum" and not value):
+            show = (lambda v: str(v)[:12]) if key.endswith(("checksum", "sha256")) else str
+            raise ConfigError(
+                f"study '{study.study_name}' in {mask_credentials(storage)} was started with {key} {show(old)}, "
+                f"not {show(value)}: its trials would not be comparable. To resume it, "
+                f"{'drop --train-images' if key == 'train_images' and old is None else _KEEP[key].format(old=old)}"
+                f"; to start a new study, copy the sweep file under another name "
+                f"or pass another --storage")
+    for key, value in identity.items():
+        if key not in recorded and (key != "data_checksum" or value):
+            study.set_user_attr(key, value)
+
+
+def load_existing_attr(settings: Settings, key: str) -> Any:
+    """The study's user attribute ``key`` as storage holds it now (not as a cached Study saw it)."""
+    storage = open_storage(settings.storage)
+    return storage.get_study_user_attrs(storage.get_study_id_from_name(settings.sweep.name)).get(key)
+
+

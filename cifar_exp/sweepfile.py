@@ -1,0 +1,397 @@
+"""Reading a sweep file: ``load_sweep`` returns a valid ``Sweep`` (see ``config``) or raises
+``ConfigError`` whose one-line message names the file, the key and the fix. Unknown keys are
+errors, with the closest known key as a hint."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from cifar_exp.config import (
+    _TRAIN_TYPES,
+    HYPERMODEL_FIELDS,
+    SWEEP_DIRS,
+    TRAIN_FIELDS,
+    ConfigError,
+    DataConfig,
+    Dimension,
+    Objective,
+    PrunerConfig,
+    SamplerConfig,
+    Sweep,
+)
+from cifar_exp.safeyaml import MAX_SWEEP_BYTES, load_yaml, short
+
+# Top-level keys of a sweep file, with the type each must have.
+_TOP_LEVEL: dict[str, Any] = {
+    "description": str,
+    "objective": Objective,
+    "space": dict,
+    "fixed": dict,
+    "sampler": SamplerConfig,
+    "pruner": PrunerConfig,
+    "data": DataConfig,
+    "epochs": int,
+    "trials": int | None,
+    "timeout": float | None,
+    "max_consecutive_failures": int,
+    "deterministic": bool,
+    "registered_model": str,
+    "hypermodel": str,
+}
+_HYPERMODEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+_TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
+                     "max_consecutive_failures": (1, 1_000_000)}
+_DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def _unknown(key: str, known: Any, where: str) -> ConfigError:
+    key = short(key)[1:-1] if len(key) > 60 else key
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"{where}: unknown key '{key}' ({hint})")
+
+
+def coerce(value: Any, typ: Any, where: str) -> Any:
+    """Return ``value`` checked against the type ``typ`` (int, float, bool, str, Literal, X | None).
+
+    Strings such as ``1e-4`` (which YAML 1.1 reads as text) are accepted where a float is due.
+    """
+    origin = get_origin(typ)
+    if origin is Literal:
+        allowed = get_args(typ)
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise ConfigError(f"{where}: {short(value)} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is Union or (origin is not None and type(None) in get_args(typ)):
+        if value is None and type(None) in get_args(typ):
+            return None
+        (inner,) = [a for a in get_args(typ) if a is not type(None)]
+        return coerce(value, inner, where)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {short(value)}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {short(value)}")
+        return value
+    if typ is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {short(value)}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected text, got {short(value)}")
+        return value
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of key: value, got {short(value)}")
+        return value
+    raise TypeError(f"unsupported type {typ!r}")  # a bug in this module, not user input
+
+
+def _check_range(value: float, bounds: tuple[Any, ...], where: str) -> None:
+    low, high = bounds[0], bounds[1]
+    open_high = bounds[2] if len(bounds) > 2 else False
+    if value < low or (high is not None and (value >= high if open_high else value > high)):
+        span = f"[{low}, {high})" if open_high else f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{where}: {short(value)} is out of range {span}")
+
+
+def _section(cls: Any, raw: Any, where: str) -> Any:
+    """Build the dataclass ``cls`` from the mapping ``raw``, rejecting unknown keys."""
+    raw = coerce(raw, dict, where)
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise _unknown(str(key), known, where)
+        values[key] = coerce(value, hints[key], f"{where}.{key}")
+        if "range" in known[key].metadata and values[key] is not None:
+            _check_range(values[key], known[key].metadata["range"], f"{where}.{key}")
+    return cls(**values)
+
+
+def check_train_value(name: str, value: Any, where: str) -> Any:
+    """``value`` validated for the ``TrainConfig`` field ``name``."""
+    value = coerce(value, _TRAIN_TYPES[name], where)
+    if "range" in TRAIN_FIELDS[name].metadata:
+        _check_range(value, TRAIN_FIELDS[name].metadata["range"], where)
+    return value
+
+
+def train_values_from_strings(params: Mapping[str, str], where: str) -> dict[str, Any]:
+    """The ``TrainConfig`` fields among ``params`` (as MLflow stores them: ``str(value)``), typed
+    and validated; other keys are ignored."""
+    values: dict[str, Any] = {}
+    for name, text in params.items():
+        if name not in TRAIN_FIELDS:
+            continue
+        typ = _TRAIN_TYPES[name]
+        value: Any = text
+        if type(None) in get_args(typ):  # an optional setting: str(None) is "None"
+            if text == "None":
+                values[name] = None
+                continue
+            (typ,) = [a for a in get_args(typ) if a is not type(None)]
+        try:
+            if typ is bool:
+                value = {"True": True, "False": False}.get(text, text)
+            elif typ is int:
+                value = int(text)
+            elif typ is float:
+                value = float(text)
+        except ValueError:
+            pass  # left as text: check_train_value names the problem
+        values[name] = check_train_value(name, value, f"{where}: param {name}")
+    return values
+
+
+def _dimension(name: str, raw: Any, where: str) -> Dimension:
+    raw = coerce(raw, dict, where)
+    for key in raw:
+        if key not in _DIMENSION_KEYS:
+            raise _unknown(str(key), _DIMENSION_KEYS, where)
+    kind = coerce(raw.get("type"), Literal["float", "int", "categorical"], f"{where}.type")
+    field_type = _TRAIN_TYPES[name]
+    if type(None) in get_args(field_type):  # an optional int or float is searched as one
+        (field_type,) = [a for a in get_args(field_type) if a is not type(None)]
+    if kind == "categorical":
+        extra = sorted(set(raw) - {"type", "choices", "when"})
+        if extra:
+            raise ConfigError(f"{where}: '{extra[0]}' does not apply to a categorical dimension")
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}.choices: give a non-empty list of values")
+        checked = tuple(check_train_value(name, c, f"{where}.choices") for c in choices)
+        if len(set(checked)) != len(checked):
+            raise ConfigError(f"{where}.choices: values must be distinct")
+        return Dimension(name, "categorical", choices=checked)
+    if field_type is not (int if kind == "int" else float):
+        expected = "categorical" if get_origin(field_type) is Literal or field_type is bool else (
+            "int" if field_type is int else "float")
+        raise ConfigError(f"{where}.type: '{name}' takes type {expected}, not {kind}")
+    if "choices" in raw:
+        raise ConfigError(f"{where}: 'choices' applies only to type categorical")
+    for key in ("low", "high"):
+        if key not in raw:
+            raise ConfigError(f"{where}: '{key}' is required for type {kind}")
+    low = check_train_value(name, raw["low"], f"{where}.low")
+    high = check_train_value(name, raw["high"], f"{where}.high")
+    if not high > low:
+        raise ConfigError(f"{where}: high ({high}) must be greater than low ({low})")
+    log = coerce(raw.get("log", False), bool, f"{where}.log")
+    step = raw.get("step")
+    if step is not None:
+        step = coerce(step, int if kind == "int" else float, f"{where}.step")
+        if step <= 0:
+            raise ConfigError(f"{where}.step: must be greater than 0, got {short(step)}")
+        if step > high - low:
+            raise ConfigError(f"{where}.step: {short(step)} is wider than the range {low}..{high}, so every trial "
+                              f"would get {low}: give a step of at most {high - low}")
+        if log:
+            raise ConfigError(f"{where}: log and step cannot be combined (drop one)")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: log scale needs low > 0, got low ({low})")
+    return Dimension(name, kind, low=low, high=high, log=log, step=step)
+
+
+def _space_and_fixed(raw_space: Mapping[str, Any], raw_fixed: Mapping[str, Any], hypermodel: str,
+                     where: str) -> tuple[dict[str, Dimension], dict[str, Any]]:
+    """The ``space`` dimensions (without their conditions yet) and the ``fixed`` values, checked
+    against ``TrainConfig`` and against what a ``hypermodel`` leaves to the sweep."""
+    space = {}
+    for dim_name, spec in raw_space.items():
+        if dim_name not in TRAIN_FIELDS:
+            raise _unknown(str(dim_name), TRAIN_FIELDS, f"{where}: space")
+        space[dim_name] = _dimension(dim_name, spec, f"{where}: space.{dim_name}")
+    fixed = {}
+    for key, value in raw_fixed.items():
+        if key not in TRAIN_FIELDS:
+            raise _unknown(str(key), TRAIN_FIELDS, f"{where}: fixed")
+        if key in space:
+            raise ConfigError(f"{where}: fixed.{key}: '{key}' is also in space (keep one)")
+        fixed[key] = check_train_value(key, value, f"{where}: fixed.{key}")
+    if hypermodel:
+        if not _HYPERMODEL_RE.match(hypermodel):
+            raise ConfigError(f"{where}: hypermodel: {short(hypermodel)} is not module:attribute "
+                              f"(e.g. my_models:build_model)")
+        for key in [*space, *fixed]:
+            if key not in HYPERMODEL_FIELDS:
+                raise ConfigError(f"{where}: {key} does not apply with a hypermodel, which builds and compiles "
+                                  f"its own model (these do: {', '.join(HYPERMODEL_FIELDS)})")
+    elif not space:
+        raise ConfigError(f"{where}: space: declare at least one dimension to search")
+    return space, fixed
+
+
+def parse_sweep(name: str, text: str, path: Path) -> Sweep:
+    """Parse and validate the YAML ``text`` of the sweep ``name``; errors are prefixed by ``path``."""
+    where = str(path)
+    raw = load_yaml(text, where)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings at the top level")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _TOP_LEVEL:
+            raise _unknown(str(key), _TOP_LEVEL, where)
+        typ = _TOP_LEVEL[key]
+        if dataclasses.is_dataclass(typ):
+            values[key] = _section(typ, value, f"{where}: {key}")
+        else:
+            values[key] = coerce(value, typ, f"{where}: {key}")
+            if key in _TOP_LEVEL_RANGES and values[key] is not None:
+                _check_range(values[key], _TOP_LEVEL_RANGES[key], f"{where}: {key}")
+    raw_space = values.pop("space", {})
+    space, fixed = _space_and_fixed(raw_space, values.pop("fixed", {}), values.get("hypermodel", ""), where)
+    for dim_name, dim in space.items():
+        when = _conditions(dim_name, raw_space[dim_name].get("when"), space, fixed,
+                           f"{where}: space.{dim_name}.when")
+        space[dim_name] = dataclasses.replace(dim, when=when)
+    space = _sampling_order(space, where)
+    declared = set(space) | set(fixed)
+    if {"frozen_layers", "frozen_fraction"} <= declared:
+        raise ConfigError(f"{where}: frozen_layers and frozen_fraction both set: keep one (a layer count, "
+                          f"or a fraction of the backbone)")
+    weights = space["weights"].choices if "weights" in space else (fixed["weights"],) if "weights" in fixed else ()
+    for value in weights:
+        check_weights(value, f"{where}: weights")
+    objective = values.get("objective", Objective())
+    if objective.metric == "val_loss" and objective.direction == "maximize" or (
+            objective.metric == "val_accuracy" and objective.direction == "minimize"):
+        raise ConfigError(f"{where}: objective: {objective.direction} {objective.metric} "
+                          f"optimises the wrong way (swap the direction)")
+    if "registered_model" in values and not _NAME_RE.match(values["registered_model"]):
+        raise ConfigError(f"{where}: registered_model: {short(values['registered_model'])} is not a valid name "
+                          f"(letters, digits, '_', '-' and '.', starting with a letter or digit)")
+    if values.get("trials", 20) is None and values.get("timeout") is None:
+        raise ConfigError(f"{where}: give a budget: trials, timeout, or both")
+    return Sweep(name=name, path=path, content_hash=hashlib.sha256(text.encode()).hexdigest(), text=text,
+                 space=space, fixed=fixed, **values)
+
+
+def _conditions(name: str, raw: Any, space: Mapping[str, Dimension], fixed: Mapping[str, Any],
+                where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """``when: {parent: value | [values]}`` checked against the parents' declared values."""
+    if raw is None:
+        return ()
+    raw = coerce(raw, dict, where)
+    if not raw:
+        raise ConfigError(f"{where}: name at least one dimension and its values, e.g. {{lr_schedule: step}}")
+    conditions = []
+    for parent, wanted in raw.items():
+        parent = str(parent)
+        if parent == name:
+            raise ConfigError(f"{where}: '{name}' cannot depend on itself")
+        if parent not in space and parent not in fixed:
+            known = sorted(space) + sorted(fixed)
+            raise ConfigError(f"{where}: condition on '{parent}', which is neither in space nor in fixed "
+                              f"(declare it, or condition on one of: {', '.join(known)})")
+        wanted = tuple(wanted) if isinstance(wanted, list) else (wanted,)
+        if not wanted:
+            raise ConfigError(f"{where}.{parent}: give a value or a non-empty list of values")
+        if parent in space:
+            dim = space[parent]
+            if dim.type != "categorical":
+                raise ConfigError(f"{where}: condition on '{parent}', a {dim.type} dimension: conditions "
+                                  f"need a categorical one")
+            for value in wanted:
+                checked = check_train_value(parent, value, f"{where}.{parent}")
+                if checked not in dim.choices:
+                    raise ConfigError(f"{where}.{parent}: '{name}' depends on {parent}={value}, which is not "
+                                      f"among {parent}'s choices ({', '.join(map(str, dim.choices))})")
+        else:
+            wanted = tuple(check_train_value(parent, v, f"{where}.{parent}") for v in wanted)
+            if fixed[parent] not in wanted:
+                raise ConfigError(f"{where}.{parent}: '{name}' would never be searched: fixed {parent} is "
+                                  f"{fixed[parent]} (drop the dimension, or the condition)")
+        conditions.append((parent, tuple(check_train_value(parent, v, f"{where}.{parent}") for v in wanted)))
+    return tuple(conditions)
+
+
+def _sampling_order(space: Mapping[str, Dimension], where: str) -> dict[str, Dimension]:
+    """``space`` reordered so that every dimension comes after the dimensions it depends on
+    (declaration order otherwise); a cycle of conditions is an error naming it."""
+    ordered: dict[str, Dimension] = {}
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        if name in visiting:
+            cycle = " -> ".join([*visiting[visiting.index(name):], name])
+            raise ConfigError(f"{where}: space: conditions form a cycle ({cycle}); remove one of them")
+        visiting.append(name)
+        for parent, _ in space[name].when:
+            if parent in space:
+                visit(parent)
+        visiting.pop()
+        ordered[name] = space[name]
+
+    for name in space:
+        visit(name)
+    return ordered
+
+
+def check_weights(value: str, where: str) -> str:
+    """``value`` if it is "imagenet", "none" or an existing weights file."""
+    if value not in ("imagenet", "none") and not Path(value).is_file():
+        raise ConfigError(f"{where}: {short(value)} is neither imagenet, none, nor an existing weights file "
+                          f"(give the path of a .weights.h5 file saved from the backbone)")
+    return value
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a plain sweep name (letters, digits, ``_.-``); no paths, no NUL bytes."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(f"invalid sweep name {name!r}: use letters, digits, '_', '-' and '.' only")
+    return name
+
+
+def available_sweeps() -> dict[str, Path]:
+    """Sweep name -> file, for every ``*.yaml`` in the sweep directories (earlier ones win)."""
+    found: dict[str, Path] = {}
+    for directory in SWEEP_DIRS:
+        for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
+            found.setdefault(path.stem, path)
+    return found
+
+
+def load_sweep(name_or_path: str) -> Sweep:
+    """Load a sweep by name (``lr_dropout``) or by file path (``my/sweep.yaml``)."""
+    if name_or_path.endswith((".yaml", ".yml")):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"sweep file {path} does not exist")
+        name = check_name(path.stem)
+    else:
+        name = check_name(name_or_path)
+        sweeps = available_sweeps()
+        if name not in sweeps:
+            close = difflib.get_close_matches(name, list(sweeps), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown sweep '{name}': {hint}available: {', '.join(sorted(sweeps))}"
+                              f" (or pass a path to a .yaml file)")
+        path = sweeps[name]
+    try:
+        size = path.stat().st_size
+        if size > MAX_SWEEP_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a sweep file is a few KB (limit {MAX_SWEEP_BYTES})")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the sweep file ({exc})") from None
+    return parse_sweep(name, text, path)

@@ -1,0 +1,141 @@
+"""Models in MLflow: logging a trained Keras model with its signature and class names, loading
+one safely, and the Model Registry (versions and aliases)."""
+
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cifar_exp.track import _strings, retrying
+
+
+def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequence[str]) -> str:
+    """Log the Keras model (``.keras`` format) to ``run_id`` with a signature, an input example and
+    its class names (model metadata ``class_names``); returns its model URI.
+
+    The signature takes float32 images of pixel values 0..255: a REST request's integer or float
+    pixels are parsed to it; pyfunc callers pass float32 (pyfunc enforces the dtype exactly).
+    Decision: pip requirements are given, not inferred; inference reloads the model in a
+    subprocess, which would cost seconds per trial.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    backend_pkg = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend, backend)
+    from importlib.metadata import version
+
+    requirements = [f"keras=={keras.__version__}", f"{backend_pkg}=={version(backend_pkg)}"]
+    example = np.asarray(example, dtype="float32")
+    signature = mlflow.models.infer_signature(example, np.asarray(model(example)))
+    with mlflow.start_run(run_id=run_id):
+        info = retrying(mlflow.models.Model.log, artifact_path=None, name="model", flavor=_KERAS_FLAVOR, model=model,
+                        signature=signature, input_example=example, pip_requirements=requirements,
+                        metadata={"class_names": list(class_names)}, validate_serving_input=False)
+    return str(info.model_uri)
+
+
+def _save_keras_model(path: str, validate_serving_input: bool = True, **kwargs: Any) -> None:
+    # mlflow.keras.save_model (MLflow 3.17) writes the input example before it creates the model
+    # folder (FileNotFoundError: .../model/input_example.json); creating the folder first is
+    # the whole fix. validate_serving_input is Model.log's switch, not save_model's: serving is
+    # tested end to end instead of reloading every trial's model at log time.
+    os.makedirs(path, exist_ok=True)
+    mlflow.keras.save_model(path=path, **kwargs)
+
+
+# mlflow.keras with the save fix above; Model.log records it under mlflow.keras' name.
+_KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
+
+
+
+
+class UnsafeModel(Exception):
+    """A logged model that loading would run foreign code or unpickle."""
+
+
+def check_safe(model_uri: str) -> dict[str, Any]:
+    """The MLmodel flavors of ``model_uri`` if loading it runs only MLflow's and Keras' own code
+    on data files; raises ``UnsafeModel`` naming the reason otherwise (custom pyfunc code,
+    pickled python models, TensorFlow SavedModel exports, flavors other than keras)."""
+    flavors = retrying(mlflow.models.get_model_info, model_uri).flavors
+    pyfunc = flavors.get("python_function", {})
+    loader = str(pyfunc.get("loader_module", ""))
+    if pyfunc.get("code") or "python_model" in pyfunc or "cloudpickle_version" in pyfunc:
+        raise UnsafeModel("it carries Python code or a pickled python_model")
+    if loader and not loader.startswith("mlflow."):
+        raise UnsafeModel(f"its MLmodel loads through code outside mlflow ({loader})")
+    if set(flavors) - {"keras", "python_function"}:
+        raise UnsafeModel(f"flavors {sorted(set(flavors) - {'keras', 'python_function'})} (only keras is loaded)")
+    if "keras" not in flavors:
+        raise UnsafeModel("no keras flavor")
+    if flavors["keras"].get("save_exported_model") or flavors["keras"].get("save_format", "keras") != "keras":
+        raise UnsafeModel("it is not in the .keras format (safe_mode applies to .keras files only)")
+    return flavors
+
+
+def load_model(model_uri: str) -> tuple[Any, list[str] | None]:
+    """``(keras model, class names or None)`` for ``model_uri``, after ``check_safe``, loaded with
+    Keras ``safe_mode`` on (no Lambda-layer bytecode is deserialized)."""
+    check_safe(model_uri)
+    try:
+        model = retrying(mlflow.keras.load_model, model_uri, load_model_kwargs={"safe_mode": True})
+    except (TypeError, ValueError) as exc:  # Keras' safe_mode refusal, which it words as a generic failure
+        text = str(exc)
+        if "safe_mode" in text or "lambda" in text.lower() or "could not be deserialized" in text:
+            raise UnsafeModel("Keras' safe_mode refused it: it holds a Lambda layer (Python bytecode) or a class "
+                              "that is not Keras' own, which loading would run; only stock layers are loaded") from None
+        raise
+    metadata = retrying(mlflow.models.get_model_info, model_uri).metadata or {}
+    names = metadata.get("class_names")
+    return model, list(names) if names else None
+
+
+def model_run_id(model_uri: str) -> str | None:
+    """The run that logged ``model_uri`` (a ``models:/`` name, version or alias, or a logged model)."""
+    return retrying(mlflow.models.get_model_info, model_uri).run_id
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    version: str
+    run_id: str
+    created: bool  # False: the run was already registered under ``name``
+
+
+def register(name: str, model_uri: str, run_id: str, description: str, tags: Mapping[str, Any]) -> Version:
+    """Register ``model_uri`` (logged by ``run_id``) as a version of ``name``. The same run
+    registered twice gives back its existing version."""
+    client = MlflowClient()
+    existing = retrying(client.search_model_versions, f"name='{name}' and run_id='{run_id}'")
+    if existing:
+        return Version(name, str(existing[0].version), run_id, created=False)
+    try:
+        retrying(client.create_registered_model, name)
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower():
+            raise
+    version = retrying(mlflow.register_model, model_uri, name, tags=_strings(tags))
+    retrying(client.update_model_version, name, version.version, description=description)
+    return Version(name, str(version.version), run_id, created=True)
+
+
+def alias_version(name: str, alias: str) -> Version | None:
+    """The version of ``name`` that ``alias`` points at, or None."""
+    try:
+        version = retrying(MlflowClient().get_model_version_by_alias, name, alias)
+    except MlflowException:
+        return None
+    return Version(name, str(version.version), str(version.run_id), created=False)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    retrying(MlflowClient().set_registered_model_alias, name, alias, version)

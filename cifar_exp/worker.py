@@ -1,0 +1,236 @@
+"""A sweep's worker process: load the data once, then claim a trial from the study's budget, run
+it, clear the Keras session and claim the next, until the budget, the deadline or a stop.
+
+One trial here is the tracked lifecycle of ``trial`` with Optuna's part around it: report each
+epoch, prune, tell. Every outcome reaches the sweep command as an ``events`` event. A trial that
+raised ends the process (exit ``EXIT_TRIAL_FAILED``), and the supervisor starts a fresh one: no
+leaked memory or poisoned GPU state carries over.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import optuna
+from optuna.trial import TrialState
+
+from cifar_exp import events, storage, track
+from cifar_exp import trial as one_trial
+from cifar_exp.config import TrainConfig, UserError
+from cifar_exp.storage import Claim, Settings
+
+EXIT_TRIAL_FAILED = 3  # a worker exits with this after a failed trial, to be replaced
+EXIT_ORPHANED = 4  # a worker whose sweep command died, after its grace
+ORPHAN_GRACE_SECONDS = 10.0  # a worker whose sweep command died gets this long to record its trial
+WAIT_SECONDS = 2.0  # a worker with the budget all claimed polls this often for retries
+
+
+class Interrupted(BaseException):
+    """Raised in a worker on SIGTERM (a BaseException, so ``except Exception`` lets it through)."""
+
+
+def main(settings: Settings, experiment: str, parent_run_id: str, stop: Any,
+         queue: Any, worker_id: int, deadline: float | None, parent: int | None = None) -> None:
+    """A worker process (the target the supervisor spawns): run trials while the budget and the
+    deadline allow, until ``stop`` is set or the process ``parent`` (the sweep command) is gone."""
+    if settings.log_file:  # before TensorFlow and MLflow print anything: they print to fds 1 and 2
+        fd = os.open(settings.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    worker = Worker(settings, experiment, parent_run_id, queue, worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    signal.signal(signal.SIGTERM, worker.on_sigterm)
+    if parent is not None:
+        threading.Thread(target=_die_with_parent, args=(parent, queue), name="parent-watch", daemon=True).start()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent reports trials
+    if settings.gpus:  # before Keras (and its backend) first touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[worker_id % len(settings.gpus)]
+    if worker.prepare():
+        worker.run(stop, deadline)
+
+
+def _die_with_parent(parent: int, queue: Any, poll: float = 0.5) -> None:
+    """From a daemon thread: once the sweep command (``parent``) is gone (SIGKILL, OOM kill; the
+    worker is re-parented), stop as on SIGTERM (the trial ends as interrupted), and exit
+    regardless after ``ORPHAN_GRACE_SECONDS``. A trial left RUNNING is failed and retried by the
+    next start, as for any dead worker. Decision: workers never train on unsupervised; a killed
+    command whose workers went on stacked workers on top of orphans at each restart."""
+    while os.getppid() == parent:
+        time.sleep(poll)
+    queue.cancel_join_thread()  # exiting must not wait to flush events nobody will read
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(ORPHAN_GRACE_SECONDS)
+    os._exit(EXIT_ORPHANED)
+
+
+class Worker:
+    """One worker's context (the sweep, its data, the queue to the sweep command) and its state:
+    ``stop`` once SIGTERM came, ``training`` while Keras computes (where SIGTERM may raise)."""
+
+    def __init__(self, settings: Settings, experiment: str, parent_run_id: str, queue: Any, worker_id: int) -> None:
+        self.settings, self.sweep = settings, settings.sweep
+        self.experiment, self.parent_run_id = experiment, parent_run_id
+        self.queue, self.worker_id = queue, worker_id
+        self.training = False
+        self.stop = False
+        self.splits: Any = None
+        self.tunable: Any = None  # the sweep's KerasTuner hypermodel, if it has one
+        self.identity: dict[str, str] = {}
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        # Raise only while Keras is computing: raising inside a storage write could leave the
+        # journal's file lock held. Elsewhere the flag is checked at the next safe point.
+        self.stop = True
+        if self.training:
+            raise Interrupted()
+
+    def prepare(self) -> bool:
+        """Load the data and check the sweep's models once; False (and a ``Fatal`` event) if the
+        sweep cannot run at all: ImageNet weights missing offline, or a broken hypermodel."""
+        import keras  # imported here: the sweep command never needs Keras
+
+        from cifar_exp import backend, data, hypermodel, models
+
+        sweep = self.sweep
+        backend.use_deterministic_ops(sweep.deterministic)
+        self.identity = {**backend.identity(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+        track.configure(self.settings.tracking_uri)
+        self.splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed,
+                                 sweep.data.train_images)
+        try:
+            for name in sweep.imagenet_backbones():
+                models.backbone(TrainConfig(model="transfer", backbone=name, weights="imagenet"))
+            self.tunable = hypermodel.load(sweep.hypermodel) if sweep.hypermodel else None
+        except UserError as exc:
+            self.queue.put(events.Fatal(self.worker_id, str(exc)))
+            return False
+        keras.backend.clear_session()
+        self.queue.put(events.Ready(self.worker_id))
+        return True
+
+    def run(self, stop: Any, deadline: float | None) -> None:
+        """Claim and run trials until the budget is done, ``deadline`` (``time.time``) passes, or a stop."""
+        import keras
+
+        opened = storage.open_storage(self.settings.storage)
+        while not self.stop and not stop.is_set() and (deadline is None or time.time() < deadline):
+            started = time.perf_counter()  # the trial's start, for its first_step_seconds
+            claimed = storage.claim(self.settings, opened)
+            if claimed == "done":
+                break
+            if claimed == "wait":  # another worker's trial may still fail and be retried here
+                stop.wait(WAIT_SECONDS)
+                continue
+            with storage.heartbeat(opened, claimed.trial):
+                ok = self.run_trial(claimed, started)
+            keras.backend.clear_session()  # memory must not grow from trial to trial
+            gc.collect()
+            if not ok:
+                sys.exit(EXIT_TRIAL_FAILED)
+
+    def run_trial(self, claimed: Claim, started: float) -> bool:
+        """Run the ``claimed`` trial end to end; False if it failed (the worker is then replaced).
+        ``started`` is when the worker began the trial (``time.perf_counter``, before claiming it)."""
+        from cifar_exp import hypermodel
+
+        sweep, (study, trial, params) = self.sweep, (claimed.study, claimed.trial, claimed.params)
+        seed = one_trial.trial_seed(sweep.sampler.seed, trial.number)
+        logged = {k: v for k, v in sweep.logged_params(params).items()
+                  # a hypermodel that overrides fit chooses its own batch size
+                  if not (self.tunable is not None and k == "batch_size" and hypermodel.overrides_fit(self.tunable))}
+        tracked = one_trial.start(self.experiment, self.parent_run_id, trial.number, sweep, logged, seed, sweep.epochs,
+                                  one_trial.run_tags(sweep, "optuna", self.identity,
+                                                     {**self.settings.tags, "worker": self.worker_id}))
+        trial.set_user_attr("mlflow_run_id", tracked.run_id)
+        trial.set_user_attr("seed", seed)
+        self.queue.put(events.Started(self.worker_id, trial.number, tracked.run_id, params))
+        try:
+            self._train_and_tell(claimed, tracked, seed, started)
+            return True
+        except optuna.TrialPruned as exc:
+            verdict = one_trial.judge(tracked.history, None, self.splits)
+            for key, v in {"epochs_run": tracked.epochs_run, **verdict}.items():
+                trial.set_user_attr(key, v)
+            study.tell(trial, state=TrialState.PRUNED)
+            one_trial.end_pruned(tracked, verdict)
+            self.queue.put(events.Ended(trial.number, "PRUNED", tracked.run_id, reason=str(exc),
+                                        degenerate=verdict.get("degenerate", "")))
+            return True
+        except Interrupted:
+            self._interrupted(claimed, tracked.run_id)
+        except Exception as exc:
+            if self.stop:
+                # Raised from the signal handler inside Keras, Interrupted can come out as another
+                # exception (one raised by a `finally` of the fit loop on its way out): still a stop.
+                self._interrupted(claimed, tracked.run_id)
+            reason = one_trial.failure_reason(exc)
+            storage.fail_trial(study, trial, reason)
+            self.queue.put(events.Ended(trial.number, "FAIL", tracked.run_id, reason=reason))
+            return False
+
+    def _train_and_tell(self, claimed: Claim, tracked: one_trial.Tracked, seed: int, started: float) -> None:
+        """Train (reporting each epoch to Optuna, which may prune), evaluate, publish, tell."""
+        from cifar_exp import hypermodel, train
+
+        sweep, study, trial = self.sweep, claimed.study, claimed.trial
+        one_trial.log_sweep(tracked, sweep)  # a full disk here fails the trial, not the worker
+        hp, custom = None, None
+        if self.tunable is not None:
+            hp = hypermodel.OptunaHyperParameters(trial)
+            self.tunable.build(hp)  # declares, so samples, every active hyperparameter
+            one_trial.log_hyperparameters(tracked.run_id, hp.values, sweep)
+            custom = hypermodel.custom_model(self.tunable, hp)
+        self.training = True
+        try:
+            result = train.train(sweep.train_config(claimed.params), self.splits, epochs=sweep.epochs, seed=seed,
+                                 on_epoch=[self._epoch_hook(trial, tracked)], custom=custom,
+                                 on_first_step=tracked.on_first_step, started=started)
+        finally:
+            self.training = False
+        if hp is not None:  # hyperparameters first declared in the hypermodel's fit
+            one_trial.log_hyperparameters(tracked.run_id, hp.values, sweep)
+        value = result.history[sweep.objective.metric][-1]
+        evaluated = one_trial.evaluate(tracked, result, self.splits, title=f"{sweep.name} trial {trial.number}")
+        for key, v in {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
+                       "epochs_run": tracked.epochs_run, "model_uri": evaluated.model_uri, **evaluated.verdict}.items():
+            trial.set_user_attr(key, v)
+        study.tell(trial, value)
+        one_trial.end_complete(tracked, evaluated)
+        self.queue.put(events.Ended(trial.number, "COMPLETE", tracked.run_id, value=value,
+                                    test_accuracy=result.test_accuracy,
+                                    degenerate=evaluated.verdict.get("degenerate", "")))
+
+    def _epoch_hook(self, trial: optuna.Trial, tracked: one_trial.Tracked) -> Any:
+        """The per-epoch hook: log, report, tell the sweep command, then stop or prune if due."""
+        metric, epochs = self.sweep.objective.metric, self.sweep.epochs
+
+        def on_epoch(epoch: int, logs: Mapping[str, float]) -> None:
+            self.training = False
+            if metric not in logs:
+                raise ValueError(f"training logs no {metric} (only {', '.join(sorted(logs))}): compile the model "
+                                 f"with metrics=['accuracy']")
+            tracked.log_epoch(epoch, logs)
+            trial.report(logs[metric], epoch + 1)
+            self.queue.put(events.Epoch(trial.number, epoch + 1, epochs, logs[metric], dict(logs)))
+            if self.stop:
+                raise Interrupted()
+            if epoch + 1 < epochs and trial.should_prune():  # a finished trial is not pruned
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {metric}={logs[metric]:.4f}")
+            self.training = True
+
+        return on_epoch
+
+    def _interrupted(self, claimed: Claim, run_id: str) -> NoReturn:
+        storage.fail_trial(claimed.study, claimed.trial, "interrupted (Ctrl-C or SIGTERM)", "KILLED", interrupted=True)
+        self.queue.put(events.Ended(claimed.trial.number, "FAIL", run_id, reason=events.INTERRUPTED))
+        raise SystemExit(0) from None
