@@ -13,10 +13,12 @@ from cifar_exp.config import mask_credentials
 
 
 class Progress:
-    """Prints what the workers report: a line per trial start and end; per epoch, on a terminal
-    one live status line (rewritten in place), elsewhere (a file, a pipe) one plain line. The
-    status carries the best value, the counts, the elapsed time and an estimate of what is left
-    (finished trials' mean seconds x trials left / workers). ``quiet``: nothing until the end."""
+    """Prints what the workers report: a line per trial start and end; on a terminal, below them,
+    a live block redrawn in place (a line per running trial: its last epoch, metric and seconds;
+    then the status line); elsewhere (a file, a pipe) one plain line per epoch, no control
+    characters. The status carries the best value, the counts, the elapsed time and an estimate
+    of what is left (finished trials' mean seconds x trials left / workers). ``quiet``: nothing
+    until the end."""
 
     def __init__(self, metric: str, budget: int | None, workers: int = 1, quiet: bool = False) -> None:
         self.metric, self.budget, self.workers = metric, budget, workers
@@ -25,6 +27,9 @@ class Progress:
         self.started = time.monotonic()
         self.trial_started: dict[int, float] = {}
         self.durations: list[float] = []  # seconds of the trials finished in this run
+        self.running: dict[int, str] = {}  # trial -> its line in the live block
+        self.drawn = 0  # lines of the live block on the terminal now
+        self.tally: events.Tally | None = None
 
     def _of(self, tally: events.Tally) -> str:
         return f"{tally.finished} of {self.budget}" if self.budget else f"{tally.finished}"
@@ -43,20 +48,23 @@ class Progress:
                 f"{states.get('FAIL', 0)} failed | {self._clock(tally)}")
 
     def __call__(self, event: events.Event, tally: events.Tally) -> None:
+        self.tally = tally
         if isinstance(event, events.Started):
             self.trial_started[event.trial] = time.monotonic()
+            self.running[event.trial] = f"trial {event.trial} starting (worker {event.worker})"
             params = " ".join(f"{k}={fmt(v)}" for k, v in event.params.items())
             self._line(f"trial {event.trial} started (worker {event.worker}): {params}")
         elif isinstance(event, events.Epoch):
             seconds = event.logs.get("epoch_seconds")
             text = (f"trial {event.trial} epoch {event.epoch}/{event.epochs} {self.metric}={event.value:.4f}"
                     + (f" ({seconds:.1f} s)" if seconds is not None else ""))
-            if self.live and not self.quiet:
-                sys.stdout.write(f"\r  {text} | {self.status(tally)}\033[K")
-                sys.stdout.flush()
+            self.running[event.trial] = text
+            if self.live:
+                self._redraw()
             else:
                 self._line(f"  {text}")
         elif isinstance(event, events.Ended):
+            self.running.pop(event.trial, None)
             if event.counts and event.trial in self.trial_started:
                 self.durations.append(time.monotonic() - self.trial_started.pop(event.trial))
             detail = ""
@@ -72,8 +80,28 @@ class Progress:
                        f"({event.reason})")
 
     def _line(self, text: str) -> None:
-        if not self.quiet:
-            print(("\r\033[K" if self.live else "") + text, flush=True)
+        """A line that stays: on a terminal above the live block, which is redrawn below it."""
+        if self.quiet:
+            return
+        if self.live:
+            self._erase()
+        print(text, flush=True)
+        if self.live:
+            self._redraw()
+
+    def _erase(self) -> None:
+        if self.drawn:  # to the start of the block's first line, then clear to the end of the screen
+            sys.stdout.write(f"\033[{self.drawn}F\033[J")
+            self.drawn = 0
+
+    def _redraw(self) -> None:
+        if self.quiet or self.tally is None:
+            return
+        self._erase()
+        block = [f"  {text}" for _, text in sorted(self.running.items())] + [f"  {self.status(self.tally)}"]
+        sys.stdout.write("".join(f"{line}\n" for line in block))
+        sys.stdout.flush()
+        self.drawn = len(block)
 
 
 def duration(seconds: float) -> str:

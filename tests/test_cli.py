@@ -197,6 +197,26 @@ def test_without_a_terminal_each_epoch_is_one_plain_line_and_the_status_has_time
     assert lines[2].endswith("| 1 complete, 0 pruned, 0 failed | 1m10s elapsed, about 1m30s left")
 
 
+def test_on_a_terminal_a_live_block_has_a_line_per_running_trial_and_the_status(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_exp.events import Ended, Epoch, Started, Tally
+    from cifar_exp.progress import Progress
+
+    progress = Progress("val_accuracy", 4, workers=2)
+    progress.live = True  # as on a terminal
+    _feed(progress, Tally(maximize=True), Started(0, 0, "a", {}), Started(1, 1, "b", {}),
+          Epoch(0, 1, 3, 0.25, {"epoch_seconds": 5.0}), Epoch(1, 2, 3, 0.3, {"epoch_seconds": 4.0}))
+    frames = capsys.readouterr().out.split("\033[J")  # each redraw clears the block it replaces
+    assert frames[-1].splitlines() == ["  trial 0 epoch 1/3 val_accuracy=0.2500 (5.0 s)",
+                                       "  trial 1 epoch 2/3 val_accuracy=0.3000 (4.0 s)",
+                                       frames[-1].splitlines()[-1]]
+    assert frames[-1].splitlines()[-1].startswith("  no best yet | 0 complete, 0 pruned, 0 failed | ")
+    _feed(progress, progress.tally, Ended(0, "COMPLETE", value=0.3, test_accuracy=0.29))
+    last = capsys.readouterr().out.split("\033[J")[-1].splitlines()
+    assert last[0].startswith("trial 0 COMPLETE val_accuracy=0.3000")  # stays, above the block
+    assert last[1] == "  trial 1 epoch 2/3 val_accuracy=0.3000 (4.0 s)" and len(last) == 3
+
+
 def test_a_resumed_sweep_reports_the_trials_it_already_has(capsys: pytest.CaptureFixture[str]) -> None:
     from cifar_exp.events import Ended, Tally
     from cifar_exp.progress import Progress
