@@ -99,9 +99,12 @@ def prediction_grid_png(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarr
 
 def curves_png(curves: Mapping[str, Sequence[float]], metric: str, path: str | Path, title: str) -> None:
     """One line per named curve of ``metric`` per epoch, overlaid."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, values in curves.items():
         ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax.set(xlabel="epoch", ylabel=metric, title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")

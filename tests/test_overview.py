@@ -3,6 +3,7 @@ table, pruned trials marked, and plots that cannot be drawn yet said so."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import datetime as dt
 import json
@@ -62,6 +63,10 @@ def test_report_has_every_plot_both_tables_and_marks_pruned_trials(tmp_path: Pat
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name
     page = (tmp_path / "report.html").read_text()
     assert page.count("<h2>") == len(overview.PLOTS) and page.count("plotly.js v") == 1  # embedded once
+    # each plot also as its PNG, which shows where scripts do not run (MLflow's artifact viewer)
+    for name in overview.PLOTS:
+        png = base64.b64encode((tmp_path / f"{name}.png").read_bytes()).decode()
+        assert f"<img alt='{name}' src='data:image/png;base64,{png}'>" in page, name
     assert "Trial3 (pruned)" in page and "10 trials: 9 complete, 1 pruned, 0 failed" in page
     assert "from 9 complete trials" in page  # importances and contour say what they rest on
     assert "1 degenerate trial(s)" in page and "trial 2: val_accuracy at chance" in page
