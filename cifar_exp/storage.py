@@ -87,16 +87,18 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS,
 
 
 @contextmanager
-def budget_lock(url: str, storage: optuna.storages.BaseStorage, name: str) -> Iterator[None]:
-    """Held by whoever claims a trial of study ``name`` in ``url``, in every process and host that
-    shares the storage: ``<file>.budget.lock`` beside a journal or SQLite file (not the journal's own
-    ``.lock``), an advisory lock on PostgreSQL.
+def budget_lock(url: str, storage: optuna.storages.BaseStorage | optuna.Study, name: str) -> Iterator[None]:
+    """Held by whoever claims a trial of study ``name`` in ``url`` (or starts its parent run), in
+    every process and host that shares the storage (``storage``, or a study's own):
+    ``<file>.budget.lock`` beside a journal or SQLite file (not the journal's own ``.lock``), an
+    advisory lock on PostgreSQL.
     Other databases get no lock (several hosts may then overshoot the budget by a trial or two)."""
     if url.startswith("postgresql"):
         import sqlalchemy
 
         key = int.from_bytes(hashlib.sha256(f"cifar_exp:{name}".encode()).digest()[:8], "little", signed=True)
-        backend: Any = getattr(storage, "_backend", storage)  # a Study wraps its RDBStorage in a cache
+        store = getattr(storage, "_storage", storage)  # a Study's
+        backend: Any = getattr(store, "_backend", store)  # a Study wraps its RDBStorage in a cache
         with backend.engine.connect() as connection:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
             try:

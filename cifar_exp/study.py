@@ -92,7 +92,7 @@ def run_sweep(settings: Settings, on_event: OnEvent = lambda event, tally: None)
 def start_parent_run(settings: Settings, study: optuna.Study, experiment: str) -> str:
     """The study's MLflow parent run: started once, resumed by every later run of the sweep."""
     sweep = settings.sweep
-    with storage.budget_lock(settings.storage, study._storage, sweep.name):  # one parent run, however many hosts
+    with storage.budget_lock(settings.storage, study, sweep.name):  # one parent run, however many hosts
         parent = track.start_parent(
             experiment, storage.load_existing_attr(settings, "mlflow_parent_run_id"), f"{sweep.name}-study",
             {**settings.tags, "sweep": sweep.name, "sweep_file": str(sweep.path),

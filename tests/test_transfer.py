@@ -19,8 +19,6 @@ from cifar_exp import data, models, train
 from cifar_exp.config import TrainConfig
 from tests.conftest import ROOT, synthetic_images
 
-pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
-
 HEAD = dict(model="transfer", weights="none", dense_units=0, head="global_avg", head_dropout=0.0, flip=False,
             translate=0.0)
 
@@ -63,6 +61,7 @@ def test_frozen_fraction_counts_layers_of_the_backbone() -> None:
     assert models.find_backbone(whole).trainable_weights == []  # type: ignore[union-attr]
 
 
+@pytest.mark.keras  # training: again under every backend; the rest is Keras' own bookkeeping
 def test_training_moves_only_unfrozen_weights_and_phase_two_unfreezes_exactly_top_k(splits: data.Splits) -> None:
     cfg = TrainConfig(**HEAD, backbone="vgg16", frozen_layers=15, fine_tune_epochs=1, fine_tune_layers=6,
                       fine_tune_learning_rate=1e-4, learning_rate=1e-3, batch_size=16)
