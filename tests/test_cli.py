@@ -129,7 +129,6 @@ def test_the_sweep_command_never_imports_keras(isolated: Path, cifar_slice: Path
     assert "heavy: []" in result.stdout and "1 complete" in result.stdout, result.stdout
 
 
-@pytest.mark.keras
 def test_jax_keeps_compiled_programs_in_the_project_cache(isolated: Path) -> None:
     # A worker's environment, then one epoch under JAX in a fresh process: the compiled train step
     # lands in $CIFAR_EXP_CACHE/jax, where the next process (any worker, any run) finds it.

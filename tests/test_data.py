@@ -141,7 +141,6 @@ def test_wrong_image_size_names_the_file(tmp_path: Path, arrays: dict[str, np.nd
         data.load(str(tree))
 
 
-@pytest.mark.keras
 def test_offline_keras_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # No cached copy, and every HTTPS request goes to a closed port on this machine.
     with socket.socket() as s:
@@ -156,7 +155,6 @@ def test_offline_keras_download_is_a_clear_error(tmp_path: Path, monkeypatch: py
     assert "tar.gz" in str(info.value) and ".zip" in str(info.value)
 
 
-@pytest.mark.keras
 def test_the_keras_source_leaves_keras_out_of_a_process_without_it(tmp_path: Path) -> None:
     # The sweep command checks the data without importing Keras: a spawned child fetches it.
     with socket.socket() as s:
@@ -171,7 +169,6 @@ def test_the_keras_source_leaves_keras_out_of_a_process_without_it(tmp_path: Pat
     assert result.stdout.strip().endswith("keras imported: False")
 
 
-@pytest.mark.keras
 def test_keras_source_decodes_what_keras_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Keras checks its cached archive against the official sha256, so fixture files stand in for
     # the download itself: get_file returns the folder holding cifar-10-batches-py/, and Keras'

@@ -19,8 +19,6 @@ from cifar_exp.config import TrainConfig
 from tests.conftest import ROOT, synthetic_images
 from tests.test_sweep import clean_env, runs, study
 
-pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
-
 
 def sampled_trial(spec: str, seed: int = 0) -> tuple[optuna.trial.FrozenTrial, dict]:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -64,6 +62,7 @@ def test_bad_hypermodels_are_one_line_errors(spec: str, message: str) -> None:
         hypermodel.load(spec)
 
 
+@pytest.mark.keras  # training: again under every backend
 def test_a_hypermodel_trains_as_compiled_with_its_own_fit() -> None:
     x, y = synthetic_images(64)
     xt, yt = synthetic_images(20, seed=1)
@@ -83,6 +82,7 @@ def test_a_hypermodel_trains_as_compiled_with_its_own_fit() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.keras
 def test_a_documentation_hypermodel_runs_as_a_sweep_and_reruns_bit_for_bit(isolated: Path, cifar_slice: Path) -> None:
     shutil.copy(ROOT / "tests" / "sweeps" / "kt_docs.yaml", isolated / "kt_docs.yaml")
     env = clean_env(PYTHONPATH=str(ROOT))  # the hypermodel's module is importable, as a user's would be

@@ -76,7 +76,6 @@ def test_a_pickled_python_model_is_refused(isolated: Path) -> None:
         registry.load(info.model_uri)
 
 
-@pytest.mark.keras
 def test_a_keras_model_with_python_code_is_refused_and_says_why(isolated: Path) -> None:
     import keras
 
