@@ -110,3 +110,59 @@ def identity() -> dict[str, str]:
         "python_version": platform.python_version(),
         "device": device(),
     }
+
+
+# XLA's compile events (JAX's monitoring events): one per program compiled or read from JAX's
+# persistent compilation cache, with the seconds of tracing, lowering and compiling.
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_compiles = {"programs": 0, "seconds": 0.0, "cache_hits": 0}
+_listening: list[bool] = []
+
+
+def _on_duration(event: str, duration_secs: float, **kwargs: object) -> None:
+    if event == _COMPILE_EVENT:
+        _compiles["programs"] += 1
+    if event == _COMPILE_EVENT or event in _TRACE_EVENTS:
+        _compiles["seconds"] += duration_secs
+
+
+def _on_event(event: str, **kwargs: object) -> None:
+    if event == _CACHE_HIT_EVENT:
+        _compiles["cache_hits"] += 1
+
+
+class CompileMeter:
+    """XLA compilations since the meter was made (under JAX; None elsewhere: TensorFlow reports
+    none): ``compilations`` compiled here, ``cache_hits`` read from JAX's persistent compilation
+    cache instead, and ``seconds`` spent tracing, lowering and compiling (or reading)."""
+
+    def __init__(self) -> None:
+        import keras
+
+        self.active = keras.backend.backend() == "jax"
+        if self.active and not _listening:
+            import jax.monitoring
+
+            jax.monitoring.register_event_duration_secs_listener(_on_duration)
+            jax.monitoring.register_event_listener(_on_event)
+            _listening.append(True)
+        self._start = dict(_compiles)
+
+    def _since(self, key: str) -> float | None:
+        return _compiles[key] - self._start[key] if self.active else None
+
+    @property
+    def cache_hits(self) -> int | None:
+        hits = self._since("cache_hits")
+        return None if hits is None else int(hits)
+
+    @property
+    def compilations(self) -> int | None:
+        programs, hits = self._since("programs"), self.cache_hits
+        return None if programs is None or hits is None else int(programs) - hits
+
+    @property
+    def seconds(self) -> float | None:
+        return self._since("seconds")

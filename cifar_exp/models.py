@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from cifar_exp.config import TrainConfig, UserError
+from cifar_exp.layers import Cutout, RandomTranslate, RuntimeDropout
 
 INPUT_SHAPE = (32, 32, 3)
 
@@ -64,77 +65,6 @@ def image_size(cfg: TrainConfig) -> int:
     return cfg.image_size or minimum
 
 
-class RandomTranslate(keras.layers.Layer):
-    """Shift each image by up to ``fraction`` of its side (zero fill): pad, then crop by one-hot
-    matrix products.
-
-    Decision: Keras' RandomTranslation made a ResNet-9 epoch 35x slower on an H100 (JAX); a
-    per-image crop written as two batched matmuls against one-hot row/column selectors is
-    dense, compiles to plain GEMMs on every backend, and costs little next to a conv layer.
-    """
-
-    def __init__(self, fraction: float, seed: int | None = None, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.fraction = fraction
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, images, training=False):  # type: ignore[no-untyped-def]
-        if not training or self.fraction <= 0:
-            return images
-        ops = keras.ops
-        height, width = images.shape[1], images.shape[2]
-        pad_h, pad_w = round(self.fraction * height), round(self.fraction * width)
-        batch = ops.shape(images)[0]
-        dy = keras.random.randint((batch,), 0, 2 * pad_h + 1, seed=self.seed_generator)
-        dx = keras.random.randint((batch,), 0, 2 * pad_w + 1, seed=self.seed_generator)
-        padded = ops.pad(images, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]])
-        rows = ops.one_hot(ops.arange(height)[None, :] + dy[:, None], height + 2 * pad_h,
-                           dtype=images.dtype)
-        cols = ops.one_hot(ops.arange(width)[None, :] + dx[:, None], width + 2 * pad_w,
-                           dtype=images.dtype)
-        shifted = ops.einsum("bik,bkwc->biwc", rows, padded)
-        return ops.einsum("bjk,bikc->bijc", cols, shifted)
-
-    def compute_output_shape(self, input_shape):  # type: ignore[no-untyped-def]
-        return input_shape
-
-    def get_config(self) -> dict[str, object]:
-        return {**super().get_config(), "fraction": self.fraction, "seed": self.seed}
-
-
-class Cutout(keras.layers.Layer):
-    """Zero a ``size`` x ``size`` square at a random centre of each image (DeVries and Taylor,
-    2017); the square may overlap the border. A mask built from index comparisons: no gathers,
-    the same dense ops on every backend."""
-
-    def __init__(self, size: int, seed: int | None = None, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.size = size
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, images, training=False):  # type: ignore[no-untyped-def]
-        if not training or self.size <= 0:
-            return images
-        ops = keras.ops
-        height, width = images.shape[1], images.shape[2]
-        batch = ops.shape(images)[0]
-        top = keras.random.randint((batch, 1), 0, height, seed=self.seed_generator) - self.size // 2
-        left = keras.random.randint((batch, 1), 0, width, seed=self.seed_generator) - self.size // 2
-        rows, cols = ops.arange(height)[None, :], ops.arange(width)[None, :]
-        in_rows = ops.logical_and(rows >= top, rows < top + self.size)
-        in_cols = ops.logical_and(cols >= left, cols < left + self.size)
-        inside = ops.logical_and(in_rows[:, :, None], in_cols[:, None, :])
-        return images * ops.cast(ops.logical_not(inside), images.dtype)[..., None]
-
-    def compute_output_shape(self, input_shape):  # type: ignore[no-untyped-def]
-        return input_shape
-
-    def get_config(self) -> dict[str, object]:
-        return {**super().get_config(), "size": self.size, "seed": self.seed}
-
-
 def _activation(name: str) -> keras.layers.Layer:
     if name == "leaky_relu":
         return keras.layers.LeakyReLU(negative_slope=0.1)  # 0.1: a gentler leak than Keras' default 0.3
@@ -149,7 +79,7 @@ def _head(x, cfg: TrainConfig, num_classes: int):  # type: ignore[no-untyped-def
         x = keras.layers.Dense(cfg.dense_units)(x)
         x = _activation(cfg.activation)(x)
     if cfg.head_dropout > 0:
-        x = keras.layers.Dropout(cfg.head_dropout)(x)
+        x = RuntimeDropout(cfg.head_dropout)(x)
     return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
 
 
@@ -176,7 +106,7 @@ def build_cnn(cfg: TrainConfig, num_classes: int) -> keras.Model:
             x = pool(2)(x)
             size //= 2
         if block_dropout(cfg, block) > 0:
-            x = keras.layers.Dropout(block_dropout(cfg, block))(x)
+            x = RuntimeDropout(block_dropout(cfg, block))(x)
     return keras.Model(inputs, _head(x, cfg, num_classes), name="cnn")
 
 
@@ -228,7 +158,7 @@ def build_airbench(cfg: TrainConfig, num_classes: int, images: np.ndarray | None
                 x = keras.layers.BatchNormalization(momentum=cfg.bn_momentum)(x)
             x = _activation(cfg.activation)(x)
         if block_dropout(cfg, block) > 0:
-            x = keras.layers.Dropout(block_dropout(cfg, block))(x)
+            x = RuntimeDropout(block_dropout(cfg, block))(x)
     model = keras.Model(inputs, _head(x, cfg, num_classes), name="airbench")
     if images is not None:
         whiten.set_weights(list(whitening(images[:WHITEN_IMAGES])))
@@ -373,3 +303,4 @@ def _build(cfg: TrainConfig, num_classes: int, seed: int | None, classifier: ker
     inference_model = keras.Model(pixels, classifier(keras.layers.Rescaling(1.0 / 255, name="rescale")(pixels)),
                                   name=f"{classifier.name}_inference")
     return train_model, inference_model
+

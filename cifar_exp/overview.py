@@ -52,8 +52,10 @@ def trial_rows(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Ledger:
-    """Where the sweep's time went: wall-clock seconds of trials by how they ended, and the
-    seconds pruning saved (each pruned trial's seconds per epoch times the epochs it skipped)."""
+    """Where the sweep's time went: wall-clock seconds of trials by how they ended, the seconds
+    pruning saved (each pruned trial's seconds per epoch times the epochs it skipped), the seconds
+    spent compiling (the trials' ``compile_seconds``) and how many trials compiled their program
+    (``new``), ran one their worker had compiled (``reused``) or read it from JAX's cache."""
 
     seconds_complete: float
     seconds_pruned: float
@@ -62,6 +64,10 @@ class Ledger:
     trials_complete: int
     trials_pruned: int
     trials_failed: int
+    compile_seconds: float = 0.0
+    compiled_new: int = 0
+    compiled_reused: int = 0
+    compiled_cache: int = 0
 
     @property
     def seconds_total(self) -> float:
@@ -82,8 +88,11 @@ def ledger(trials: Sequence[FrozenTrial], epochs: int) -> Ledger:
         ran = t.user_attrs.get("epochs_run") or 0
         if t.state == TrialState.PRUNED and ran:
             saved += seconds / ran * max(epochs - ran, 0)
+    origins = [t.user_attrs.get("compiled") for t in trials]
     return Ledger(spent[TrialState.COMPLETE], spent[TrialState.PRUNED], spent[TrialState.FAIL], saved,
-                  count[TrialState.COMPLETE], count[TrialState.PRUNED], count[TrialState.FAIL])
+                  count[TrialState.COMPLETE], count[TrialState.PRUNED], count[TrialState.FAIL],
+                  sum(float(t.user_attrs.get("compile_seconds") or 0.0) for t in trials),
+                  origins.count("new"), origins.count("reused"), origins.count("cache"))
 
 
 def _contour_params(study: optuna.Study) -> list[str] | None:
@@ -216,7 +225,9 @@ def write(study: optuna.Study, folder: Path, epochs: int, metric: str = "objecti
             f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in skipped.items()) + "</ul>")
     summary = (f"<p>{len(trials)} trials: {cost.trials_complete} complete, {cost.trials_pruned} pruned, "
                f"{cost.trials_failed} failed; {cost.seconds_total:.1f} s of trials, "
-               f"{cost.pruning_saved_seconds:.1f} s saved by pruning.</p>")
+               f"{cost.pruning_saved_seconds:.1f} s saved by pruning; {cost.compile_seconds:.1f} s compiling "
+               f"({cost.compiled_new} trials compiled their program, {cost.compiled_reused} reused one, "
+               f"{cost.compiled_cache} read it from the compilation cache).</p>")
     degenerate = [t for t in trials if t.user_attrs.get("degenerate")]
     if degenerate:  # numbers that mean nothing: named before any plot draws them as results
         summary += (f"<p><b>{len(degenerate)} degenerate trial(s)</b> (see the degenerate column of the "

@@ -25,11 +25,17 @@ from cifar_exp.config import HYPERMODEL_FIELDS, Sweep, TrainConfig, UserError
 from cifar_exp.sweepfile import parse_sweep, train_values_from_strings
 
 RERUN_TAG = "rerun_of"
-# Wall-clock time is never reproducible, nor are the system/ metrics (the machine, not the model);
-# every other per-epoch metric must be.
-UNREPRODUCIBLE = ("epoch_seconds", "images_per_second", "first_step_seconds")
+# Wall-clock time is never reproducible (every metric named *_seconds: epochs, the first step, a
+# trial's phases; and images_per_second), nor are the system/ metrics (the machine, not the
+# model); every other per-epoch metric must be.
+UNREPRODUCIBLE = ("images_per_second",)
 # Logged once when a trial completes (step 0), not per epoch: compared like the test metrics.
 FINAL_METRICS = ("param_count",)
+
+
+def reproducible(key: str) -> bool:
+    """Whether a rerun must reproduce the metric ``key`` (timings and system metrics need not)."""
+    return not (key.endswith("_seconds") or key in UNREPRODUCIBLE or key.startswith(track.SYSTEM_PREFIX))
 
 
 def final(key: str) -> bool:
@@ -134,7 +140,7 @@ def load_original(run_id: str) -> Original:
             raise UserError(f"{where}: param {key}={values[key]} contradicts the sweep file's fixed "
                             f"{key}: {fixed}")
     history = {key: track.metric_history(run_id, key) for key in run.metrics
-               if not final(key) and key not in UNREPRODUCIBLE and not key.startswith(track.SYSTEM_PREFIX)}
+               if not final(key) and reproducible(key)}
     original = Original(run, sweep, sweep.train_config(values), seed, history,
                         {k: v for k, v in run.metrics.items() if final(k)}, hyperparameters)
     if original.epochs_logged == 0:

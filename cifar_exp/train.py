@@ -10,16 +10,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
 
-from cifar_exp import evaluation
+from cifar_exp import backend, evaluation, layers, optimizers
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import Splits
 from cifar_exp.models import build, fine_tune
+from cifar_exp.programs import Program, Programs, structure
 
 EpochHook = Callable[[int, Mapping[str, float]], None]
 PREDICT_BATCH = 1024
@@ -47,89 +48,27 @@ class TrainResult:
     test_loss: float
     test_accuracy: float
     y_prob: np.ndarray  # (n_test, n_classes) probabilities of the final model
-    model: keras.Model  # the inference model (uint8 images in, probabilities out)
+    model: keras.Model  # the inference model (uint8 images in, probabilities out), stock layers only
+    # "new": its programs were compiled for it; "cache": read from JAX's persistent compilation
+    # cache (none compiled); "reused": a program a previous trial of the worker compiled.
+    compiled: str = "new"
+    # Seconds by phase: build_seconds, compile_seconds (0 when reused), fit_seconds (training and
+    # validation, compilation excluded), predict_seconds (the test pass), model_seconds (the copy
+    # of the model to log).
+    phases: dict[str, float] = field(default_factory=dict)
+    compilations: int | None = None  # XLA programs compiled (JAX; None under TensorFlow)
 
     @property
     def y_pred(self) -> np.ndarray:
         return self.y_prob.argmax(axis=1)
 
 
-class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
-    """Smith's one-cycle policy as PyTorch's ``OneCycleLR`` shapes it: linear warmup from
-    ``peak / 25`` to ``peak`` over ``warmup_fraction`` of the steps, then cosine annealing to
-    ``peak / 1e4`` at the last step."""
-
-    START_DIV, END_DIV = 25.0, 1e4
-
-    def __init__(self, peak: float, total_steps: int, warmup_fraction: float) -> None:
-        self.peak = peak
-        self.total_steps = total_steps
-        self.warmup_fraction = warmup_fraction
-
-    def __call__(self, step):  # type: ignore[no-untyped-def]
-        ops = keras.ops
-        step = ops.cast(step, "float32")
-        start, end = self.peak / self.START_DIV, self.peak / self.END_DIV
-        warmup = max(1.0, self.warmup_fraction * self.total_steps)
-        rising = start + (self.peak - start) * step / warmup
-        done = ops.clip((step - warmup) / max(1.0, self.total_steps - 1 - warmup), 0.0, 1.0)
-        falling = end + (self.peak - end) * 0.5 * (1.0 + ops.cos(math.pi * done))
-        return ops.where(step < warmup, rising, falling)
-
-    def get_config(self) -> dict[str, float]:
-        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_fraction": self.warmup_fraction}
-
-
-def learning_rate(cfg: TrainConfig, epochs: int, steps_per_epoch: int):  # type: ignore[no-untyped-def]
-    """The learning rate (a float or a Keras schedule over optimizer steps) for ``cfg``, over
-    ``epochs`` epochs; it starts from (or peaks at) ``cfg.peak_learning_rate``. ``plateau`` is
-    a constant here: ``callbacks`` lowers it."""
-    schedules = keras.optimizers.schedules
-    lr, total = cfg.peak_learning_rate, max(1, epochs * steps_per_epoch)
-    if cfg.lr_schedule == "step":
-        # e.g. 3 stages: lr, lr*0.1, lr*0.01 over three equal thirds of training. Keras'
-        # boundaries are inclusive (step <= b takes the earlier value), hence the - 1.
-        boundaries = [round(total * i / cfg.step_stages) - 1 for i in range(1, cfg.step_stages)]
-        values = [lr * cfg.step_factor**i for i in range(cfg.step_stages)]
-        return schedules.PiecewiseConstantDecay(boundaries, values)
-    if cfg.lr_schedule == "exponential":
-        return schedules.ExponentialDecay(lr, decay_steps=steps_per_epoch, decay_rate=cfg.decay_rate)
-    if cfg.lr_schedule == "cosine":
-        return schedules.CosineDecay(lr, decay_steps=total)
-    if cfg.lr_schedule == "cosine_warmup":
-        warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
-        return schedules.CosineDecay(0.0, decay_steps=total - warmup, warmup_target=lr, warmup_steps=warmup)
-    if cfg.lr_schedule == "one_cycle":
-        return OneCycle(lr, total, cfg.warmup_fraction)
-    return lr
-
-
-def optimizer(cfg: TrainConfig, epochs: int, steps_per_epoch: int,
-              rate: float | None = None) -> keras.optimizers.Optimizer:
-    """``cfg``'s optimizer with its learning-rate schedule, or the constant ``rate`` if given."""
-    lr = learning_rate(cfg, epochs, steps_per_epoch) if rate is None else rate
-    if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamax":
-        return keras.optimizers.Adamax(lr)
-    return keras.optimizers.Adam(lr)
-
-
 def callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
     """Callbacks the configuration needs besides the hooks (they run after the hooks: the
     plateau rule lowers the rate of the next epoch, not the one logged)."""
     if cfg.lr_schedule == "plateau":
-        return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.plateau_factor,
-                                                  patience=cfg.plateau_patience, min_lr=0.0, verbose=0)]
+        return [optimizers.Plateau(cfg.plateau_factor, cfg.plateau_patience)]
     return []
-
-
-def _schedule(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.schedules.LearningRateSchedule | None:
-    """The optimizer's per-step schedule, None for a constant (or plateau-set) rate."""
-    schedule = getattr(optimizer, "_learning_rate", None)
-    return schedule if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule) else None
 
 
 class _Hooks(keras.callbacks.Callback):
@@ -148,7 +87,7 @@ class _Hooks(keras.callbacks.Callback):
     dispatches steps asynchronously only while no callback overrides ``on_train_batch_end``)."""
 
     def __init__(self, hooks: Sequence[EpochHook], images: int, started: float | None = None,
-                 on_first_step: Callable[[float], None] | None = None) -> None:
+                 on_first_step: Callable[[float], None] | None = None, clock: Clock | None = None) -> None:
         super().__init__()
         self.hooks = hooks
         self.images = images
@@ -156,11 +95,17 @@ class _Hooks(keras.callbacks.Callback):
         self.epoch_started = 0.0
         self.epoch_rate = 0.0
         self.on_first_step = on_first_step
+        self.first_step_at: float | None = None
+        self.clock = clock
 
     def _first_step(self) -> None:
         hook, self.on_first_step = self.on_first_step, None  # once per training, both phases included
+        if self.first_step_at is None:
+            self.first_step_at = time.perf_counter()
+            if self.clock is not None:
+                self.clock.first_step(self.first_step_at)
         if hook is not None:
-            hook(time.perf_counter() - self.started)
+            hook(self.first_step_at - self.started)
 
     def on_train_batch_begin(self, batch, logs=None):  # type: ignore[no-untyped-def]
         if batch == 1:
@@ -174,8 +119,8 @@ class _Hooks(keras.callbacks.Callback):
         self._first_step()
         logs = logs if logs is not None else {}
         logs["learning_rate"] = self.epoch_rate
-        schedule = _schedule(self.model.optimizer)
-        if schedule is not None:  # the step just taken, the epoch's last
+        schedule = optimizers.schedule_of(self.model.optimizer)
+        if schedule is not None and schedule.per_step:  # the step just taken, the epoch's last
             last = keras.ops.maximum(self.model.optimizer.iterations - 1, 0)
             logs["learning_rate_last"] = float(keras.ops.convert_to_numpy(schedule(last)))
         logs["epoch_seconds"] = time.perf_counter() - self.epoch_started
@@ -187,10 +132,10 @@ class _Hooks(keras.callbacks.Callback):
 
 
 class FullBatches(keras.utils.PyDataset):
-    """The training images in full batches only: each epoch a fresh permutation (a NumPy generator
-    seeded with ``seed``), cut into ``len(x) // batch_size`` batches; the remainder of the
-    permutation (under one batch, different images each epoch) is left out of that epoch. Data of
-    fewer images than one batch is one batch of all of them.
+    """The training images in full batches only: each epoch a permutation drawn from ``(seed,
+    epoch)`` (``start(epoch)`` before the epoch's first batch), cut into ``len(x) // batch_size``
+    batches; the remainder of the permutation (under one batch, different images each epoch) is
+    left out of that epoch. Data of fewer images than one batch is one batch of all of them.
 
     Decision: every step has the same shape, so the train step compiles once. Keras' array input
     ends each epoch with a partial batch, a second shape and, under JAX, a second compilation of
@@ -198,14 +143,21 @@ class FullBatches(keras.utils.PyDataset):
     CNN made 2 XLA compilations (21.36 s compiling, JAX on the 2-core CPU machine), these batches
     1 (7.93 s). Used under JAX only: TensorFlow's trainer relaxes shapes itself, and this class
     made its epochs slower there (3 epochs of 1,800 images: 18.2, 12.7, 21.9 s against 13.9, 9.1,
-    9.0 s with arrays, same machine)."""
+    9.0 s with arrays, same machine).
+    Decision: the order is a function of the epoch alone, and ``fit`` must not shuffle the batches
+    (``shuffle=False``): Keras shuffles them with NumPy's global generator, and it calls
+    ``on_epoch_end`` once more for a model it builds in ``fit`` than for one already built; either
+    made a trial on a reused program (``programs``) see other batches than on a fresh build."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> None:
         super().__init__()
         self.x, self.y = x, y
         self.batch_size = min(batch_size, len(x))
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(x))
+        self.seed = seed
+        self.start(0)
+
+    def start(self, epoch: int) -> None:
+        self.order = np.random.default_rng((self.seed, epoch)).permutation(len(self.x))
 
     def __len__(self) -> int:
         return len(self.x) // self.batch_size
@@ -214,26 +166,62 @@ class FullBatches(keras.utils.PyDataset):
         batch = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         return self.x[batch], self.y[batch]
 
-    def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(len(self.x))
+
+class Clock:
+    """A trial's seconds by phase (``TrainResult.phases``), from its creation: each ``lap`` books
+    the seconds since the last one to a phase, less the XLA compilation seconds in them (JAX),
+    which go to compile_seconds. A caller that passes its own to ``train`` still reads the phases
+    done when training raised (a pruned trial's)."""
+
+    def __init__(self) -> None:
+        self.meter = backend.CompileMeter()
+        self.phases = {"compile_seconds": 0.0}
+        self.reused = False  # set by train: the trial ran a program a previous one compiled
+        self._mark()
+
+    def _mark(self) -> None:
+        self.wall, self.compiling = time.perf_counter(), self.meter.seconds or 0.0
+
+    def first_step(self, at: float) -> None:
+        """Under TensorFlow, which reports no compile events, the seconds from the mark to the
+        first training step (``at``, ``time.perf_counter``) of a program not reused are its
+        compile seconds."""
+        if not self.meter.active and not self.reused:
+            self.phases["compile_seconds"] += at - self.wall
+            self.wall = at
+
+    def origin(self) -> str:
+        """``TrainResult.compiled``: "reused", "cache" (every program from JAX's persistent
+        compilation cache) or "new"."""
+        if self.reused:
+            return "reused"
+        return "cache" if self.meter.cache_hits and not self.meter.compilations else "new"
+
+    def lap(self, phase: str) -> None:
+        compiling = (self.meter.seconds or 0.0) - self.compiling
+        self.phases[phase] = time.perf_counter() - self.wall - compiling
+        self.phases["compile_seconds"] += compiling
+        self._mark()
 
 
 def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
           on_epoch: Sequence[EpochHook] = (), stop_after: int | None = None,
           custom: CustomModel | None = None, on_first_step: Callable[[float], None] | None = None,
-          started: float | None = None) -> TrainResult:
-    """Train ``cfg`` on ``data.x_train`` for ``epochs``, validating on ``data.x_val`` each epoch,
-    then evaluate the final model on ``data.x_test``. A transfer model with ``fine_tune_epochs``
-    trains its last epochs with the top backbone layers unfrozen (``models.fine_tune``).
-    ``stop_after`` ends training after that many epochs of an ``epochs``-long run (the
-    learning-rate schedule still spans ``epochs``): how a rerun replays a trial that was pruned.
-    With ``custom``, its model replaces ``cfg``'s (``cfg`` still gives batch size and augmentation)
-    and trains as it was compiled. ``on_first_step`` receives, once, the seconds from ``started``
-    (a ``time.perf_counter()`` value; default: this call) until the first training step was
-    compiled and launched. Seeds Python, NumPy and the backend with ``seed`` first: the same
-    arguments in the same process mode (see ``backend.use_deterministic_ops``) give the same
-    numbers. Raises ``Diverged`` on a non-finite loss, and whatever a hook raises."""
+          started: float | None = None, programs: Programs | None = None,
+          clock: Clock | None = None) -> TrainResult:
+    """Train ``cfg`` on ``data.x_train`` for ``epochs`` (validating on ``data.x_val`` each epoch),
+    then predict ``data.x_test`` once. A transfer model with ``fine_tune_epochs`` trains its last
+    epochs with the top backbone layers unfrozen. ``stop_after`` ends training after that many
+    epochs of an ``epochs``-long run (the schedule still spans ``epochs``): how a rerun replays a
+    pruned trial. ``custom``'s model replaces ``cfg``'s (``cfg`` still gives batch size and
+    augmentation) and trains as it was compiled. ``on_first_step`` receives, once, the seconds
+    from ``started`` (``time.perf_counter()``; default: this call) to the first launched step.
+    With ``programs`` (a worker's), a program an earlier trial of the same structure compiled
+    trains this one, with a fresh build's numbers bit for bit; ``clock`` times the phases. Seeds
+    Python, NumPy and the backend with ``seed``: the same arguments in the same process mode give
+    the same numbers. Raises ``Diverged`` on a non-finite loss, and whatever a hook raises."""
     started = time.perf_counter() if started is None else started
+    clock = clock or Clock()
     keras.utils.set_random_seed(seed)
     num_classes = len(data.class_names)
     classifier = custom.build() if custom else None
@@ -241,53 +229,96 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     # Transfer learning's optional second phase takes the last fine_tune_epochs of the budget.
     second = min(cfg.fine_tune_epochs, epochs) if cfg.model == "transfer" and not custom else 0
     last = epochs if stop_after is None else min(stop_after, epochs)
-    compiled, labels = _labelling(classifier, num_classes)
+    compiled, labels = _labelling(classifier, num_classes, cfg.label_smoothing)
+    batches, steps_per_epoch, images = _batches(cfg, data, labels, custom, seed)
+    hooks = _Hooks(on_epoch, images, started, on_first_step, clock)
+    first_opt = None if compiled else optimizers.optimizer(cfg, epochs - second, steps_per_epoch)
+    program = _reuse(programs, cfg, data, Program(train_model, model), first_opt) if second == 0 else None
+    if program is not None:
+        train_model, model = program.train_model, program.model
+        clock.reused = True
+    clock.lap("build_seconds")
     history: dict[str, list[float]] = {}
-    # Under JAX full batches only (see FullBatches); else Keras' array input, its last batch partial.
-    batches = FullBatches(data.x_train, labels(data.y_train), cfg.batch_size, seed) \
-        if keras.backend.backend() == "jax" and not (custom is not None and custom.fit is not None) else None
-    steps_per_epoch = len(batches) if batches is not None else math.ceil(len(data.x_train) / cfg.batch_size)
-    hooks = _Hooks(on_epoch, len(batches) * batches.batch_size if batches is not None else len(data.x_train),
-                   started, on_first_step)
 
     def fit(opt: keras.optimizers.Optimizer | None, first_epoch: int, end_epoch: int) -> None:
         if compiled is not None:
             train_model.compile_from_config(compiled)
-        else:
-            train_model.compile(optimizer=opt, metrics=["accuracy"],
-                                loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing))
-        kwargs = dict(initial_epoch=first_epoch, epochs=end_epoch, verbose=0,
-                      validation_data=(data.x_val, labels(data.y_val)),
-                      callbacks=[hooks, *callbacks(cfg)])
-        if custom is not None and custom.fit is not None:  # KerasTuner's contract: arrays in
-            logged = custom.fit(train_model, data.x_train, labels(data.y_train), shuffle=True, **kwargs)
-        elif batches is not None:
-            logged = train_model.fit(batches, **kwargs)
-        else:
-            logged = train_model.fit(data.x_train, labels(data.y_train), batch_size=cfg.batch_size, shuffle=True,
-                                     **kwargs)
-        for key, values in logged.history.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
+        elif program is None or first_epoch > 0:  # a reused program is compiled, with its optimizer
+            train_model.compile(optimizer=opt, metrics=["accuracy"], loss=keras.losses.CategoricalCrossentropy())
+        _fit(train_model, data, labels, cfg, custom, batches, history, initial_epoch=first_epoch, epochs=end_epoch,
+             verbose=0, validation_data=(data.x_val, labels(data.y_val)), callbacks=[hooks, *callbacks(cfg)])
 
     if epochs - second > 0:
-        fit(None if compiled else optimizer(cfg, epochs - second, steps_per_epoch), 0, min(last, epochs - second))
+        fit(first_opt, 0, min(last, epochs - second))
     if last > epochs - second:
         fine_tune(train_model, cfg.fine_tune_layers)
         # A new optimizer: its state would belong to the first phase's trainable weights.
-        fit(optimizer(cfg, second, steps_per_epoch, rate=cfg.fine_tune_learning_rate), epochs - second, last)
+        fit(optimizers.optimizer(cfg, second, steps_per_epoch, rate=cfg.fine_tune_learning_rate),
+            epochs - second, last)
+    clock.lap("fit_seconds")
     y_prob = np.asarray(model.predict(data.x_test, batch_size=PREDICT_BATCH, verbose=0))
+    clock.lap("predict_seconds")
+    logged = model if custom else layers.portable(model)
+    clock.lap("model_seconds")
     return TrainResult(history=history, **evaluation.test_metrics(y_prob, data.y_test, cfg.label_smoothing),
-                       y_prob=y_prob, model=model)
+                       y_prob=y_prob, model=logged, compiled=clock.origin(), phases=clock.phases,
+                       compilations=clock.meter.compilations)
 
 
-def _labelling(classifier: keras.Model | None, num_classes: int) -> tuple[dict[str, Any] | None, Callable[..., Any]]:
-    """A hypermodel's compile config (``None`` without one) and how labels are fed: one-hot, as
-    label smoothing needs them (the sparse loss has no smoothing), or class indices for a
-    custom model compiled with a sparse loss."""
+def _batches(cfg: TrainConfig, data: Splits, labels: Callable[..., Any], custom: CustomModel | None,
+             seed: int) -> tuple[FullBatches | None, int, int]:
+    """``(batches, steps per epoch, images per epoch)``: under JAX full batches only (see
+    ``FullBatches``), else None: Keras' array input, its last batch partial."""
+    if keras.backend.backend() == "jax" and not (custom is not None and custom.fit is not None):
+        batches = FullBatches(data.x_train, labels(data.y_train), cfg.batch_size, seed)
+        return batches, len(batches), len(batches) * batches.batch_size
+    return None, math.ceil(len(data.x_train) / cfg.batch_size), len(data.x_train)
+
+
+def _reuse(programs: Programs | None, cfg: TrainConfig, data: Splits, fresh: Program,
+           optimizer: keras.optimizers.Optimizer | None) -> Program | None:
+    """The program ``programs`` kept for ``cfg``'s structure, set to the state of the ``fresh``
+    build and ``optimizer``; None (and ``fresh`` kept, to be compiled by its first ``fit``: a
+    pruned trial's program serves as well) when there is none yet. None without ``programs`` or
+    for a hypermodel's own compiled model (no ``optimizer``)."""
+    if programs is None or optimizer is None:
+        return None
+    key = structure(cfg, (data.x_train.shape, data.x_val.shape, data.x_test.shape), len(data.class_names))
+    program = programs.reuse(key, fresh.train_model, optimizer)
+    if program is None:
+        programs.keep(key, fresh)
+    return program
+
+
+def _fit(train_model: keras.Model, data: Splits, labels: Callable[..., Any], cfg: TrainConfig,
+         custom: CustomModel | None, batches: FullBatches | None, history: dict[str, list[float]],
+         **kwargs: Any) -> None:
+    """One ``fit`` call on ``data``'s training images, its logs appended to ``history``."""
+    if custom is not None and custom.fit is not None:  # KerasTuner's contract: arrays in
+        logged = custom.fit(train_model, data.x_train, labels(data.y_train), shuffle=True, **kwargs)
+    elif batches is not None:
+        kwargs["callbacks"].append(keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: batches.start(e)))
+        logged = train_model.fit(batches, shuffle=False, **kwargs)  # shuffled by its own permutation
+    else:
+        logged = train_model.fit(data.x_train, labels(data.y_train), batch_size=cfg.batch_size, shuffle=True,
+                                 **kwargs)
+    for key, values in logged.history.items():
+        history.setdefault(key, []).extend(float(v) for v in values)
+
+
+def _labelling(classifier: keras.Model | None, num_classes: int,
+               smoothing: float) -> tuple[dict[str, Any] | None, Callable[..., Any]]:
+    """A hypermodel's compile config (``None`` without one) and how labels are fed: class indices
+    for a custom model compiled with a sparse loss; else one-hot, smoothed by ``smoothing`` for
+    ``cfg``'s own models (``y * (1 - smoothing) + smoothing / classes``, as Keras' loss
+    smooths them; in the data, the smoothing is a runtime value of the compiled step)."""
     compiled = classifier.get_compile_config() if classifier is not None else None
     if classifier is not None and not compiled:
         raise ValueError("the hypermodel returned a model that is not compiled: compile it in build(hp), "
                          "as KerasTuner requires")
     if compiled is not None and "sparse" in str(compiled.get("loss")).lower():
         return compiled, lambda y: y
-    return compiled, lambda y: np.eye(num_classes, dtype=np.float32)[y]
+    eye = np.eye(num_classes, dtype=np.float32)
+    if compiled is None and smoothing:
+        eye = eye * np.float32(1.0 - smoothing) + np.float32(smoothing) / np.float32(num_classes)
+    return compiled, lambda y: eye[y]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,9 @@ class Tracked:
 
     run_id: str
     history: dict[str, list[float]] = field(default_factory=dict)
+    # Seconds by phase, logged when the trial ends: claim_seconds (the engine's), then those of
+    # training (``train.Clock``), artifacts_seconds and model_seconds (``evaluate``).
+    phases: dict[str, float] = field(default_factory=dict)
     _first_step: dict[str, float] = field(default_factory=dict)
 
     def on_first_step(self, seconds: float) -> None:
@@ -76,12 +80,13 @@ class Tracked:
 
 
 def start(experiment: str, parent_run_id: str, number: int, sweep: Sweep, params: Mapping[str, Any], seed: int,
-          epochs: int, tags: Mapping[str, Any]) -> Tracked:
+          epochs: int, tags: Mapping[str, Any], claim_seconds: float = 0.0) -> Tracked:
     """Open the run of trial ``number``: ``params`` (the trial's settings), ``seed`` and ``epochs``
     as params, ``tags`` (see ``run_tags``). Everything a rerun needs is on it once ``log_sweep``
-    has added the sweep file."""
+    has added the sweep file. ``claim_seconds``: what the engine spent getting the trial."""
     return Tracked(track.start_trial_run(experiment, parent_run_id, number,
-                                         params={**params, "seed": seed, "epochs": epochs}, tags=tags))
+                                         params={**params, "seed": seed, "epochs": epochs}, tags=tags),
+                   phases={"claim_seconds": claim_seconds})
 
 
 def log_sweep(tracked: Tracked, sweep: Sweep) -> None:
@@ -93,6 +98,7 @@ def log_sweep(tracked: Tracked, sweep: Sweep) -> None:
 class Evaluated:
     model_uri: str
     verdict: dict[str, str]  # {"degenerate": why}, or {} for numbers that mean something
+    phases: dict[str, float]  # the trial's seconds by phase (``Tracked.phases``), as logged
 
 
 def judge(history: Mapping[str, Sequence[float]], y_prob: Any, splits: Any) -> dict[str, str]:
@@ -103,10 +109,24 @@ def judge(history: Mapping[str, Sequence[float]], y_prob: Any, splits: Any) -> d
 
 
 def evaluate(tracked: Tracked, result: Any, splits: Any, title: str) -> Evaluated:
-    """Log a finished training's test metrics, artifacts and model (``track.log_result``) and
-    judge its numbers. ``result`` is a ``train.TrainResult``."""
-    model_uri = track.log_result(tracked.run_id, result, splits, title=title)
-    return Evaluated(model_uri, judge(result.history, result.y_prob, splits))
+    """Log a finished training's test evaluation, artifacts and model, judge its numbers, and log
+    the trial's phases (metrics ``*_seconds``, see ``Tracked.phases``) with the tag ``compiled``
+    (``new``, ``reused`` or ``cache``, see ``train.TrainResult``). ``result`` is a
+    ``train.TrainResult``."""
+    clock = time.perf_counter()
+    track.log_test(tracked.run_id, result, splits, title=title)
+    artifacts, clock = time.perf_counter() - clock, time.perf_counter()
+    model_uri = track.models.log_model(tracked.run_id, result.model, splits.x_test[:2], splits.class_names)
+    phases = {**tracked.phases, **result.phases, "artifacts_seconds": artifacts,
+              "model_seconds": result.phases.get("model_seconds", 0.0) + time.perf_counter() - clock}
+    log_phases(tracked, phases, result.compiled)
+    return Evaluated(model_uri, judge(result.history, result.y_prob, splits), phases)
+
+
+def log_phases(tracked: Tracked, phases: Mapping[str, float], compiled: str) -> None:
+    """The trial's seconds by phase as metrics, and how its program came (tag ``compiled``)."""
+    track.log_metrics(tracked.run_id, phases)
+    track.set_tags(tracked.run_id, {"compiled": compiled})
 
 
 def end_complete(tracked: Tracked, evaluated: Evaluated) -> None:

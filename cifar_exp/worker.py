@@ -85,6 +85,7 @@ class Worker:
         self.stop = False
         self.splits: Any = None
         self.tunable: Any = None  # the sweep's KerasTuner hypermodel, if it has one
+        self.programs: Any = None  # the compiled programs kept for the next trials (train.Programs)
         self.identity: dict[str, str] = {}
 
     def on_sigterm(self, signum: int, frame: object) -> None:
@@ -115,6 +116,9 @@ class Worker:
             self.queue.put(events.Fatal(self.worker_id, str(exc)))
             return False
         keras.backend.clear_session()
+        from cifar_exp import programs
+
+        self.programs = programs.Programs()
         self.queue.put(events.Ready(self.worker_id))
         return True
 
@@ -132,16 +136,19 @@ class Worker:
                 stop.wait(WAIT_SECONDS)
                 continue
             with storage.heartbeat(opened, claimed.trial):
-                ok = self.run_trial(claimed, started)
-            keras.backend.clear_session()  # memory must not grow from trial to trial
+                ok = self.run_trial(claimed, started, time.perf_counter() - started)
+            # Memory must not grow from trial to trial: Keras' global state goes; the compiled
+            # programs a worker keeps (at most programs.CAPACITY) stay.
+            keras.backend.clear_session()
             gc.collect()
             if not ok:
                 sys.exit(EXIT_TRIAL_FAILED)
 
-    def run_trial(self, claimed: Claim, started: float) -> bool:
+    def run_trial(self, claimed: Claim, started: float, claim_seconds: float = 0.0) -> bool:
         """Run the ``claimed`` trial end to end; False if it failed (the worker is then replaced).
-        ``started`` is when the worker began the trial (``time.perf_counter``, before claiming it)."""
-        from cifar_exp import hypermodel
+        ``started`` is when the worker began the trial (``time.perf_counter``, before claiming it),
+        ``claim_seconds`` how long claiming took."""
+        from cifar_exp import hypermodel, train
 
         sweep, (study, trial, params) = self.sweep, (claimed.study, claimed.trial, claimed.params)
         seed = one_trial.trial_seed(sweep.sampler.seed, trial.number)
@@ -150,16 +157,21 @@ class Worker:
                   if not (self.tunable is not None and k == "batch_size" and hypermodel.overrides_fit(self.tunable))}
         tracked = one_trial.start(self.experiment, self.parent_run_id, trial.number, sweep, logged, seed, sweep.epochs,
                                   one_trial.run_tags(sweep, "optuna", self.identity,
-                                                     {**self.settings.tags, "worker": self.worker_id}))
+                                                     {**self.settings.tags, "worker": self.worker_id}),
+                                  claim_seconds)
         trial.set_user_attr("mlflow_run_id", tracked.run_id)
         trial.set_user_attr("seed", seed)
         self.queue.put(events.Started(self.worker_id, trial.number, tracked.run_id, params))
+        clock = train.Clock()
         try:
-            self._train_and_tell(claimed, tracked, seed, started)
+            self._train_and_tell(claimed, tracked, seed, started, clock)
             return True
         except optuna.TrialPruned as exc:
             verdict = one_trial.judge(tracked.history, None, self.splits)
-            for key, v in {"epochs_run": tracked.epochs_run, **verdict}.items():
+            clock.lap("fit_seconds")
+            phases = {**tracked.phases, **clock.phases}
+            one_trial.log_phases(tracked, phases, clock.origin())
+            for key, v in {"epochs_run": tracked.epochs_run, **verdict, **phases, "compiled": clock.origin()}.items():
                 trial.set_user_attr(key, v)
             study.tell(trial, state=TrialState.PRUNED)
             one_trial.end_pruned(tracked, verdict)
@@ -178,7 +190,8 @@ class Worker:
             self.queue.put(events.Ended(trial.number, "FAIL", tracked.run_id, reason=reason))
             return False
 
-    def _train_and_tell(self, claimed: Claim, tracked: one_trial.Tracked, seed: int, started: float) -> None:
+    def _train_and_tell(self, claimed: Claim, tracked: one_trial.Tracked, seed: int, started: float,
+                        clock: Any) -> None:
         """Train (reporting each epoch to Optuna, which may prune), evaluate, publish, tell."""
         from cifar_exp import hypermodel, train
 
@@ -194,7 +207,8 @@ class Worker:
         try:
             result = train.train(sweep.train_config(claimed.params), self.splits, epochs=sweep.epochs, seed=seed,
                                  on_epoch=[self._epoch_hook(trial, tracked)], custom=custom,
-                                 on_first_step=tracked.on_first_step, started=started)
+                                 on_first_step=tracked.on_first_step, started=started,
+                                 programs=self.programs, clock=clock)
         finally:
             self.training = False
         if hp is not None:  # hyperparameters first declared in the hypermodel's fit
@@ -202,7 +216,8 @@ class Worker:
         value = result.history[sweep.objective.metric][-1]
         evaluated = one_trial.evaluate(tracked, result, self.splits, title=f"{sweep.name} trial {trial.number}")
         for key, v in {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
-                       "epochs_run": tracked.epochs_run, "model_uri": evaluated.model_uri, **evaluated.verdict}.items():
+                       "epochs_run": tracked.epochs_run, "model_uri": evaluated.model_uri, **evaluated.verdict,
+                       **evaluated.phases, "compiled": result.compiled}.items():
             trial.set_user_attr(key, v)
         study.tell(trial, value)
         one_trial.end_complete(tracked, evaluated)

@@ -19,7 +19,7 @@ FLOORS = [
     {"config", "events", "safeyaml"},
     {"sweepfile", "formats", "backend", "space", "plots"},
     {"data", "evaluation"},
-    {"models"},
+    {"models", "layers", "optimizers", "programs"},
     {"train", "hypermodel"},
     {"track", "track.models", "track.ui"},
     {"trial", "overview", "registry"},
@@ -60,7 +60,7 @@ def test_imports_flow_one_way(name: str) -> None:
     assert not upward, f"{name} (floor {FLOOR[name]}) imports {sorted(upward)} from above"
 
 
-@pytest.mark.parametrize("name", ["data", "formats", "models", "train"])
+@pytest.mark.parametrize("name", ["data", "formats", "models", "layers", "optimizers", "programs", "train"])
 def test_training_imports_neither_optuna_nor_mlflow(name: str) -> None:
     assert not {m for m in imports(MODULES[name]) if m.split(".")[0] in ("optuna", "mlflow")}
 

@@ -36,6 +36,16 @@ def test_ledger_adds_seconds_by_state_and_what_pruning_saved() -> None:
     assert (cost.trials_complete, cost.trials_pruned, cost.trials_failed, cost.seconds_total) == (1, 2, 1, 157)
 
 
+def test_ledger_sums_the_seconds_spent_compiling_and_counts_how_programs_came() -> None:
+    trials = [trial(n, TrialState.COMPLETE, 10, 10) for n in range(4)]
+    for t, (seconds, origin) in zip(trials, [(12.5, "new"), (0.0, "reused"), (0.0, "reused"), (1.5, "cache")],
+                                    strict=True):
+        t.user_attrs.update(compile_seconds=seconds, compiled=origin)
+    cost = overview.ledger([*trials, trial(4, TrialState.FAIL, 3)], epochs=10)  # a failed trial has neither
+    assert cost.compile_seconds == 14.0
+    assert (cost.compiled_new, cost.compiled_reused, cost.compiled_cache) == (1, 2, 1)
+
+
 def synthetic_study(trials: int = 10) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))

@@ -280,9 +280,10 @@ def read_text(run_id: str, path: str) -> str | None:
         return Path(local).read_text(encoding="utf-8")
 
 
-def log_result(run_id: str, result: Any, splits: Any, title: str) -> str:
-    """Log a finished training's test evaluation (metrics and artifacts, see ``log_evaluation``)
-    and its model to ``run_id``; returns the model URI. ``result`` is a ``train.TrainResult``."""
+def log_test(run_id: str, result: Any, splits: Any, title: str) -> None:
+    """Log a finished training's test evaluation: test metrics, parameter count, the model's
+    summary, and the evaluation's metrics and files (``log_evaluation``). ``result`` is a
+    ``train.TrainResult``; its model is logged by ``models.log_model``."""
     model = result.model
     log_metrics(run_id, {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
                          "param_count": float(model.count_params())})
@@ -291,7 +292,6 @@ def log_result(run_id: str, result: Any, splits: Any, title: str) -> str:
     log_text(run_id, "\n".join(lines) + "\n", "model_summary.txt")
     log_evaluation(run_id, splits.x_test, splits.y_test, result.y_prob, splits.class_names, result.history,
                    title=title)
-    return models.log_model(run_id, model, splits.x_test[:2], splits.class_names)
 
 
 def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray,
