@@ -13,7 +13,8 @@ from cifar_exp import data, layers, models, optimizers, programs, train
 from cifar_exp.config import TrainConfig
 from tests.conftest import synthetic_images
 
-pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
+# Tests marked keras run again under every backend (README, "Test"); the bookkeeping ones
+# (keys, capacity, what is never reused) once.
 
 SMALL = dict(blocks=2, filters=4, convs_per_block=1, dense_units=8, batch_size=16)
 # Two trials of one structure that differ in every runtime value a sweep searches.
@@ -42,6 +43,7 @@ def test_runtime_values_share_a_structure_and_the_rest_does_not() -> None:
     assert programs.RUNTIME < {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+@pytest.mark.keras
 def test_a_reused_program_gives_a_fresh_builds_numbers_bit_for_bit(splits: data.Splits) -> None:
     kept = programs.Programs()
     first = train.train(FIRST, splits, epochs=2, seed=3, programs=kept)
@@ -61,6 +63,7 @@ def test_a_reused_program_gives_a_fresh_builds_numbers_bit_for_bit(splits: data.
         assert first.compilations and reused.compilations == 0
 
 
+@pytest.mark.keras
 def test_the_logged_model_is_stock_layers_and_outlives_the_next_trial(splits: data.Splits) -> None:
     kept = programs.Programs()
     first = train.train(FIRST, splits, epochs=1, seed=3, programs=kept)
@@ -91,6 +94,7 @@ def test_a_transfer_trial_with_a_fine_tuning_phase_builds_its_own(splits: data.S
     assert train.train(cfg, splits, epochs=2, seed=0, programs=kept).compiled == "new" and len(kept) == 0
 
 
+@pytest.mark.keras
 def test_runtime_dropout_drops_at_its_current_rate_and_only_in_training() -> None:
     layer = layers.RuntimeDropout(0.5, seed=0)
     x = np.ones((64, 256), dtype="float32")
@@ -102,6 +106,7 @@ def test_runtime_dropout_drops_at_its_current_rate_and_only_in_training() -> Non
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
 
 
+@pytest.mark.keras
 def test_one_schedule_object_takes_every_shape_from_its_variables() -> None:
     schedule = optimizers.learning_rate(TrainConfig(learning_rate=0.1, lr_schedule="cosine"), 4, 10)
     rates = lambda: [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 20, 39)]  # noqa: E731

@@ -216,7 +216,8 @@ def history(run_id: str) -> dict[str, list[float]]:
 
 @pytest.mark.slow
 def test_rerun_reproduces_every_epoch_bit_for_bit(seeded_sweep: Path, cifar_slice: Path) -> None:
-    # Trial 1 ran second in its worker process; the rerun runs alone in a fresh one.
+    # Trial 1 ran second in its worker process, on the program trial 0 compiled; the rerun runs
+    # alone in a fresh process, on a program compiled for it.
     result = rerun("lr_dropout", "--trial", "1", "--data", str(cifar_slice), cwd=seeded_sweep)
     assert result.returncode == 0, result.stdout + result.stderr
     _, children = runs(seeded_sweep)
@@ -230,6 +231,7 @@ def test_rerun_reproduces_every_epoch_bit_for_bit(seeded_sweep: Path, cifar_slic
     (again,) = [r for r in MlflowClient().search_runs([children[0].info.experiment_id])
                 if r.data.tags.get("rerun_of") == trial_1]
     assert again.info.status == "FINISHED" and again.data.tags["rerun_match"] == "true"
+    assert (MlflowClient().get_run(trial_1).data.tags["compiled"], again.data.tags["compiled"]) == ("reused", "new")
     assert again.data.params == MlflowClient().get_run(trial_1).data.params
     original_history = history(trial_1)
     assert all(len(v) == 2 for v in original_history.values())

@@ -58,6 +58,10 @@ def runs(cwd: Path, experiment: str = "lr_dropout") -> tuple[list, list]:
     return parents, children
 
 
+PHASES = ("claim_seconds", "build_seconds", "compile_seconds", "fit_seconds", "predict_seconds", "artifacts_seconds",
+          "model_seconds")
+
+
 def study(cwd: Path, name: str = "lr_dropout") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=open_storage(str(cwd / "mlruns" / "optuna.journal")))
 
@@ -113,8 +117,18 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
     probs = model.predict(images, verbose=0)
     assert probs.shape == (5, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
 
+    # One worker, one structure: the first trial compiles, the next two run its programs; every
+    # trial logs its seconds by phase, and the Optuna trial carries them for the ledger.
+    by_number = sorted(children, key=lambda c: int(c.data.tags["trial_number"]))
+    assert [c.data.tags["compiled"] for c in by_number] == ["new", "reused", "reused"]
+    for child in children:
+        assert set(PHASES) <= set(child.data.metrics) and child.data.metrics["fit_seconds"] > 0
+    assert [c.data.metrics["compile_seconds"] for c in by_number][1:] == [0.0, 0.0]
+    assert by_number[0].data.metrics["compile_seconds"] > 0
+
     trials = study(isolated).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [t.user_attrs["compiled"] for t in trials] == ["new", "reused", "reused"]
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {c.info.run_id for c in children}
     assert [t.user_attrs["seed"] for t in trials] == [trial_seed(0, n) for n in range(3)]
     assert parent.info.status == "FINISHED" and parent.data.tags["trials_finished"] == "3"
@@ -164,6 +178,10 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
     metrics = MlflowClient().get_run(parent.info.run_id).data.metrics
     assert metrics["cost_trials_complete"] == 5
     assert metrics["cost_seconds_total"] == pytest.approx(cost["seconds_total"])
+    # the resumed command's worker compiled its own first program: 2 compiled, 3 reused
+    assert (cost["compiled_new"], cost["compiled_reused"], cost["compiled_cache"]) == (2, 3, 0)
+    assert cost["compile_seconds"] == pytest.approx(sum(t.user_attrs["compile_seconds"] for t in
+                                                        study(isolated).get_trials()))
 
 
 def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]) -> None:
