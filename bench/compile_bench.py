@@ -19,8 +19,8 @@ Then ``after`` again for ``--memory-trials`` trials of the first sweep: the proc
 memory after each trial. Under TensorFlow (``KERAS_BACKEND=tensorflow``) there are no compile
 events: the first-step seconds and the programs' origin are what it reports.
 
-Appends its table to ``bench/RESULTS.md`` (``## Compilation``) and writes
-``bench/compile_results.json``.
+Writes its table into ``bench/RESULTS.md`` (``## Compilation (BACKEND, ...)``, replacing that
+backend's previous one) and the raw rows to ``bench/compile_results_BACKEND.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -110,7 +111,9 @@ def child(args: argparse.Namespace) -> None:
         rows.append({"first_step_seconds": first[0], "compilations": compiled,
                      "cache_hits": counts["hits"] - before["hits"],
                      "compile_seconds": counts["seconds"] - before["seconds"],
-                     "compiled": getattr(result, "compiled", "new" if compiled else "cache"),
+                     # before programs were reused, a trial compiled anew unless JAX's cache served it all
+                     "compiled": getattr(result, "compiled", "cache" if before["hits"] < counts["hits"]
+                                         and not compiled else "new"),
                      "val_accuracy": result.history["val_accuracy"][-1], "rss_mib": rss_mib(),
                      "finite": bool(np.isfinite(result.history["loss"][-1]))})
     Path(args.out).write_text(json.dumps(rows))
@@ -149,12 +152,14 @@ def table(results: dict) -> str:
              "| sweep | version | XLA compilations, trial 1 | per later trial (mean) | first step, trial 1 (s) "
              "| later trials, median / max (s) | compile s, total | new / reused / cache |",
              "|---|---|---|---|---|---|---|---|"]
+    events = meta["backend"] == "jax"  # TensorFlow reports no compile events
     for sweep, versions in results["sweeps"].items():
         for version, rows in versions.items():
             s = summary(rows)
-            lines.append(f"| {sweep} | {version} | {s['compilations_first']} | {s['compilations_later_mean']:.2f} | "
-                         f"{s['first_step_first']:.2f} | {s['first_step_later_median']:.2f} / "
-                         f"{s['first_step_later_max']:.2f} | {s['compile_seconds_total']:.1f} | "
+            counted = f"{s['compilations_first']} | {s['compilations_later_mean']:.2f}" if events else "n/a | n/a"
+            seconds = f"{s['compile_seconds_total']:.1f}" if events else "n/a"
+            lines.append(f"| {sweep} | {version} | {counted} | {s['first_step_first']:.2f} | "
+                         f"{s['first_step_later_median']:.2f} / {s['first_step_later_max']:.2f} | {seconds} | "
                          f"{s['new']} / {s['reused']} / {s['cache']} |")
     memory = results.get("memory")
     if memory:
@@ -206,13 +211,15 @@ def main() -> None:
         finally:
             if args.before:
                 subprocess.run(["git", "worktree", "remove", "--force", worktree], cwd=ROOT, check=False)
-    (BENCH / "compile_results.json").write_text(json.dumps(results, indent=1))
+    (BENCH / f"compile_results_{backend}.json").write_text(json.dumps(results, indent=1))
     text = table(results)
     print(text)
+    # RESULTS.md keeps every other section, this backend's compilation table replaced.
     results_md = BENCH / "RESULTS.md"
-    old = results_md.read_text() if results_md.exists() else ""
-    keep = old.split("## Compilation")[0].rstrip()
-    results_md.write_text((keep + "\n\n" if keep else "") + text)
+    sections = re.split(r"(?m)^(?=## )", results_md.read_text() if results_md.exists() else "")
+    kept = [part.rstrip() + "\n" for part in sections if part.strip()
+            and not part.startswith(f"## Compilation ({backend},")]
+    results_md.write_text("\n".join([*kept, text]))
 
 
 if __name__ == "__main__":
