@@ -1,0 +1,148 @@
+"""A sweep stopped the hard ways, in real processes: a worker killed mid-epoch, the whole sweep
+killed, Ctrl-C, the sweep command killed alone, and two commands started at once on one store.
+Every budget still finishes, nothing is counted twice, and no process outlives its sweep."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.test_sweep import FINISHED, clean_env, run_sweep, runs, study
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for_first_epoch(cwd: Path, process: subprocess.Popen, trial: int = 0) -> optuna.trial.FrozenTrial:
+    """Wait until ``trial`` has reported an epoch (its worker is then mid-training): the trial."""
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        journal = cwd / "mlruns" / "optuna.journal"
+        if journal.exists():
+            try:
+                found = [t for t in study(cwd).get_trials() if t.number == trial and t.intermediate_values]
+            except KeyError:  # the study is not created yet
+                found = []
+            if found:
+                return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"trial {trial} never reported an epoch; sweep exit code {process.poll()}")
+
+
+def test_sigkill_of_a_worker_mid_epoch_fails_its_trial_and_retries_it(isolated: Path, cifar_slice: Path) -> None:
+    args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "2", "--epochs", "4",
+            "--data", str(cifar_slice)]
+    process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=clean_env(), umask=0)  # files must not be world-writable even so
+    trial = wait_for_first_epoch(isolated, process)
+    os.kill(trial.user_attrs["worker_pid"], signal.SIGKILL)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert "trial 0 FAIL: worker process died (exit code -9)" in out
+    trials = study(isolated).get_trials()
+    assert trials[0].state == TrialState.FAIL and [t.state in FINISHED for t in trials[1:]] == [True, True]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    parents, children = runs(isolated)
+    statuses = {int(c.data.tags["trial_number"]): c.info.status for c in children}
+    assert statuses == {0: "FAILED", 1: "FINISHED", 2: "FINISHED"} and parents[0].info.status == "FINISHED"
+    written = [p for root in (isolated / "mlruns", isolated / "cache") for p in [root, *root.rglob("*")]]
+    assert len(written) > 20 and [p for p in written if p.stat().st_mode & 0o002] == []
+    for private in ("optuna.journal", "mlflow.db"):
+        assert (isolated / "mlruns" / private).stat().st_mode & 0o077 == 0
+
+
+def test_sigkill_of_the_whole_sweep_then_the_same_command_finishes_the_budget(isolated: Path,
+                                                                             cifar_slice: Path) -> None:
+    args = ["lr_dropout", "--trials", "2", "--epochs", "4", "--data", str(cifar_slice)]
+    process = subprocess.Popen([sys.executable, "-m", "cifar_exp.sweep", *args], cwd=isolated,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
+                               start_new_session=True)
+    wait_for_first_epoch(isolated, process)
+    os.killpg(process.pid, signal.SIGKILL)  # the CLI and its workers, with no chance to record anything
+    process.wait(timeout=60)
+    (stale,) = study(isolated).get_trials()
+    assert stale.state == TrialState.RUNNING
+    _, children = runs(isolated)
+    assert [c.info.status for c in children] == ["RUNNING"]
+
+    out = run_sweep(isolated, *args).stdout
+    assert "trial 0 was left running by a worker that is gone: failed, retried once" in out
+    trials = study(isolated).get_trials()
+    assert trials[0].state == TrialState.FAIL and [t.state in FINISHED for t in trials[1:]] == [True, True]
+    assert "is gone" in trials[0].user_attrs["fail_reason"]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    parents, children = runs(isolated)
+    statuses = {int(c.data.tags["trial_number"]): c.info.status for c in children}
+    assert statuses == {0: "KILLED", 1: "FINISHED", 2: "FINISHED"}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(isolated: Path, cifar_slice: Path) -> None:
+    args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "2", "--epochs", "2",
+            "--data", str(cifar_slice)]
+    process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=clean_env())
+    assert process.stdout is not None
+    for line in process.stdout:  # wait until trial 0 is training
+        if line.startswith("trial 0 started"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    assert "run the same command to resume" in err
+
+    (trial,) = study(isolated).get_trials()
+    assert trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") is True, (trial.user_attrs, err)
+    parents, children = runs(isolated)
+    assert children[0].info.status == "KILLED" and parents[0].info.status == "KILLED"
+
+    run_sweep(isolated, "lr_dropout", "--trials", "2", "--epochs", "2", "--data", str(cifar_slice))
+    trials = study(isolated).get_trials()
+    # the interrupted trial does not count against the budget: two complete trials follow it
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    parents, children = runs(isolated)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 3
+
+
+def test_sigkill_of_the_sweep_command_alone_takes_its_workers_with_it(isolated: Path, cifar_slice: Path) -> None:
+    import psutil
+
+    from cifar_exp.worker import ORPHAN_GRACE_SECONDS
+
+    args = ["lr_dropout", "--trials", "2", "--epochs", "6", "--data", str(cifar_slice), "--workers", "2"]
+    process = subprocess.Popen([sys.executable, "-m", "cifar_exp.sweep", *args], cwd=isolated,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+    wait_for_first_epoch(isolated, process)
+    workers = psutil.Process(process.pid).children(recursive=True)  # the workers and multiprocessing's helper
+    assert workers, "no worker process found"
+    process.kill()  # the command only: its workers are re-parented, as after an OOM kill of the CLI
+    process.wait(timeout=60)
+    killed = time.monotonic()
+    _, alive = psutil.wait_procs(workers, timeout=ORPHAN_GRACE_SECONDS + 5)
+    assert not alive, f"{len(alive)} worker(s) outlived the sweep command by {time.monotonic() - killed:.1f} s"
+
+    out = run_sweep(isolated, *args[:-2]).stdout  # the next start ends whatever they held, and finishes the budget
+    trials = study(isolated).get_trials()
+    assert sum(t.state in FINISHED and not t.user_attrs.get("interrupted") for t in trials) >= 2, out
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_two_sweep_commands_started_at_once_on_a_fresh_store_share_the_budget(isolated: Path,
+                                                                               cifar_slice: Path) -> None:
+    args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "2", "--epochs", "1", "--data",
+            str(cifar_slice)]
+    processes = [subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=clean_env()) for _ in range(2)]
+    outcomes = [p.communicate(timeout=900) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outcomes]
+    trials = study(isolated).get_trials()
+    assert [t.state in FINISHED for t in trials] == [True, True]  # the budget, exactly
+    parents, children = runs(isolated)
+    assert len(parents) == 1 and len(children) == 2
