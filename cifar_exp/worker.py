@@ -85,7 +85,7 @@ class Worker:
         self.stop = False
         self.splits: Any = None
         self.tunable: Any = None  # the sweep's KerasTuner hypermodel, if it has one
-        self.programs: Any = None  # the compiled programs kept for the next trials (train.Programs)
+        self.programs: Any = None  # the compiled programs kept for the next trials (programs.Programs)
         self.identity: dict[str, str] = {}
 
     def on_sigterm(self, signum: int, frame: object) -> None:
