@@ -9,6 +9,8 @@ traceback); 130 interrupted (the same command resumes).
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 import traceback
@@ -24,6 +26,13 @@ from cifar_exp.config import (
 )
 
 DEFAULT_MODEL = f"models:/cifar10-{DEFAULT_SWEEP}@champion"  # the main job's champion
+
+# A command's last step was the interpreter's final garbage collection over every object that
+# MLflow, Optuna, SQLAlchemy and matplotlib made: 3.1 s after a 2-trial sweep had printed its
+# table, 1.3 s for their imports alone (this 2-core machine). Frozen objects are left out of that
+# collection; the operating system takes the memory back. Handlers registered before this one
+# (logging's flush) still run after it.
+atexit.register(gc.freeze)
 
 
 class _Parser(argparse.ArgumentParser):

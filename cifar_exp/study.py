@@ -33,7 +33,8 @@ from cifar_exp.storage import Settings
 
 STOP_GRACE_SECONDS = 60.0  # how long interrupted workers get to record their trials
 # Rebuilding the report (every plot of every trial) took 3.7 s for a 12-trial study on this 2-core
-# machine, CPU taken from the workers: at most once a minute while trials finish, and at the end.
+# machine, CPU taken from the workers: at most once a minute while trials finish (the first a
+# minute after the start, not after the first trial), and at the end.
 REPORT_EVERY_SECONDS = 60.0
 
 
@@ -121,7 +122,7 @@ class _Parent:
         self.interrupted = False
         self.stop_reason = ""
         self.fatal = ""  # a worker found the sweep cannot run at all (e.g. weights unavailable)
-        self.published = 0.0
+        self.published = time.time()
         self.ctx = mp.get_context("spawn")  # fork after importing TensorFlow/JAX threads is unsafe
         self.stop = self.ctx.Event()
         self.queue: Any = self.ctx.Queue()

@@ -114,21 +114,6 @@ def test_one_console_script_has_every_command(capsys: pytest.CaptureFixture[str]
     assert "lr_dropout" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_the_sweep_command_never_imports_keras(isolated: Path, cifar_slice: Path) -> None:
-    # The sweep command checks the input and follows its workers; Keras (and its backend) live
-    # in the workers only, so the command's own memory and start-up stay small.
-    script = ("import sys; from cifar_exp.cli import main; "
-              "code = main(['sweep', 'lr_dropout', '--data', sys.argv[1], '--trials', '1', '--epochs', '1', "
-              "'--train-images', '100', '-q']); "
-              "print('heavy:', sorted(m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules)); "
-              "sys.exit(code)")
-    result = subprocess.run([sys.executable, "-c", script, str(cifar_slice)], cwd=isolated, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "heavy: []" in result.stdout and "1 complete" in result.stdout, result.stdout
-
-
 def test_jax_keeps_compiled_programs_in_the_project_cache(isolated: Path) -> None:
     # A worker's environment, then one epoch under JAX in a fresh process: the compiled train step
     # lands in $CIFAR_EXP_CACHE/jax, where the next process (any worker, any run) finds it.

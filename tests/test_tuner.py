@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from cifar_exp import tuner
 from cifar_exp.sweepfile import load_sweep
 from tests.conftest import ROOT
+from tests.test_shipped import sweep_in_process
 from tests.test_sweep import clean_env, run_sweep, runs
 
 
@@ -42,7 +43,9 @@ def artifacts(run_id: str) -> set[str]:
 @pytest.mark.slow
 def test_keras_tuner_engine_tracks_trials_like_the_optuna_engine(isolated: Path, cifar_slice: Path) -> None:
     shutil.copy(ROOT / "tests" / "sweeps" / "kt_engine.yaml", isolated / "kt_engine.yaml")
-    run_sweep(isolated, "kt_engine.yaml", "--trials", "1", "--data", str(cifar_slice))
+    # the Optuna engine's trial for reference, its worker in this process (the sweep command's
+    # own processes are test_sweep's); the KerasTuner engine's as the command runs them
+    sweep_in_process(isolated, isolated / "kt_engine.yaml", trials=1, epochs=1, data=cifar_slice)
     out = run_sweep(isolated, "kt_engine.yaml", "--engine", "keras-tuner", "--data", str(cifar_slice)).stdout
     assert "RandomSearch: 4 completed, 0 failed" in out
     parents, children = runs(isolated, "kt_engine")
