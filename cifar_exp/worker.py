@@ -119,6 +119,11 @@ class Worker:
         from cifar_exp import programs
 
         self.programs = programs.Programs()
+        # What is loaded by now (TensorFlow, Keras, MLflow, the data) lives as long as the process:
+        # frozen, the garbage collections after each trial and at exit no longer walk it. Measured
+        # on a 2-core CPU machine: clearing after a trial 0.08-0.10 s instead of 0.85-0.96 s, the
+        # process's exit 0.3 s instead of 2.1 s.
+        gc.freeze()
         self.queue.put(events.Ready(self.worker_id))
         return True
 
@@ -137,10 +142,9 @@ class Worker:
                 continue
             with storage.heartbeat(opened, claimed.trial):
                 ok = self.run_trial(claimed, started, time.perf_counter() - started)
-            # Memory must not grow from trial to trial: Keras' global state goes; the compiled
-            # programs a worker keeps (at most programs.CAPACITY) stay.
+            # Memory must not grow from trial to trial: Keras' global state goes (and a garbage
+            # collection with it); the compiled programs a worker keeps (at most programs.CAPACITY) stay.
             keras.backend.clear_session()
-            gc.collect()
             if not ok:
                 sys.exit(EXIT_TRIAL_FAILED)
 
