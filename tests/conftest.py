@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import os
 import sys
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -56,3 +59,24 @@ def synthetic_images(n: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarr
 
 def backend() -> str:
     return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def in_process(cwd: Path, *argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``cifar-exp ARGV`` (``cli.main``) run in this process in ``cwd``, with ``env`` added and this
+    process's environment and directory restored after: the exit code, stdout and stderr.
+
+    For the commands a test runs after a sweep, whose own process would cost 5 to 7 s of imports.
+    Give them absolute paths for the stores: MLflow keeps one store per URI for the life of the
+    process, so a relative URI would reach the first folder it was used in."""
+    from cifar_exp.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = Path.cwd()
+    with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        os.chdir(cwd)
+        try:
+            code = main(list(argv))
+        finally:
+            os.chdir(here)
+    return code, out.getvalue(), err.getvalue()

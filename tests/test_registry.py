@@ -12,6 +12,7 @@ import time
 import urllib.request
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 import numpy as np
@@ -22,7 +23,8 @@ from PIL import Image
 from cifar_exp import registry, track
 from cifar_exp.config import ConfigError, UserError
 from cifar_exp.sweepfile import parse_sweep
-from tests.conftest import ROOT, write_slice
+from tests.conftest import ROOT, in_process, write_slice
+from tests.test_shipped import sweep_in_process
 from tests.test_sweep import clean_env, run_sweep
 
 TEST_SWEEPS = ROOT / "tests" / "sweeps"
@@ -115,15 +117,26 @@ def test_bad_input_is_one_line_exit_2(isolated: Path, module: str, args: list[st
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """registry_good (2 trials) then registry_worse (1 trial), each with --register, on 1,000
-    training and 200 test images of the CIFAR-10 (JPEG copy)."""
+    """registry_good (2 trials) as the sweep command with --register, then registry_worse (1 trial)
+    and its register command in this process, on 1,000 training and 200 test images of the
+    CIFAR-10 (JPEG copy)."""
     folder = tmp_path_factory.mktemp("registry")
     data = write_slice(folder / "slice.zip", 100, 20)
-    env = {"CIFAR_EXP_CACHE": str(folder / "cache")}
-    good = run_sweep(folder, str(TEST_SWEEPS / "registry_good.yaml"), "--data", str(data), "--register", env=env)
-    worse = run_sweep(folder, str(TEST_SWEEPS / "registry_worse.yaml"), "--data", str(data), "--register", env=env)
-    return {"folder": folder, "data": data, "good": good.stdout, "worse": worse.stdout, "env": env,
-            "uri": f"sqlite:///{folder}/mlruns/mlflow.db"}
+    found = {"folder": folder, "data": data, "env": {"CIFAR_EXP_CACHE": str(folder / "cache")},
+             "uri": f"sqlite:///{folder}/mlruns/mlflow.db", "storage": str(folder / "mlruns" / "optuna.journal")}
+    found["good"] = run_sweep(folder, str(TEST_SWEEPS / "registry_good.yaml"), "--data", str(data), "--register",
+                              env=found["env"]).stdout
+    with mock.patch.dict(os.environ, found["env"]):
+        sweep_in_process(folder, TEST_SWEEPS / "registry_worse.yaml", trials=1, epochs=1, data=data)
+    code, found["worse"], err = command(found, "register", str(TEST_SWEEPS / "registry_worse.yaml"), "--data",
+                                        str(data), "--storage", found["storage"], "--tracking-uri", found["uri"])
+    assert code == 0, err
+    return found
+
+
+def command(registered: dict, *argv: str) -> tuple[int, str, str]:
+    """A command in this process (``in_process``), in the registry's folder with its cache."""
+    return in_process(registered["folder"], *argv, env=registered["env"])
 
 
 def client(registered: dict) -> MlflowClient:
@@ -160,10 +173,10 @@ def test_the_champion_is_the_best_trial_and_a_worse_sweep_leaves_it(registered: 
 
 @pytest.mark.slow
 def test_registering_the_same_run_twice_keeps_one_version(registered: dict) -> None:
-    result = cli("register", str(TEST_SWEEPS / "registry_good.yaml"), cwd=registered["folder"],
-                 env=registered["env"])
-    assert result.returncode == 0, result.stderr
-    assert f"already registered: {NAME} version 1" in result.stdout
+    code, out, err = command(registered, "register", str(TEST_SWEEPS / "registry_good.yaml"), "--storage",
+                             registered["storage"], "--tracking-uri", registered["uri"])
+    assert code == 0, err
+    assert f"already registered: {NAME} version 1" in out
     versions = client(registered).search_model_versions(f"name='{NAME}'")
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
 
@@ -187,10 +200,10 @@ def champion_predictions(registered: dict, images: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_predict_gives_the_models_own_classes(registered: dict) -> None:
     files = jpegs(registered)
-    result = cli("predict", *map(str, files), "--model", f"models:/{NAME}@champion", "--json", "--top-k", "2",
-                 cwd=registered["folder"])
-    assert result.returncode == 0, result.stderr
-    answers = json.loads(result.stdout)
+    code, out, err = command(registered, "predict", *map(str, files), "--model", f"models:/{NAME}@champion", "--json",
+                             "--top-k", "2", "--tracking-uri", registered["uri"])
+    assert code == 0, err
+    answers = json.loads(out)
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     expected = champion_predictions(registered, images)
     classes = [a["predictions"][0]["class"] for a in answers]
@@ -204,8 +217,8 @@ def test_predict_gives_the_models_own_classes(registered: dict) -> None:
 @pytest.mark.slow
 def test_evaluate_logs_a_fresh_run_with_a_trials_artifacts(registered: dict) -> None:
     run_id, test_accuracy = best_good_trial(registered)
-    result = cli("evaluate", f"models:/{NAME}@champion", cwd=registered["folder"], env=registered["env"])
-    assert result.returncode == 0, result.stderr
+    code, _, err = command(registered, "evaluate", f"models:/{NAME}@champion", "--tracking-uri", registered["uri"])
+    assert code == 0, err
     c = client(registered)
     (evaluation,) = [r for r in c.search_runs([c.get_run(run_id).info.experiment_id])
                      if r.data.tags.get("evaluated_model") == f"models:/{NAME}@champion"]

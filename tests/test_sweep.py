@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from cifar_exp import data
 from cifar_exp.storage import open_storage
 from cifar_exp.trial import trial_seed
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_process
 
 pytestmark = pytest.mark.slow
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the budget's trials (4 epochs: hyperband may prune)
@@ -168,14 +168,15 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
     assert cost["seconds_total"] == pytest.approx(sum(float(row["seconds"]) for row in csv.DictReader(
         trials_csv.open())))
     # ... which the report command rebuilds from storage alone.
-    result = subprocess.run([sys.executable, "-m", "cifar_exp.report", "lr_dropout"], cwd=isolated,
-                            capture_output=True, text=True, timeout=600, env=clean_env())
-    assert result.returncode == 0, result.stderr
-    assert f"study 'lr_dropout': 5 trials; report rebuilt in parent run {parent.info.run_id}" in result.stdout
-    compared = subprocess.run([sys.executable, "-m", "cifar_exp.compare", "lr_dropout", "--top", "3"], cwd=isolated,
-                              capture_output=True, text=True, timeout=600, env=clean_env())
-    assert compared.returncode == 0, compared.stderr
-    header, *table = compared.stdout.splitlines()[:4]
+    # (The report and compare commands run in this process: ``in_process``.)
+    stores = ("--storage", str(isolated / "mlruns" / "optuna.journal"),
+              "--tracking-uri", f"sqlite:///{isolated}/mlruns/mlflow.db")
+    code, out, err = in_process(isolated, "report", "lr_dropout", *stores)
+    assert code == 0, err
+    assert f"study 'lr_dropout': 5 trials; report rebuilt in parent run {parent.info.run_id}" in out
+    code, out, err = in_process(isolated, "compare", "lr_dropout", "--top", "3", *stores)
+    assert code == 0, err
+    header, *table = out.splitlines()[:4]
     assert header.split()[:4] == ["rank", "trial", "val_accuracy", "test_accuracy"]
     values = [float(line.split()[2]) for line in table]
     assert values == sorted(values, reverse=True) and values[0] == pytest.approx(study(isolated).best_value, abs=5e-5)
