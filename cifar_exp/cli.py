@@ -22,6 +22,8 @@ from cifar_exp.config import (
     DEFAULT_SWEEP,
     DEFAULT_TRACKING_URI,
     UserError,
+    check_storage,
+    check_tracking_uri,
     mask_credentials,
 )
 
@@ -209,6 +211,10 @@ def _run(name: str, args: argparse.Namespace, command_line: list[str]) -> int:
 
     args.command_line = command_line
     try:
+        if getattr(args, "tracking_uri", None) is not None:
+            check_tracking_uri(args.tracking_uri)
+        if getattr(args, "storage", None) is not None:
+            check_storage(args.storage)
         implementation = getattr(commands, name, None) or getattr(results, name)
         return int(implementation(args))
     except UserError as exc:

@@ -18,7 +18,7 @@ from typing import Any
 
 from cifar_exp.config import DEFAULT_STORE, PACKAGE_DIR, ConfigError, Sweep, UserError, mask_credentials
 from cifar_exp.progress import Progress, fmt, print_comparison, print_summary
-from cifar_exp.sweepfile import available_sweeps, load_sweep
+from cifar_exp.sweepfile import TOP_LEVEL_RANGES, available_sweeps, check_range, load_sweep
 
 
 def set_environment(deterministic: bool) -> None:
@@ -93,8 +93,31 @@ def _list_sweeps() -> int:
     return 0
 
 
+# A worker's peak resident memory: 1.47 GB training the seed CNN under TensorFlow on a 400-image
+# slice (2-core CPU machine, `cifar-exp sweep lr_dropout --workers 2`, ps every second); the whole
+# data set adds its 180 MB of arrays.
+WORKER_MEMORY_BYTES = 1_700_000_000
+
+
+def check_workers(workers: int) -> None:
+    """``ConfigError`` if this machine cannot hold ``workers`` worker processes: one CPU core each
+    (this process's affinity), and ``WORKER_MEMORY_BYTES`` each of the memory available now."""
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers > cores:
+        raise ConfigError(f"--workers {workers}: this machine gives the sweep {cores} CPU core(s), and each worker "
+                          f"process needs one to train: give --workers {cores} or fewer")
+    available = psutil.virtual_memory().available
+    if workers > 1 and workers * WORKER_MEMORY_BYTES > available:  # one worker always gets its try
+        fits = max(1, available // WORKER_MEMORY_BYTES)
+        raise ConfigError(f"--workers {workers}: each worker takes about {WORKER_MEMORY_BYTES / 1e9:.1f} GB and "
+                          f"{available / 1e9:.1f} GB of memory is available: give --workers {fits} or fewer")
+
+
 def _with_overrides(args: argparse.Namespace) -> Sweep:
     """The sweep named on the command line, with the flags that override its file."""
+    check_workers(args.workers)
     if args.engine == "keras-tuner" and args.workers != 1:
         raise ConfigError("--engine keras-tuner runs its trials one after another in this process: drop --workers")
     if args.engine == "keras-tuner" and args.register:
@@ -103,6 +126,8 @@ def _with_overrides(args: argparse.Namespace) -> Sweep:
     sweep = load_sweep(args.name)
     changes: dict[str, Any] = {key: getattr(args, key) for key in ("trials", "epochs", "timeout")
                                if getattr(args, key) is not None}
+    for key, value in changes.items():  # the sweep file's own bounds
+        check_range(value, TOP_LEVEL_RANGES[key], f"--{key}")
     if args.data is not None:
         changes["data"] = dataclasses.replace(sweep.data, source=args.data)
     if args.train_images is not None:
@@ -127,8 +152,11 @@ def sweep(args: argparse.Namespace) -> int:
     track.check_server(args.tracking_uri)
     if "://" in args.storage:
         storage.open_storage(args.storage)
-    dataset = data.load(chosen.data.source)
-    splits = data.split(dataset, chosen.data.validation_fraction, chosen.sampler.seed, chosen.data.train_images)
+    def carve(dataset: data.Cifar10) -> data.Splits:  # refused before the data cache is written
+        return data.split(dataset, chosen.data.validation_fraction, chosen.sampler.seed, chosen.data.train_images)
+
+    dataset = data.load(chosen.data.source, check=carve)
+    splits = carve(dataset)
     tags = {"data_source": chosen.data.source, "data_checksum": dataset.checksum,
             "command": shlex.join(args.command_line), "keras_backend": os.environ["KERAS_BACKEND"], **provenance()}
     sizes = f"{len(splits.y_train)} training / {len(splits.y_val)} validation / {len(splits.y_test)} test images"

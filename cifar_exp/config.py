@@ -314,3 +314,65 @@ def mask_credentials(text: str) -> str:
     return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
+
+
+# The tracking URIs MLflow can use here: a database (SQLAlchemy URL) or a tracking server.
+_TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https")
+
+
+def check_tracking_uri(uri: str) -> str:
+    """``uri`` if MLflow can track there: ``sqlite:///PATH``, a database URL with a host, or
+    ``http(s)://HOST[:PORT]``; ``UserError`` naming the problem otherwise (checked before
+    anything is written: MLflow would create ``mlruns/`` for some of these before failing)."""
+    import urllib.parse
+
+    fix = "give sqlite:///PATH, postgresql://HOST/DB or http://HOST:PORT (default sqlite:///mlruns/mlflow.db)"
+    if not uri.strip():
+        raise UserError(f"--tracking-uri is empty: {fix}")
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError as exc:
+        raise UserError(f"--tracking-uri {mask_credentials(uri)} is malformed ({exc}): {fix}") from None
+    scheme = parts.scheme.partition("+")[0]
+    if scheme not in _TRACKING_SCHEMES:
+        raise UserError(f"--tracking-uri {mask_credentials(uri)}: MLflow cannot track to "
+                        f"{parts.scheme + '://' if parts.scheme else 'a plain path'} here: {fix}")
+    if scheme == "sqlite" and (not uri.startswith("sqlite:///") or uri.rstrip("/") == "sqlite:"):
+        raise UserError(f"--tracking-uri {mask_credentials(uri)}: a SQLite store is sqlite:///PATH (three slashes, "
+                        f"then the file)")
+    if scheme != "sqlite" and not parts.hostname:
+        raise UserError(f"--tracking-uri {mask_credentials(uri)} names no host: {fix}")
+    return uri
+
+
+def check_storage(url: str) -> str:
+    """``url`` if it can be an Optuna storage: a journal file path (not a folder) or a database URL."""
+    if not url.strip():
+        raise UserError(f"--storage is empty: give a journal file path (default {DEFAULT_STORAGE}) or a database URL")
+    if "://" not in url and (Path(url).is_dir() or url.endswith(("/", "."))):
+        raise UserError(f"--storage {url} is a folder: give a journal file path, e.g. {url.rstrip('/')}/optuna.journal")
+    return url
+
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # the first bytes of every HDF5 file (Keras' .weights.h5)
+
+
+def check_weights(value: str, where: str) -> str:
+    """``value`` if it is "imagenet", "none" or an existing Keras weights file: a regular
+    ``.weights.h5`` file that starts as HDF5 does (``/etc/passwd`` would fail every trial)."""
+    if value in ("imagenet", "none"):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"{where}: {value[:60]!r} is neither imagenet, none, nor an existing weights file "
+                          f"(give the path of a .weights.h5 file saved from the backbone)")
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_HDF5_MAGIC))
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {value[:60]!r} ({exc.strerror or exc})") from None
+    if not value.endswith(".weights.h5") or head != _HDF5_MAGIC:
+        raise ConfigError(f"{where}: {value[:60]!r} is not a Keras weights file (a .weights.h5 file in HDF5, saved "
+                          f"with backbone.save_weights)")
+    return value

@@ -18,7 +18,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,9 +127,10 @@ def checksum(kind: str, path: Path) -> str:
     return _sha256_files(formats.folder_images(path), path)
 
 
-def load(source: str, cache: Path | None = None) -> Cifar10:
+def load(source: str, cache: Path | None = None, check: Callable[[Cifar10], object] | None = None) -> Cifar10:
     """Load CIFAR-10 from ``source`` (see the module docstring), through the cache when possible.
-    The decoded data are checked (``check_classes``) before anything is cached."""
+    Freshly decoded data are checked (``check_classes``, then ``check``, which raises to refuse
+    them, e.g. a split the sweep asks for) before anything is cached."""
     kind, path = detect(source)
     if kind == "keras":
         return _load_keras()
@@ -155,6 +156,8 @@ def load(source: str, cache: Path | None = None) -> Cifar10:
             raise DataError(f"cannot read data source {source}: permission denied ({exc.filename}); give this "
                             f"user read access to it") from None
         check_classes(y_train, y_test, names, source)
+        if check is not None:
+            check(Cifar10(x_train, y_train, x_test, y_test, tuple(names), source, digest))
         try:
             _write_cache(cache_file, x_train, y_train, x_test, y_test, names)
         except OSError as exc:

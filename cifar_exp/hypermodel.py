@@ -12,6 +12,7 @@ active, so a hyperparameter in an inactive ``conditional_scope`` is never sugges
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,10 +42,19 @@ def load(spec: str) -> keras_tuner.HyperModel:
         target = target()
     if isinstance(target, keras_tuner.HyperModel):
         return target
-    if callable(target):
+    if inspect.isfunction(target) and _takes_one_argument(target):
         return _Function(target)
     raise HypermodelError(f"hypermodel {spec}: {attribute} is neither a build(hp) function nor a "
                           f"keras_tuner.HyperModel")
+
+
+def _takes_one_argument(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` can be called as ``build(hp)``."""
+    try:
+        inspect.signature(function).bind(None)
+    except TypeError:
+        return False
+    return True
 
 
 class _Function(keras_tuner.HyperModel):

@@ -9,6 +9,7 @@ code or unpickle, and read with Keras ``safe_mode`` on.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,24 +124,46 @@ def evaluate(model_uri: str, test: Cifar10, experiment: str, tags: dict[str, Any
     return run_id, metrics
 
 
-def read_images(paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:
-    """The image files ``paths`` as uint8 RGB ``(N, height, width, 3)``, each resized to ``size``
-    (bilinear, antialiased, as CIFAR-10's own downscaling); ``UserError`` names an unreadable file."""
+MAX_IMAGE_PIXELS = 4096 * 4096  # a photo to classify; bigger is refused from its header (a 12000x12000 took 2 GB)
+
+
+def read_images(paths: Sequence[str]) -> list[Any]:
+    """The image files ``paths`` decoded as RGB Pillow images; ``UserError`` names a file that is
+    missing, not a regular file (a pipe would hang), not an image, not 8 bits a channel, or over
+    ``MAX_IMAGE_PIXELS`` (checked from its header, before decoding)."""
     from PIL import Image, UnidentifiedImageError
 
     images = []
     for path in paths:
+        if not Path(path).exists():
+            raise UserError(f"image {path} does not exist")
+        if not Path(path).is_file():
+            raise UserError(f"image {path} is not a regular file (a folder, pipe or device): give image files")
         try:
-            with Image.open(Path(path)) as image:
-                rgb = image.convert("RGB")
-                if rgb.size != (size[1], size[0]):
-                    rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=None)
-                images.append(np.asarray(rgb, dtype=np.uint8))
-        except FileNotFoundError:
-            raise UserError(f"image {path} does not exist") from None
-        except (UnidentifiedImageError, OSError) as exc:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the bound below says it
+                image = Image.open(Path(path))
+            with image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise UserError(f"image {path} is {image.width}x{image.height} pixels, over the "
+                                    f"{MAX_IMAGE_PIXELS} this command decodes: resize it first")
+                if image.mode in ("I", "F") or image.mode.startswith("I;"):
+                    raise UserError(f"image {path} has pixel mode {image.mode} (16-bit or float): convert it to "
+                                    f"8-bit RGB")
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise UserError(f"image {path} is not a readable image ({type(exc).__name__})") from None
-    return np.stack(images)
+    return images
+
+
+def resized(images: Sequence[Any], size: tuple[int, int]) -> np.ndarray:
+    """``images`` (RGB Pillow images) as uint8 ``(N, height, width, 3)``, each resized to ``size``
+    (bilinear, antialiased, as CIFAR-10's own downscaling)."""
+    from PIL import Image
+
+    return np.stack([np.asarray(rgb if rgb.size == (size[1], size[0]) else
+                                rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=None),
+                                dtype=np.uint8) for rgb in images])
 
 
 def top_k(y_prob: np.ndarray, names: Sequence[str], k: int) -> list[list[tuple[str, float]]]:

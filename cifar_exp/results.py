@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from cifar_exp.commands import _existing_store, _open_store
 from cifar_exp.config import DEFAULT_STORE, Sweep, UserError, mask_credentials
@@ -89,6 +90,7 @@ def ui(args: argparse.Namespace) -> int:
     # machine could change the store. Our app (track.ui.create_ui_app) lets only the UI's own pages.
     origins = {address, f"http://localhost:{args.port}", f"http://127.0.0.1:{args.port}"}
     os.environ[track.ui.UI_ORIGINS_ENV] = ",".join(sorted(origins))
+    os.environ[track.ui.UI_HOSTS_ENV] = ",".join(sorted(track.ui.ui_hosts(args.host, args.port)))
     # MLflow's job runner (GenAI evaluation jobs) serves nothing a sweep logs: with it the UI was
     # 10 processes and answered /health after 16.1 and 19.5 s on this 2-core machine, without it
     # 2 processes and 12.1 and 12.7 s. A user who wants it sets the variable to true.
@@ -102,8 +104,25 @@ def ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _png_out(out: str | None, default: str) -> Path:
+    """Where ``compare`` writes its PNG: ``--out`` (a folder gets the default name in it), checked
+    before anything is read or drawn."""
+    if out is None:
+        return DEFAULT_STORE / default  # nothing lands in a checkout
+    path = Path(out)
+    if path.is_dir():
+        return path / default
+    if not path.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {path.parent} does not exist: create it, or name a PNG in an "
+                        f"existing folder")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the plot is a PNG: give a path ending in .png")
+    return path
+
+
 def compare(args: argparse.Namespace) -> int:
     chosen = load_sweep(args.name)
+    out = _png_out(args.out, f"{chosen.name}-top-{args.top}.png")
     _existing_store(args.tracking_uri)
     from cifar_exp import plots, storage, track
 
@@ -127,8 +146,10 @@ def compare(args: argparse.Namespace) -> int:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for line in (header, *rows):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
-    out = args.out or str(DEFAULT_STORE / f"{chosen.name}-top-{args.top}.png")  # nothing lands in a checkout
-    plots.curves_png(curves, metric, out, f"{chosen.name}: {metric} of the {len(best)} best trials")
+    try:
+        plots.curves_png(curves, metric, str(out), f"{chosen.name}: {metric} of the {len(best)} best trials")
+    except OSError as exc:
+        raise UserError(f"cannot write {out} ({exc.strerror or exc}): pass --out a writable path") from None
     print(f"wrote {out}")
     return 0
 
@@ -137,8 +158,9 @@ def predict(args: argparse.Namespace) -> int:
     _open_store(args.tracking_uri, deterministic=False)
     from cifar_exp import registry
 
+    decoded = registry.read_images(args.images)  # the inputs first: loading a model takes a minute
     model, names = registry.load(args.model)
-    images = registry.read_images(args.images, tuple(model.input_shape[1:3]))
+    images = registry.resized(decoded, tuple(model.input_shape[1:3]))
     ranked = registry.top_k(registry.probabilities(model, images), names, args.top_k)
     if args.json:
         print(json.dumps([{"image": image, "predictions": [{"class": c, "probability": p} for c, p in top]}

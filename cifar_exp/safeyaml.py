@@ -1,8 +1,12 @@
 """YAML for files a user hands us: safe (no Python objects), bounded in size and nesting, no
-anchors or aliases, no key written twice; every value a message quotes is cut short."""
+anchors or aliases, no key written twice; every value a message quotes is cut short. Scalars are
+read as YAML 1.2's core schema reads them, not as PyYAML's YAML 1.1: ``190:20:30`` is text (1.1:
+the sexagesimal 685230), ``yes``/``no``/``on``/``off`` are text (1.1: booleans), ``010`` is ten
+(1.1: octal eight), ``1e-4`` is a number (1.1: text), and ``2026-01-01`` stays text."""
 
 from __future__ import annotations
 
+import re
 import reprlib
 from typing import Any
 
@@ -29,8 +33,31 @@ def short(value: Any) -> str:
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser where PyYAML has it
 
 
+# YAML 1.2's core schema (yaml.org/spec/1.2.2, 10.3.2): the plain scalars that are not text.
+_CORE: dict[str, re.Pattern[str]] = {
+    "tag:yaml.org,2002:bool": re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    "tag:yaml.org,2002:int": re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+    "tag:yaml.org,2002:float": re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    "tag:yaml.org,2002:null": re.compile(r"^(?:~|null|Null|NULL|)$"),
+}
+
+
 class _SweepLoader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """Safe YAML, refusing a key written twice in one mapping (PyYAML lets the last one win)."""
+    """Safe YAML in the core schema of YAML 1.2 (see the module), refusing a key written twice in
+    one mapping (PyYAML lets the last one win)."""
+
+    yaml_implicit_resolvers = {None: list(_CORE.items())}  # tried on every plain scalar, in this order
+
+    def construct_yaml_int(self, node: Any) -> int:
+        text = self.construct_scalar(node)
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text)  # "010" is ten, not YAML 1.1's octal eight
+
+    def construct_yaml_float(self, node: Any) -> float:
+        text = self.construct_scalar(node).lower()
+        return float(text.replace(".inf", "inf").replace(".nan", "nan"))
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: set[Any] = set()
@@ -45,6 +72,10 @@ class _SweepLoader(_BaseLoader):  # type: ignore[misc, valid-type]
                                   f"mapping: keep one")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_SweepLoader.add_constructor("tag:yaml.org,2002:int", _SweepLoader.construct_yaml_int)
+_SweepLoader.add_constructor("tag:yaml.org,2002:float", _SweepLoader.construct_yaml_float)
 
 
 def load_yaml(text: str, where: str) -> Any:

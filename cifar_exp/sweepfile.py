@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import math
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -25,6 +26,7 @@ from cifar_exp.config import (
     PrunerConfig,
     SamplerConfig,
     Sweep,
+    check_weights,
 )
 from cifar_exp.safeyaml import MAX_SWEEP_BYTES, load_yaml, short
 
@@ -46,7 +48,8 @@ _TOP_LEVEL: dict[str, Any] = {
     "hypermodel": str,
 }
 _HYPERMODEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
-_TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
+# The bounds of the top-level numbers, for the file and for the flags that override it alike.
+TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
                      "max_consecutive_failures": (1, 1_000_000)}
 _DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -101,7 +104,7 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
     raise TypeError(f"unsupported type {typ!r}")  # a bug in this module, not user input
 
 
-def _check_range(value: float, bounds: tuple[Any, ...], where: str) -> None:
+def check_range(value: float, bounds: tuple[Any, ...], where: str) -> None:
     low, high = bounds[0], bounds[1]
     open_high = bounds[2] if len(bounds) > 2 else False
     if value < low or (high is not None and (value >= high if open_high else value > high)):
@@ -120,7 +123,7 @@ def _section(cls: Any, raw: Any, where: str) -> Any:
             raise _unknown(str(key), known, where)
         values[key] = coerce(value, hints[key], f"{where}.{key}")
         if "range" in known[key].metadata and values[key] is not None:
-            _check_range(values[key], known[key].metadata["range"], f"{where}.{key}")
+            check_range(values[key], known[key].metadata["range"], f"{where}.{key}")
     return cls(**values)
 
 
@@ -128,7 +131,7 @@ def check_train_value(name: str, value: Any, where: str) -> Any:
     """``value`` validated for the ``TrainConfig`` field ``name``."""
     value = coerce(value, _TRAIN_TYPES[name], where)
     if "range" in TRAIN_FIELDS[name].metadata:
-        _check_range(value, TRAIN_FIELDS[name].metadata["range"], where)
+        check_range(value, TRAIN_FIELDS[name].metadata["range"], where)
     return value
 
 
@@ -228,6 +231,9 @@ def _space_and_fixed(raw_space: Mapping[str, Any], raw_fixed: Mapping[str, Any],
         if not _HYPERMODEL_RE.match(hypermodel):
             raise ConfigError(f"{where}: hypermodel: {short(hypermodel)} is not module:attribute "
                               f"(e.g. my_models:build_model)")
+        if hypermodel.partition(".")[0].partition(":")[0] in sys.stdlib_module_names:  # os:system
+            raise ConfigError(f"{where}: hypermodel: {short(hypermodel)} names Python's standard library, not a "
+                              f"module of hypermodels: name your own (e.g. my_models:build_model)")
         for key in [*space, *fixed]:
             if key not in HYPERMODEL_FIELDS:
                 raise ConfigError(f"{where}: {key} does not apply with a hypermodel, which builds and compiles "
@@ -254,8 +260,8 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
             values[key] = _section(typ, value, f"{where}: {key}")
         else:
             values[key] = coerce(value, typ, f"{where}: {key}")
-            if key in _TOP_LEVEL_RANGES and values[key] is not None:
-                _check_range(values[key], _TOP_LEVEL_RANGES[key], f"{where}: {key}")
+            if key in TOP_LEVEL_RANGES and values[key] is not None:
+                check_range(values[key], TOP_LEVEL_RANGES[key], f"{where}: {key}")
     raw_space = values.pop("space", {})
     space, fixed = _space_and_fixed(raw_space, values.pop("fixed", {}), values.get("hypermodel", ""), where)
     for dim_name, dim in space.items():
@@ -347,14 +353,6 @@ def _sampling_order(space: Mapping[str, Dimension], where: str) -> dict[str, Dim
     return ordered
 
 
-def check_weights(value: str, where: str) -> str:
-    """``value`` if it is "imagenet", "none" or an existing weights file."""
-    if value not in ("imagenet", "none") and not Path(value).is_file():
-        raise ConfigError(f"{where}: {short(value)} is neither imagenet, none, nor an existing weights file "
-                          f"(give the path of a .weights.h5 file saved from the backbone)")
-    return value
-
-
 def check_name(name: str) -> str:
     """``name`` if it is a plain sweep name (letters, digits, ``_.-``); no paths, no NUL bytes."""
     if not _NAME_RE.match(name) or ".." in name:
@@ -375,7 +373,7 @@ def load_sweep(name_or_path: str) -> Sweep:
     """Load a sweep by name (``lr_dropout``) or by file path (``my/sweep.yaml``)."""
     if name_or_path.endswith((".yaml", ".yml")):
         path = Path(name_or_path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"sweep file {path} does not exist")
         name = check_name(path.stem)
     else:
@@ -387,6 +385,9 @@ def load_sweep(name_or_path: str) -> Sweep:
             raise ConfigError(f"unknown sweep '{name}': {hint}available: {', '.join(sorted(sweeps))}"
                               f" (or pass a path to a .yaml file)")
         path = sweeps[name]
+    if not path.is_file():  # a FIFO or a link to /dev/zero would hang the read
+        raise ConfigError(f"sweep {name}: {path} is not a regular file (a pipe, device or dangling link): "
+                          f"replace it with the sweep's .yaml file")
     try:
         size = path.stat().st_size
         if size > MAX_SWEEP_BYTES:

@@ -4,9 +4,11 @@ nesting, duplicate keys, huge values, steps wider than their range, impossible s
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,6 +107,19 @@ def corpus() -> dict[str, str]:
     cases["no-budget"] = GOOD.replace("trials: 4", "trials: null")
     cases["bad-hypermodel"] = "hypermodel: ../../etc/passwd:x\n"
     cases["weights-path"] = GOOD.replace("batch_size: 64}", "batch_size: 64, weights: /nonexistent.h5}")
+    cases["weights-not-hdf5"] = GOOD.replace("batch_size: 64}", "batch_size: 64, weights: /etc/passwd}")
+    cases["hypermodel-stdlib"] = "hypermodel: os:system\nfixed: {batch_size: 64}\n"
+    cases["hypermodel-stdlib-package"] = "hypermodel: os.path:join\nfixed: {batch_size: 64}\n"
+    # YAML 1.1 leftovers: read as YAML 1.2 reads them (text), so refused where a number or a
+    # boolean is due.
+    cases["sexagesimal-trials"] = GOOD.replace("trials: 4", "trials: 190:20:30")
+    cases["sexagesimal-epochs"] = GOOD.replace("epochs: 3", "epochs: 1:30")
+    for word in ("yes", "no", "on", "off", "y", "n", "Yes", "ON"):
+        cases[f"yaml11-bool-{word}"] = GOOD + f"deterministic: {word}\n"
+    cases["yaml11-bool-in-fixed"] = GOOD.replace("batch_size: 64}", "batch_size: 64, flip: off}")
+    cases["yaml11-date"] = GOOD.replace("epochs: 3", "epochs: 2026-01-01")
+    cases["yaml11-binary"] = GOOD.replace("epochs: 3", "epochs: 0b11")
+    cases["yaml11-underscore"] = GOOD.replace("trials: 4", "trials: 1_000")
     return cases
 
 
@@ -148,3 +163,27 @@ def test_a_missing_hypermodel_module_is_refused_before_anything_is_written(isola
     (line,) = result.stderr.strip().splitlines()
     assert "hypermodel no_such_package.models:build: no module no_such_package.models on the Python path" in line
     assert sorted(p.name for p in isolated.iterdir()) == ["hm.yaml"]
+
+
+def test_numbers_and_booleans_are_read_as_yaml_1_2_reads_them(isolated: Path) -> None:
+    path = isolated / "core.yaml"
+    path.write_text(GOOD.replace("epochs: 3", "epochs: 010").replace("trials: 4", "trials: 0x10")
+                    .replace("low: 1.0e-4", "low: 1e-4") + "deterministic: false\n")
+    sweep = load_sweep(str(path))
+    assert (sweep.epochs, sweep.trials, sweep.space["learning_rate"].low, sweep.deterministic) == (10, 16, 1e-4, False)
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, lambda path: path.symlink_to("/dev/zero")], ids=["fifo", "dev-zero"])
+def test_a_sweep_name_that_is_no_regular_file_is_refused_without_reading_it(isolated: Path, make: Any) -> None:
+    (isolated / "sweeps").mkdir()
+    make(isolated / "sweeps" / "trap.yaml")
+    # A real process, with a timeout: reading either would never end.
+    result = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", "trap"], cwd=isolated, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "sweeps/trap.yaml is not a regular file" in line
+    listed = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", "--list"], cwd=isolated, capture_output=True,
+                            text=True, timeout=120)
+    assert listed.returncode == 0 and "trap " in listed.stdout and "not a regular file" in listed.stdout
+    assert sorted(p.name for p in isolated.iterdir()) == ["sweeps"]

@@ -59,6 +59,19 @@ def _bad_sweep(folder: Path) -> str:
     (lambda d: ["lr_dropout", "--storage", "postgresql://me:hunter2@127.0.0.1:1/optuna"],
      "cannot open the Optuna storage postgresql://me:***@127.0.0.1:1/optuna"),
     (lambda d: [], "name a sweep"),
+    # The sweep file's bounds hold for the flags that override it.
+    (lambda d: ["lr_dropout", "--trials", str(10**12)], "--trials: 1000000000000 is out of range [1, 1000000]"),
+    (lambda d: ["lr_dropout", "--epochs", str(10**9)], "--epochs: 1000000000 is out of range [1, 100000]"),
+    (lambda d: ["lr_dropout", "--workers", "1000"], "--workers 1000: this machine gives the sweep"),
+    (lambda d: ["lr_dropout", "--storage", ""], "--storage is empty"),
+    (lambda d: ["lr_dropout", "--storage", "."], "--storage . is a folder"),
+    (lambda d: ["lr_dropout", "--tracking-uri", ""], "--tracking-uri is empty"),
+    (lambda d: ["lr_dropout", "--tracking-uri", "ftp://host/store"], "MLflow cannot track to ftp:// here"),
+    (lambda d: ["lr_dropout", "--tracking-uri", "mlruns"], "MLflow cannot track to a plain path here"),
+    (lambda d: ["lr_dropout", "--tracking-uri", "sqlite://store.db"], "a SQLite store is sqlite:///PATH"),
+    (lambda d: ["lr_dropout", "--tracking-uri", "http://"], "names no host"),
+    (lambda d: ["lr_dropout", "--tracking-uri", "http://127.0.0.1:port"], "is malformed"),
+    (lambda d: ["lr_dropout", "--tracking-uri", "http://[::1"], "is malformed"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(isolated: Path, make_args, fragment: str,
                                                          capsys: pytest.CaptureFixture[str],
@@ -79,6 +92,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(isolated: Path, make_ar
     assert "Traceback" not in err and "hunter2" not in err
     assert not (isolated / "mlruns").exists()
     assert {p for p in isolated.rglob("*") if "cache" not in p.parts} <= before
+
+
+def test_workers_beyond_memory_are_refused_with_the_number_that_fits(
+        isolated: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, environment: None) -> None:
+    import psutil
+
+    from cifar_exp import cli, commands
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=3 * commands.WORKER_MEMORY_BYTES + 1))
+    assert cli.command("sweep", ["lr_dropout", "--workers", "4"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--workers 4: each worker takes about 1.7 GB" in line and "give --workers 3 or fewer" in line
+    commands.check_workers(3)  # what fits passes
+    commands.check_workers(1)
+    assert not (isolated / "mlruns").exists()
 
 
 def test_a_real_process_exits_2_with_one_line(isolated: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -304,3 +305,92 @@ def test_a_class_with_one_training_image_is_refused_before_anything_is_cached(
     with pytest.raises(DataError, match="train/ has fewer than 2 image\\(s\\) of airplane \\(1\\)"):
         data.load(str(root), cache=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def _batch(root: Path, name: str, batch: dict[bytes, object]) -> None:
+    (root / name).write_bytes(pickle.dumps(batch))
+
+
+@pytest.mark.parametrize("labels, rows, fragment", [
+    ([0, 1, 12] + [0] * 17, None, "test_batch: label 12 is not a class index \\(batches.meta names 10 classes"),
+    ([-1] + [0] * 19, None, "test_batch: label -1 is not a class index"),
+    ([0] * 19, None, "test_batch: 19 labels for 20 images: every image needs one label"),
+    (["a"] * 20, None, "test_batch: labels are not a list of integers"),
+    (None, np.zeros((20, 3000), np.uint8), "test_batch: data is uint8 \\(20, 3000\\), CIFAR-10 batches hold uint8 "
+                                           "rows of 3072"),
+    (None, np.array([b"x"] * 20, dtype=object), "test_batch: data is object \\(20,\\)"),
+], ids=["label-too-big", "label-negative", "labels-short", "labels-text", "rows-short", "object-array"])
+def test_python_batches_with_bad_labels_or_rows_are_refused_before_anything_is_cached(
+        tmp_path: Path, arrays: dict[str, np.ndarray], labels: Any, rows: Any, fragment: str) -> None:
+    root = make_batches(tmp_path / "batches", arrays)
+    test = {b"data": arrays["x_test"].transpose(0, 3, 1, 2).reshape(20, -1) if rows is None else rows,
+            b"labels": arrays["y_test"].tolist() if labels is None else labels}
+    _batch(root, "test_batch", test)
+    with pytest.raises(DataError, match=fragment):
+        data.load(str(root), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_sixteen_bit_png_is_refused_not_saturated(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    root = make_folder(tmp_path / "tree", arrays)
+    (deep,) = sorted((root / "test" / "cat").iterdir())[:1]
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(deep, format="PNG")  # mid-gray in 16 bits
+    with pytest.raises(DataError, match="test/cat/.*png has pixel mode I;16 \\(16-bit or float\\)"):
+        data.load(str(root), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_zip_with_the_tree_twice_is_refused(tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path = tmp_path / "twice.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for top in ("cifar10/", "copy/"):
+            for name, blob in _entries(arrays):
+                z.writestr(top + name, blob)
+    with pytest.raises(DataError, match="holds two image trees, cifar10/ and copy/: keep one"):
+        data.load(str(path), cache=tmp_path / "cache")
+
+
+def test_a_zip_bomb_is_refused_from_its_header_without_unpacking(tmp_path: Path,
+                                                                 arrays: dict[str, np.ndarray]) -> None:
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, blob in _entries(arrays):
+            z.writestr(name, blob)
+        with z.open("train/cat/bomb.png", "w", force_zip64=True) as member:  # 256 MB of zeros, 250 KB packed
+            chunk = bytes(1 << 20)
+            for _ in range(256):
+                member.write(chunk)
+    assert path.stat().st_size < 2 << 20
+    with pytest.raises(DataError, match=f"train/cat/bomb.png unpacks to {256 << 20} bytes; a 32x32 image is a few "
+                                        f"KB \\(limit {1 << 20}\\)"):
+        data.load(str(path), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_zip_whose_header_understates_a_member_is_read_no_further_and_called_damaged(
+        tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path = tmp_path / "liar.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, blob in _entries(arrays):
+            z.writestr(name, blob)
+        z.writestr("train/cat/liar.png", bytes(64 << 20))  # 64 MB of zeros ...
+    packed = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # ... said to be 100 bytes
+        at = packed.rindex(signature)
+        packed[at + offset:at + offset + 4] = (100).to_bytes(4, "little")
+    path.write_bytes(bytes(packed))
+    with pytest.raises(DataError, match=r"is a damaged zip \(Bad CRC-32 for file 'train/cat/liar.png'\)"):
+        data.load(str(path), cache=tmp_path / "cache")
+
+
+def test_train_images_beyond_the_data_is_refused_before_the_cache_is_written(
+        isolated: Path) -> None:
+    x, y = np.zeros((200, 32, 32, 3), np.uint8), np.arange(200) % 10
+    root = make_folder(isolated / "tree", {"x_train": x, "y_train": y, "x_test": x[:20], "y_test": y[:20]})
+    for size in ("1", "10000"):
+        result = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--data", str(root),
+                                 "--train-images", size], cwd=isolated, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert f"train_images {size} is not possible" in line
+        assert not (isolated / "cache").exists() and not (isolated / "mlruns").exists()

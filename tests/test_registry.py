@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 from unittest import mock
 
@@ -43,7 +44,7 @@ def test_top_k_orders_classes_by_probability() -> None:
 def test_read_images_resizes_any_size_to_the_model_input(isolated: Path) -> None:
     Image.new("RGB", (100, 60), (255, 0, 0)).save(isolated / "wide.png")
     Image.new("L", (32, 32), 128).save(isolated / "gray.jpg")
-    images = registry.read_images([str(isolated / "wide.png"), str(isolated / "gray.jpg")], (32, 32))
+    images = registry.resized(registry.read_images([str(isolated / "wide.png"), str(isolated / "gray.jpg")]), (32, 32))
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     assert images[0, 10, 10].tolist() == [255, 0, 0] and images[1, 5, 5].tolist() == [128, 128, 128]
 
@@ -51,9 +52,45 @@ def test_read_images_resizes_any_size_to_the_model_input(isolated: Path) -> None
 def test_unreadable_images_are_named(isolated: Path) -> None:
     (isolated / "notes.txt").write_text("not an image")
     with pytest.raises(UserError, match="image .*notes.txt is not a readable image"):
-        registry.read_images([str(isolated / "notes.txt")], (32, 32))
+        registry.read_images([str(isolated / "notes.txt")])
     with pytest.raises(UserError, match="image .*missing.jpg does not exist"):
-        registry.read_images([str(isolated / "missing.jpg")], (32, 32))
+        registry.read_images([str(isolated / "missing.jpg")])
+
+
+def test_predict_checks_its_images_before_it_loads_a_model(isolated: Path) -> None:
+    uri = f"sqlite:///{isolated}/mlruns/mlflow.db"
+    track.configure(uri)  # a store, with no model in it: loading one would fail with another message
+    os.mkfifo(isolated / "pipe.jpg")
+    (isolated / "notes.txt").write_text("not an image")
+    for image, fragment in (("pipe.jpg", "is not a regular file"), ("notes.txt", "is not a readable image"),
+                            ("missing.png", "does not exist")):
+        code, out, err = in_process(isolated, "predict", str(isolated / image), "--model", "models:/nothing@champion",
+                                    "--tracking-uri", uri)
+        assert code == 2 and out == "", err
+        (line,) = err.strip().splitlines()
+        assert f"{image} {fragment}" in line and "nothing@champion" not in line
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height``, 8-bit gray, with no pixels in it."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_pipes_huge_headers_and_16_bit_images_are_refused_before_decoding(isolated: Path) -> None:
+    os.mkfifo(isolated / "pipe.jpg")
+    with pytest.raises(UserError, match="pipe.jpg is not a regular file"):
+        registry.read_images([str(isolated / "pipe.jpg")])  # would block forever on open
+    # A PNG header claiming 12000x12000 (a decompression bomb): refused from the header alone.
+    (isolated / "huge.png").write_bytes(png_header(12000, 12000))
+    with pytest.raises(UserError, match="huge.png is 12000x12000 pixels"):
+        registry.read_images([str(isolated / "huge.png")])
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(isolated / "deep.png")
+    with pytest.raises(UserError, match="deep.png has pixel mode I;16"):
+        registry.read_images([str(isolated / "deep.png")])
 
 
 def test_registered_model_name_defaults_and_is_validated() -> None:
@@ -291,6 +328,7 @@ def test_unknown_model_and_empty_study_are_one_line_errors(isolated: Path) -> No
     from cifar_exp.storage import open_storage
 
     track.configure(f"sqlite:///{isolated}/mlruns/mlflow.db")
+    Image.new("RGB", (32, 32)).save(isolated / "x.jpg")
     result = cli("predict", "x.jpg", "--model", "models:/nothing@champion", cwd=isolated)
     assert result.returncode == 2 and "error: cannot load models:/nothing@champion" in result.stderr
     optuna.create_study(study_name="lr_dropout", storage=open_storage(str(isolated / "mlruns" / "optuna.journal")),
