@@ -159,3 +159,47 @@ def test_two_sweep_commands_started_at_once_on_a_fresh_store_share_the_budget(is
     assert [t.state in FINISHED for t in trials] == [True, True]  # the budget, exactly
     parents, children = runs(isolated)
     assert len(parents) == 1 and len(children) == 2
+
+
+CREATE_STORE = """
+import os, signal, sys
+import sqlalchemy
+from cifar_exp import track
+
+def kill_at(conn, cursor, statement, *args):  # SIGKILL itself as MLflow sends this statement
+    if sys.argv[2] and sys.argv[2] in statement:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", kill_at)
+print("ready", flush=True)
+track.configure(sys.argv[1])
+print("made", flush=True)
+"""
+# Statements of MLflow's schema creation to die at: the first table, a migration halfway through
+# its copy of a table (SQLite's batch ALTER), the version stamp at the end.
+KILL_AT = ("CREATE TABLE experiments", "CREATE TABLE _alembic_tmp_experiments", "INSERT INTO _alembic_tmp_runs",
+           "UPDATE alembic_version")
+
+
+@pytest.mark.parametrize("when", [*KILL_AT, 0.3, 1.0, 2.0], ids=str)
+def test_a_kill_at_any_point_of_a_store_s_creation_leaves_a_store_that_works(isolated: Path, when: str | float) -> None:
+    """SIGKILL a first start inside MLflow's schema creation, at a statement or after a delay; the
+    next start then works, on a complete schema, and leaves no temporary file."""
+    from mlflow.tracking import MlflowClient
+
+    from cifar_exp import track
+
+    uri = f"sqlite:///{isolated}/store/mlflow.db"
+    creator = subprocess.Popen([sys.executable, "-c", CREATE_STORE, uri, when if isinstance(when, str) else ""],
+                               stdout=subprocess.PIPE, text=True, env=clean_env())
+    assert creator.stdout is not None and creator.stdout.readline() == "ready\n"
+    if isinstance(when, float):
+        time.sleep(when)
+        creator.kill()
+    assert creator.wait(timeout=120) == -signal.SIGKILL
+    track.configure(uri)  # the next start, whatever the kill left
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("after-the-kill"))
+    client.log_metric(run.info.run_id, "val_accuracy", 0.5)
+    assert client.get_run(run.info.run_id).data.metrics == {"val_accuracy": 0.5}
+    assert not [p.name for p in (isolated / "store").iterdir() if "creating" in p.name]

@@ -55,7 +55,8 @@ def retrying(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any)
 
 def configure(tracking_uri: str) -> None:
     """Point this process at ``tracking_uri``; a local SQLite file is created (WAL mode, readable by
-    its owner only) with MLflow's schema if needed, one process at a time (``<file>.lock``). A
+    its owner only) with MLflow's schema if needed, one process at a time (``<file>.lock``), all
+    or nothing (``_create_store``). A
     tracking server (``http(s)://``) must answer its health check: ``UserError`` if it does not,
     before anything is written anywhere.
 
@@ -77,12 +78,39 @@ def configure(tracking_uri: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if not path.exists():
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-            with sqlite3.connect(path) as db:
-                db.execute("PRAGMA journal_mode=WAL")
+            _create_store(path)
         retrying(MlflowClient().search_experiments, max_results=1)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _create_store(path: Path) -> None:
+    """A new SQLite store at ``path`` with MLflow's whole schema, all or nothing: made in a
+    temporary file beside it and renamed into place. A process killed while MLflow migrated a
+    store in place left it half made (``_alembic_tmp_experiments``), and every later command
+    failed on it. Called under the store's lock, so temporary files left by a killed creator are
+    nobody's and go."""
+    from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine_with_retry
+
+    for left in path.parent.glob(f".{path.name}.*.creating*"):
+        left.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".creating")
+    os.close(fd)  # mkstemp makes it readable by its owner only
+    try:
+        engine = create_sqlalchemy_engine_with_retry(f"sqlite:///{tmp}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+        db = sqlite3.connect(tmp)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # recorded in the file; readers proceed while one writes
+        finally:
+            db.close()  # the last connection: its write-ahead log is folded into the file
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, f"{tmp}-wal", f"{tmp}-shm", f"{tmp}-journal"):
+            Path(leftover).unlink(missing_ok=True)
 
 
 def _credentials_to_env(tracking_uri: str) -> str:
