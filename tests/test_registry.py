@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -337,3 +339,41 @@ def test_unknown_model_and_empty_study_are_one_line_errors(isolated: Path) -> No
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == \
         "error: the study has no completed trial with a logged model yet: run the sweep first"
+
+
+KILL_AT_STATEMENT = """
+import os, signal, sys
+import sqlalchemy
+from cifar_exp.cli import main
+
+def kill_at(conn, cursor, statement, *args):  # SIGKILL itself as such a statement goes to the store
+    if all(part in statement for part in os.environ["KILL_AT"].split("|")):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", kill_at)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_register_killed_after_creating_the_version_is_completed_by_the_next_register(
+        registered: dict, isolated: Path) -> None:
+    shutil.copytree(registered["folder"] / "mlruns", isolated / "mlruns")  # the sweeps' store, to spoil
+    uri, storage = f"sqlite:///{isolated}/mlruns/mlflow.db", str(isolated / "mlruns" / "optuna.journal")
+    MlflowClient(uri).delete_registered_model(NAME)
+    argv = ["register", str(TEST_SWEEPS / "registry_good.yaml"), "--storage", storage, "--tracking-uri", uri,
+            "--data", str(registered["data"])]
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_STATEMENT, *argv], cwd=isolated, capture_output=True,
+                            text=True, timeout=900, env=clean_env(KILL_AT="UPDATE model_versions SET|description",
+                                                                  **registered["env"]))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (half,) = MlflowClient(uri).search_model_versions(f"name='{NAME}'")
+    assert not half.description  # killed between the version and its description
+    code, out, err = in_process(isolated, *argv, env=registered["env"])
+    assert code == 0, err
+    assert f"already registered: {NAME} version 1" in out and "alias champion -> version 1" in out
+    (version,) = MlflowClient(uri).search_model_versions(f"name='{NAME}'")
+    run_id, test_accuracy = best_good_trial(registered)
+    assert run_id in version.description and "learning_rate=" in version.description
+    assert version.tags["run_id"] == run_id and float(version.tags["test_accuracy"]) == test_accuracy
+    assert {"seed", "learning_rate", "val_accuracy", "trial", "sweep"} <= set(version.tags)

@@ -112,20 +112,27 @@ class Version:
 
 
 def register(name: str, model_uri: str, run_id: str, description: str, tags: Mapping[str, Any]) -> Version:
-    """Register ``model_uri`` (logged by ``run_id``) as a version of ``name``. The same run
-    registered twice gives back its existing version."""
+    """Register ``model_uri`` (logged by ``run_id``) as a version of ``name``, with
+    ``description`` and ``tags``. The same run registered twice gives back its existing version,
+    completed: a registration killed after creating the version and before its description and
+    tags were written gets them now."""
     client = MlflowClient()
     existing = retrying(client.search_model_versions, f"name='{name}' and run_id='{run_id}'")
     if existing:
-        return Version(name, str(existing[0].version), run_id, created=False)
-    try:
-        retrying(client.create_registered_model, name)
-    except MlflowException as exc:
-        if "already exists" not in str(exc).lower():
-            raise
-    version = retrying(mlflow.register_model, model_uri, name, tags=_strings(tags))
-    retrying(client.update_model_version, name, version.version, description=description)
-    return Version(name, str(version.version), run_id, created=True)
+        version, created = existing[0], False
+    else:
+        try:
+            retrying(client.create_registered_model, name)
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower():
+                raise
+        version, created = retrying(mlflow.register_model, model_uri, name, tags=_strings(tags)), True
+    if (version.description or "") != description:
+        retrying(client.update_model_version, name, version.version, description=description)
+    for key, value in _strings(tags).items():
+        if (version.tags or {}).get(key) != value:
+            retrying(client.set_model_version_tag, name, version.version, key, value)
+    return Version(name, str(version.version), run_id, created=created)
 
 
 def alias_version(name: str, alias: str) -> Version | None:
