@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import gc
+import logging
 import os
 import sys
 import traceback
@@ -207,6 +209,8 @@ def _run(name: str, args: argparse.Namespace, command_line: list[str]) -> int:
     before a command handles it is 130. Files and folders a command creates (journal,
     databases, caches, artifacts) are never writable by group or others, whatever the umask."""
     os.umask(os.umask(0o022) | 0o022)
+    # A log handler that cannot write (a full disk) prints a traceback of its own per record.
+    logging.raiseExceptions = False
     from cifar_exp import commands, results
 
     args.command_line = command_line
@@ -225,6 +229,37 @@ def _run(name: str, args: argparse.Namespace, command_line: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        problem = disk_problem(exc)
+        if problem is None:
+            raise
+        if os.environ.get("CIFAR_EXP_DEBUG") == "1":
+            traceback.print_exception(exc, chain=True)
+        print(f"error: {mask_credentials(problem)}", file=sys.stderr)
+        return 2
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def disk_problem(exc: BaseException) -> str | None:
+    """The one line for ``exc`` if it (or an exception it was raised from) is a full disk or a
+    store that cannot be written (OSError, or SQLite's own words), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).lower()
+        if isinstance(seen, OSError) and seen.errno in _FULL + _READ_ONLY:
+            where = f" {seen.filename}" if seen.filename else ""
+            what = "the disk is full" if seen.errno in _FULL else "the store is not writable"
+            return (f"cannot write{where}: {what} ({os.strerror(seen.errno)}): free space or make the store writable "
+                    f"(or pass --storage and --tracking-uri elsewhere), then run the same command again")
+        if "database or disk is full" in text or "readonly database" in text:
+            what = "the disk is full" if "full" in text else "the database is read-only"
+            return (f"cannot write the MLflow store: {what} (SQLite: {str(seen).splitlines()[0][:120]}): free space or "
+                    f"make the store writable (or pass --tracking-uri elsewhere), then run the same command again")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:

@@ -199,6 +199,9 @@ class Sweep:
     trials: int | None = 20
     timeout: float | None = None  # seconds; no new trial starts after it
     max_consecutive_failures: int = 5
+    # Seconds a worker may go without a heartbeat (a thread touches a file every quarter of this,
+    # at most every 10 s) before it is taken for frozen, killed, and its trial failed and retried.
+    heartbeat_grace: float = 60.0
     # Deterministic kernels (TensorFlow op determinism, XLA's deterministic GPU ops): what makes
     # a trial rerunnable bit for bit. Default kernels give other numbers, so reruns must match.
     deterministic: bool = True
@@ -376,3 +379,17 @@ def check_weights(value: str, where: str) -> str:
         raise ConfigError(f"{where}: {value[:60]!r} is not a Keras weights file (a .weights.h5 file in HDF5, saved "
                           f"with backbone.save_weights)")
     return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a sweep needs, resolved: the sweep (with overrides applied) and where things go."""
+
+    sweep: Sweep
+    storage: str
+    tracking_uri: str
+    workers: int = 1
+    gpus: tuple[str, ...] = ()  # worker i sees GPU gpus[i % len(gpus)] only; () leaves the environment alone
+    tags: dict[str, str] = field(default_factory=dict)  # provenance for the parent run
+    data_checksum: str = ""  # of the data the sweep trains on: part of the study's identity
+    log_file: str = ""  # where workers write their output (library log lines); "" leaves it on the terminal

@@ -28,18 +28,19 @@ import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
 import psutil
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import get_lock_file
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp import space, track
+from cifar_exp import liveness, space, track
 from cifar_exp import trial as one_trial
-from cifar_exp.config import ConfigError, PrunerConfig, SamplerConfig, Sweep, UserError, mask_credentials
+from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials
 
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # RDB storages: a running trial's heartbeat period, and the silence after which it is stale. A
@@ -47,21 +48,6 @@ COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # database connection.
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 60
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything a sweep needs, resolved: the sweep (with overrides applied) and where things go."""
-
-    sweep: Sweep
-    storage: str
-    tracking_uri: str
-    workers: int = 1
-    gpus: tuple[str, ...] = ()  # worker i sees GPU gpus[i % len(gpus)] only; () leaves the environment alone
-    tags: dict[str, str] = field(default_factory=dict)  # provenance for the parent run
-    data_checksum: str = ""  # of the data the sweep trains on: part of the study's identity
-    log_file: str = ""  # where workers write their output (library log lines); "" leaves it on the terminal
-
 
 
 def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS,
@@ -83,7 +69,33 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS,
     path = Path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    backend = JournalFileBackend(str(path))
+    with get_lock_file(backend._lock):  # the lock every append takes
+        _cut_torn_tail(path)
+    return optuna.storages.JournalStorage(backend)
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Cut a journal's last line if it was never finished (a write that met a full disk, or a kill
+    in mid-write): that record was never stored, and the next append would glue itself to it,
+    leaving a line no later start can read."""
+    with path.open("rb+") as f:
+        end = keep = f.seek(0, os.SEEK_END)
+        while keep > 0:  # back to the last newline, a block at a time
+            start = max(0, keep - 4096)
+            f.seek(start)
+            newline = f.read(keep - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+        if keep != end:
+            f.truncate(keep)
+
+
+def locks(url: str) -> bool:
+    """Whether ``budget_lock`` takes a lock for the storage ``url`` (see there)."""
+    return url.startswith(("postgresql", "sqlite:///")) or "://" not in url
 
 
 @contextmanager
@@ -120,27 +132,33 @@ def budget_lock(url: str, storage: optuna.storages.BaseStorage | optuna.Study, n
         os.close(fd)  # releases the lock
 
 
-def _alive(pid: Any, started: Any) -> bool:
-    """Whether the process ``pid``, started at ``started`` (psutil's create_time), still runs; the
-    start time tells a reused pid from the original process."""
-    try:
-        return bool(abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.01)
-    except (psutil.Error, TypeError, ValueError):
-        return False
-
-
-def recover_stale(study: optuna.Study) -> list[FrozenTrial]:
+def recover_stale(study: optuna.Study, unclaimed: bool = False, url: str = "",
+                  grace: float = float("inf")) -> list[FrozenTrial]:
     """Fail the study's RUNNING trials whose worker is gone, close their MLflow runs as KILLED, and
     enqueue each once more (a trial that is itself a retry is not retried again). Returns them.
 
-    Gone: on this host, a worker process that no longer exists; on an RDB storage, also a trial
-    of any host without a heartbeat for the storage's grace period. Safe to run in many processes
-    at once: only the one whose state change wins closes and retries a trial."""
+    Gone: on this host, a worker process that no longer exists, or whose heartbeat file (see
+    ``liveness``, beside the storage ``url``) is silent past ``grace`` (it is killed); on an RDB storage, also a trial
+    of any host without a heartbeat for the storage's grace period; with ``unclaimed`` (the
+    caller holds the budget lock, under which every claim stamps its trial), also a trial with no
+    worker stamped on it: its claimer died, or met a full disk, between asking and stamping.
+    Safe to run in many processes at once: only the one whose state change wins closes and
+    retries a trial."""
     host = socket.gethostname()
-    gone = [(t, f"stale: its worker (pid {t.user_attrs.get('worker_pid')}) is gone")
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    gone = [(t, f"stale: its worker (pid {t.user_attrs.get('worker_pid')}) is gone") for t in running
             if t.user_attrs.get("worker_host") == host
-            and not _alive(t.user_attrs.get("worker_pid"), t.user_attrs.get("worker_started"))]
+            and not liveness.alive(t.user_attrs.get("worker_pid"), t.user_attrs.get("worker_started"))]
+    if unclaimed:
+        gone += [(t, "stale: its claim never finished (no worker was recorded on it)") for t in running
+                 if "worker_host" not in t.user_attrs]
+    for t in running:
+        attrs = t.user_attrs
+        if attrs.get("worker_host") == host and liveness.alive(attrs.get("worker_pid"), attrs.get("worker_started")):
+            silent = liveness.frozen(url, int(attrs["worker_pid"]), float(attrs["worker_started"]), grace)
+            if silent is not None:
+                gone.append((t, f"stale: its worker (pid {attrs['worker_pid']}) was silent for {silent:.0f} s "
+                                f"(frozen): killed"))
     rdb = _beating(study._storage)
     if rdb is not None:
         grace = rdb.grace_period or 2 * (rdb.heartbeat_interval or 0)
@@ -201,24 +219,6 @@ def load_existing(url: str, name: str) -> optuna.Study:
         raise UserError(f"no study '{name}' in {url} (studies: {names or 'none'})") from None
 
 
-def make_sampler(cfg: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
-    if cfg.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if cfg.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed)
-
-
-def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
-    # Steps are epochs completed (1-based), so min_epochs=1 allows pruning after the first epoch.
-    if cfg.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_epochs, max_resource=max(epochs, 1),
-                                              reduction_factor=cfg.reduction_factor)
-    if cfg.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=cfg.min_epochs)
-    return optuna.pruners.NopPruner()
-
-
 def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """The trials that count against the budget: finished, not ended by an interruption, and not
     failed trials that were retried (their retry counts instead)."""
@@ -242,13 +242,12 @@ def best_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
     return sorted(done, key=lambda t: t.value, reverse=maximize)[:k]  # type: ignore[arg-type, return-value]
 
 
-
 def load(settings: Settings, storage: optuna.storages.BaseStorage, seed: int) -> optuna.Study:
     """The sweep's study in ``storage`` with its sampler (seeded with ``seed``) and pruner."""
     sweep = settings.sweep
     return optuna.load_study(study_name=sweep.name, storage=storage,
-                             sampler=make_sampler(sweep.sampler, seed),
-                             pruner=make_pruner(sweep.pruner, sweep.epochs))
+                             sampler=space.make_sampler(sweep.sampler, seed),
+                             pruner=space.make_pruner(sweep.pruner, sweep.epochs))
 
 
 @dataclass(frozen=True)
@@ -261,8 +260,8 @@ class Claim:
 
 
 def claim(settings: Settings, storage: optuna.storages.BaseStorage) -> Claim | Literal["wait", "done"]:
-    """Recover stale trials, then, if the budget allows, start the study's next trial and sample
-    its parameters; else ``"wait"`` or ``"done"`` (see ``budget_state``).
+    """Under the budget lock, recover stale trials, then, if the budget allows, start the study's
+    next trial and sample its parameters; else ``"wait"`` or ``"done"`` (see ``budget_state``).
 
     The sampler is seeded per trial from (sweep seed, number of trials so far), so a sequential
     sweep samples the same parameters in the same order on every run from scratch, across
@@ -272,8 +271,9 @@ def claim(settings: Settings, storage: optuna.storages.BaseStorage) -> Claim | L
     """
     sweep = settings.sweep
     study_id = storage.get_study_id_from_name(sweep.name)
-    recover_stale(load(settings, storage, sweep.sampler.seed))
     with budget_lock(settings.storage, storage, sweep.name):
+        recover_stale(load(settings, storage, sweep.sampler.seed), locks(settings.storage), settings.storage,
+                      sweep.heartbeat_grace)
         trials = storage.get_all_trials(study_id, deepcopy=False)
         state = budget_state(sweep, trials)
         if state != "open":
@@ -348,8 +348,8 @@ def create_study(settings: Settings) -> optuna.Study:
     direction = sweep.objective.direction
     try:
         study = optuna.create_study(study_name=sweep.name, storage=storage, direction=direction,
-                                    sampler=make_sampler(sweep.sampler, sweep.sampler.seed),
-                                    pruner=make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
+                                    sampler=space.make_sampler(sweep.sampler, sweep.sampler.seed),
+                                    pruner=space.make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
     except ValueError as exc:  # e.g. an existing study with the other direction
         raise ConfigError(f"study '{sweep.name}' in {mask_credentials(settings.storage)}: {exc}") from None
     if study.direction.name.lower() != direction:

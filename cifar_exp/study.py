@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp import events, overview, storage, track, worker
+from cifar_exp import events, liveness, overview, storage, track, worker
 from cifar_exp.config import Sweep, UserError
 from cifar_exp.storage import Settings
 
@@ -71,7 +72,9 @@ def run_sweep(settings: Settings, on_event: OnEvent = lambda event, tally: None)
     track.configure(settings.tracking_uri)
     experiment = track.experiment_id(sweep.name)
     parent = start_parent_run(settings, study, experiment)
-    stale = storage.recover_stale(study)  # left RUNNING by a run of this command that was killed
+    with storage.budget_lock(settings.storage, study, sweep.name):  # left RUNNING by a killed run
+        stale = storage.recover_stale(study, storage.locks(settings.storage), settings.storage, sweep.heartbeat_grace)
+    close_orphans(study, experiment, parent)
     state = _Parent(settings, study, parent, on_event)
     for trial in stale:
         on_event(events.Stale(trial.number, trial.user_attrs.get("fail_reason", "")), state.tally)
@@ -107,6 +110,28 @@ def start_parent_run(settings: Settings, study: optuna.Study, experiment: str) -
     return parent
 
 
+def close_orphans(study: optuna.Study, experiment: str, parent: str) -> list[str]:
+    """End the trial runs still RUNNING in MLflow whose trial is not running in the study: a trial
+    ended in Optuna while its run could not be closed (a full disk, a tracking server down). Each
+    ends as its trial did (FAILED with the trial's reason, or KILLED); returns their ids."""
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    closed = []
+    for run_id, number in track.running_children(experiment, parent).items():
+        if number in running:
+            continue
+        trial = by_number.get(number)
+        if trial is not None and trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            track.end_run(run_id, "FINISHED", {"state": trial.state.name})
+        else:
+            reason = (trial.user_attrs.get("fail_reason") if trial else None) or \
+                "the sweep stopped before this trial's run was closed"
+            track.end_run(run_id, "KILLED" if trial is None or trial.user_attrs.get("interrupted") else "FAILED",
+                          {"state": trial.state.name if trial else "FAIL", "fail_reason": reason})
+        closed.append(run_id)
+    return closed
+
+
 class _Parent:
     """The sweep command while its workers run: the workers, the counts (``events.Tally``), and
     why it stops (an interruption, too many failures in a row, a fatal worker)."""
@@ -128,6 +153,7 @@ class _Parent:
         self.queue: Any = self.ctx.Queue()
         self.deadline = time.time() + self.sweep.timeout if self.sweep.timeout else None
         self.previous: dict[int, Any] = {}
+        self.silenced: dict[int, float] = {}  # pid -> seconds of silence, of the workers killed as frozen
 
     def supervise(self, experiment: str) -> None:
         """Start the workers the budget needs, then follow them until every one has ended."""
@@ -151,6 +177,7 @@ class _Parent:
             if stop_sent and time.time() - stop_sent > STOP_GRACE_SECONDS:
                 for process in self.workers.values():
                     process.kill()
+            self._kill_frozen()
             self._reap(experiment)
         self._drain()
 
@@ -162,6 +189,20 @@ class _Parent:
         assert process.pid is not None
         self.pids.add(process.pid)
         self.workers[worker_id] = process
+
+    def _kill_frozen(self) -> None:
+        """SIGKILL the workers whose heartbeat is silent past the sweep's ``heartbeat_grace``
+        (``liveness``); ``_reap`` then fails and retries their trials like any dead worker's."""
+        for process in self.workers.values():
+            if process.pid is None or process.pid in self.silenced or not process.is_alive():
+                continue
+            try:
+                started = psutil.Process(process.pid).create_time()
+            except psutil.Error:  # it just ended: _reap's
+                continue
+            silent = liveness.frozen(self.settings.storage, process.pid, started, self.sweep.heartbeat_grace)
+            if silent is not None:
+                self.silenced[process.pid] = silent
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.interrupted = True
@@ -219,6 +260,8 @@ class _Parent:
             self.tally.failures_in_a_row += 1
         for trial in trials:
             reason = f"worker process died (exit code {exitcode})"
+            if pid in self.silenced:
+                reason = f"worker process frozen: no heartbeat for {self.silenced[pid]:.0f} s, killed"
             if self.interrupted:
                 reason = "interrupted: the worker was stopped before the trial ended"
             if not storage.fail_trial(self.study, trial, reason, "KILLED" if self.interrupted else "FAILED",

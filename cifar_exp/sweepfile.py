@@ -43,6 +43,7 @@ _TOP_LEVEL: dict[str, Any] = {
     "trials": int | None,
     "timeout": float | None,
     "max_consecutive_failures": int,
+    "heartbeat_grace": float,
     "deterministic": bool,
     "registered_model": str,
     "hypermodel": str,
@@ -50,7 +51,7 @@ _TOP_LEVEL: dict[str, Any] = {
 _HYPERMODEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 # The bounds of the top-level numbers, for the file and for the flags that override it alike.
 TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
-                     "max_consecutive_failures": (1, 1_000_000)}
+                     "max_consecutive_failures": (1, 1_000_000), "heartbeat_grace": (5.0, None)}
 _DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import optuna
+import psutil
 from optuna.trial import TrialState
 
-from cifar_exp import events, storage, track
+from cifar_exp import events, liveness, storage, track
 from cifar_exp import trial as one_trial
 from cifar_exp.config import TrainConfig, UserError
 from cifar_exp.storage import Claim, Settings
@@ -55,8 +56,10 @@ def main(settings: Settings, experiment: str, parent_run_id: str, stop: Any,
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent reports trials
     if settings.gpus:  # before Keras (and its backend) first touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[worker_id % len(settings.gpus)]
-    if worker.prepare():
-        worker.run(stop, deadline)
+    me = psutil.Process()
+    with liveness.beating(liveness.path(settings.storage, me.pid, me.create_time()), settings.sweep.heartbeat_grace):
+        if worker.prepare():
+            worker.run(stop, deadline)
 
 
 def _die_with_parent(parent: int, queue: Any, poll: float = 0.5) -> None:

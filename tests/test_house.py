@@ -17,7 +17,7 @@ MODULES = {(p.relative_to(PACKAGE).with_suffix("").as_posix().replace("/__init__
 # Lowest first: a module may import modules of its own floor and below, never above.
 FLOORS = [
     {"config", "events", "safeyaml"},
-    {"sweepfile", "formats", "backend", "space", "plots"},
+    {"sweepfile", "formats", "backend", "space", "plots", "liveness"},
     {"data", "evaluation"},
     {"models", "layers", "optimizers", "programs"},
     {"train", "hypermodel"},

@@ -21,14 +21,15 @@ from tests.test_sweep import FINISHED, clean_env, run_sweep, runs, study
 pytestmark = pytest.mark.slow
 
 
-def wait_for_first_epoch(cwd: Path, process: subprocess.Popen, trial: int = 0) -> optuna.trial.FrozenTrial:
+def wait_for_first_epoch(cwd: Path, process: subprocess.Popen, trial: int = 0,
+                         name: str = "lr_dropout") -> optuna.trial.FrozenTrial:
     """Wait until ``trial`` has reported an epoch (its worker is then mid-training): the trial."""
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         journal = cwd / "mlruns" / "optuna.journal"
         if journal.exists():
             try:
-                found = [t for t in study(cwd).get_trials() if t.number == trial and t.intermediate_values]
+                found = [t for t in study(cwd, name).get_trials() if t.number == trial and t.intermediate_values]
             except KeyError:  # the study is not created yet
                 found = []
             if found:
@@ -203,3 +204,93 @@ def test_a_kill_at_any_point_of_a_store_s_creation_leaves_a_store_that_works(iso
     client.log_metric(run.info.run_id, "val_accuracy", 0.5)
     assert client.get_run(run.info.run_id).data.metrics == {"val_accuracy": 0.5}
     assert not [p.name for p in (isolated / "store").iterdir() if "creating" in p.name]
+
+
+def test_a_full_disk_then_a_read_only_store_are_one_line_and_exit_2_and_a_resume_leaves_nothing_running(
+        isolated: Path, cifar_slice: Path) -> None:
+    """The whole store on a 3 MB tmpfs (a private mount namespace): trial 0's model fills it, the
+    sweep ends with one line and exit 2. Copied to a roomy disk, the same command resumes and
+    leaves no trial and no run RUNNING. Then, bound read-only, every command is one line, exit 2."""
+    sweep = f"{sys.executable} -m cifar_exp.sweep lr_dropout --trials 3 --epochs 1 --data {cifar_slice}"
+    script = (f"mkdir -p mlruns && mount -t tmpfs -o size=3m tmpfs mlruns && {sweep} >out.txt 2>err.txt; "
+              f"echo $? >rc.txt; cp -a mlruns kept")
+    subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], cwd=isolated, check=True,
+                   timeout=900, env=clean_env())
+    err = (isolated / "err.txt").read_text()
+    assert (isolated / "rc.txt").read_text().strip() == "2", err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.strip().splitlines()[-1].startswith("error: cannot write the MLflow store: the disk is full"), err
+    subprocess.run(["cp", "-a", "kept/.", "mlruns/"], cwd=isolated, check=True)
+    resumed = subprocess.run(sweep.split(), cwd=isolated, capture_output=True, text=True, timeout=900,
+                             env=clean_env())
+    assert resumed.returncode == 0, resumed.stderr
+    trials = study(isolated).get_trials()
+    assert TrialState.RUNNING not in {t.state for t in trials} and len(trials) >= 3
+    parents, children = runs(isolated)
+    assert {r.info.status for r in parents + children} <= {"FINISHED", "FAILED", "KILLED"}
+    assert len(children) == len(trials)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(isolated / "x.png")
+    commands = [f"sweep lr_dropout --trials 4 --data {cifar_slice}", "report lr_dropout", "compare lr_dropout",
+                "register lr_dropout", "predict x.png --model models:/cifar10-lr_dropout/1"]
+    script = "mount --bind mlruns mlruns && mount -o remount,ro,bind mlruns && " + " ; ".join(
+        f"{Path(sys.executable).parent / 'cifar-exp'} {c} >/dev/null 2>ro-{i}.txt; echo $? >>ro-rc.txt"
+        for i, c in enumerate(commands))
+    subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], cwd=isolated, check=True,
+                   timeout=900, env=clean_env())
+    assert (isolated / "ro-rc.txt").read_text().split() == ["2"] * len(commands)
+    for i, c in enumerate(commands):
+        (line,) = (isolated / f"ro-{i}.txt").read_text().strip().splitlines()
+        assert line.startswith("error: cannot write") and "Read-only file system" in line, (c, line)
+
+
+FROZEN = str(Path(__file__).parent / "sweeps" / "frozen.yaml")  # heartbeat_grace: 8
+
+
+def _frozen_worker(cwd: Path, cifar_slice: Path) -> tuple[subprocess.Popen, int]:
+    """A sweep of ``frozen.yaml`` whose worker is SIGSTOPped in trial 0's second epoch: the sweep
+    command and the worker's pid."""
+    process = subprocess.Popen([sys.executable, "-m", "cifar_exp.sweep", FROZEN, "--data", str(cifar_slice)], cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    pid = int(wait_for_first_epoch(cwd, process, name="frozen").user_attrs["worker_pid"])
+    os.kill(pid, signal.SIGSTOP)
+    return process, pid
+
+
+def test_a_frozen_worker_is_killed_past_its_heartbeat_grace_and_its_trial_retried(isolated: Path,
+                                                                                  cifar_slice: Path) -> None:
+    process, pid = _frozen_worker(isolated, cifar_slice)
+    stopped = time.monotonic()
+    while study(isolated, "frozen").get_trials()[0].state == TrialState.RUNNING:
+        assert time.monotonic() - stopped < 300, "the frozen worker's trial is still RUNNING"
+        time.sleep(0.5)
+    print(f"SIGSTOP to trial 0 failed: {time.monotonic() - stopped:.1f} s")
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert "trial 0 FAIL: worker process frozen: no heartbeat for" in out and "killed" in out
+    assert not psutil.pid_exists(pid) or not _running(psutil.Process(pid))
+    trials = study(isolated, "frozen").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    _, children = runs(isolated, "frozen")
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED", "FINISHED"]
+
+
+def test_a_frozen_worker_left_by_a_killed_command_is_killed_by_the_next_start(isolated: Path,
+                                                                               cifar_slice: Path) -> None:
+    process, pid = _frozen_worker(isolated, cifar_slice)
+    process.kill()  # the command dies; its frozen worker cannot notice
+    process.wait(timeout=60)  # not communicate(): the frozen worker still holds the pipes open
+    assert _running(psutil.Process(pid)), "the frozen worker should outlive its killed command"
+    again = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", FROZEN, "--data", str(cifar_slice)], cwd=isolated,
+                           capture_output=True, text=True, timeout=600, env=clean_env())
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    process.stderr.close()
+    assert again.returncode == 0, again.stderr
+    assert not psutil.pid_exists(pid) or not _running(psutil.Process(pid))
+    trials = study(isolated, "frozen").get_trials()
+    assert trials[0].state == TrialState.FAIL and "(frozen): killed" in trials[0].user_attrs["fail_reason"]
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert not [t for t in trials if t.state == TrialState.RUNNING]

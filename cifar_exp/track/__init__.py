@@ -339,6 +339,13 @@ def log_dir(run_id: str, folder: Path) -> None:
     retrying(MlflowClient().log_artifacts, run_id, str(folder))
 
 
+def running_children(experiment: str, parent_run_id: str) -> dict[str, int]:
+    """The trial runs under ``parent_run_id`` that are still RUNNING: run id -> trial number."""
+    runs = retrying(MlflowClient().search_runs, [experiment],
+                    f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'", max_results=50_000)
+    return {str(r.info.run_id): int(r.data.tags.get("trial_number", -1)) for r in runs}
+
+
 def find_experiment(name: str) -> str | None:
     """The id of the existing experiment ``name``, or None."""
     experiment = retrying(MlflowClient().get_experiment_by_name, name)
