@@ -198,6 +198,7 @@ class Sweep:
     epochs: int = 10
     trials: int | None = 20
     timeout: float | None = None  # seconds; no new trial starts after it
+    trial_timeout: float | None = None  # seconds; a trial running past it fails alone, with that reason
     max_consecutive_failures: int = 5
     # Seconds a worker may go without a heartbeat (a thread touches a file every quarter of this,
     # at most every 10 s) before it is taken for frozen, killed, and its trial failed and retried.

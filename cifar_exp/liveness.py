@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from cifar_exp.config import DEFAULT_STORE
+from cifar_exp import sidecar
 
 
 def alive(pid: Any, started: Any) -> bool:
@@ -38,9 +38,7 @@ def alive(pid: Any, started: Any) -> bool:
 
 def folder(storage: str) -> Path:
     """Where the heartbeat files of a sweep on the Optuna storage ``storage`` live."""
-    if storage.startswith("sqlite:///"):
-        return Path(storage.removeprefix("sqlite:///")).parent / "heartbeats"
-    return (DEFAULT_STORE if "://" in storage else Path(storage).parent) / "heartbeats"
+    return sidecar.folder(storage) / "heartbeats"
 
 
 def path(storage: str, pid: int, started: float) -> Path:

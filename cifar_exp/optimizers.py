@@ -177,10 +177,7 @@ class Plateau(keras.callbacks.Callback):
     def __init__(self, factor: float, patience: int) -> None:
         super().__init__()
         self.factor, self.patience = factor, patience
-        self.best, self.wait = math.inf, 0
-
-    def on_train_begin(self, logs=None):  # type: ignore[no-untyped-def]
-        self.best, self.wait = math.inf, 0
+        self.best, self.wait = math.inf, 0  # one rule per training phase, so no reset at a fit's begin
 
     def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
         current = (logs or {}).get("val_loss")

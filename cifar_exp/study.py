@@ -28,7 +28,7 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp import events, liveness, overview, storage, track, worker
+from cifar_exp import events, liveness, overview, sidecar, storage, track, worker
 from cifar_exp.config import Sweep, UserError
 from cifar_exp.storage import Settings
 
@@ -86,6 +86,11 @@ def run_sweep(settings: Settings, on_event: OnEvent = lambda event, tally: None)
         track.end_run(parent, "FAILED", {"fail_reason": state.fatal})
         raise UserError(state.fatal)
     trials = study.get_trials(deepcopy=False)
+    # Checkpoints a dead worker left for a retry that will not come (the sweep is over, or the
+    # retry died too); those of trials still running, or of a retry still queued, stay.
+    sidecar.drop_checkpoints(settings.storage, sweep.name, {t.number for t in trials if t.state == TrialState.RUNNING}
+                             | {int(t.user_attrs["retry_of"]) for t in trials
+                                if t.state == TrialState.WAITING and "retry_of" in t.user_attrs})
     best = storage.best_trials(study, 5)
     _finish_parent(study, parent, trials, best, sweep, interrupted=state.interrupted)
     counts = {s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,

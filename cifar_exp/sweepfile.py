@@ -39,9 +39,8 @@ _TOP_LEVEL: dict[str, Any] = {
     "sampler": SamplerConfig,
     "pruner": PrunerConfig,
     "data": DataConfig,
-    "epochs": int,
-    "trials": int | None,
-    "timeout": float | None,
+    "epochs": int, "trials": int | None,
+    "timeout": float | None, "trial_timeout": float | None,
     "max_consecutive_failures": int,
     "heartbeat_grace": float,
     "deterministic": bool,
@@ -51,7 +50,8 @@ _TOP_LEVEL: dict[str, Any] = {
 _HYPERMODEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 # The bounds of the top-level numbers, for the file and for the flags that override it alike.
 TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
-                     "max_consecutive_failures": (1, 1_000_000), "heartbeat_grace": (5.0, None)}
+                    "trial_timeout": (1.0, None), "max_consecutive_failures": (1, 1_000_000),
+                    "heartbeat_grace": (5.0, None)}
 _DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

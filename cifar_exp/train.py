@@ -11,12 +11,13 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from cifar_exp import backend, evaluation, layers, optimizers
+from cifar_exp import backend, checkpoints, evaluation, layers, optimizers
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import Splits
 from cifar_exp.models import build, fine_tune
@@ -61,14 +62,6 @@ class TrainResult:
     @property
     def y_pred(self) -> np.ndarray:
         return self.y_prob.argmax(axis=1)
-
-
-def callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
-    """Callbacks the configuration needs besides the hooks (they run after the hooks: the
-    plateau rule lowers the rate of the next epoch, not the one logged)."""
-    if cfg.lr_schedule == "plateau":
-        return [optimizers.Plateau(cfg.plateau_factor, cfg.plateau_patience)]
-    return []
 
 
 class _Hooks(keras.callbacks.Callback):
@@ -131,6 +124,12 @@ class _Hooks(keras.callbacks.Callback):
             hook(epoch, {k: float(v) for k, v in logs.items()})
 
 
+def epoch_order(seed: int, epoch: int, images: int) -> np.ndarray:
+    """The order of the training images in ``epoch``: a permutation drawn from ``(seed, epoch)``
+    alone, so a run resumed at any epoch sees the batches the uninterrupted run saw."""
+    return np.random.default_rng((seed, epoch)).permutation(images)
+
+
 class FullBatches(keras.utils.PyDataset):
     """The training images in full batches only: each epoch a permutation drawn from ``(seed,
     epoch)`` (``start(epoch)`` before the epoch's first batch), cut into ``len(x) // batch_size``
@@ -157,7 +156,7 @@ class FullBatches(keras.utils.PyDataset):
         self.start(0)
 
     def start(self, epoch: int) -> None:
-        self.order = np.random.default_rng((self.seed, epoch)).permutation(len(self.x))
+        self.order = epoch_order(self.seed, epoch, len(self.x))
 
     def __len__(self) -> int:
         return len(self.x) // self.batch_size
@@ -208,7 +207,8 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
           on_epoch: Sequence[EpochHook] = (), stop_after: int | None = None,
           custom: CustomModel | None = None, on_first_step: Callable[[float], None] | None = None,
           started: float | None = None, programs: Programs | None = None,
-          clock: Clock | None = None) -> TrainResult:
+          clock: Clock | None = None, checkpoint: Path | None = None,
+          on_resume: Callable[[Mapping[str, list[float]]], None] | None = None) -> TrainResult:
     """Train ``cfg`` on ``data.x_train`` for ``epochs`` (validating on ``data.x_val`` each epoch),
     then predict ``data.x_test`` once. A transfer model with ``fine_tune_epochs`` trains its last
     epochs with the top backbone layers unfrozen. ``stop_after`` ends training after that many
@@ -217,9 +217,12 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     augmentation) and trains as it was compiled. ``on_first_step`` receives, once, the seconds
     from ``started`` (``time.perf_counter()``; default: this call) to the first launched step.
     With ``programs`` (a worker's), a program an earlier trial of the same structure compiled
-    trains this one, with a fresh build's numbers bit for bit; ``clock`` times the phases. Seeds
-    Python, NumPy and the backend with ``seed``: the same arguments in the same process mode give
-    the same numbers. Raises ``Diverged`` on a non-finite loss, and whatever a hook raises."""
+    trains this one, with a fresh build's numbers bit for bit; ``clock`` times the phases.
+    With ``checkpoint`` (not for a ``custom`` model), the state is saved there after every epoch
+    (``checkpoints``); one there from the same run is resumed: training goes on after its last
+    epoch, ``on_resume`` first receiving its metrics (the hooks do not see those epochs again),
+    and the result is the uninterrupted run's. Seeds Python, NumPy and the backend with ``seed``
+    (same arguments, same process mode: same numbers). Raises ``Diverged`` on a non-finite loss."""
     started = time.perf_counter() if started is None else started
     clock = clock or Clock()
     keras.utils.set_random_seed(seed)
@@ -228,41 +231,89 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     train_model, model = build(cfg, num_classes, seed=seed, classifier=classifier, images=data.x_train)
     # Transfer learning's optional second phase takes the last fine_tune_epochs of the budget.
     second = min(cfg.fine_tune_epochs, epochs) if cfg.model == "transfer" and not custom else 0
-    last = epochs if stop_after is None else min(stop_after, epochs)
+    last, turn = (epochs if stop_after is None else min(stop_after, epochs)), epochs - second
     compiled, labels = _labelling(classifier, num_classes, cfg.label_smoothing)
     batches, steps_per_epoch, images = _batches(cfg, data, labels, custom, seed)
     hooks = _Hooks(on_epoch, images, started, on_first_step, clock)
-    first_opt = None if compiled else optimizers.optimizer(cfg, epochs - second, steps_per_epoch)
+    first_opt = None if compiled else optimizers.optimizer(cfg, turn, steps_per_epoch)
     program = _reuse(programs, cfg, data, Program(train_model, model), first_opt) if second == 0 else None
     if program is not None:
-        train_model, model = program.train_model, program.model
-        clock.reused = True
+        train_model, model, clock.reused = program.train_model, program.model, True
+    checkpoint = None if custom else checkpoint
+    key = checkpoints.fingerprint(cfg, seed, epochs, (data.x_train.shape, data.x_val.shape), num_classes)
+    resumed = checkpoints.load(checkpoint, key) if checkpoint else None
+    if resumed is not None and on_resume is not None:
+        on_resume(resumed.history)
     clock.lap("build_seconds")
-    history: dict[str, list[float]] = {}
-
-    def fit(opt: keras.optimizers.Optimizer | None, first_epoch: int, end_epoch: int) -> None:
-        if compiled is not None:
-            train_model.compile_from_config(compiled)
-        elif program is None or first_epoch > 0:  # a reused program is compiled, with its optimizer
-            train_model.compile(optimizer=opt, metrics=["accuracy"], loss=keras.losses.CategoricalCrossentropy())
-        _fit(train_model, data, labels, cfg, custom, batches, history, initial_epoch=first_epoch, epochs=end_epoch,
-             verbose=0, validation_data=(data.x_val, labels(data.y_val)), callbacks=[hooks, *callbacks(cfg)])
-
-    if epochs - second > 0:
-        fit(first_opt, 0, min(last, epochs - second))
-    if last > epochs - second:
+    run = _Phases(cfg, data, train_model, compiled, program is not None, labels, custom, batches, hooks, seed,
+                  checkpoint, key, resumed)
+    run.fit(first_opt, 0, min(last, turn))
+    if last > turn:
         fine_tune(train_model, cfg.fine_tune_layers)
         # A new optimizer: its state would belong to the first phase's trainable weights.
-        fit(optimizers.optimizer(cfg, second, steps_per_epoch, rate=cfg.fine_tune_learning_rate),
-            epochs - second, last)
+        run.fit(optimizers.optimizer(cfg, second, steps_per_epoch, rate=cfg.fine_tune_learning_rate),
+                turn, last, phase_two=True)
+    if resumed is not None and resumed.epoch + 1 >= last:  # it died after training: the last epoch's weights
+        checkpoints.restore(train_model, resumed, optimizer=False)
     clock.lap("fit_seconds")
     y_prob = np.asarray(model.predict(data.x_test, batch_size=PREDICT_BATCH, verbose=0))
     clock.lap("predict_seconds")
     logged = model if custom else layers.portable(model)
     clock.lap("model_seconds")
-    return TrainResult(history=history, **evaluation.test_metrics(y_prob, data.y_test, cfg.label_smoothing),
+    return TrainResult(history=run.history, **evaluation.test_metrics(y_prob, data.y_test, cfg.label_smoothing),
                        y_prob=y_prob, model=logged, compiled=clock.origin(), phases=clock.phases,
                        compilations=clock.meter.compilations)
+
+
+@dataclass
+class _Phases:
+    """The ``fit`` calls of one run (a phase each: transfer learning's second phase fine-tunes
+    with its own optimizer), resumed after ``resumed``'s epoch if given, the metrics in ``history``."""
+
+    cfg: TrainConfig
+    data: Splits
+    train_model: keras.Model
+    compiled: dict[str, Any] | None  # a hypermodel's compile config
+    reused: bool  # the train model is a reused program's, compiled with its optimizer
+    labels: Callable[..., Any]
+    custom: CustomModel | None
+    batches: FullBatches | None
+    hooks: _Hooks
+    seed: int
+    checkpoint: Path | None
+    key: str
+    resumed: checkpoints.State | None
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.start = self.resumed.epoch + 1 if self.resumed is not None else 0
+        self.history = {k: list(v) for k, v in self.resumed.history.items()} if self.resumed is not None else {}
+
+    def fit(self, opt: keras.optimizers.Optimizer | None, begin: int, end: int, phase_two: bool = False) -> None:
+        """Train the phase of epochs ``begin`` to ``end`` with ``opt``, from the first epoch not in
+        the checkpoint."""
+        first, resumed, model = max(begin, self.start), self.resumed, self.train_model
+        if first >= end:
+            return
+        if self.compiled is not None:
+            model.compile_from_config(self.compiled)
+        elif not self.reused or phase_two:
+            model.compile(optimizer=opt, metrics=["accuracy"], loss=keras.losses.CategoricalCrossentropy())
+        plateau = (optimizers.Plateau(self.cfg.plateau_factor, self.cfg.plateau_patience)
+                   if self.cfg.lr_schedule == "plateau" else None)
+        if resumed is not None and first == self.start:
+            ours = resumed.epoch >= begin  # written in this phase: its optimizer and plateau rule are this phase's
+            checkpoints.restore(model, resumed, optimizer=ours)
+            if plateau is not None and ours and resumed.plateau is not None:
+                plateau.best, plateau.wait = resumed.plateau
+        # After the hooks, the plateau rule: it lowers the next epoch's rate, not the one logged;
+        # then the checkpoint, of the state the next epoch starts from.
+        after: list[keras.callbacks.Callback] = [plateau] if plateau is not None else []
+        if self.checkpoint is not None:
+            after.append(checkpoints.Writer(self.checkpoint, self.key, self.history, plateau))
+        validation = (self.data.x_val, self.labels(self.data.y_val))
+        _fit(model, self.data, self.labels, self.cfg, self.custom, self.batches, self.history, self.seed,
+             initial_epoch=first, epochs=end, verbose=0, validation_data=validation, callbacks=[self.hooks, *after])
 
 
 def _batches(cfg: TrainConfig, data: Splits, labels: Callable[..., Any], custom: CustomModel | None,
@@ -291,19 +342,29 @@ def _reuse(programs: Programs | None, cfg: TrainConfig, data: Splits, fresh: Pro
 
 
 def _fit(train_model: keras.Model, data: Splits, labels: Callable[..., Any], cfg: TrainConfig,
-         custom: CustomModel | None, batches: FullBatches | None, history: dict[str, list[float]],
+         custom: CustomModel | None, batches: FullBatches | None, history: dict[str, list[float]], seed: int,
          **kwargs: Any) -> None:
-    """One ``fit`` call on ``data``'s training images, its logs appended to ``history``."""
+    """``fit`` on ``data``'s training images, from ``initial_epoch`` to ``epochs``, its logs appended
+    to ``history``; each epoch in the order ``epoch_order(seed, epoch)`` (but a custom ``fit``'s).
+
+    Decision: Keras' own shuffle of arrays (TensorFlow's ``Dataset.shuffle``) cannot be restarted
+    at epoch k, so a resumed run would see other batches than the uninterrupted one; with arrays
+    each epoch is one ``fit`` call on the images in the epoch's order, unshuffled."""
+    logged: list[Any] = []
     if custom is not None and custom.fit is not None:  # KerasTuner's contract: arrays in
-        logged = custom.fit(train_model, data.x_train, labels(data.y_train), shuffle=True, **kwargs)
+        logged.append(custom.fit(train_model, data.x_train, labels(data.y_train), shuffle=True, **kwargs))
     elif batches is not None:
         kwargs["callbacks"].append(keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: batches.start(e)))
-        logged = train_model.fit(batches, shuffle=False, **kwargs)  # shuffled by its own permutation
+        logged.append(train_model.fit(batches, shuffle=False, **kwargs))  # shuffled by its own permutation
     else:
-        logged = train_model.fit(data.x_train, labels(data.y_train), batch_size=cfg.batch_size, shuffle=True,
-                                 **kwargs)
-    for key, values in logged.history.items():
-        history.setdefault(key, []).extend(float(v) for v in values)
+        first, end = kwargs.pop("initial_epoch"), kwargs.pop("epochs")
+        for epoch in range(first, end):
+            order = epoch_order(seed, epoch, len(data.x_train))
+            logged.append(train_model.fit(data.x_train[order], labels(data.y_train[order]), batch_size=cfg.batch_size,
+                                          shuffle=False, initial_epoch=epoch, epochs=epoch + 1, **kwargs))
+    for one in logged:
+        for key, values in one.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
 
 
 def _labelling(classifier: keras.Model | None, num_classes: int,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,43 @@ def log_hyperparameters(run_id: str, values: Mapping[str, Any], sweep: Sweep) ->
 def failure_reason(exc: BaseException) -> str:
     """The one-line ``fail_reason`` of a trial that raised ``exc``."""
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+class TrialTimeout(Exception):
+    """A trial ran past the sweep's ``trial_timeout``."""
+
+
+class TimeLimit:
+    """The sweep's ``trial_timeout`` over one trial (a context manager, in the main thread: SIGALRM).
+    Past it, the alarm raises ``TrialTimeout`` at once if ``interruptible()`` (Keras is computing);
+    elsewhere (a storage or tracking write, which must not be cut in two) ``check()``, called at
+    the next safe point, raises it. Without ``seconds`` it never expires."""
+
+    def __init__(self, seconds: float | None, interruptible: Callable[[], bool]) -> None:
+        self.seconds, self.interruptible = seconds, interruptible
+        self.expired = False
+        self.reason = f"TrialTimeout: ran past trial_timeout ({seconds:g} s)" if seconds else ""
+        self._before: Any = None
+
+    def _ring(self, signum: int, frame: object) -> None:
+        self.expired = True
+        if self.interruptible():
+            raise TrialTimeout(self.reason.removeprefix("TrialTimeout: "))
+
+    def check(self) -> None:
+        if self.expired:
+            raise TrialTimeout(self.reason.removeprefix("TrialTimeout: "))
+
+    def __enter__(self) -> TimeLimit:
+        if self.seconds:
+            self._before = signal.signal(signal.SIGALRM, self._ring)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seconds:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._before)
 
 
 @dataclass

@@ -16,13 +16,14 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NoReturn
 
 import optuna
 import psutil
 from optuna.trial import TrialState
 
-from cifar_exp import events, liveness, storage, track
+from cifar_exp import events, liveness, sidecar, storage, track
 from cifar_exp import trial as one_trial
 from cifar_exp.config import TrainConfig, UserError
 from cifar_exp.storage import Claim, Settings
@@ -90,6 +91,7 @@ class Worker:
         self.tunable: Any = None  # the sweep's KerasTuner hypermodel, if it has one
         self.programs: Any = None  # the compiled programs kept for the next trials (programs.Programs)
         self.identity: dict[str, str] = {}
+        self.limit = one_trial.TimeLimit(None, lambda: False)  # the running trial's trial_timeout
 
     def on_sigterm(self, signum: int, frame: object) -> None:
         # Raise only while Keras is computing: raising inside a storage write could leave the
@@ -154,11 +156,14 @@ class Worker:
     def run_trial(self, claimed: Claim, started: float, claim_seconds: float = 0.0) -> bool:
         """Run the ``claimed`` trial end to end; False if it failed (the worker is then replaced).
         ``started`` is when the worker began the trial (``time.perf_counter``, before claiming it),
-        ``claim_seconds`` how long claiming took."""
+        ``claim_seconds`` how long claiming took. The trial's checkpoint goes when it ends."""
         from cifar_exp import hypermodel, train
 
         sweep, (study, trial, params) = self.sweep, (claimed.study, claimed.trial, claimed.params)
-        seed = one_trial.trial_seed(sweep.sampler.seed, trial.number)
+        retry_of = trial.user_attrs.get("retry_of")
+        # A retry trains with its original's seed: resumed from the original's checkpoint or not,
+        # it computes what the original would have.
+        seed = one_trial.trial_seed(sweep.sampler.seed, trial.number if retry_of is None else int(retry_of))
         logged = {k: v for k, v in sweep.logged_params(params).items()
                   # a hypermodel that overrides fit chooses its own batch size
                   if not (self.tunable is not None and k == "batch_size" and hypermodel.overrides_fit(self.tunable))}
@@ -170,20 +175,14 @@ class Worker:
         trial.set_user_attr("seed", seed)
         self.queue.put(events.Started(self.worker_id, trial.number, tracked.run_id, params))
         clock = train.Clock()
+        checkpoint = self._checkpoint(trial.number, retry_of)
+        self.limit = one_trial.TimeLimit(sweep.trial_timeout, lambda: self.training)
         try:
-            self._train_and_tell(claimed, tracked, seed, started, clock)
+            with self.limit:
+                self._train_and_tell(claimed, tracked, seed, started, clock, checkpoint)
             return True
         except optuna.TrialPruned as exc:
-            verdict = one_trial.judge(tracked.history, None, self.splits)
-            clock.lap("fit_seconds")
-            phases = {**tracked.phases, **clock.phases}
-            one_trial.log_phases(tracked, phases, clock.origin())
-            for key, v in {"epochs_run": tracked.epochs_run, **verdict, **phases, "compiled": clock.origin()}.items():
-                trial.set_user_attr(key, v)
-            study.tell(trial, state=TrialState.PRUNED)
-            one_trial.end_pruned(tracked, verdict)
-            self.queue.put(events.Ended(trial.number, "PRUNED", tracked.run_id, reason=str(exc),
-                                        degenerate=verdict.get("degenerate", "")))
+            self._pruned(claimed, tracked, clock, str(exc))
             return True
         except Interrupted:
             self._interrupted(claimed, tracked.run_id)
@@ -192,13 +191,42 @@ class Worker:
                 # Raised from the signal handler inside Keras, Interrupted can come out as another
                 # exception (one raised by a `finally` of the fit loop on its way out): still a stop.
                 self._interrupted(claimed, tracked.run_id)
-            reason = one_trial.failure_reason(exc)
+            reason = self.limit.reason if self.limit.expired else one_trial.failure_reason(exc)
             storage.fail_trial(study, trial, reason)
             self.queue.put(events.Ended(trial.number, "FAIL", tracked.run_id, reason=reason))
             return False
+        finally:
+            if checkpoint is not None:
+                checkpoint.unlink(missing_ok=True)
+
+    def _checkpoint(self, number: int, retry_of: Any) -> Path | None:
+        """Where trial ``number`` keeps its checkpoint (``train``); a retry takes over its original's,
+        to resume it. None for a hypermodel's trial, which trains as it was compiled."""
+        if self.tunable is not None:
+            return None
+        path = sidecar.checkpoint(self.settings.storage, self.sweep.name, number)
+        if retry_of is not None:
+            try:
+                os.replace(sidecar.checkpoint(self.settings.storage, self.sweep.name, int(retry_of)), path)
+            except OSError:  # none was written (it died in its first epoch), or it cannot be moved
+                pass
+        return path
+
+    def _pruned(self, claimed: Claim, tracked: one_trial.Tracked, clock: Any, reason: str) -> None:
+        study, trial = claimed.study, claimed.trial
+        verdict = one_trial.judge(tracked.history, None, self.splits)
+        clock.lap("fit_seconds")
+        phases = {**tracked.phases, **clock.phases}
+        one_trial.log_phases(tracked, phases, clock.origin())
+        for key, v in {"epochs_run": tracked.epochs_run, **verdict, **phases, "compiled": clock.origin()}.items():
+            trial.set_user_attr(key, v)
+        study.tell(trial, state=TrialState.PRUNED)
+        one_trial.end_pruned(tracked, verdict)
+        self.queue.put(events.Ended(trial.number, "PRUNED", tracked.run_id, reason=reason,
+                                    degenerate=verdict.get("degenerate", "")))
 
     def _train_and_tell(self, claimed: Claim, tracked: one_trial.Tracked, seed: int, started: float,
-                        clock: Any) -> None:
+                        clock: Any, checkpoint: Path | None) -> None:
         """Train (reporting each epoch to Optuna, which may prune), evaluate, publish, tell."""
         from cifar_exp import hypermodel, train
 
@@ -215,9 +243,11 @@ class Worker:
             result = train.train(sweep.train_config(claimed.params), self.splits, epochs=sweep.epochs, seed=seed,
                                  on_epoch=[self._epoch_hook(trial, tracked)], custom=custom,
                                  on_first_step=tracked.on_first_step, started=started,
-                                 programs=self.programs, clock=clock)
+                                 programs=self.programs, clock=clock, checkpoint=checkpoint,
+                                 on_resume=self._on_resume(trial, tracked))
         finally:
             self.training = False
+        self.limit.check()
         if hp is not None:  # hyperparameters first declared in the hypermodel's fit
             one_trial.log_hyperparameters(tracked.run_id, hp.values, sweep)
         value = result.history[sweep.objective.metric][-1]
@@ -231,6 +261,27 @@ class Worker:
         self.queue.put(events.Ended(trial.number, "COMPLETE", tracked.run_id, value=value,
                                     test_accuracy=result.test_accuracy,
                                     degenerate=evaluated.verdict.get("degenerate", "")))
+
+    def _on_resume(self, trial: optuna.Trial, tracked: one_trial.Tracked) -> Any:
+        """What a resumed trial does with the epochs its checkpoint holds (trained by its original):
+        log them to its run, report them to Optuna (not judged for pruning: they were, when they
+        ran) and to the sweep command; tag the run ``resumed_from`` (the original trial) and
+        ``resumed_epochs``."""
+        metric, epochs = self.sweep.objective.metric, self.sweep.epochs
+
+        def on_resume(history: Mapping[str, list[float]]) -> None:
+            self.training = False
+            done = min(len(values) for values in history.values())
+            for epoch in range(done):
+                logs = {key: values[epoch] for key, values in history.items()}
+                tracked.log_epoch(epoch, logs)
+                trial.report(logs[metric], epoch + 1)
+                self.queue.put(events.Epoch(trial.number, epoch + 1, epochs, logs[metric], logs))
+            track.set_tags(tracked.run_id, {"resumed_from": trial.user_attrs["retry_of"], "resumed_epochs": done})
+            trial.set_user_attr("resumed_epochs", done)
+            self.training = True
+
+        return on_resume
 
     def _epoch_hook(self, trial: optuna.Trial, tracked: one_trial.Tracked) -> Any:
         """The per-epoch hook: log, report, tell the sweep command, then stop or prune if due."""
@@ -246,6 +297,7 @@ class Worker:
             self.queue.put(events.Epoch(trial.number, epoch + 1, epochs, logs[metric], dict(logs)))
             if self.stop:
                 raise Interrupted()
+            self.limit.check()
             if epoch + 1 < epochs and trial.should_prune():  # a finished trial is not pruned
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {metric}={logs[metric]:.4f}")
             self.training = True

@@ -17,9 +17,9 @@ MODULES = {(p.relative_to(PACKAGE).with_suffix("").as_posix().replace("/__init__
 # Lowest first: a module may import modules of its own floor and below, never above.
 FLOORS = [
     {"config", "events", "safeyaml"},
-    {"sweepfile", "formats", "backend", "space", "plots", "liveness"},
+    {"sweepfile", "formats", "backend", "space", "plots", "liveness", "sidecar"},
     {"data", "evaluation"},
-    {"models", "layers", "optimizers", "programs"},
+    {"models", "layers", "optimizers", "programs", "checkpoints"},
     {"train", "hypermodel"},
     {"track", "track.models", "track.ui"},
     {"trial", "overview", "registry"},
@@ -60,7 +60,8 @@ def test_imports_flow_one_way(name: str) -> None:
     assert not upward, f"{name} (floor {FLOOR[name]}) imports {sorted(upward)} from above"
 
 
-@pytest.mark.parametrize("name", ["data", "formats", "models", "layers", "optimizers", "programs", "train"])
+@pytest.mark.parametrize("name", ["data", "formats", "models", "layers", "optimizers", "programs", "checkpoints",
+                                  "train"])
 def test_training_imports_neither_optuna_nor_mlflow(name: str) -> None:
     assert not {m for m in imports(MODULES[name]) if m.split(".")[0] in ("optuna", "mlflow")}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.test_sweep import FINISHED, clean_env, run_sweep, runs, study
@@ -44,6 +45,9 @@ def test_sigkill_of_a_worker_mid_epoch_fails_its_trial_and_retries_it(isolated: 
     process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=clean_env(), umask=0)  # files must not be world-writable even so
     trial = wait_for_first_epoch(isolated, process)
+    checkpoint = isolated / "mlruns" / "checkpoints" / "lr_dropout" / "0.npz"
+    while not checkpoint.exists() and process.poll() is None:  # written after the epoch's report
+        time.sleep(0.05)
     os.kill(trial.user_attrs["worker_pid"], signal.SIGKILL)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
@@ -51,9 +55,19 @@ def test_sigkill_of_a_worker_mid_epoch_fails_its_trial_and_retries_it(isolated: 
     trials = study(isolated).get_trials()
     assert trials[0].state == TrialState.FAIL and [t.state in FINISHED for t in trials[1:]] == [True, True]
     assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    assert trials[1].user_attrs["seed"] == trials[0].user_attrs["seed"]  # the original's numbers
     parents, children = runs(isolated)
     statuses = {int(c.data.tags["trial_number"]): c.info.status for c in children}
     assert statuses == {0: "FAILED", 1: "FINISHED", 2: "FINISHED"} and parents[0].info.status == "FINISHED"
+    # the retry resumed after the last epoch its original finished, from its checkpoint
+    resumed = trials[1].user_attrs["resumed_epochs"]
+    assert 1 <= resumed <= len(trials[0].intermediate_values)
+    assert [trials[1].intermediate_values[e] for e in range(1, resumed + 1)] == \
+        [trials[0].intermediate_values[e] for e in range(1, resumed + 1)]
+    retry = next(c for c in children if c.data.tags["trial_number"] == "1")
+    assert retry.data.tags["resumed_from"] == "0" and retry.data.tags["resumed_epochs"] == str(resumed)
+    assert len(MlflowClient().get_metric_history(retry.info.run_id, "val_accuracy")) == 4  # every epoch, once
+    assert list(checkpoint.parent.iterdir()) == []  # each went when its trial ended
     written = [p for root in (isolated / "mlruns", isolated / "cache") for p in [root, *root.rglob("*")]]
     assert len(written) > 20 and [p for p in written if p.stat().st_mode & 0o002] == []
     for private in ("optuna.journal", "mlflow.db"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import signal
 import socket
 import subprocess
 import sys
@@ -172,3 +173,23 @@ def test_a_trial_whose_worker_died_before_its_run_existed_gets_one_run_recording
     assert run.info.status == "KILLED" and "is gone" in run.data.tags["fail_reason"]
     assert run.data.tags["trial_number"] == "0" and run.data.tags["state"] == "FAIL"
     assert run.data.params == {k: str(v) for k, v in params.items()}
+
+
+def test_a_time_limit_raises_at_once_while_training_and_at_the_next_check_elsewhere() -> None:
+    from cifar_exp.trial import TimeLimit, TrialTimeout
+
+    training = True
+    with pytest.raises(TrialTimeout, match=r"^ran past trial_timeout \(0.2 s\)$"):
+        with TimeLimit(0.2, lambda: training):
+            while True:  # Keras computing: the alarm raises in it
+                sum(range(1000))
+    training = False
+    with TimeLimit(0.2, lambda: training) as limit:
+        while not limit.expired:  # a storage write: the alarm only marks it
+            time.sleep(0.01)
+        with pytest.raises(TrialTimeout):
+            limit.check()
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # disarmed on the way out
+    with TimeLimit(None, lambda: True) as unlimited:
+        unlimited.check()
+    assert unlimited.reason == ""

@@ -409,3 +409,16 @@ def test_a_diverging_trial_fails_with_the_reason_and_the_sweep_goes_on(isolated:
     _, children = runs(isolated, "diverge")
     assert {c.info.status for c in children} == {"FAILED"}
     assert all(c.data.tags["fail_reason"].startswith("Diverged: loss is nan") for c in children)
+
+
+def test_a_trial_past_trial_timeout_fails_alone_with_that_reason_and_the_sweep_goes_on(isolated: Path,
+                                                                                       cifar_slice: Path) -> None:
+    out = run_sweep(isolated, str(ROOT / "tests" / "sweeps" / "trial_timeout.yaml"), "--data", str(cifar_slice)).stdout
+    assert "trial 0 FAIL: TrialTimeout: ran past trial_timeout (1 s)" in out
+    assert "trial 1 FAIL: TrialTimeout: ran past trial_timeout (1 s)" in out
+    trials = study(isolated, "trial_timeout").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]  # not retried: it would only time out again
+    assert all(len(t.intermediate_values) < 1000 for t in trials)
+    _, children = runs(isolated, "trial_timeout")
+    assert {c.data.tags["fail_reason"] for c in children} == {"TrialTimeout: ran past trial_timeout (1 s)"}
+    assert not list((isolated / "mlruns" / "checkpoints" / "trial_timeout").glob("*"))  # each went with its trial

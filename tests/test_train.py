@@ -315,7 +315,12 @@ class _Applied(keras.callbacks.Callback):
 def test_the_logged_learning_rate_is_the_rate_each_epoch_trained_at(
         splits: data.Splits, monkeypatch: pytest.MonkeyPatch, schedule: str, options: dict) -> None:
     applied = _Applied()
-    monkeypatch.setattr(train, "callbacks", lambda cfg, original=train.callbacks: [*original(cfg), applied])
+    original = train._fit
+
+    def fit(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return original(*args, **{**kwargs, "callbacks": [*kwargs["callbacks"], applied]})
+
+    monkeypatch.setattr(train, "_fit", fit)
     cfg = TrainConfig(**SMALL, learning_rate=0.01, lr_schedule=schedule, batch_size=8, **options)
     logs: list[dict] = []
     train.train(cfg, splits, epochs=3, seed=0, on_epoch=[lambda e, l: logs.append(dict(l))])

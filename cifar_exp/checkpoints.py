@@ -1,0 +1,140 @@
+"""A trial's checkpoint: its training state after each finished epoch, so that the retry of a
+trial whose worker died resumes after the last finished epoch instead of at epoch 0.
+
+The state is everything the next epoch reads: the model's variables (weights, BatchNorm
+statistics, the seed generators of dropout and augmentation), the optimizer's (its slots, the
+iteration count, the schedule's numbers with the plateau's scale), the plateau rule's best and
+wait, and the metrics logged so far. The data order needs nothing: each epoch's is drawn from
+(seed, epoch) (``train``). So a resumed run computes what the uninterrupted run would have, bit
+for bit on the CPU (``tests/test_checkpoints.py``).
+
+Decision: one ``.npz`` per trial, written after each epoch to a temporary file that is renamed
+over the last one, so a kill mid-write leaves the previous checkpoint whole; no fsync (it guards
+against a power loss, not a dead process, and a file that cannot be read is only ignored). A
+checkpoint of another run (another configuration, seed, length or data shape) or one that cannot
+be read is ignored: the trial starts at epoch 0. Imports neither optuna nor mlflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from cifar_exp.config import TrainConfig
+
+
+@dataclass
+class State:
+    """A run's training state after ``epoch`` (0-based, the last finished)."""
+
+    epoch: int
+    model: list[np.ndarray]  # train_model.variables, in order
+    optimizer: list[np.ndarray]  # train_model.optimizer.variables, in order
+    plateau: tuple[float, int] | None = None  # the plateau rule's (best, wait)
+    history: dict[str, list[float]] = field(default_factory=dict)  # every logs key, epochs 0..epoch
+
+
+def fingerprint(cfg: TrainConfig, seed: int, epochs: int, shapes: tuple[tuple[int, ...], ...],
+                num_classes: int) -> str:
+    """What a checkpoint must have been written by to be resumed: the same configuration, seed,
+    length, data shapes, class count and backend."""
+    what = {"cfg": asdict(cfg), "seed": seed, "epochs": epochs, "shapes": [list(s) for s in shapes],
+            "classes": num_classes, "backend": keras.backend.backend()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _numpy(variable: Any) -> np.ndarray:
+    array = np.asarray(keras.ops.convert_to_numpy(variable))
+    # bfloat16 (ml_dtypes) has no .npz form; float32 holds every bfloat16 value exactly.
+    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+
+
+def capture(train_model: keras.Model, epoch: int, plateau: tuple[float, int] | None,
+            history: Mapping[str, list[float]]) -> State:
+    """The state of ``train_model`` (compiled, its optimizer built) after ``epoch``."""
+    return State(epoch, [_numpy(v) for v in train_model.variables],
+                 [_numpy(v) for v in train_model.optimizer.variables], plateau,
+                 {k: list(v) for k, v in history.items()})
+
+
+def save(path: Path, key: str, state: State) -> None:
+    """Write ``state`` (of the run ``key``, see ``fingerprint``) to ``path``, atomically."""
+    meta = {"key": key, "epoch": state.epoch, "plateau": state.plateau, "history": state.history,
+            "model": len(state.model), "optimizer": len(state.optimizer)}
+    arrays = {f"m{i}": a for i, a in enumerate(state.model)} | {f"o{i}": a for i, a in enumerate(state.optimizer)}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            np.savez(out, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: Path, key: str) -> State | None:
+    """The state at ``path`` if it was written by the run ``key``; None if there is none, it is
+    another run's, or it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["meta"]))
+            if meta.get("key") != key:
+                return None
+            plateau = meta["plateau"]
+            return State(int(meta["epoch"]), [saved[f"m{i}"] for i in range(meta["model"])],
+                         [saved[f"o{i}"] for i in range(meta["optimizer"])],
+                         (float(plateau[0]), int(plateau[1])) if plateau else None,
+                         {k: [float(x) for x in v] for k, v in meta["history"].items()})
+    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, EOFError):
+        return None
+
+
+def _assign(targets: list, arrays: list[np.ndarray], what: str) -> None:
+    if len(targets) != len(arrays):
+        raise RuntimeError(f"cannot resume: the checkpoint has {len(arrays)} {what} variables, the run {len(targets)}")
+    for target, array in zip(targets, arrays, strict=True):
+        if tuple(target.shape) != array.shape:
+            raise RuntimeError(f"cannot resume: {what} variable {target.path} is {tuple(target.shape)}, "
+                               f"the checkpoint's {array.shape}")
+        target.assign(keras.ops.cast(array, target.dtype))
+
+
+def restore(train_model: keras.Model, state: State, optimizer: bool) -> None:
+    """Set ``train_model``'s variables to ``state``'s and, with ``optimizer``, its optimizer's (it is
+    built first, as ``fit`` would build it)."""
+    _assign(train_model.variables, state.model, "model")
+    if optimizer:
+        if not train_model.optimizer.built:
+            train_model.optimizer.build(train_model.trainable_variables)
+        _assign(train_model.optimizer.variables, state.optimizer, "optimizer")
+
+
+class Writer(keras.callbacks.Callback):
+    """Saves the run's state to ``path`` after every epoch (place it after every callback that
+    changes state at an epoch's end: the plateau rule). ``history`` holds the metrics of the
+    epochs before this fit (a resumed run's); ``plateau`` is the run's plateau rule, if any. A
+    write that fails (a full disk) warns and training goes on without that checkpoint."""
+
+    def __init__(self, path: Path, key: str, history: Mapping[str, list[float]], plateau: Any = None) -> None:
+        super().__init__()
+        self.path, self.key, self.plateau = path, key, plateau
+        self.history = {k: list(v) for k, v in history.items()}
+
+    def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+        for name, value in (logs or {}).items():
+            self.history.setdefault(name, []).append(float(value))
+        plateau = (float(self.plateau.best), int(self.plateau.wait)) if self.plateau is not None else None
+        try:
+            save(self.path, self.key, capture(self.model, epoch, plateau, self.history))
+        except OSError as exc:
+            warnings.warn(f"checkpoint of epoch {epoch} not written ({exc}); training goes on", stacklevel=1)

@@ -1,0 +1,157 @@
+"""Checkpoints on 64 synthetic images: a run killed after epoch k and resumed from its checkpoint
+gives the uninterrupted run's numbers bit for bit (both phases of transfer learning included);
+a checkpoint of another run, or one that cannot be read, is ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from cifar_exp import checkpoints, data, sidecar, train
+from cifar_exp.config import TrainConfig
+from tests.conftest import synthetic_images
+
+pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
+
+SMALL = dict(blocks=2, filters=4, convs_per_block=1, dense_units=8)
+TIMES = {"epoch_seconds", "images_per_second"}  # the clock's, not the run's numbers
+
+
+class Died(Exception):
+    """Stands for the worker's death after an epoch: raised by a hook, before that epoch's checkpoint."""
+
+
+@pytest.fixture(scope="module")
+def splits() -> data.Splits:
+    x, y = synthetic_images(64)
+    xt, yt = synthetic_images(20, seed=1)
+    return data.split(data.Cifar10(x, y, xt, yt, tuple("abcdefghij"), "synthetic", "0"), 0.25, 0)
+
+
+def numbers(history: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {k: v for k, v in history.items() if k not in TIMES}
+
+
+def killed_then_resumed(cfg: TrainConfig, splits: data.Splits, path: Path, epochs: int, dies_at: int,
+                        programs: object = None) -> tuple[train.TrainResult, dict[str, list[float]]]:
+    """Train until the hook of epoch ``dies_at`` raises, then again with the same checkpoint: the
+    second result and the metrics ``on_resume`` received."""
+
+    def die(epoch: int, logs: object) -> None:
+        if epoch == dies_at:
+            raise Died()
+
+    with pytest.raises(Died):
+        train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=path, on_epoch=[die], programs=programs)
+    keras.backend.clear_session()
+    replayed: dict[str, list[float]] = {}
+    resumed = train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=path, on_resume=replayed.update,
+                          programs=programs)
+    keras.backend.clear_session()
+    return resumed, replayed
+
+
+CASES = {
+    # dropout, both augmentations and cutout (seed generators), the plateau rule's state
+    "cnn-plateau": dict(**SMALL, dropout=0.2, head_dropout=0.1, flip=True, translate=0.1, cutout=4,
+                        lr_schedule="plateau", plateau_patience=1, plateau_factor=0.5, learning_rate=0.05,
+                        batch_size=16),
+    # a per-step schedule on SGD's momentum: the iteration count and the momentum slots
+    "cnn-sgd-one-cycle": dict(**SMALL, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4,
+                              lr_schedule="one_cycle", warmup_fraction=0.3, learning_rate=0.05, batch_size=12),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dies_at", [1, 3])
+def test_a_run_resumed_after_epoch_k_equals_the_uninterrupted_run_bit_for_bit(
+        splits: data.Splits, tmp_path: Path, case: str, dies_at: int) -> None:
+    cfg = TrainConfig(**CASES[case])
+    whole = train.train(cfg, splits, epochs=4, seed=7, checkpoint=tmp_path / "whole.npz")
+    keras.backend.clear_session()
+    resumed, replayed = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 4, dies_at)
+    assert [len(v) for v in replayed.values()] == [dies_at] * len(replayed)  # epochs 0..k-1 from the checkpoint
+    assert numbers(resumed.history) == numbers(whole.history)
+    assert np.array_equal(resumed.y_prob, whole.y_prob)
+    assert resumed.test_loss == whole.test_loss
+
+
+def test_a_resumed_run_on_a_reused_program_equals_the_uninterrupted_run(splits: data.Splits, tmp_path: Path) -> None:
+    from cifar_exp.programs import Programs
+
+    cfg = TrainConfig(**CASES["cnn-plateau"])
+    whole = train.train(cfg, splits, epochs=3, seed=7)
+    keras.backend.clear_session()
+    kept = Programs()
+    resumed, _ = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 3, 1, programs=kept)
+    assert resumed.compiled == "reused" and numbers(resumed.history) == numbers(whole.history)
+    assert np.array_equal(resumed.y_prob, whole.y_prob)
+
+
+def test_transfer_learning_resumes_at_the_turn_and_in_phase_two_bit_for_bit(splits: data.Splits,
+                                                                           tmp_path: Path) -> None:
+    # epoch 0 with the backbone frozen, 1 and 2 fine-tuning (a second optimizer); phase one alone
+    # resumes as the CNN cases do
+    cfg = TrainConfig(model="transfer", weights="none", backbone="vgg16", frozen_layers=15, dense_units=0,
+                      head="global_avg", head_dropout=0.0, flip=False, translate=0.0, fine_tune_epochs=2,
+                      fine_tune_layers=6, fine_tune_learning_rate=1e-4, learning_rate=1e-3, batch_size=16)
+    whole = train.train(cfg, splits, epochs=3, seed=7)
+    keras.backend.clear_session()
+    for dies_at in (1, 2):  # the first epoch of phase two; within it (its optimizer restored)
+        resumed, _ = killed_then_resumed(cfg, splits, tmp_path / f"killed-{dies_at}.npz", 3, dies_at)
+        assert numbers(resumed.history) == numbers(whole.history), dies_at
+        assert np.array_equal(resumed.y_prob, whole.y_prob), dies_at
+
+
+def test_a_run_that_died_after_its_last_epoch_resumes_with_its_trained_weights(
+        splits: data.Splits, tmp_path: Path) -> None:
+    cfg = TrainConfig(**SMALL, batch_size=16)
+    whole = train.train(cfg, splits, epochs=2, seed=7, checkpoint=tmp_path / "c.npz")  # the checkpoint of epoch 1
+    keras.backend.clear_session()
+    replayed: dict[str, list[float]] = {}
+    again = train.train(cfg, splits, epochs=2, seed=7, checkpoint=tmp_path / "c.npz", on_resume=replayed.update,
+                        on_epoch=[lambda e, logs: pytest.fail("nothing is left to train")])
+    assert len(replayed["loss"]) == 2 and np.array_equal(again.y_prob, whole.y_prob)
+
+
+def test_a_checkpoint_of_another_run_or_a_broken_one_is_ignored(splits: data.Splits, tmp_path: Path) -> None:
+    cfg = TrainConfig(**SMALL, batch_size=16)
+    path = tmp_path / "c.npz"
+    train.train(cfg, splits, epochs=2, seed=7, checkpoint=path)
+    keras.backend.clear_session()
+    assert checkpoints.load(path, "another run") is None
+    seen: list[int] = []
+    other = train.train(cfg, splits, epochs=2, seed=8, checkpoint=path, on_resume=lambda h: pytest.fail("resumed"),
+                        on_epoch=[lambda e, logs: seen.append(e)])
+    assert seen == [0, 1] and len(other.history["loss"]) == 2  # another seed: trained from epoch 0
+    path.write_bytes(path.read_bytes()[:100])  # torn
+    keras.backend.clear_session()
+    seen.clear()
+    train.train(cfg, splits, epochs=2, seed=8, checkpoint=path, on_resume=lambda h: pytest.fail("resumed"),
+                on_epoch=[lambda e, logs: seen.append(e)])
+    assert seen == [0, 1]
+
+
+def test_a_checkpoint_write_that_fails_warns_and_training_goes_on(splits: data.Splits, tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.warns(UserWarning, match="checkpoint of epoch 0 not written"):
+        result = train.train(TrainConfig(**SMALL, batch_size=16), splits, epochs=2, seed=7,
+                             checkpoint=blocked / "c.npz")
+    assert len(result.history["loss"]) == 2
+
+
+def test_leftover_checkpoints_are_dropped_but_those_kept(tmp_path: Path) -> None:
+    storage = str(tmp_path / "optuna.journal")
+    for number in (0, 1, 2):
+        sidecar.checkpoint(storage, "demo", number).parent.mkdir(parents=True, exist_ok=True)
+        sidecar.checkpoint(storage, "demo", number).write_bytes(b"x")
+    torn = sidecar.checkpoint(storage, "demo", 1).with_name("1.npz.123.tmp")
+    torn.write_bytes(b"x")
+    dropped = sidecar.drop_checkpoints(storage, "demo", keep={1})
+    assert sorted(p.name for p in dropped) == ["0.npz", "1.npz.123.tmp", "2.npz"]
+    assert [p.name for p in sidecar.checkpoint(storage, "demo", 0).parent.iterdir()] == ["1.npz"]
+    assert sidecar.checkpoint("postgresql://h/db", "demo", 3) == Path("mlruns/checkpoints/demo/3.npz")
