@@ -81,3 +81,20 @@ def test_every_page_is_linked_from_readme() -> None:
 def test_readme_s_pictures_are_committed() -> None:
     for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", "".join(TEXT.values())):
         assert (ROOT / picture).is_file() or (ROOT / "docs" / picture).is_file(), picture
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~;\s]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-").replace(".", "-")
+
+
+def test_the_lock_pins_every_dependency_and_ci_and_the_readme_install_with_it() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]}
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[A-Za-z0-9_.+\-]+", line) for line in lines), "exact pins only"
+    pinned = {_name(line) for line in lines}
+    assert wanted <= pinned, sorted(wanted - pinned)
+    assert "pip install -q -e '.[dev]' -c constraints.txt" in (ROOT / ".ci" / "run").read_text()
+    assert "pip install -e '.[dev]' -c constraints.txt && " in TEXT["README.md"]
