@@ -3,7 +3,9 @@ too) by putting this folder on PYTHONPATH. It wraps ``cifar_exp.train.train`` so
 with the seeds named in the environment fail for real inside their worker:
 
 - CIFAR_EXP_FAULT_RAISE=seed,...  the trial raises RuntimeError
-- CIFAR_EXP_FAULT_DIE=seed,...    the worker process dies (os._exit(9)) mid-trial
+- CIFAR_EXP_FAULT_DIE=seed,...    the worker process dies (os._exit(9)) mid-trial, once per seed (a
+                                  marker file in the working folder): the retry, which trains with
+                                  its original's seed, lives, as after an OOM kill or a lost host
 - CIFAR_EXP_FAULT_OOM=seed,...    the trial asks the OS for 64 TiB (numpy's MemoryError, for real)
 """
 
@@ -32,7 +34,9 @@ class _WrapTrain(importlib.abc.MetaPathFinder):
             def train(cfg, data, *, epochs, seed, **kwargs):
                 if seed in RAISE:
                     raise RuntimeError(f"injected fault for seed {seed}")
-                if seed in DIE:
+                marker = f".cifar_exp_fault_died_{seed}"
+                if seed in DIE and not os.path.exists(marker):
+                    open(marker, "w").close()
                     os._exit(9)
                 if seed in OOM:
                     import numpy
