@@ -30,8 +30,9 @@ def main() -> None:
     import mlflow
     import optuna
 
-    from cifar_exp import data, models
-    from cifar_exp.sweepfile import load_sweep
+    from cifar_exp import data
+    from cifar_exp.config.sweepfile import load_sweep
+    from cifar_exp.training import models
 
     sweep = load_sweep("lr_dropout")
     splits = data.split(data.load(args.data), sweep.data.validation_fraction, 0, args.train_images)

@@ -24,13 +24,14 @@ from pathlib import Path
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from cifar_exp.commands import set_environment
+    from cifar_exp.cli.environment import set_environment
 
     set_environment(True)
     import keras
 
-    from cifar_exp import backend, checkpoints, data, models, train
-    from cifar_exp.sweepfile import load_sweep
+    from cifar_exp import data
+    from cifar_exp.config.sweepfile import load_sweep
+    from cifar_exp.training import backend, checkpoints, models, train
 
     backend.use_deterministic_ops(True)
     sweep = load_sweep("lr_dropout")

@@ -45,8 +45,8 @@ def draw(sweep_name: str, trials: int) -> list[dict]:
     """``trials`` TrainConfig settings of the sweep, every searched dimension drawn at random."""
     import optuna
 
-    from cifar_exp import space
-    from cifar_exp.sweepfile import load_sweep
+    from cifar_exp.config.sweepfile import load_sweep
+    from cifar_exp.sweep import space
 
     sweep = load_sweep(sweep_name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -70,8 +70,9 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
 
     import cifar_exp
-    from cifar_exp import data, train
+    from cifar_exp import data
     from cifar_exp.config import TrainConfig
+    from cifar_exp.training import train
 
     assert Path(cifar_exp.__file__).is_relative_to(args.root), (cifar_exp.__file__, args.root)  # the version asked
 
@@ -95,7 +96,7 @@ def child(args: argparse.Namespace) -> None:
     splits = data.split(data.load(args.data), 0.1, 0, args.train_images)
     kept = None
     if args.reuse:
-        from cifar_exp.programs import Programs
+        from cifar_exp.training.programs import Programs
 
         kept = Programs()
     rows = []

@@ -18,11 +18,12 @@ from pathlib import Path
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from cifar_exp.commands import set_environment
+    from cifar_exp.cli.environment import set_environment
 
     set_environment(args.mode == "on")
-    from cifar_exp import backend, data, train
-    from cifar_exp.sweepfile import load_sweep
+    from cifar_exp import data
+    from cifar_exp.config.sweepfile import load_sweep
+    from cifar_exp.training import backend, train
 
     backend.use_deterministic_ops(args.mode == "on")
     sweep = load_sweep("lr_dropout")

@@ -27,14 +27,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--dies-at", type=int, default=1)
     args = parser.parse_args()
-    from cifar_exp.commands import set_environment
+    from cifar_exp.cli.environment import set_environment
 
     set_environment(True)
     import keras
     import numpy as np
 
-    from cifar_exp import backend, data, train
-    from cifar_exp.sweepfile import load_sweep
+    from cifar_exp import data
+    from cifar_exp.config.sweepfile import load_sweep
+    from cifar_exp.training import backend, train
 
     backend.use_deterministic_ops(True)
     sweep = load_sweep("lr_dropout")

@@ -9,7 +9,7 @@ Measured, on the lr_dropout sweep's CNN and space, on ``--train-images`` trainin
 sweep's own class-balanced subset, ``--train-images`` of the sweep command; the validation and test
 splits whole, as the sweep makes them):
 
-1. ``fit``: ``cifar_exp.train.train`` (``keras.Model.fit`` and our per-epoch hook, no tracking) of
+1. ``fit``: ``cifar_exp.training.train.train`` (``keras.Model.fit`` and our per-epoch hook, no tracking) of
    the reference configuration: median seconds per epoch after the first, images per second,
    and seconds from the call to the first training step (build and compilation).
 2. one trial through ``python -m cifar_exp.sweep``: the MLflow run's wall time against the
@@ -88,8 +88,9 @@ class GpuSampler:
 
 def bare_fit(data_path: str, train_images: int | None, epochs: int) -> dict:
     """Part 1, in this process."""
-    from cifar_exp import backend, data, train
-    from cifar_exp.sweepfile import load_sweep
+    from cifar_exp import data
+    from cifar_exp.config.sweepfile import load_sweep
+    from cifar_exp.training import backend, train
 
     sweep = load_sweep("lr_dropout")
     splits = data.split(data.load(data_path), sweep.data.validation_fraction, 0, train_images)
@@ -106,8 +107,9 @@ def airbench(data_path: str, train_images: int | None, budgets: list[int]) -> li
     """Part 5, in this process: per epoch budget, test accuracy after each epoch and seconds."""
     import keras
 
-    from cifar_exp import data, train
-    from cifar_exp.sweepfile import load_sweep
+    from cifar_exp import data
+    from cifar_exp.config.sweepfile import load_sweep
+    from cifar_exp.training import train
 
     loaded = data.load(data_path)
     # Every training image (of the subset) trains; the test set is the per-epoch validation
@@ -189,7 +191,7 @@ def main() -> None:
         return rewrite()
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     sys.path.insert(0, str(ROOT))
-    from cifar_exp.commands import set_environment
+    from cifar_exp.cli.environment import set_environment
 
     set_environment(True)
     data_path, subset = str(Path(args.data).resolve()), args.train_images

@@ -14,7 +14,7 @@ import pytest
 
 from cifar_exp import cli
 from cifar_exp.config import ConfigError
-from cifar_exp.sweepfile import load_sweep
+from cifar_exp.config.sweepfile import load_sweep
 
 GOOD = """description: a good sweep
 objective: {metric: val_accuracy, direction: maximize}

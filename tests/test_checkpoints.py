@@ -10,8 +10,10 @@ import keras
 import numpy as np
 import pytest
 
-from cifar_exp import checkpoints, data, sidecar, train
+from cifar_exp import data
 from cifar_exp.config import TrainConfig
+from cifar_exp.sweep import sidecar
+from cifar_exp.training import checkpoints, train
 from tests.conftest import synthetic_images
 
 pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
@@ -80,7 +82,7 @@ def test_a_run_resumed_after_epoch_k_equals_the_uninterrupted_run_bit_for_bit(
 
 
 def test_a_resumed_run_on_a_reused_program_equals_the_uninterrupted_run(splits: data.Splits, tmp_path: Path) -> None:
-    from cifar_exp.programs import Programs
+    from cifar_exp.training.programs import Programs
 
     cfg = TrainConfig(**CASES["cnn-plateau"])
     whole = train.train(cfg, splits, epochs=3, seed=7)

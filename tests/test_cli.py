@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def test_workers_beyond_memory_are_refused_with_the_number_that_fits(
         isolated: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, environment: None) -> None:
     import psutil
 
-    from cifar_exp import cli, commands
+    from cifar_exp import cli
+    from cifar_exp.cli import commands
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     real = psutil.virtual_memory()
@@ -139,7 +141,10 @@ def test_one_console_script_has_every_command(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     for command in ("sweep", "rerun", "register", "predict", "evaluate", "report", "compare", "ui"):
         assert f"    {command} " in out, out
-        assert (ROOT / "cifar_exp" / f"{command}.py").is_file()  # and python -m cifar_exp.<command>
+        # and python -m cifar_exp.<command>: a thin module, or the __main__ of the command's package
+        assert importlib.util.find_spec(f"cifar_exp.{command}") is not None
+        assert ((ROOT / "cifar_exp" / f"{command}.py").is_file()
+                or (ROOT / "cifar_exp" / command / "__main__.py").is_file())
     assert cli.main(["sweep", "--list"]) == 0
     assert "lr_dropout" in capsys.readouterr().out
 
@@ -148,9 +153,10 @@ def test_jax_keeps_compiled_programs_in_the_project_cache(isolated: Path) -> Non
     # A worker's environment, then one epoch under JAX in a fresh process: the compiled train step
     # lands in $CIFAR_EXP_CACHE/jax, where the next process (any worker, any run) finds it.
     script = """
-from cifar_exp.commands import set_environment
+from cifar_exp.cli.environment import set_environment
 set_environment(False)
-from cifar_exp import data, train
+from cifar_exp import data
+from cifar_exp.training import train
 from cifar_exp.config import TrainConfig
 from tests.conftest import synthetic_images
 x, y = synthetic_images(64)
@@ -169,7 +175,7 @@ train.train(TrainConfig(blocks=1, filters=4, convs_per_block=1, dense_units=8), 
 
 def _feed(progress: Any, tally: Any, *events_: Any) -> None:
     """Events through the tally and into the display, as the supervisor passes them."""
-    from cifar_exp import events
+    from cifar_exp.sweep import events
 
     for event in events_:
         if isinstance(event, events.Ended):
@@ -178,8 +184,8 @@ def _feed(progress: Any, tally: Any, *events_: Any) -> None:
 
 
 def test_progress_names_a_degenerate_trial_on_its_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from cifar_exp.events import Ended, Tally
-    from cifar_exp.progress import Progress
+    from cifar_exp.cli.progress import Progress
+    from cifar_exp.sweep.events import Ended, Tally
 
     _feed(Progress("val_accuracy", 4), Tally(maximize=True),
           Ended(2, "COMPLETE", value=0.1, test_accuracy=0.1,
@@ -194,8 +200,8 @@ def test_progress_names_a_degenerate_trial_on_its_line(capsys: pytest.CaptureFix
 
 def test_without_a_terminal_each_epoch_is_one_plain_line_and_the_status_has_time_left(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from cifar_exp import progress as progress_module
-    from cifar_exp.events import Ended, Epoch, Started, Tally
+    from cifar_exp.cli import progress as progress_module
+    from cifar_exp.sweep.events import Ended, Epoch, Started, Tally
 
     clock = iter([0.0, 10.0, 70.0, 70.0, 70.0])  # created, trial 0 starts, ends (60 s), status
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
@@ -213,8 +219,8 @@ def test_without_a_terminal_each_epoch_is_one_plain_line_and_the_status_has_time
 
 def test_on_a_terminal_a_live_block_has_a_line_per_running_trial_and_the_status(
         capsys: pytest.CaptureFixture[str]) -> None:
-    from cifar_exp.events import Ended, Epoch, Started, Tally
-    from cifar_exp.progress import Progress
+    from cifar_exp.cli.progress import Progress
+    from cifar_exp.sweep.events import Ended, Epoch, Started, Tally
 
     progress = Progress("val_accuracy", 4, workers=2)
     progress.live = True  # as on a terminal
@@ -232,8 +238,8 @@ def test_on_a_terminal_a_live_block_has_a_line_per_running_trial_and_the_status(
 
 
 def test_a_resumed_sweep_reports_the_trials_it_already_has(capsys: pytest.CaptureFixture[str]) -> None:
-    from cifar_exp.events import Ended, Tally
-    from cifar_exp.progress import Progress
+    from cifar_exp.cli.progress import Progress
+    from cifar_exp.sweep.events import Ended, Tally
 
     tally = Tally(maximize=True, finished=3, states={"COMPLETE": 2, "PRUNED": 1, "FAIL": 0}, best=(0.41, 1))
     _feed(Progress("val_accuracy", 5), tally, Ended(3, "PRUNED", reason="pruned after epoch 1: val_accuracy=0.2"))
@@ -242,7 +248,7 @@ def test_a_resumed_sweep_reports_the_trials_it_already_has(capsys: pytest.Captur
 
 
 def test_an_interrupted_or_retried_trial_does_not_count_and_failures_in_a_row_reset_on_success() -> None:
-    from cifar_exp.events import INTERRUPTED, Ended, Tally
+    from cifar_exp.sweep.events import INTERRUPTED, Ended, Tally
 
     tally = Tally(maximize=False)
     for event in (Ended(0, "FAIL", reason="ValueError: x"), Ended(1, "FAIL", reason="died", retried=True),
@@ -255,8 +261,8 @@ def test_an_interrupted_or_retried_trial_does_not_count_and_failures_in_a_row_re
 
 
 def test_quiet_prints_nothing_while_the_sweep_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    from cifar_exp.events import Ended, Epoch, Started, Tally
-    from cifar_exp.progress import Progress
+    from cifar_exp.cli.progress import Progress
+    from cifar_exp.sweep.events import Ended, Epoch, Started, Tally
 
     _feed(Progress("val_accuracy", 2, quiet=True), Tally(maximize=True), Started(0, 0, "run", {}),
           Epoch(0, 1, 1, 0.3, {}), Ended(0, "COMPLETE", value=0.3, test_accuracy=0.3))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cifar_exp.config import ConfigError, TrainConfig, applies
-from cifar_exp.sweepfile import available_sweeps, check_name, load_sweep, parse_sweep
+from cifar_exp.config.sweepfile import available_sweeps, check_name, load_sweep, parse_sweep
 
 GOOD = """
 objective: {metric: val_accuracy, direction: maximize}
@@ -131,7 +131,7 @@ def test_sweep_keeps_its_text_and_hash() -> None:
 def test_train_values_round_trip_through_mlflow_strings() -> None:
     import dataclasses
 
-    from cifar_exp.sweepfile import train_values_from_strings
+    from cifar_exp.config.sweepfile import train_values_from_strings
 
     cfg = TrainConfig(learning_rate=0.000123456789, batch_norm=False, activation="gelu", blocks=4, flip=False)
     logged = {k: str(v) for k, v in dataclasses.asdict(cfg).items()} | {"seed": "7", "epochs": "3"}
@@ -234,7 +234,7 @@ SCHEDULE_PARAMS = {"step_stages", "step_factor", "decay_rate", "warmup_epochs", 
 def test_every_shipped_sweep_logs_the_settings_that_apply_and_no_others(name: str) -> None:
     import optuna
 
-    from cifar_exp import space
+    from cifar_exp.sweep import space
 
     sweep = load_sweep(name)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

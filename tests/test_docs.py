@@ -10,7 +10,7 @@ import pytest
 
 from cifar_exp import cli
 from cifar_exp.config import TRAIN_FIELDS
-from cifar_exp.sweepfile import _TOP_LEVEL, available_sweeps
+from cifar_exp.config.sweepfile import _TOP_LEVEL, available_sweeps
 from tests.conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

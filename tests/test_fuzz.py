@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cifar_exp.config import TRAIN_FIELDS, ConfigError, Sweep
-from cifar_exp.sweepfile import available_sweeps, parse_sweep
+from cifar_exp.config.sweepfile import available_sweeps, parse_sweep
 
 WHERE = Path("fuzz.yaml")
 SHIPPED = [yaml.safe_load(path.read_text()) for path in available_sweeps().values()]

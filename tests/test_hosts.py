@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from cifar_exp.storage import open_storage
+from cifar_exp.sweep.storage import open_storage
 from tests.test_sweep import clean_env
 
 pytestmark = pytest.mark.slow

@@ -14,22 +14,39 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "cifar_exp"
 MODULES = {(p.relative_to(PACKAGE).with_suffix("").as_posix().replace("/__init__", "").replace("/", ".")): p
            for p in sorted(PACKAGE.rglob("*.py")) if p.name != "__init__.py" or p.parent != PACKAGE}
-# Lowest first: a module may import modules of its own floor and below, never above.
+# The subpackages (and top-level modules), lowest first: a module may import from its own package
+# and the packages below, never above. ``python -m cifar_exp.X`` entry points (``X.__main__`` and
+# the thin top-level modules) sit above everything.
+PACKAGE_FLOORS = [
+    {"config"},
+    {"data", "evaluate"},
+    {"training"},
+    {"track"},
+    {"lifecycle", "register", "report"},
+    {"sweep"},
+    {"rerun"},
+    {"cli"},
+    {"__main__", "compare", "predict", "ui"},
+]
+# Module by module, lowest first: inside a package too, imports flow one way.
 FLOORS = [
-    {"config", "events", "safeyaml"},
-    {"sweepfile", "formats", "backend", "space", "plots", "liveness", "sidecar"},
-    {"data", "evaluation"},
-    {"models", "layers", "optimizers", "programs", "checkpoints"},
-    {"train", "hypermodel"},
+    {"config", "sweep.events", "config.safeyaml", "sweep", "training"},
+    {"config.sweepfile", "data.formats", "training.backend", "sweep.space", "evaluate.plots", "sweep.liveness",
+     "sweep.sidecar"},
+    {"data", "evaluate"},
+    {"training.models", "training.layers", "training.optimizers", "training.programs", "training.checkpoints"},
+    {"training.train", "training.hypermodel"},
     {"track", "track.models", "track.ui"},
-    {"trial", "overview", "registry"},
-    {"storage", "reproduce", "tuner"},
-    {"worker"},
-    {"study"},
-    {"progress", "commands", "results", "cli", "sweep", "rerun", "register", "report", "compare", "ui", "predict",
-     "evaluate"},
+    {"lifecycle", "report", "register"},
+    {"sweep.storage", "rerun", "sweep.tuner", "sweep.hyperparameters"},
+    {"sweep.worker"},
+    {"sweep.supervisor"},
+    {"cli.progress", "cli.environment", "cli.commands", "cli.results", "cli"},
+    {"compare", "ui", "predict", "sweep.__main__", "rerun.__main__", "register.__main__", "report.__main__",
+     "evaluate.__main__"},
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}
+PACKAGE_FLOOR = {name: level for level, names in enumerate(PACKAGE_FLOORS) for name in names}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
@@ -50,8 +67,28 @@ def package_imports(path: Path) -> set[str]:
     return {name.removeprefix("cifar_exp.") for name in imports(path) if name.removeprefix("cifar_exp.") in FLOOR}
 
 
+def package(name: str) -> str:
+    """The subpackage (or top-level module) that module ``name`` belongs to, for the floors."""
+    return "__main__" if name.endswith(".__main__") else name.split(".")[0]
+
+
 def test_every_module_has_a_floor() -> None:
     assert set(MODULES) == set(FLOOR)
+    assert {package(name) for name in MODULES} == set(PACKAGE_FLOOR)
+
+
+def test_the_top_level_holds_packages_and_entry_points_only() -> None:
+    """Beside the ``python -m`` entry points only subpackages (and ``lifecycle``): no flat module
+    with a near-namesake (a command's library is the package of the command's name)."""
+    flat = {p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    assert flat == {"compare", "predict", "ui", "lifecycle"}, flat
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_packages_import_downward(name: str) -> None:
+    upward = {other for other in package_imports(MODULES[name])
+              if package(other) != package(name) and PACKAGE_FLOOR[package(other)] >= PACKAGE_FLOOR[package(name)]}
+    assert not upward, f"{name} (package {package(name)}) imports {sorted(upward)} from its floor or above"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -60,8 +97,7 @@ def test_imports_flow_one_way(name: str) -> None:
     assert not upward, f"{name} (floor {FLOOR[name]}) imports {sorted(upward)} from above"
 
 
-@pytest.mark.parametrize("name", ["data", "formats", "models", "layers", "optimizers", "programs", "checkpoints",
-                                  "train"])
+@pytest.mark.parametrize("name", ["data", "data.formats", *sorted(n for n in MODULES if n.startswith("training."))])
 def test_training_imports_neither_optuna_nor_mlflow(name: str) -> None:
     assert not {m for m in imports(MODULES[name]) if m.split(".")[0] in ("optuna", "mlflow")}
 

@@ -14,8 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from cifar_exp import data, hypermodel, train
+from cifar_exp import data
 from cifar_exp.config import TrainConfig
+from cifar_exp.sweep import hyperparameters
+from cifar_exp.training import hypermodel, train
 from tests.conftest import ROOT, synthetic_images
 from tests.test_sweep import clean_env, runs, study
 
@@ -23,7 +25,7 @@ from tests.test_sweep import clean_env, runs, study
 def sampled_trial(spec: str, seed: int = 0) -> tuple[optuna.trial.FrozenTrial, dict]:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     trial = study.ask()
-    hp = hypermodel.OptunaHyperParameters(trial)
+    hp = hyperparameters.OptunaHyperParameters(trial)
     hypermodel.load(spec).build(hp)
     study.tell(trial, 0.0)
     return study.trials[0], dict(hp.values)

@@ -13,7 +13,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from cifar_exp import overview
+from cifar_exp import report
 
 T0 = dt.datetime(2026, 1, 1)
 
@@ -30,7 +30,7 @@ def trial(number: int, state: TrialState, seconds: float, epochs_run: int | None
 def test_ledger_adds_seconds_by_state_and_what_pruning_saved() -> None:
     trials = [trial(0, TrialState.COMPLETE, 100, 10), trial(1, TrialState.PRUNED, 20, 2),
               trial(2, TrialState.PRUNED, 30, 5), trial(3, TrialState.FAIL, 7)]
-    cost = overview.ledger(trials, epochs=10)
+    cost = report.ledger(trials, epochs=10)
     assert (cost.seconds_complete, cost.seconds_pruned, cost.seconds_failed) == (100, 50, 7)
     assert cost.pruning_saved_seconds == 20 / 2 * 8 + 30 / 5 * 5  # seconds per epoch x epochs skipped
     assert (cost.trials_complete, cost.trials_pruned, cost.trials_failed, cost.seconds_total) == (1, 2, 1, 157)
@@ -41,7 +41,7 @@ def test_ledger_sums_the_seconds_spent_compiling_and_counts_how_programs_came() 
     for t, (seconds, origin) in zip(trials, [(12.5, "new"), (0.0, "reused"), (0.0, "reused"), (1.5, "cache")],
                                     strict=True):
         t.user_attrs.update(compile_seconds=seconds, compiled=origin)
-    cost = overview.ledger([*trials, trial(4, TrialState.FAIL, 3)], epochs=10)  # a failed trial has neither
+    cost = report.ledger([*trials, trial(4, TrialState.FAIL, 3)], epochs=10)  # a failed trial has neither
     assert cost.compile_seconds == 14.0
     assert (cost.compiled_new, cost.compiled_reused, cost.compiled_cache) == (1, 2, 1)
 
@@ -68,13 +68,13 @@ def synthetic_study(trials: int = 10) -> optuna.Study:
 
 def test_report_has_every_plot_both_tables_and_marks_pruned_trials(tmp_path: Path) -> None:
     study = synthetic_study()
-    assert overview.write(study, tmp_path, epochs=3, metric="val_accuracy") == {}
-    for name in overview.PLOTS:
+    assert report.write(study, tmp_path, epochs=3, metric="val_accuracy") == {}
+    for name in report.PLOTS:
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name
     page = (tmp_path / "report.html").read_text()
-    assert page.count("<h2>") == len(overview.PLOTS) and page.count("plotly.js v") == 1  # embedded once
+    assert page.count("<h2>") == len(report.PLOTS) and page.count("plotly.js v") == 1  # embedded once
     # each plot also as its PNG, which shows where scripts do not run (MLflow's artifact viewer)
-    for name in overview.PLOTS:
+    for name in report.PLOTS:
         png = base64.b64encode((tmp_path / f"{name}.png").read_bytes()).decode()
         assert f"<img alt='{name}' src='data:image/png;base64,{png}'>" in page, name
     assert "Trial3 (pruned)" in page and "10 trials: 9 complete, 1 pruned, 0 failed" in page
@@ -89,17 +89,17 @@ def test_report_has_every_plot_both_tables_and_marks_pruned_trials(tmp_path: Pat
 def test_plots_that_cannot_be_drawn_yet_are_named_with_the_reason(tmp_path: Path) -> None:
     study = optuna.create_study()
     study.add_trial(trial(0, TrialState.FAIL, 3))
-    skipped = overview.write(study, tmp_path, epochs=3)
-    assert set(skipped) == set(overview.PLOTS) and skipped["contour"] == "no complete trial yet"
+    skipped = report.write(study, tmp_path, epochs=3)
+    assert set(skipped) == set(report.PLOTS) and skipped["contour"] == "no complete trial yet"
     assert "not drawn yet" in (tmp_path / "report.html").read_text()
     assert not list(tmp_path.glob("*.png"))
 
 
 def test_importances_and_contour_are_left_out_below_the_minimum_of_complete_trials(tmp_path: Path) -> None:
     study = synthetic_study(trials=4)  # 3 complete, 1 pruned
-    skipped = overview.write(study, tmp_path, epochs=3, metric="val_accuracy")
+    skipped = report.write(study, tmp_path, epochs=3, metric="val_accuracy")
     assert set(skipped) == {"param_importances", "contour"}
-    assert skipped["param_importances"] == (f"left out below {overview.MIN_COMPLETE_FOR_IMPORTANCE} complete trials "
+    assert skipped["param_importances"] == (f"left out below {report.MIN_COMPLETE_FOR_IMPORTANCE} complete trials "
                                             f"(has 3): importances from fewer are noise")
     assert not (tmp_path / "param_importances.png").exists() and (tmp_path / "slice.png").exists()
     assert "left out below 5 complete trials (has 3)" in (tmp_path / "report.html").read_text()

@@ -9,8 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from cifar_exp import data, layers, models, optimizers, programs, train
+from cifar_exp import data
 from cifar_exp.config import TrainConfig
+from cifar_exp.training import layers, models, optimizers, programs, train
 from tests.conftest import synthetic_images
 
 # Tests marked keras run again under every backend (README, "Test"); the bookkeeping ones

@@ -23,9 +23,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cifar_exp import registry, track
+from cifar_exp import register, track
 from cifar_exp.config import ConfigError, UserError
-from cifar_exp.sweepfile import parse_sweep
+from cifar_exp.config.sweepfile import parse_sweep
 from tests.conftest import ROOT, in_process, write_slice
 from tests.test_shipped import sweep_in_process
 from tests.test_sweep import clean_env, run_sweep
@@ -39,14 +39,14 @@ NAME = "cifar10-demo"
 
 def test_top_k_orders_classes_by_probability() -> None:
     probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
-    assert registry.top_k(probs, ["a", "b", "c"], 2) == [[("b", 0.7), ("c", 0.2)], [("a", 0.5), ("c", 0.3)]]
-    assert len(registry.top_k(probs, ["a", "b", "c"], 10)[0]) == 3
+    assert register.top_k(probs, ["a", "b", "c"], 2) == [[("b", 0.7), ("c", 0.2)], [("a", 0.5), ("c", 0.3)]]
+    assert len(register.top_k(probs, ["a", "b", "c"], 10)[0]) == 3
 
 
 def test_read_images_resizes_any_size_to_the_model_input(isolated: Path) -> None:
     Image.new("RGB", (100, 60), (255, 0, 0)).save(isolated / "wide.png")
     Image.new("L", (32, 32), 128).save(isolated / "gray.jpg")
-    images = registry.resized(registry.read_images([str(isolated / "wide.png"), str(isolated / "gray.jpg")]), (32, 32))
+    images = register.resized(register.read_images([str(isolated / "wide.png"), str(isolated / "gray.jpg")]), (32, 32))
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     assert images[0, 10, 10].tolist() == [255, 0, 0] and images[1, 5, 5].tolist() == [128, 128, 128]
 
@@ -54,9 +54,9 @@ def test_read_images_resizes_any_size_to_the_model_input(isolated: Path) -> None
 def test_unreadable_images_are_named(isolated: Path) -> None:
     (isolated / "notes.txt").write_text("not an image")
     with pytest.raises(UserError, match="image .*notes.txt is not a readable image"):
-        registry.read_images([str(isolated / "notes.txt")])
+        register.read_images([str(isolated / "notes.txt")])
     with pytest.raises(UserError, match="image .*missing.jpg does not exist"):
-        registry.read_images([str(isolated / "missing.jpg")])
+        register.read_images([str(isolated / "missing.jpg")])
 
 
 def test_predict_checks_its_images_before_it_loads_a_model(isolated: Path) -> None:
@@ -85,14 +85,14 @@ def png_header(width: int, height: int) -> bytes:
 def test_pipes_huge_headers_and_16_bit_images_are_refused_before_decoding(isolated: Path) -> None:
     os.mkfifo(isolated / "pipe.jpg")
     with pytest.raises(UserError, match="pipe.jpg is not a regular file"):
-        registry.read_images([str(isolated / "pipe.jpg")])  # would block forever on open
+        register.read_images([str(isolated / "pipe.jpg")])  # would block forever on open
     # A PNG header claiming 12000x12000 (a decompression bomb): refused from the header alone.
     (isolated / "huge.png").write_bytes(png_header(12000, 12000))
     with pytest.raises(UserError, match="huge.png is 12000x12000 pixels"):
-        registry.read_images([str(isolated / "huge.png")])
+        register.read_images([str(isolated / "huge.png")])
     Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(isolated / "deep.png")
     with pytest.raises(UserError, match="deep.png has pixel mode I;16"):
-        registry.read_images([str(isolated / "deep.png")])
+        register.read_images([str(isolated / "deep.png")])
 
 
 def test_registered_model_name_defaults_and_is_validated() -> None:
@@ -114,7 +114,7 @@ def test_a_pickled_python_model_is_refused(isolated: Path) -> None:
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=_Echo())
     with pytest.raises(UserError, match=f"refusing to load {info.model_uri}: it carries Python code or a pickled"):
-        registry.load(info.model_uri)
+        register.load(info.model_uri)
 
 
 def test_a_keras_model_with_python_code_is_refused_and_says_why(isolated: Path) -> None:
@@ -127,7 +127,7 @@ def test_a_keras_model_with_python_code_is_refused_and_says_why(isolated: Path) 
         info = mlflow.keras.log_model(model, name="model")
     with pytest.raises(UserError, match=f"refusing to load {info.model_uri}: Keras' safe_mode refused it: it holds "
                                         f"a Lambda layer"):
-        registry.load(info.model_uri)
+        register.load(info.model_uri)
 
 
 def cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -186,7 +186,7 @@ def client(registered: dict) -> MlflowClient:
 def best_good_trial(registered: dict) -> tuple[str, float]:
     import optuna
 
-    from cifar_exp.storage import open_storage
+    from cifar_exp.sweep.storage import open_storage
 
     study = optuna.load_study(study_name="registry_good",
                               storage=open_storage(str(registered["folder"] / "mlruns" / "optuna.journal")))
@@ -327,7 +327,7 @@ def test_mlflow_models_serve_answers_rest_predictions(registered: dict) -> None:
 def test_unknown_model_and_empty_study_are_one_line_errors(isolated: Path) -> None:
     import optuna
 
-    from cifar_exp.storage import open_storage
+    from cifar_exp.sweep.storage import open_storage
 
     track.configure(f"sqlite:///{isolated}/mlruns/mlflow.db")
     Image.new("RGB", (32, 32)).save(isolated / "x.jpg")

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import backend, reproduce, track
+from cifar_exp import rerun, track
 from cifar_exp.config import ConfigError, TrainConfig
-from cifar_exp.storage import Claim, Settings, claim, create_study, open_storage
-from cifar_exp.sweepfile import load_sweep
-from cifar_exp.trial import trial_seed
+from cifar_exp.config.sweepfile import load_sweep
+from cifar_exp.lifecycle import trial_seed
+from cifar_exp.sweep.storage import Claim, Settings, claim, create_study, open_storage
+from cifar_exp.training import backend
 from tests.test_sweep import clean_env, run_sweep, runs, study
 
 # ---------------------------------------------------------------------------------------------
@@ -111,42 +112,42 @@ def test_identity_names_backend_versions_and_device() -> None:
 
 
 def original(history: dict[str, list[float]], state: str = "COMPLETE", test: dict | None = None,
-             fail_reason: str = "") -> reproduce.Original:
+             fail_reason: str = "") -> rerun.Original:
     tags = {"state": state, "trial_number": "1", **({"fail_reason": fail_reason} if fail_reason else {})}
     run = track.RunRecord("r1", "1", "trial-1", "FINISHED", {}, tags, {})
-    return reproduce.Original(run, load_sweep("lr_dropout"), TrainConfig(), 5, history, test or {})
+    return rerun.Original(run, load_sweep("lr_dropout"), TrainConfig(), 5, history, test or {})
 
 
 HISTORY = {"loss": [2.3, 2.1], "val_accuracy": [0.1, 0.25], "learning_rate": [0.01, 0.001]}
 
 
 def test_identical_values_match_at_tolerance_zero() -> None:
-    outcome = reproduce.Outcome("r2", {k: list(v) for k, v in HISTORY.items()}, {"test_accuracy": 0.3})
-    comparison = reproduce.compare(original(HISTORY, test={"test_accuracy": 0.3}), outcome, 0.0)
+    outcome = rerun.Outcome("r2", {k: list(v) for k, v in HISTORY.items()}, {"test_accuracy": 0.3})
+    comparison = rerun.compare(original(HISTORY, test={"test_accuracy": 0.3}), outcome, 0.0)
     assert comparison.matched and comparison.max_abs_diff == 0 and len(comparison.values()) == 7
     assert comparison.metrics == ("loss", "val_accuracy", "learning_rate")  # Keras' order
 
 
 def test_a_difference_in_the_last_bit_fails_at_zero_and_passes_a_tolerance() -> None:
     changed = {**HISTORY, "loss": [2.3, 2.1000000000000001 + 4e-16]}
-    outcome = reproduce.Outcome("r2", changed, {})
-    assert not reproduce.compare(original(HISTORY), outcome, 0.0).matched
-    assert reproduce.compare(original(HISTORY), outcome, 0.0).mismatches == 1
-    assert reproduce.compare(original(HISTORY), outcome, 1e-12).matched
+    outcome = rerun.Outcome("r2", changed, {})
+    assert not rerun.compare(original(HISTORY), outcome, 0.0).matched
+    assert rerun.compare(original(HISTORY), outcome, 0.0).mismatches == 1
+    assert rerun.compare(original(HISTORY), outcome, 1e-12).matched
 
 
 def test_missing_epochs_and_new_failures_do_not_match() -> None:
-    short = reproduce.Outcome("r2", {k: v[:1] for k, v in HISTORY.items()}, {}, error="Diverged: loss is nan")
-    comparison = reproduce.compare(original(HISTORY), short, 1.0)
+    short = rerun.Outcome("r2", {k: v[:1] for k, v in HISTORY.items()}, {}, error="Diverged: loss is nan")
+    comparison = rerun.compare(original(HISTORY), short, 1.0)
     assert comparison.mismatches == 3 and "the rerun failed (Diverged: loss is nan)" in comparison.failure
-    same_failure = reproduce.compare(original(HISTORY, "FAIL", fail_reason="Diverged: loss is nan at epoch 2"),
+    same_failure = rerun.compare(original(HISTORY, "FAIL", fail_reason="Diverged: loss is nan at epoch 2"),
                                      dataclasses.replace(short, history=HISTORY), 0.0)
     assert same_failure.matched
 
 
 def test_pruned_trial_compares_only_its_logged_epochs() -> None:
     pruned = original({k: v[:1] for k, v in HISTORY.items()}, state="PRUNED")
-    comparison = reproduce.compare(pruned, reproduce.Outcome("r2", {k: v[:1] for k, v in HISTORY.items()}, {}), 0)
+    comparison = rerun.compare(pruned, rerun.Outcome("r2", {k: v[:1] for k, v in HISTORY.items()}, {}), 0)
     assert comparison.matched and len(comparison.epochs) == 1
 
 
@@ -154,7 +155,7 @@ def test_pruned_trial_compares_only_its_logged_epochs() -> None:
 # Bad input to the rerun command: one line, exit 2, nothing written
 
 
-def rerun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def rerun_command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cifar_exp.rerun", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=900, env=clean_env())
 
@@ -169,7 +170,7 @@ def rerun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_rerun_bad_input_is_one_line_exit_2(isolated: Path, args: list[str], fragment: str) -> None:
     (isolated / "store.db").touch()  # a store file, for the --tracking-uri case
     before = set(isolated.rglob("*"))
-    result = rerun(*args, cwd=isolated)
+    result = rerun_command(*args, cwd=isolated)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.stderr
@@ -180,18 +181,18 @@ def test_rerun_of_an_unknown_study_or_trial_names_what_exists(isolated: Path) ->
     (isolated / "mlruns").mkdir()
     (isolated / "mlruns" / "mlflow.db").touch()
     sample(isolated / "mlruns" / "optuna.journal", seed=0, trials=2)
-    result = rerun("lr_droput", "--trial", "0", cwd=isolated)
+    result = rerun_command("lr_droput", "--trial", "0", cwd=isolated)
     assert result.returncode == 2 and "no study 'lr_droput' in mlruns/optuna.journal (studies: lr_dropout)" \
         in result.stderr
-    result = rerun("lr_dropout", "--trial", "5", cwd=isolated)
+    result = rerun_command("lr_dropout", "--trial", "5", cwd=isolated)
     assert result.returncode == 2 and "study 'lr_dropout' has no trial 5 (it has trials 0 to 1)" in result.stderr
-    result = rerun("lr_dropout", "--trial", "1", cwd=isolated)  # sampled only: no MLflow run
+    result = rerun_command("lr_dropout", "--trial", "1", cwd=isolated)  # sampled only: no MLflow run
     assert result.returncode == 2 and "trial 1 of study 'lr_dropout' has no MLflow run" in result.stderr
 
 
 def test_rerun_of_an_unknown_run_names_it(isolated: Path) -> None:
     track.configure(f"sqlite:///{isolated}/mlruns/mlflow.db")
-    result = rerun("0123456789abcdef0123456789abcdef", cwd=isolated)
+    result = rerun_command("0123456789abcdef0123456789abcdef", cwd=isolated)
     assert result.returncode == 2
     assert "no run '0123456789abcdef0123456789abcdef' in this MLflow store" in result.stderr
 
@@ -219,7 +220,7 @@ def history(run_id: str) -> dict[str, list[float]]:
 def test_rerun_reproduces_every_epoch_bit_for_bit(seeded_sweep: Path, cifar_slice: Path) -> None:
     # Trial 1 ran second in its worker process, on the program trial 0 compiled; the rerun runs
     # alone in a fresh process, on a program compiled for it.
-    result = rerun("lr_dropout", "--trial", "1", "--data", str(cifar_slice), cwd=seeded_sweep)
+    result = rerun_command("lr_dropout", "--trial", "1", "--data", str(cifar_slice), cwd=seeded_sweep)
     assert result.returncode == 0, result.stdout + result.stderr
     _, children = runs(seeded_sweep)
     trial_1 = study(seeded_sweep).trials[1].user_attrs["mlflow_run_id"]
@@ -251,7 +252,7 @@ def test_rerun_with_changed_data_is_refused_naming_the_checksum(seeded_sweep: Pa
             target.writestr(name, source.read(name))
     trial_0 = study(seeded_sweep).trials[0].user_attrs["mlflow_run_id"]
     before = len(runs(seeded_sweep)[1])
-    result = rerun(trial_0, "--data", str(changed), cwd=seeded_sweep)
+    result = rerun_command(trial_0, "--data", str(changed), cwd=seeded_sweep)
     assert result.returncode == 2, result.stdout + result.stderr
     original_checksum = MlflowClient().get_run(trial_0).data.tags["data_checksum"]
     line = result.stderr.strip()

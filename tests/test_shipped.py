@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_exp.sweepfile import available_sweeps, load_sweep
+from cifar_exp.config.sweepfile import available_sweeps, load_sweep
 from tests.test_sweep import clean_env, runs, study
 
 pytestmark = pytest.mark.slow
@@ -28,8 +28,9 @@ def sweep_in_process(cwd: Path, sweep_file: Path, trials: int, epochs: int, data
     """Run ``trials`` trials of the sweep in ``sweep_file`` with one ``worker.Worker`` in this
     process, into ``cwd/mlruns`` (the sweep command's default storage and store), as the sweep
     command's worker would: the study, its parent run, claims, tracked trials."""
-    from cifar_exp import storage, track, worker
-    from cifar_exp.study import start_parent_run
+    from cifar_exp import track
+    from cifar_exp.sweep import storage, worker
+    from cifar_exp.sweep.supervisor import start_parent_run
 
     sweep = load_sweep(str(sweep_file))
     sweep = dataclasses.replace(sweep, trials=trials, epochs=epochs,

@@ -17,9 +17,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from cifar_exp import storage as storage_module
 from cifar_exp import track
-from cifar_exp.storage import (
+from cifar_exp.config.sweepfile import load_sweep
+from cifar_exp.sweep import storage as storage_module
+from cifar_exp.sweep.storage import (
     Claim,
     Settings,
     budget_state,
@@ -29,7 +30,6 @@ from cifar_exp.storage import (
     open_storage,
     recover_stale,
 )
-from cifar_exp.sweepfile import load_sweep
 
 
 def settings(storage: str, trials: int | None = 3) -> Settings:
@@ -176,7 +176,7 @@ def test_a_trial_whose_worker_died_before_its_run_existed_gets_one_run_recording
 
 
 def test_a_time_limit_raises_at_once_while_training_and_at_the_next_check_elsewhere() -> None:
-    from cifar_exp.trial import TimeLimit, TrialTimeout
+    from cifar_exp.lifecycle import TimeLimit, TrialTimeout
 
     training = True
     with pytest.raises(TrialTimeout, match=r"^ran past trial_timeout \(0.2 s\)$"):

@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from cifar_exp import data
-from cifar_exp.storage import open_storage
-from cifar_exp.trial import trial_seed
+from cifar_exp.lifecycle import trial_seed
+from cifar_exp.sweep.storage import open_storage
 from tests.conftest import ROOT, in_process
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,9 @@ import keras
 import numpy as np
 import pytest
 
-from cifar_exp import data, layers, models, optimizers, train
+from cifar_exp import data
 from cifar_exp.config import TrainConfig
+from cifar_exp.training import layers, models, optimizers, train
 from tests.conftest import synthetic_images
 
 pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")

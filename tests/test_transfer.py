@@ -15,8 +15,9 @@ import keras
 import numpy as np
 import pytest
 
-from cifar_exp import data, models, train
+from cifar_exp import data
 from cifar_exp.config import TrainConfig
+from cifar_exp.training import models, train
 from tests.conftest import ROOT, synthetic_images
 
 HEAD = dict(model="transfer", weights="none", dense_units=0, head="global_avg", head_dropout=0.0, flip=False,
@@ -98,7 +99,7 @@ def test_a_local_weights_file_is_loaded(tmp_path: Path) -> None:
 SCRIPT = textwrap.dedent("""
     import http.server, json, sys, threading
     import keras.src.applications.mobilenet_v2 as mobilenet_v2
-    from cifar_exp import models
+    from cifar_exp.training import models
     from cifar_exp.config import TrainConfig, UserError
     serve = sys.argv[1]
     cfg = TrainConfig(model="transfer", backbone="mobilenet_v2", weights="imagenet")

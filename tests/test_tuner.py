@@ -12,8 +12,8 @@ import keras_tuner
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import tuner
-from cifar_exp.sweepfile import load_sweep
+from cifar_exp.config.sweepfile import load_sweep
+from cifar_exp.sweep import tuner
 from tests.conftest import ROOT
 from tests.test_shipped import sweep_in_process
 from tests.test_sweep import clean_env, run_sweep, runs

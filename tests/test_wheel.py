@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import json, cifar_exp
-from cifar_exp.sweepfile import available_sweeps, load_sweep
+from cifar_exp.config.sweepfile import available_sweeps, load_sweep
 print(json.dumps({"package": cifar_exp.__file__,
                   "sweeps": {name: load_sweep(name).name for name in available_sweeps()}}))
 """
@@ -27,8 +27,14 @@ print(json.dumps({"package": cifar_exp.__file__,
 
 def test_the_wheel_installed_without_the_checkout_lists_and_loads_every_sweep(tmp_path: Path) -> None:
     source, dist, site, elsewhere = (tmp_path / name for name in ("source", "dist", "site", "elsewhere"))
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "mlruns", "data", "build", "*.egg-info", "__pycache__", ".*_cache", "cache", ".whl"))
+    anywhere = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", ".whl")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        # the checkout's own stores and data (not the package's cifar_exp/data/)
+        top = {"mlruns", "data", "cache"} & set(names) if Path(folder) == ROOT else set()
+        return set(anywhere(folder, names)) | top
+
+    shutil.copytree(ROOT, source, ignore=ignore)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(source)],
                    check=True, timeout=600, capture_output=True)
     wheel = next(dist.glob("cifar_exp-*.whl"))

@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import evaluation
+from cifar_exp import evaluate
 from cifar_exp.config import UserError, mask_credentials
 
 T = TypeVar("T")
@@ -325,10 +325,10 @@ def log_test(run_id: str, result: Any, splits: Any, title: str) -> None:
 def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray,
                    class_names: Sequence[str], history: Mapping[str, Sequence[float]] | None,
                    title: str) -> dict[str, float]:
-    """Log a test-set evaluation (``evaluation.write_report``): its metrics, and its files as
+    """Log a test-set evaluation (``evaluate.write_report``): its metrics, and its files as
     artifacts. Returns the metrics logged."""
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = evaluation.write_report(Path(tmp), images, y_true, y_prob, class_names, history, title)
+        metrics = evaluate.write_report(Path(tmp), images, y_true, y_prob, class_names, history, title)
         log_metrics(run_id, metrics)
         retrying(MlflowClient().log_artifacts, run_id, tmp)
     return metrics

@@ -1,5 +1,5 @@
 """Fault injection for the sweep tests, loaded into every Python process (the spawned workers
-too) by putting this folder on PYTHONPATH. It wraps ``cifar_exp.train.train`` so that the trials
+too) by putting this folder on PYTHONPATH. It wraps ``cifar_exp.training.train.train`` so that the trials
 with the seeds named in the environment fail for real inside their worker:
 
 - CIFAR_EXP_FAULT_RAISE=seed,...  the trial raises RuntimeError
@@ -21,7 +21,7 @@ OOM = {int(s) for s in os.environ.get("CIFAR_EXP_FAULT_OOM", "").split(",") if s
 
 class _WrapTrain(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "cifar_exp.train":
+        if name != "cifar_exp.training.train":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

@@ -211,7 +211,7 @@ def _run(name: str, args: argparse.Namespace, command_line: list[str]) -> int:
     os.umask(os.umask(0o022) | 0o022)
     # A log handler that cannot write (a full disk) prints a traceback of its own per record.
     logging.raiseExceptions = False
-    from cifar_exp import commands, results
+    from cifar_exp.cli import commands, results
 
     args.command_line = command_line
     try:
@@ -219,7 +219,7 @@ def _run(name: str, args: argparse.Namespace, command_line: list[str]) -> int:
             check_tracking_uri(args.tracking_uri)
         if getattr(args, "storage", None) is not None:
             check_storage(args.storage)
-        implementation = getattr(commands, name, None) or getattr(results, name)
+        implementation = getattr(commands, f"{name}_command", None) or getattr(results, f"{name}_command")
         return int(implementation(args))
     except UserError as exc:
         if os.environ.get("CIFAR_EXP_DEBUG") == "1":

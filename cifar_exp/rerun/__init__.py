@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_exp import backend, track
-from cifar_exp import trial as one_trial
+from cifar_exp import lifecycle, track
 from cifar_exp.config import HYPERMODEL_FIELDS, Sweep, TrainConfig, UserError
-from cifar_exp.sweepfile import parse_sweep, train_values_from_strings
+from cifar_exp.config.sweepfile import parse_sweep, train_values_from_strings
+from cifar_exp.training import backend
 
 RERUN_TAG = "rerun_of"
 # Wall-clock time is never reproducible (every metric named *_seconds: epochs, the first step, a
@@ -82,7 +82,7 @@ def _tag(run: track.RunRecord, name: str) -> str:
 
 def find_trial_run(storage_url: str, name: str, number: int) -> str:
     """The MLflow run id of trial ``number`` of the study ``name`` in ``storage_url``."""
-    from cifar_exp.storage import load_existing
+    from cifar_exp.sweep.storage import load_existing
 
     study = load_existing(storage_url, name)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -186,7 +186,7 @@ def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deter
     """Train ``original``'s configuration again with its seed, into a new run (same experiment,
     same params, tagged ``rerun_of``). A trial that stopped early (pruned, interrupted, failed)
     is replayed for as many epochs as it logged, with its full-length learning-rate schedule."""
-    from cifar_exp import train  # imports keras: after the CLI has set up the environment
+    from cifar_exp.training import train  # imports keras: after the CLI has set up the environment
 
     run = original.run
     run_id = track.start_run(
@@ -194,8 +194,8 @@ def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deter
         {**tags, **{k: run.tags[k] for k in PROVENANCE_TAGS if k in run.tags}, **identity,
          RERUN_TAG: run.run_id, "rerun_of_trial": original.trial_number, "rerun_of_state": original.state,
          "deterministic": str(deterministic).lower()})
-    tracked = one_trial.Tracked(run_id)
-    one_trial.log_sweep(tracked, original.sweep)
+    tracked = lifecycle.Tracked(run_id)
+    lifecycle.log_sweep(tracked, original.sweep)
     if original.hyperparameters is not None:
         track.log_text(run_id, json.dumps(original.hyperparameters, sort_keys=True), "hyperparameters.json")
 
@@ -207,7 +207,7 @@ def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deter
     complete = original.state == "COMPLETE"
     custom = None
     if original.sweep.hypermodel:
-        from cifar_exp import hypermodel
+        from cifar_exp.training import hypermodel
 
         custom = hypermodel.custom_model(hypermodel.load(original.sweep.hypermodel),
                                          hypermodel.fixed(original.hyperparameters or {}))
@@ -219,10 +219,10 @@ def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deter
         track.end_run(run_id, "KILLED", {"fail_reason": "interrupted"})
         raise
     except Exception as exc:
-        return Outcome(run_id, tracked.history, {}, one_trial.failure_reason(exc))
+        return Outcome(run_id, tracked.history, {}, lifecycle.failure_reason(exc))
     test: dict[str, float] = {}
     if complete:
-        evaluated = one_trial.evaluate(tracked, result, splits,
+        evaluated = lifecycle.evaluate(tracked, result, splits,
                                        title=f"{original.sweep.name} trial {original.trial_number} (rerun)")
         track.set_tags(run_id, {"model_uri": evaluated.model_uri, **evaluated.verdict})
         test = {k: v for k, v in track.get_run(run_id).metrics.items() if final(k)}

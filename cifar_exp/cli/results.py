@@ -11,45 +11,46 @@ import os
 import sys
 from pathlib import Path
 
-from cifar_exp.commands import _existing_store, _open_store
+from cifar_exp.cli.environment import existing_store, open_store
+from cifar_exp.cli.progress import fmt
 from cifar_exp.config import DEFAULT_STORE, Sweep, UserError, mask_credentials
-from cifar_exp.progress import fmt
-from cifar_exp.sweepfile import load_sweep
+from cifar_exp.config.sweepfile import load_sweep
 
 
 def register_best(chosen: Sweep, storage_url: str, data_source: str | None) -> None:
     """Register the study's best model and promote it; prints what happened (the caller has
     set up the environment and the tracking store)."""
-    from cifar_exp import data, registry, track
-    from cifar_exp.storage import load_existing
+    from cifar_exp import data, register, track
+    from cifar_exp.sweep.storage import load_existing
 
     trials = load_existing(storage_url, chosen.name).get_trials(deepcopy=False)
-    best = registry.best_trial(trials, chosen.objective.direction == "maximize")
+    best = register.best_trial(trials, chosen.objective.direction == "maximize")
     if data_source is None:  # the data the trial trained on, which --data may have overridden
         data_source = track.get_run(best.user_attrs["mlflow_run_id"]).tags.get("data_source", chosen.data.source)
-    promotion = registry.promote(chosen, chosen.model_name, trials, data.load(data_source))
+    promotion = register.promote(chosen, chosen.model_name, trials, data.load(data_source))
     version = promotion.version
     print(f"{'registered' if version.created else 'already registered:'} {version.name} version {version.version} "
-          f"(trial {promotion.trial.number}, run {version.run_id}); alias {registry.CHALLENGER} -> "
+          f"(trial {promotion.trial.number}, run {version.run_id}); alias {register.CHALLENGER} -> "
           f"version {version.version}")
     if promotion.promoted:
-        print(f"alias {registry.CHAMPION} -> version {version.version}: {promotion.reason}")
+        print(f"alias {register.CHAMPION} -> version {version.version}: {promotion.reason}")
     else:
-        print(f"not promoted to {registry.CHAMPION}: {promotion.reason}")
-    print(f"load it with mlflow.pyfunc.load_model('models:/{version.name}@{registry.CHAMPION}')")
+        print(f"not promoted to {register.CHAMPION}: {promotion.reason}")
+    print(f"load it with mlflow.pyfunc.load_model('models:/{version.name}@{register.CHAMPION}')")
 
 
-def register(args: argparse.Namespace) -> int:
+def register_command(args: argparse.Namespace) -> int:
     chosen = load_sweep(args.name)
-    _open_store(args.tracking_uri, chosen.deterministic)
+    open_store(args.tracking_uri, chosen.deterministic)
     register_best(chosen, args.storage, args.data)
     return 0
 
 
-def report(args: argparse.Namespace) -> int:
+def report_command(args: argparse.Namespace) -> int:
     chosen = load_sweep(args.name)
-    _open_store(args.tracking_uri, chosen.deterministic)
-    from cifar_exp import storage, study, track
+    open_store(args.tracking_uri, chosen.deterministic)
+    from cifar_exp import track
+    from cifar_exp.sweep import storage, supervisor
 
     found = storage.load_existing(args.storage, chosen.name)
     parent = found.user_attrs.get("mlflow_parent_run_id")
@@ -60,7 +61,7 @@ def report(args: argparse.Namespace) -> int:
     except LookupError:
         raise UserError(f"the parent run {parent} of study '{chosen.name}' is not in {args.tracking_uri}: "
                         f"pass the --tracking-uri the sweep used") from None
-    skipped = study.publish(found, parent, chosen)
+    skipped = supervisor.publish(found, parent, chosen)
     print(f"study '{chosen.name}': {len(found.trials)} trials; report rebuilt in parent run {parent}: "
           f"report.html, trials.csv, trials.html, cost.json and the plots")
     for name, why in skipped.items():
@@ -68,8 +69,8 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def ui(args: argparse.Namespace) -> int:
-    _existing_store(args.tracking_uri)
+def ui_command(args: argparse.Namespace) -> int:
+    existing_store(args.tracking_uri)
     from cifar_exp import track
 
     track.configure(args.tracking_uri)
@@ -120,11 +121,13 @@ def _png_out(out: str | None, default: str) -> Path:
     return path
 
 
-def compare(args: argparse.Namespace) -> int:
+def compare_command(args: argparse.Namespace) -> int:
     chosen = load_sweep(args.name)
     out = _png_out(args.out, f"{chosen.name}-top-{args.top}.png")
-    _existing_store(args.tracking_uri)
-    from cifar_exp import plots, storage, track
+    existing_store(args.tracking_uri)
+    from cifar_exp import track
+    from cifar_exp.evaluate import plots
+    from cifar_exp.sweep import storage
 
     track.configure(args.tracking_uri)
     best = storage.best_trials(storage.load_existing(args.storage, chosen.name), args.top)
@@ -154,14 +157,14 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict(args: argparse.Namespace) -> int:
-    _open_store(args.tracking_uri, deterministic=False)
-    from cifar_exp import registry
+def predict_command(args: argparse.Namespace) -> int:
+    open_store(args.tracking_uri, deterministic=False)
+    from cifar_exp import register
 
-    decoded = registry.read_images(args.images)  # the inputs first: loading a model takes a minute
-    model, names = registry.load(args.model)
-    images = registry.resized(decoded, tuple(model.input_shape[1:3]))
-    ranked = registry.top_k(registry.probabilities(model, images), names, args.top_k)
+    decoded = register.read_images(args.images)  # the inputs first: loading a model takes a minute
+    model, names = register.load(args.model)
+    images = register.resized(decoded, tuple(model.input_shape[1:3]))
+    ranked = register.top_k(register.probabilities(model, images), names, args.top_k)
     if args.json:
         print(json.dumps([{"image": image, "predictions": [{"class": c, "probability": p} for c, p in top]}
                           for image, top in zip(args.images, ranked, strict=True)], indent=2))
@@ -174,9 +177,9 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> int:
-    _open_store(args.tracking_uri, deterministic=False)
-    from cifar_exp import data, registry, track
+def evaluate_command(args: argparse.Namespace) -> int:
+    open_store(args.tracking_uri, deterministic=False)
+    from cifar_exp import data, register, track
 
     try:
         source_run = track.models.model_run_id(args.model)
@@ -186,7 +189,7 @@ def evaluate(args: argparse.Namespace) -> int:
     source = args.data or (run.tags.get("data_source") if run else None) or "keras"
     test = data.load(source)
     experiment = run.experiment_id if run else track.experiment_id("evaluations")
-    run_id, metrics = registry.evaluate(args.model, test, experiment, {
+    run_id, metrics = register.evaluate(args.model, test, experiment, {
         "source_run_id": source_run or "", "data_source": source, "data_checksum": test.checksum})
     print(f"{args.model} on {len(test.y_test)} test images of {source}: test_accuracy {metrics['test_accuracy']:.4f}"
           f", test_loss {metrics['test_loss']:.4f}, test_macro_f1 {metrics['test_macro_f1']:.4f}")

@@ -20,7 +20,7 @@ from typing import Literal
 import keras
 
 from cifar_exp.config import TrainConfig
-from cifar_exp.models import block_dropout
+from cifar_exp.training.models import block_dropout
 
 # TrainConfig fields that are variable values, not constants of the compiled program. The rest
 # (layers, widths, activation, pooling, batch size, precision, augmentation, optimizer kind,

@@ -17,8 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cifar_exp import evaluation, track
+from cifar_exp import track
 from cifar_exp.config import Sweep
+from cifar_exp.evaluate import degenerate
 
 
 def run_tags(sweep: Sweep, engine: str, identity: Mapping[str, str], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,7 +143,7 @@ class Evaluated:
 def judge(history: Mapping[str, Sequence[float]], y_prob: Any, splits: Any) -> dict[str, str]:
     """``{"degenerate": why}`` for a trial whose numbers mean nothing (``evaluation.degenerate``;
     ``y_prob`` None for a trial that never reached the test set), ``{}`` otherwise."""
-    why = evaluation.degenerate(history, y_prob, len(splits.y_val), splits.class_names)
+    why = degenerate(history, y_prob, len(splits.y_val), splits.class_names)
     return {"degenerate": why} if why else {}
 
 

@@ -17,11 +17,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from cifar_exp import backend, checkpoints, evaluation, layers, optimizers
+from cifar_exp import evaluate
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import Splits
-from cifar_exp.models import build, fine_tune
-from cifar_exp.programs import Program, Programs, structure
+from cifar_exp.training import backend, checkpoints, layers, optimizers
+from cifar_exp.training.models import build, fine_tune
+from cifar_exp.training.programs import Program, Programs, structure
 
 EpochHook = Callable[[int, Mapping[str, float]], None]
 PREDICT_BATCH = 1024
@@ -260,7 +261,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     clock.lap("predict_seconds")
     logged = model if custom else layers.portable(model)
     clock.lap("model_seconds")
-    return TrainResult(history=run.history, **evaluation.test_metrics(y_prob, data.y_test, cfg.label_smoothing),
+    return TrainResult(history=run.history, **evaluate.test_metrics(y_prob, data.y_test, cfg.label_smoothing),
                        y_prob=y_prob, model=logged, compiled=clock.origin(), phases=clock.phases,
                        compilations=clock.meter.compilations)
 

@@ -38,9 +38,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import get_lock_file
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp import liveness, space, track
-from cifar_exp import trial as one_trial
+from cifar_exp import lifecycle, track
 from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials
+from cifar_exp.sweep import liveness, space
 
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # RDB storages: a running trial's heartbeat period, and the silence after which it is stale. A
@@ -278,7 +278,7 @@ def claim(settings: Settings, storage: optuna.storages.BaseStorage) -> Claim | L
         state = budget_state(sweep, trials)
         if state != "open":
             return state
-        study = load(settings, storage, one_trial.trial_seed(sweep.sampler.seed, len(trials)))
+        study = load(settings, storage, lifecycle.trial_seed(sweep.sampler.seed, len(trials)))
         with warnings.catch_warnings():  # we beat ourselves (``heartbeat``), outside Study.optimize
             warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
             trial = study.ask()
@@ -331,7 +331,7 @@ def close_run(study: optuna.Study, trial: FrozenTrial, status: str, reason: str)
         run_id = track.start_trial_run(attrs["mlflow_experiment_id"], attrs["mlflow_parent_run_id"], trial.number,
                                        params=dict(trial.params), tags={"sweep": study.study_name,
                                                                         "engine": "optuna"})
-    one_trial.end_failed(run_id, reason, status)
+    lifecycle.end_failed(run_id, reason, status)
 
 
 def running(study: optuna.Study, pids: set[int]) -> list[FrozenTrial]:

@@ -11,73 +11,14 @@ import argparse
 import dataclasses
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from cifar_exp.config import DEFAULT_STORE, PACKAGE_DIR, ConfigError, Sweep, UserError, mask_credentials
-from cifar_exp.progress import Progress, fmt, print_comparison, print_summary
-from cifar_exp.sweepfile import TOP_LEVEL_RANGES, available_sweeps, check_range, load_sweep
-
-
-def set_environment(deterministic: bool) -> None:
-    """Environment for Keras and its backends; must run before anything imports keras."""
-    from cifar_exp.backend import determinism_env
-    from cifar_exp.data import cache_dir
-
-    os.environ.update(determinism_env(deterministic, os.environ))
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    # TensorFlow's C++ log: start-up chatter, and under op determinism a harmless "NodeDef mentions
-    # attribute use_unbounded_threadpool" ERROR line per epoch. Python exceptions still surface.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # Several workers share one GPU: no process may take all of its memory up front.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-    # JAX keeps compiled programs (those that took over 1 s to compile) on disk, shared by every
-    # worker and run: a trial of a program seen before skips its compilation (15 s of first-epoch
-    # compilation for the CNN family on an H100).
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "jax"))
-
-
-def provenance() -> dict[str, str]:
-    """Where the code came from: the git commit of this checkout and whether it had uncommitted
-    changes ("unknown" outside a git checkout), and the versions of the tracking libraries."""
-    import importlib.metadata
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(PACKAGE_DIR.parent), *args], capture_output=True, text=True,
-                                  timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit or "unknown",
-            "git_dirty": "unknown" if commit is None or dirty is None else str(bool(dirty)).lower(),
-            **{f"{name.replace('-', '_')}_version": importlib.metadata.version(name)
-               for name in ("optuna", "mlflow", "keras-tuner")}}
-
-
-def _existing_store(tracking_uri: str) -> None:
-    if tracking_uri.startswith("sqlite:///"):
-        path = tracking_uri.removeprefix("sqlite:///")
-        if not os.path.isfile(path):
-            raise UserError(f"no MLflow store at {path}: run a sweep first, or pass --tracking-uri")
-
-
-def _open_store(tracking_uri: str, deterministic: bool) -> None:
-    """The preamble of the commands that read a store: the store must exist; then the environment
-    (before keras is imported) and the tracking URI."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a report
-    _existing_store(tracking_uri)
-    set_environment(deterministic)
-    from cifar_exp import track
-
-    track.configure(tracking_uri)
-
+from cifar_exp.cli.environment import existing_store, provenance, set_environment
+from cifar_exp.cli.progress import Progress, fmt, print_comparison, print_summary
+from cifar_exp.config import DEFAULT_STORE, ConfigError, Sweep, UserError, mask_credentials
+from cifar_exp.config.sweepfile import TOP_LEVEL_RANGES, available_sweeps, check_range, load_sweep
 
 # ---------------------------------------------------------------------------------------------
 # sweep
@@ -137,7 +78,7 @@ def _with_overrides(args: argparse.Namespace) -> Sweep:
     return dataclasses.replace(sweep, **changes)
 
 
-def sweep(args: argparse.Namespace) -> int:
+def sweep_command(args: argparse.Namespace) -> int:
     if args.list:
         return _list_sweeps()
     if not args.name:
@@ -145,7 +86,8 @@ def sweep(args: argparse.Namespace) -> int:
     chosen = _with_overrides(args)
     set_environment(chosen.deterministic)
     _check_hypermodel(chosen.hypermodel)
-    from cifar_exp import data, storage, track
+    from cifar_exp import data, track
+    from cifar_exp.sweep import storage
 
     # Bad input fails here, before anything is written: the servers first (they write nothing
     # when checked), then the data (whose cache is the first write).
@@ -174,11 +116,12 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
     """The Optuna engine: the header, the workers' progress, the final table, the exit code."""
     import optuna
 
-    from cifar_exp import storage, study, track
+    from cifar_exp import track
+    from cifar_exp.sweep import storage, supervisor
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress
     chosen = settings.sweep
-    tally = study.tally(storage.create_study(settings))
+    tally = supervisor.tally(storage.create_study(settings))
     say = (lambda *a, **k: None) if args.quiet else print
     say(f"sweep {chosen.name}: {chosen.description.strip().splitlines()[0] if chosen.description else ''}")
     say(f"study '{chosen.name}' in {mask_credentials(args.storage)}: {tally.finished} trials finished before; "
@@ -190,7 +133,7 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
         say(f"library log lines (TensorFlow, MLflow, Optuna): {settings.log_file} (-v shows them here)", flush=True)
     progress = Progress(chosen.objective.metric, chosen.trials, workers=args.workers, quiet=args.quiet)
     try:
-        summary = study.run_sweep(settings, progress)
+        summary = supervisor.run_sweep(settings, progress)
     except KeyboardInterrupt:  # Ctrl-C before the workers started: nothing ran yet
         print("interrupted before any trial started", file=sys.stderr)
         return 130
@@ -202,7 +145,7 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
         print(f"error: {summary.stop_reason}", file=sys.stderr)
         return 1
     if args.register:
-        from cifar_exp.results import register_best
+        from cifar_exp.cli.results import register_best
 
         register_best(chosen, args.storage, args.data)
     return 0
@@ -244,7 +187,7 @@ def _library_log(storage: str, name: str) -> Path:
 
 def _keras_tuner(settings: Any) -> int:
     """``--engine keras-tuner``: the sweep in this process with KerasTuner (see ``tuner``)."""
-    from cifar_exp import tuner
+    from cifar_exp.sweep import tuner
 
     chosen = settings.sweep
     print(f"sweep {chosen.name} with KerasTuner: {chosen.epochs} epochs per trial, seed {chosen.sampler.seed}; "
@@ -264,24 +207,28 @@ def _keras_tuner(settings: Any) -> int:
 # rerun
 
 
-def rerun(args: argparse.Namespace) -> int:
+def rerun_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a report
-    _existing_store(args.tracking_uri)
-    from cifar_exp import reproduce, track  # no keras yet: the original decides the backend
+    existing_store(args.tracking_uri)
+    from cifar_exp import (
+        rerun,
+        track,  # no keras yet: the original decides the backend
+    )
 
     run_id = args.target
     if args.trial is not None:
-        run_id = reproduce.find_trial_run(args.storage, args.target, args.trial)
+        run_id = rerun.find_trial_run(args.storage, args.target, args.trial)
     track.configure(args.tracking_uri)
-    original = reproduce.load_original(run_id)
+    original = rerun.load_original(run_id)
     # The original's backend unless the user chose one: another backend gives other numbers.
     os.environ.setdefault("KERAS_BACKEND", original.run.tags.get("keras_backend", "tensorflow"))
     set_environment(args.deterministic)
-    from cifar_exp import backend, data
+    from cifar_exp import data
+    from cifar_exp.training import backend
 
     source = args.data if args.data is not None else original.sweep.data.source
     dataset = data.load(source)
-    reproduce.check_data(original, source, dataset.checksum)  # before anything is written
+    rerun.check_data(original, source, dataset.checksum)  # before anything is written
     splits = data.split(dataset, original.sweep.data.validation_fraction, original.sweep.sampler.seed,
                         original.sweep.data.train_images)
     backend.use_deterministic_ops(args.deterministic)
@@ -290,16 +237,16 @@ def rerun(args: argparse.Namespace) -> int:
     print(f"rerun of trial {original.trial_number} of sweep {original.sweep.name} (run {original.run.run_id}, "
           f"{original.state}): {epochs} of {original.sweep.epochs} epochs, seed {original.seed}, "
           f"deterministic kernels {'on' if args.deterministic else 'off'}")
-    for line in reproduce.differences(original, identity, args.deterministic):
+    for line in rerun.differences(original, identity, args.deterministic):
         print(f"  differs from the original: {line}")
     try:
-        outcome = reproduce.rerun(original, splits, identity=identity, deterministic=args.deterministic,
+        outcome = rerun.rerun(original, splits, identity=identity, deterministic=args.deterministic,
                                   tags={"command": shlex.join(args.command_line)})
     except KeyboardInterrupt:
         print("interrupted: the rerun's run is marked KILLED", file=sys.stderr)
         return 130
-    comparison = reproduce.compare(original, outcome, args.tolerance)
-    reproduce.finish(outcome, comparison)
+    comparison = rerun.compare(original, outcome, args.tolerance)
+    rerun.finish(outcome, comparison)
     print_comparison(comparison)
     print(f"rerun logged as run {outcome.run_id} (tag rerun_of={original.run.run_id})")
     if not comparison.matched:

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from optuna.trial import FrozenTrial
 
-from cifar_exp import evaluation, track
+from cifar_exp import track
 from cifar_exp.config import Sweep, UserError
 from cifar_exp.data import CIFAR10_CLASSES, Cifar10
+from cifar_exp.evaluate import test_metrics
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 PREDICT_BATCH = 1024
@@ -115,7 +116,7 @@ def evaluate(model_uri: str, test: Cifar10, experiment: str, tags: dict[str, Any
     if len(names) != len(test.class_names):
         raise UserError(f"{model_uri} predicts {len(names)} classes but the data has {len(test.class_names)}")
     y_prob = probabilities(model, test.x_test)
-    metrics = evaluation.test_metrics(y_prob, test.y_test)
+    metrics = test_metrics(y_prob, test.y_test)
     run_id = track.start_run(experiment, f"evaluate {model_uri}", {}, {**tags, "evaluated_model": model_uri})
     track.log_metrics(run_id, metrics)
     metrics.update(track.log_evaluation(run_id, test.x_test, test.y_test, y_prob, names, None,

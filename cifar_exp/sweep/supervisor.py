@@ -28,9 +28,10 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp import events, liveness, overview, sidecar, storage, track, worker
+from cifar_exp import report, track
 from cifar_exp.config import Sweep, UserError
-from cifar_exp.storage import Settings
+from cifar_exp.sweep import events, liveness, sidecar, storage, worker
+from cifar_exp.sweep.storage import Settings
 
 STOP_GRACE_SECONDS = 60.0  # how long interrupted workers get to record their trials
 # Rebuilding the report (every plot of every trial) took 3.7 s for a 12-trial study on this 2-core
@@ -299,7 +300,7 @@ def publish(study: optuna.Study, parent: str, sweep: Sweep) -> dict[str, str]:
     MLflow parent run, with the ledger's seconds as parent metrics. Returns the plots not drawn
     yet, with why."""
     with tempfile.TemporaryDirectory() as tmp:
-        skipped = overview.write(study, Path(tmp), sweep.epochs, sweep.objective.metric)
+        skipped = report.write(study, Path(tmp), sweep.epochs, sweep.objective.metric)
         track.log_dir(parent, Path(tmp))
         cost = json.loads((Path(tmp) / "cost.json").read_text())
     track.log_metrics(parent, {f"cost_{k}": float(v) for k, v in cost.items()}, step=len(study.trials))

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_exp import formats
-from cifar_exp.formats import CIFAR10_CLASSES, SOURCES_HELP, DataError
+from cifar_exp.data import formats
+from cifar_exp.data.formats import CIFAR10_CLASSES, SOURCES_HELP, DataError
 
 CACHE_FORMAT = 1  # bump when the cached arrays change meaning
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Sweep names resolve against ./sweeps first (a user's own sweeps), then the project's: sweeps/
 # of the checkout, or the copy an installed wheel holds in the package.
 SWEEP_DIRS = (Path("sweeps"), next((d for d in (PACKAGE_DIR / "_sweeps", PACKAGE_DIR.parent / "sweeps") if d.is_dir()),

@@ -23,10 +23,10 @@ import optuna
 import psutil
 from optuna.trial import TrialState
 
-from cifar_exp import events, liveness, sidecar, storage, track
-from cifar_exp import trial as one_trial
+from cifar_exp import lifecycle, track
 from cifar_exp.config import TrainConfig, UserError
-from cifar_exp.storage import Claim, Settings
+from cifar_exp.sweep import events, liveness, sidecar, storage
+from cifar_exp.sweep.storage import Claim, Settings
 
 EXIT_TRIAL_FAILED = 3  # a worker exits with this after a failed trial, to be replaced
 EXIT_ORPHANED = 4  # a worker whose sweep command died, after its grace
@@ -91,7 +91,7 @@ class Worker:
         self.tunable: Any = None  # the sweep's KerasTuner hypermodel, if it has one
         self.programs: Any = None  # the compiled programs kept for the next trials (programs.Programs)
         self.identity: dict[str, str] = {}
-        self.limit = one_trial.TimeLimit(None, lambda: False)  # the running trial's trial_timeout
+        self.limit = lifecycle.TimeLimit(None, lambda: False)  # the running trial's trial_timeout
 
     def on_sigterm(self, signum: int, frame: object) -> None:
         # Raise only while Keras is computing: raising inside a storage write could leave the
@@ -105,7 +105,8 @@ class Worker:
         sweep cannot run at all: ImageNet weights missing offline, or a broken hypermodel."""
         import keras  # imported here: the sweep command never needs Keras
 
-        from cifar_exp import backend, data, hypermodel, models
+        from cifar_exp import data
+        from cifar_exp.training import backend, hypermodel, models
 
         sweep = self.sweep
         backend.use_deterministic_ops(sweep.deterministic)
@@ -121,7 +122,7 @@ class Worker:
             self.queue.put(events.Fatal(self.worker_id, str(exc)))
             return False
         keras.backend.clear_session()
-        from cifar_exp import programs
+        from cifar_exp.training import programs
 
         self.programs = programs.Programs()
         # What is loaded by now (TensorFlow, Keras, MLflow, the data) lives as long as the process:
@@ -157,18 +158,18 @@ class Worker:
         """Run the ``claimed`` trial end to end; False if it failed (the worker is then replaced).
         ``started`` is when the worker began the trial (``time.perf_counter``, before claiming it),
         ``claim_seconds`` how long claiming took. The trial's checkpoint goes when it ends."""
-        from cifar_exp import hypermodel, train
+        from cifar_exp.training import hypermodel, train
 
         sweep, (study, trial, params) = self.sweep, (claimed.study, claimed.trial, claimed.params)
         retry_of = trial.user_attrs.get("retry_of")
         # A retry trains with its original's seed: resumed from the original's checkpoint or not,
         # it computes what the original would have.
-        seed = one_trial.trial_seed(sweep.sampler.seed, trial.number if retry_of is None else int(retry_of))
+        seed = lifecycle.trial_seed(sweep.sampler.seed, trial.number if retry_of is None else int(retry_of))
         logged = {k: v for k, v in sweep.logged_params(params).items()
                   # a hypermodel that overrides fit chooses its own batch size
                   if not (self.tunable is not None and k == "batch_size" and hypermodel.overrides_fit(self.tunable))}
-        tracked = one_trial.start(self.experiment, self.parent_run_id, trial.number, sweep, logged, seed, sweep.epochs,
-                                  one_trial.run_tags(sweep, "optuna", self.identity,
+        tracked = lifecycle.start(self.experiment, self.parent_run_id, trial.number, sweep, logged, seed, sweep.epochs,
+                                  lifecycle.run_tags(sweep, "optuna", self.identity,
                                                      {**self.settings.tags, "worker": self.worker_id}),
                                   claim_seconds)
         trial.set_user_attr("mlflow_run_id", tracked.run_id)
@@ -176,7 +177,7 @@ class Worker:
         self.queue.put(events.Started(self.worker_id, trial.number, tracked.run_id, params))
         clock = train.Clock()
         checkpoint = self._checkpoint(trial.number, retry_of)
-        self.limit = one_trial.TimeLimit(sweep.trial_timeout, lambda: self.training)
+        self.limit = lifecycle.TimeLimit(sweep.trial_timeout, lambda: self.training)
         try:
             with self.limit:
                 self._train_and_tell(claimed, tracked, seed, started, clock, checkpoint)
@@ -191,7 +192,7 @@ class Worker:
                 # Raised from the signal handler inside Keras, Interrupted can come out as another
                 # exception (one raised by a `finally` of the fit loop on its way out): still a stop.
                 self._interrupted(claimed, tracked.run_id)
-            reason = self.limit.reason if self.limit.expired else one_trial.failure_reason(exc)
+            reason = self.limit.reason if self.limit.expired else lifecycle.failure_reason(exc)
             storage.fail_trial(study, trial, reason)
             self.queue.put(events.Ended(trial.number, "FAIL", tracked.run_id, reason=reason))
             return False
@@ -212,31 +213,32 @@ class Worker:
                 pass
         return path
 
-    def _pruned(self, claimed: Claim, tracked: one_trial.Tracked, clock: Any, reason: str) -> None:
+    def _pruned(self, claimed: Claim, tracked: lifecycle.Tracked, clock: Any, reason: str) -> None:
         study, trial = claimed.study, claimed.trial
-        verdict = one_trial.judge(tracked.history, None, self.splits)
+        verdict = lifecycle.judge(tracked.history, None, self.splits)
         clock.lap("fit_seconds")
         phases = {**tracked.phases, **clock.phases}
-        one_trial.log_phases(tracked, phases, clock.origin())
+        lifecycle.log_phases(tracked, phases, clock.origin())
         for key, v in {"epochs_run": tracked.epochs_run, **verdict, **phases, "compiled": clock.origin()}.items():
             trial.set_user_attr(key, v)
         study.tell(trial, state=TrialState.PRUNED)
-        one_trial.end_pruned(tracked, verdict)
+        lifecycle.end_pruned(tracked, verdict)
         self.queue.put(events.Ended(trial.number, "PRUNED", tracked.run_id, reason=reason,
                                     degenerate=verdict.get("degenerate", "")))
 
-    def _train_and_tell(self, claimed: Claim, tracked: one_trial.Tracked, seed: int, started: float,
+    def _train_and_tell(self, claimed: Claim, tracked: lifecycle.Tracked, seed: int, started: float,
                         clock: Any, checkpoint: Path | None) -> None:
         """Train (reporting each epoch to Optuna, which may prune), evaluate, publish, tell."""
-        from cifar_exp import hypermodel, train
+        from cifar_exp.sweep import hyperparameters
+        from cifar_exp.training import hypermodel, train
 
         sweep, study, trial = self.sweep, claimed.study, claimed.trial
-        one_trial.log_sweep(tracked, sweep)  # a full disk here fails the trial, not the worker
+        lifecycle.log_sweep(tracked, sweep)  # a full disk here fails the trial, not the worker
         hp, custom = None, None
         if self.tunable is not None:
-            hp = hypermodel.OptunaHyperParameters(trial)
+            hp = hyperparameters.OptunaHyperParameters(trial)
             self.tunable.build(hp)  # declares, so samples, every active hyperparameter
-            one_trial.log_hyperparameters(tracked.run_id, hp.values, sweep)
+            lifecycle.log_hyperparameters(tracked.run_id, hp.values, sweep)
             custom = hypermodel.custom_model(self.tunable, hp)
         self.training = True
         try:
@@ -249,20 +251,20 @@ class Worker:
             self.training = False
         self.limit.check()
         if hp is not None:  # hyperparameters first declared in the hypermodel's fit
-            one_trial.log_hyperparameters(tracked.run_id, hp.values, sweep)
+            lifecycle.log_hyperparameters(tracked.run_id, hp.values, sweep)
         value = result.history[sweep.objective.metric][-1]
-        evaluated = one_trial.evaluate(tracked, result, self.splits, title=f"{sweep.name} trial {trial.number}")
+        evaluated = lifecycle.evaluate(tracked, result, self.splits, title=f"{sweep.name} trial {trial.number}")
         for key, v in {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
                        "epochs_run": tracked.epochs_run, "model_uri": evaluated.model_uri, **evaluated.verdict,
                        **evaluated.phases, "compiled": result.compiled}.items():
             trial.set_user_attr(key, v)
         study.tell(trial, value)
-        one_trial.end_complete(tracked, evaluated)
+        lifecycle.end_complete(tracked, evaluated)
         self.queue.put(events.Ended(trial.number, "COMPLETE", tracked.run_id, value=value,
                                     test_accuracy=result.test_accuracy,
                                     degenerate=evaluated.verdict.get("degenerate", "")))
 
-    def _on_resume(self, trial: optuna.Trial, tracked: one_trial.Tracked) -> Any:
+    def _on_resume(self, trial: optuna.Trial, tracked: lifecycle.Tracked) -> Any:
         """What a resumed trial does with the epochs its checkpoint holds (trained by its original):
         log them to its run, report them to Optuna (not judged for pruning: they were, when they
         ran) and to the sweep command; tag the run ``resumed_from`` (the original trial) and
@@ -283,7 +285,7 @@ class Worker:
 
         return on_resume
 
-    def _epoch_hook(self, trial: optuna.Trial, tracked: one_trial.Tracked) -> Any:
+    def _epoch_hook(self, trial: optuna.Trial, tracked: lifecycle.Tracked) -> Any:
         """The per-epoch hook: log, report, tell the sweep command, then stop or prune if due."""
         metric, epochs = self.sweep.objective.metric, self.sweep.epochs
 

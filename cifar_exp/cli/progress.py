@@ -8,8 +8,8 @@ import sys
 import time
 from typing import Any
 
-from cifar_exp import events
 from cifar_exp.config import mask_credentials
+from cifar_exp.sweep import events
 
 
 class Progress:
@@ -130,7 +130,7 @@ def print_summary(summary: Any, metric: str, ui_command: str) -> None:
 
 
 def _diff(pair: tuple[float, float | None]) -> str:
-    from cifar_exp.reproduce import same
+    from cifar_exp.rerun import same
 
     before, after = pair
     if after is None:

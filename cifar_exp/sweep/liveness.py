@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from cifar_exp import sidecar
+from cifar_exp.sweep import sidecar
 
 
 def alive(pid: Any, started: Any) -> bool:

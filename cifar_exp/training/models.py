@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 from cifar_exp.config import TrainConfig, UserError
-from cifar_exp.layers import Cutout, RandomTranslate, RuntimeDropout
+from cifar_exp.training.layers import Cutout, RandomTranslate, RuntimeDropout
 
 INPUT_SHAPE = (32, 32, 3)
 

@@ -26,10 +26,11 @@ from typing import Any
 import keras
 import keras_tuner
 
-from cifar_exp import backend, data, events, hypermodel, track, train
-from cifar_exp import trial as one_trial
+from cifar_exp import data, lifecycle, track
 from cifar_exp.config import Sweep, UserError
-from cifar_exp.storage import Settings
+from cifar_exp.sweep import events
+from cifar_exp.sweep.storage import Settings
+from cifar_exp.training import backend, hypermodel, train
 
 ENGINE_TAG = "engine"
 
@@ -174,16 +175,16 @@ class _Trials:
         number = int(trial.trial_id)
         params = sampled(sweep, trial.hyperparameters)
         epochs = int(values.get("tuner/epochs", sweep.epochs))
-        seed = one_trial.trial_seed(sweep.sampler.seed, number)
-        tracked = one_trial.start(
+        seed = lifecycle.trial_seed(sweep.sampler.seed, number)
+        tracked = lifecycle.start(
             self.experiment, self.parent, number, sweep, sweep.logged_params(params), seed, epochs,
-            one_trial.run_tags(sweep, "keras-tuner", self.identity, {
+            lifecycle.run_tags(sweep, "keras-tuner", self.identity, {
                 **self.settings.tags, "keras_tuner_trial": trial.trial_id,
                 **{f"keras_tuner_{k[6:]}": v for k, v in values.items() if k.startswith("tuner/")}}))
-        one_trial.log_sweep(tracked, sweep)
+        lifecycle.log_sweep(tracked, sweep)
         custom = None
         if self.model is not None:
-            one_trial.log_hyperparameters(tracked.run_id, self.tuned(trial.hyperparameters), sweep)
+            lifecycle.log_hyperparameters(tracked.run_id, self.tuned(trial.hyperparameters), sweep)
             custom = hypermodel.custom_model(self.model, trial.hyperparameters)
         self.emit(events.Started(0, number, tracked.run_id, self.values(trial.hyperparameters)))
 
@@ -195,20 +196,20 @@ class _Trials:
             result = train.train(sweep.train_config(params), self.splits, epochs=epochs, seed=seed,
                                  on_epoch=[on_epoch], custom=custom, started=started,
                                  on_first_step=tracked.on_first_step)
-            evaluated = one_trial.evaluate(tracked, result, self.splits,
+            evaluated = lifecycle.evaluate(tracked, result, self.splits,
                                            title=f"{sweep.name} trial {number} (keras-tuner)")
         except KeyboardInterrupt:
-            one_trial.end_failed(tracked.run_id, "interrupted", "KILLED")
+            lifecycle.end_failed(tracked.run_id, "interrupted", "KILLED")
             raise
         except Exception as exc:
-            reason = one_trial.failure_reason(exc)
-            one_trial.end_failed(tracked.run_id, reason)
+            reason = lifecycle.failure_reason(exc)
+            lifecycle.end_failed(tracked.run_id, reason)
             self.emit(events.Ended(number, "FAIL", tracked.run_id, reason=reason))
             raise keras_tuner.errors.FailedTrialError(reason) from exc
         finally:
             keras.backend.clear_session()
         value = result.history[metric][-1]
-        one_trial.end_complete(tracked, evaluated)
+        lifecycle.end_complete(tracked, evaluated)
         self.emit(events.Ended(number, "COMPLETE", tracked.run_id, value=value, test_accuracy=result.test_accuracy,
                                degenerate=evaluated.verdict.get("degenerate", "")))
         return {metric: value}

@@ -28,7 +28,7 @@ from cifar_exp.config import (
     Sweep,
     check_weights,
 )
-from cifar_exp.safeyaml import MAX_SWEEP_BYTES, load_yaml, short
+from cifar_exp.config.safeyaml import MAX_SWEEP_BYTES, load_yaml, short
 
 # Top-level keys of a sweep file, with the type each must have.
 _TOP_LEVEL: dict[str, Any] = {

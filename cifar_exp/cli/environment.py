@@ -1,0 +1,68 @@
+"""The environment of a command's process, set before anything imports Keras (backend,
+determinism, caches), where its code came from (provenance), and the preamble of the commands
+that read a store. Shared by the sweep commands (``commands``) and the result commands (``results``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from cifar_exp.config import PACKAGE_DIR, UserError
+
+
+def set_environment(deterministic: bool) -> None:
+    """Environment for Keras and its backends; must run before anything imports keras."""
+    from cifar_exp.data import cache_dir
+    from cifar_exp.training.backend import determinism_env
+
+    os.environ.update(determinism_env(deterministic, os.environ))
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    # TensorFlow's C++ log: start-up chatter, and under op determinism a harmless "NodeDef mentions
+    # attribute use_unbounded_threadpool" ERROR line per epoch. Python exceptions still surface.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Several workers share one GPU: no process may take all of its memory up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    # JAX keeps compiled programs (those that took over 1 s to compile) on disk, shared by every
+    # worker and run: a trial of a program seen before skips its compilation (15 s of first-epoch
+    # compilation for the CNN family on an H100).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "jax"))
+
+
+def provenance() -> dict[str, str]:
+    """Where the code came from: the git commit of this checkout and whether it had uncommitted
+    changes ("unknown" outside a git checkout), and the versions of the tracking libraries."""
+    import importlib.metadata
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(PACKAGE_DIR.parent), *args], capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit or "unknown",
+            "git_dirty": "unknown" if commit is None or dirty is None else str(bool(dirty)).lower(),
+            **{f"{name.replace('-', '_')}_version": importlib.metadata.version(name)
+               for name in ("optuna", "mlflow", "keras-tuner")}}
+
+
+def existing_store(tracking_uri: str) -> None:
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri.removeprefix("sqlite:///")
+        if not os.path.isfile(path):
+            raise UserError(f"no MLflow store at {path}: run a sweep first, or pass --tracking-uri")
+
+
+def open_store(tracking_uri: str, deterministic: bool) -> None:
+    """The preamble of the commands that read a store: the store must exist; then the environment
+    (before keras is imported) and the tracking URI."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a report
+    existing_store(tracking_uri)
+    set_environment(deterministic)
+    from cifar_exp import track
+
+    track.configure(tracking_uri)
