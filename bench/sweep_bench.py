@@ -224,7 +224,7 @@ def main() -> None:
 
 def report(r: dict) -> str:
     fit, one, ident = r["fit"], r["one_trial"], r["fit"]["identity"]
-    gpu = lambda v: "n/a (no nvidia-smi)" if v is None else f"{v:.1f}%"  # noqa: E731
+    gpu = lambda v: "n/a (no nvidia-smi)" if v is None else f"{v:.1f}%"
     best = max(r["sweeps"], key=lambda s: s["trials_per_hour"])
     lines = [
         "# Sweep benchmark", "",

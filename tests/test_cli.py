@@ -267,3 +267,21 @@ def test_quiet_prints_nothing_while_the_sweep_runs(capsys: pytest.CaptureFixture
     _feed(Progress("val_accuracy", 2, quiet=True), Tally(maximize=True), Started(0, 0, "run", {}),
           Epoch(0, 1, 1, 0.3, {}), Ended(0, "COMPLETE", value=0.3, test_accuracy=0.3))
     assert capsys.readouterr().out == ""
+
+
+def test_provenance_says_whether_the_environment_is_the_locked_one(tmp_path: Path) -> None:
+    import importlib.metadata
+
+    from cifar_exp.cli.environment import lock_state, provenance
+
+    optuna_version = importlib.metadata.version("optuna")
+    lock = tmp_path / "constraints.txt"
+    lock.write_text(f"# pins\noptuna=={optuna_version}\n")
+    state = lock_state(lock)
+    assert state["constraints_match"] == "true" and len(state["constraints_sha256"]) == 64
+    lock.write_text(f"optuna=={optuna_version}\nnumpy==0.0.1\nno-such-package-here==1.0\n")
+    assert lock_state(lock)["constraints_match"] == (
+        f"false: numpy {importlib.metadata.version('numpy')}!=0.0.1, no-such-package-here absent!=1.0")
+    assert lock_state(tmp_path / "missing.txt") == {"constraints_match": "none"}
+    # the checkout's own lock is what a sweep's runs record
+    assert provenance()["constraints_sha256"] == lock_state(ROOT / "constraints.txt")["constraints_sha256"]

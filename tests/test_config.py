@@ -131,7 +131,7 @@ def test_sweep_keeps_its_text_and_hash() -> None:
 def test_train_values_round_trip_through_mlflow_strings() -> None:
     import dataclasses
 
-    from cifar_exp.config.sweepfile import train_values_from_strings
+    from cifar_exp.config.values import train_values_from_strings
 
     cfg = TrainConfig(learning_rate=0.000123456789, batch_norm=False, activation="gelu", blocks=4, flip=False)
     logged = {k: str(v) for k, v in dataclasses.asdict(cfg).items()} | {"seed": "7", "epochs": "3"}

@@ -53,7 +53,7 @@ def make_folder(root: Path, arrays: dict[str, np.ndarray]) -> Path:
 def make_batches(root: Path, arrays: dict[str, np.ndarray]) -> Path:
     """The official python format: pickled dicts with bytes keys, images as rows of 3072."""
     root.mkdir(parents=True)
-    rows = lambda x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)  # noqa: E731
+    rows = lambda x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)
     chunks = np.array_split(np.arange(len(arrays["y_train"])), 5)
     for i, idx in enumerate(chunks, 1):
         batch = {b"data": rows(arrays["x_train"][idx]), b"labels": arrays["y_train"][idx].tolist()}

@@ -31,13 +31,15 @@ PACKAGE_FLOORS = [
 # Module by module, lowest first: inside a package too, imports flow one way.
 FLOORS = [
     {"config", "sweep.events", "config.safeyaml", "sweep", "training"},
-    {"config.sweepfile", "data.formats", "training.backend", "sweep.space", "evaluate.plots", "sweep.liveness",
-     "sweep.sidecar"},
+    {"config.values"},
+    {"config.sweepfile", "config.records", "data.formats", "training.backend", "sweep.space", "evaluate.plots",
+     "sweep.liveness", "sweep.sidecar"},
     {"data", "evaluate"},
     {"training.models", "training.layers", "training.optimizers", "training.programs", "training.checkpoints"},
     {"training.train", "training.hypermodel"},
     {"track", "track.models", "track.ui"},
     {"lifecycle", "report", "register"},
+    {"sweep.recovery"},
     {"sweep.storage", "rerun", "sweep.tuner", "sweep.hyperparameters"},
     {"sweep.worker"},
     {"sweep.supervisor"},

@@ -54,7 +54,7 @@ def test_a_reused_program_gives_a_fresh_builds_numbers_bit_for_bit(splits: data.
     fresh = train.train(SECOND, splits, epochs=2, seed=4)
     assert (first.compiled, reused.compiled, len(kept)) == ("new", "reused", 1)
     timing = {"epoch_seconds", "images_per_second"}
-    numbers = lambda r: {k: v for k, v in r.history.items() if k not in timing}  # noqa: E731
+    numbers = lambda r: {k: v for k, v in r.history.items() if k not in timing}
     assert numbers(reused) == numbers(fresh) and "learning_rate_last" in numbers(fresh)
     np.testing.assert_array_equal(reused.y_prob, fresh.y_prob)
     assert reused.history["loss"] != first.history["loss"]
@@ -111,7 +111,7 @@ def test_runtime_dropout_drops_at_its_current_rate_and_only_in_training() -> Non
 @pytest.mark.keras
 def test_one_schedule_object_takes_every_shape_from_its_variables() -> None:
     schedule = optimizers.learning_rate(TrainConfig(learning_rate=0.1, lr_schedule="cosine"), 4, 10)
-    rates = lambda: [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 20, 39)]  # noqa: E731
+    rates = lambda: [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 20, 39)]
     assert rates()[0] == pytest.approx(0.1) and rates()[1] == pytest.approx(0.05, rel=1e-4)
     numbers = optimizers.schedule_numbers(TrainConfig(learning_rate=0.2, lr_schedule="step", step_stages=2,
                                                       step_factor=0.5), 4, 10)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import rerun, track
+from cifar_exp import lifecycle, rerun, track
 from cifar_exp.config import ConfigError, TrainConfig
+from cifar_exp.config.records import trial_seed
 from cifar_exp.config.sweepfile import load_sweep
-from cifar_exp.lifecycle import trial_seed
 from cifar_exp.sweep.storage import Claim, Settings, claim, create_study, open_storage
 from cifar_exp.training import backend
 from tests.test_sweep import clean_env, run_sweep, runs, study
@@ -115,7 +115,9 @@ def original(history: dict[str, list[float]], state: str = "COMPLETE", test: dic
              fail_reason: str = "") -> rerun.Original:
     tags = {"state": state, "trial_number": "1", **({"fail_reason": fail_reason} if fail_reason else {})}
     run = track.RunRecord("r1", "1", "trial-1", "FINISHED", {}, tags, {})
-    return rerun.Original(run, load_sweep("lr_dropout"), TrainConfig(), 5, history, test or {})
+    sweep = load_sweep("lr_dropout")
+    return rerun.Original(run, sweep, TrainConfig(), lifecycle.recipe(sweep, 5, sweep.epochs, {}, ""), history,
+                          test or {})
 
 
 HISTORY = {"loss": [2.3, 2.1], "val_accuracy": [0.1, 0.25], "learning_rate": [0.01, 0.001]}

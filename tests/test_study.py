@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 
 from cifar_exp import track
 from cifar_exp.config.sweepfile import load_sweep
-from cifar_exp.sweep import storage as storage_module
+from cifar_exp.sweep import recovery
+from cifar_exp.sweep.recovery import recover_stale
 from cifar_exp.sweep.storage import (
     Claim,
     Settings,
@@ -28,7 +29,6 @@ from cifar_exp.sweep.storage import (
     counted,
     create_study,
     open_storage,
-    recover_stale,
 )
 
 
@@ -142,7 +142,7 @@ def test_a_trial_of_another_host_is_stale_once_its_heartbeat_stops(isolated: Pat
     assert isinstance(claimed, Claim)
     study, trial = claimed.study, claimed.trial
     trial.set_user_attr("worker_host", "another-host.example")  # its pid means nothing here
-    with storage_module.heartbeat(storage, trial):
+    with recovery.heartbeat(storage, trial):
         time.sleep(3.5)  # beyond the grace period, but beating
         assert recover_stale(study) == []
     time.sleep(3)  # silent past the grace period

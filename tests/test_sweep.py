@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from cifar_exp import data
-from cifar_exp.lifecycle import trial_seed
+from cifar_exp.config.records import trial_seed
 from cifar_exp.sweep.storage import open_storage
 from tests.conftest import ROOT, in_process
 

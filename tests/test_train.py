@@ -58,7 +58,7 @@ def test_random_translate_shifts_each_image_with_zero_fill() -> None:
 
 STEPS, EPOCHS, PEAK = 10, 4, 0.1  # 40 optimizer steps
 _s = np.arange(STEPS * EPOCHS, dtype=np.float64)
-_cos = lambda done: 0.5 * (1 + np.cos(np.pi * done))  # noqa: E731
+_cos = lambda done: 0.5 * (1 + np.cos(np.pi * done))
 _start, _end, _warm = PEAK / 25, PEAK / 1e4, 0.25 * STEPS * EPOCHS
 CURVES = {
     "constant": ({}, np.full_like(_s, PEAK)),
@@ -211,7 +211,7 @@ def test_mixed_bfloat16_computes_in_bfloat16_and_leaves_the_global_policy_alone(
 def test_optimizers(name: str, cls: str) -> None:
     opt = optimizers.optimizer(TrainConfig(optimizer=name, momentum=0.8, weight_decay=0.01), 2, 5)
     assert type(opt).__name__ == cls
-    value = lambda v: float(keras.ops.convert_to_numpy(v))  # noqa: E731  runtime values: variables
+    value = lambda v: float(keras.ops.convert_to_numpy(v))
     if name == "sgd":
         assert value(opt.momentum) == pytest.approx(0.8) and opt.nesterov
     if name in ("sgd", "adamw"):

@@ -17,8 +17,9 @@ from typing import Any
 
 from cifar_exp.cli.environment import existing_store, provenance, set_environment
 from cifar_exp.cli.progress import Progress, fmt, print_comparison, print_summary
-from cifar_exp.config import DEFAULT_STORE, ConfigError, Sweep, UserError, mask_credentials
-from cifar_exp.config.sweepfile import TOP_LEVEL_RANGES, available_sweeps, check_range, load_sweep
+from cifar_exp.config import DEFAULT_STORE, ConfigError, Settings, Sweep, UserError, mask_credentials
+from cifar_exp.config.sweepfile import TOP_LEVEL_RANGES, available_sweeps, load_sweep
+from cifar_exp.config.values import check_range
 
 # ---------------------------------------------------------------------------------------------
 # sweep
@@ -102,7 +103,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     tags = {"data_source": chosen.data.source, "data_checksum": dataset.checksum,
             "command": shlex.join(args.command_line), "keras_backend": os.environ["KERAS_BACKEND"], **provenance()}
     sizes = f"{len(splits.y_train)} training / {len(splits.y_val)} validation / {len(splits.y_test)} test images"
-    settings = storage.Settings(sweep=chosen, storage=args.storage, tracking_uri=args.tracking_uri,
+    settings = Settings(sweep=chosen, storage=args.storage, tracking_uri=args.tracking_uri,
                                 workers=args.workers, gpus=args.gpus, tags=tags, data_checksum=dataset.checksum)
     del dataset, splits  # the workers load their own copy; the parent keeps no arrays
     if args.engine == "keras-tuner":

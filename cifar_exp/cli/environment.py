@@ -4,8 +4,10 @@ that read a store. Shared by the sweep commands (``commands``) and the result co
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
+from pathlib import Path
 
 from cifar_exp.config import PACKAGE_DIR, UserError
 
@@ -47,7 +49,35 @@ def provenance() -> dict[str, str]:
     return {"git_commit": commit or "unknown",
             "git_dirty": "unknown" if commit is None or dirty is None else str(bool(dirty)).lower(),
             **{f"{name.replace('-', '_')}_version": importlib.metadata.version(name)
-               for name in ("optuna", "mlflow", "keras-tuner")}}
+               for name in ("optuna", "mlflow", "keras-tuner")},
+            **lock_state(PACKAGE_DIR.parent / "constraints.txt")}
+
+
+def lock_state(constraints: Path) -> dict[str, str]:
+    """Whether this environment is the one the lock file ``constraints`` pins: its
+    ``constraints_sha256``, and ``constraints_match`` ``true``, or ``false:`` and the first
+    packages whose installed version differs (``name installed!=pinned``; ``absent`` when not
+    installed). A run recorded with ``true`` is rebuilt exactly by ``pip install -c`` that file.
+    Outside a checkout (an installed wheel) there is no lock: ``constraints_match`` ``none``."""
+    import importlib.metadata
+
+    if not constraints.is_file():
+        return {"constraints_match": "none"}
+    text = constraints.read_text()
+    differ = []
+    for line in text.splitlines():
+        name, _, pinned = line.split("#", 1)[0].strip().partition("==")
+        if not pinned:
+            continue
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = "absent"
+        if installed != pinned:
+            differ.append(f"{name} {installed}!={pinned}")
+    return {"constraints_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "constraints_match": "true" if not differ else f"false: {', '.join(differ[:5])}"
+                                 + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")}
 
 
 def existing_store(tracking_uri: str) -> None:

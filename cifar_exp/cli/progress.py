@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from cifar_exp.config import mask_credentials
+from cifar_exp.config.records import TrialAttrs
 from cifar_exp.sweep import events
 
 
@@ -122,9 +123,9 @@ def print_summary(summary: Any, metric: str, ui_command: str) -> None:
         print(f"{'rank':>4} {'trial':>5} {metric:>12} {'test_accuracy':>13}  params")
         for rank, t in enumerate(summary.best, 1):
             params = " ".join(f"{k}={fmt(v)}" for k, v in t.params.items())
-            test = t.user_attrs.get("test_accuracy")
+            test = TrialAttrs.of(t).test_accuracy
             print(f"{rank:>4} {t.number:>5} {t.value:>12.4f} {test if test is None else f'{test:.4f}':>13}  {params}")
-        print(f"best run: {summary.best[0].user_attrs.get('mlflow_run_id')} "
+        print(f"best run: {TrialAttrs.of(summary.best[0]).mlflow_run_id} "
               f"(experiment {summary.experiment_id}, parent run {summary.parent_run_id})")
     print(f"open the MLflow UI: {mask_credentials(ui_command)}")
 

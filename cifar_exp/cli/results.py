@@ -14,6 +14,7 @@ from pathlib import Path
 from cifar_exp.cli.environment import existing_store, open_store
 from cifar_exp.cli.progress import fmt
 from cifar_exp.config import DEFAULT_STORE, Sweep, UserError, mask_credentials
+from cifar_exp.config.records import TrialAttrs
 from cifar_exp.config.sweepfile import load_sweep
 
 
@@ -26,7 +27,7 @@ def register_best(chosen: Sweep, storage_url: str, data_source: str | None) -> N
     trials = load_existing(storage_url, chosen.name).get_trials(deepcopy=False)
     best = register.best_trial(trials, chosen.objective.direction == "maximize")
     if data_source is None:  # the data the trial trained on, which --data may have overridden
-        data_source = track.get_run(best.user_attrs["mlflow_run_id"]).tags.get("data_source", chosen.data.source)
+        data_source = track.get_run(str(TrialAttrs.of(best).mlflow_run_id)).tags.get("data_source", chosen.data.source)
     promotion = register.promote(chosen, chosen.model_name, trials, data.load(data_source))
     version = promotion.version
     print(f"{'registered' if version.created else 'already registered:'} {version.name} version {version.version} "
@@ -140,10 +141,11 @@ def compare_command(args: argparse.Namespace) -> int:
     for rank, t in enumerate(best, 1):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else float("nan")
-        test = t.user_attrs.get("test_accuracy", float("nan"))
-        rows.append([str(rank), str(t.number), f"{t.value:.4f}", f"{test:.4f}", str(t.user_attrs.get("epochs_run", "")),
+        attrs = TrialAttrs.of(t)
+        test = float("nan") if attrs.test_accuracy is None else attrs.test_accuracy
+        rows.append([str(rank), str(t.number), f"{t.value:.4f}", f"{test:.4f}", str(attrs.epochs_run or ""),
                      f"{seconds:.1f}", *(fmt(t.params[n]) if n in t.params else "-" for n in names)])
-        run_id = t.user_attrs.get("mlflow_run_id")
+        run_id = attrs.mlflow_run_id
         if run_id:
             curves[f"trial {t.number}"] = track.metric_history(run_id, metric)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
@@ -183,7 +185,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     try:
         source_run = track.models.model_run_id(args.model)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (any failure to resolve the URI is the user's input: one line)
         raise UserError(f"cannot find {args.model}: {str(exc).splitlines()[0]}") from None
     run = track.get_run(source_run) if source_run else None
     source = args.data or (run.tags.get("data_source") if run else None) or "keras"

@@ -301,7 +301,7 @@ _APPLIES: dict[str, Callable[[TrainConfig], bool]] = {
 
 def applies(name: str, cfg: TrainConfig) -> bool:
     """Whether the ``TrainConfig`` field ``name`` takes part in training ``cfg``."""
-    return _APPLIES.get(name, lambda c: True)(cfg)
+    return bool(_APPLIES.get(name, lambda c: True)(cfg))
 
 
 # The TrainConfig settings that apply around a hypermodel (which builds and compiles the rest).

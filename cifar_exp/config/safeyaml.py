@@ -43,7 +43,7 @@ _CORE: dict[str, re.Pattern[str]] = {
 }
 
 
-class _SweepLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+class _SweepLoader(_BaseLoader):
     """Safe YAML in the core schema of YAML 1.2 (see the module), refusing a key written twice in
     one mapping (PyYAML lets the last one win)."""
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import math
 import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin
 
 from cifar_exp.config import (
     _TRAIN_TYPES,
@@ -29,6 +28,7 @@ from cifar_exp.config import (
     check_weights,
 )
 from cifar_exp.config.safeyaml import MAX_SWEEP_BYTES, load_yaml, short
+from cifar_exp.config.values import check_range, check_train_value, coerce, section, unknown_key
 
 # Top-level keys of a sweep file, with the type each must have.
 _TOP_LEVEL: dict[str, Any] = {
@@ -53,136 +53,20 @@ TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout":
                     "trial_timeout": (1.0, None), "max_consecutive_failures": (1, 1_000_000),
                     "heartbeat_grace": (5.0, None)}
 _DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
-_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-def _unknown(key: str, known: Any, where: str) -> ConfigError:
-    key = short(key)[1:-1] if len(key) > 60 else key
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
-    return ConfigError(f"{where}: unknown key '{key}' ({hint})")
-
-
-def coerce(value: Any, typ: Any, where: str) -> Any:
-    """Return ``value`` checked against the type ``typ`` (int, float, bool, str, Literal, X | None).
-
-    Strings such as ``1e-4`` (which YAML 1.1 reads as text) are accepted where a float is due.
-    """
-    origin = get_origin(typ)
-    if origin is Literal:
-        allowed = get_args(typ)
-        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
-            raise ConfigError(f"{where}: {short(value)} is not one of {', '.join(map(str, allowed))}")
-        return value
-    if origin is Union or (origin is not None and type(None) in get_args(typ)):
-        if value is None and type(None) in get_args(typ):
-            return None
-        (inner,) = [a for a in get_args(typ) if a is not type(None)]
-        return coerce(value, inner, where)
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {short(value)}")
-        return value
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {short(value)}")
-        return value
-    if typ is float:
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {short(value)}")
-        return float(value)
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected text, got {short(value)}")
-        return value
-    if typ is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of key: value, got {short(value)}")
-        return value
-    raise TypeError(f"unsupported type {typ!r}")  # a bug in this module, not user input
-
-
-def check_range(value: float, bounds: tuple[Any, ...], where: str) -> None:
-    low, high = bounds[0], bounds[1]
-    open_high = bounds[2] if len(bounds) > 2 else False
-    if value < low or (high is not None and (value >= high if open_high else value > high)):
-        span = f"[{low}, {high})" if open_high else f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"{where}: {short(value)} is out of range {span}")
-
-
-def _section(cls: Any, raw: Any, where: str) -> Any:
-    """Build the dataclass ``cls`` from the mapping ``raw``, rejecting unknown keys."""
-    raw = coerce(raw, dict, where)
-    hints = get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise _unknown(str(key), known, where)
-        values[key] = coerce(value, hints[key], f"{where}.{key}")
-        if "range" in known[key].metadata and values[key] is not None:
-            check_range(values[key], known[key].metadata["range"], f"{where}.{key}")
-    return cls(**values)
-
-
-def check_train_value(name: str, value: Any, where: str) -> Any:
-    """``value`` validated for the ``TrainConfig`` field ``name``."""
-    value = coerce(value, _TRAIN_TYPES[name], where)
-    if "range" in TRAIN_FIELDS[name].metadata:
-        check_range(value, TRAIN_FIELDS[name].metadata["range"], where)
-    return value
-
-
-def train_values_from_strings(params: Mapping[str, str], where: str) -> dict[str, Any]:
-    """The ``TrainConfig`` fields among ``params`` (as MLflow stores them: ``str(value)``), typed
-    and validated; other keys are ignored."""
-    values: dict[str, Any] = {}
-    for name, text in params.items():
-        if name not in TRAIN_FIELDS:
-            continue
-        typ = _TRAIN_TYPES[name]
-        value: Any = text
-        if type(None) in get_args(typ):  # an optional setting: str(None) is "None"
-            if text == "None":
-                values[name] = None
-                continue
-            (typ,) = [a for a in get_args(typ) if a is not type(None)]
-        try:
-            if typ is bool:
-                value = {"True": True, "False": False}.get(text, text)
-            elif typ is int:
-                value = int(text)
-            elif typ is float:
-                value = float(text)
-        except ValueError:
-            pass  # left as text: check_train_value names the problem
-        values[name] = check_train_value(name, value, f"{where}: param {name}")
-    return values
 
 
 def _dimension(name: str, raw: Any, where: str) -> Dimension:
     raw = coerce(raw, dict, where)
     for key in raw:
         if key not in _DIMENSION_KEYS:
-            raise _unknown(str(key), _DIMENSION_KEYS, where)
+            raise unknown_key(str(key), _DIMENSION_KEYS, where)
     kind = coerce(raw.get("type"), Literal["float", "int", "categorical"], f"{where}.type")
     field_type = _TRAIN_TYPES[name]
     if type(None) in get_args(field_type):  # an optional int or float is searched as one
         (field_type,) = [a for a in get_args(field_type) if a is not type(None)]
     if kind == "categorical":
-        extra = sorted(set(raw) - {"type", "choices", "when"})
-        if extra:
-            raise ConfigError(f"{where}: '{extra[0]}' does not apply to a categorical dimension")
-        choices = raw.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}.choices: give a non-empty list of values")
-        checked = tuple(check_train_value(name, c, f"{where}.choices") for c in choices)
-        if len(set(checked)) != len(checked):
-            raise ConfigError(f"{where}.choices: values must be distinct")
-        return Dimension(name, "categorical", choices=checked)
+        return _categorical(name, raw, where)
     if field_type is not (int if kind == "int" else float):
         expected = "categorical" if get_origin(field_type) is Literal or field_type is bool else (
             "int" if field_type is int else "float")
@@ -197,19 +81,35 @@ def _dimension(name: str, raw: Any, where: str) -> Dimension:
     if not high > low:
         raise ConfigError(f"{where}: high ({high}) must be greater than low ({low})")
     log = coerce(raw.get("log", False), bool, f"{where}.log")
-    step = raw.get("step")
-    if step is not None:
-        step = coerce(step, int if kind == "int" else float, f"{where}.step")
-        if step <= 0:
-            raise ConfigError(f"{where}.step: must be greater than 0, got {short(step)}")
-        if step > high - low:
-            raise ConfigError(f"{where}.step: {short(step)} is wider than the range {low}..{high}, so every trial "
-                              f"would get {low}: give a step of at most {high - low}")
-        if log:
-            raise ConfigError(f"{where}: log and step cannot be combined (drop one)")
+    step = None if raw.get("step") is None else _step(raw["step"], kind, low, high, log, where)
     if log and low <= 0:
         raise ConfigError(f"{where}: log scale needs low > 0, got low ({low})")
     return Dimension(name, kind, low=low, high=high, log=log, step=step)
+
+
+def _categorical(name: str, raw: Mapping[str, Any], where: str) -> Dimension:
+    extra = sorted(set(raw) - {"type", "choices", "when"})
+    if extra:
+        raise ConfigError(f"{where}: '{extra[0]}' does not apply to a categorical dimension")
+    choices = raw.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise ConfigError(f"{where}.choices: give a non-empty list of values")
+    checked = tuple(check_train_value(name, c, f"{where}.choices") for c in choices)
+    if len(set(checked)) != len(checked):
+        raise ConfigError(f"{where}.choices: values must be distinct")
+    return Dimension(name, "categorical", choices=checked)
+
+
+def _step(raw: Any, kind: str, low: Any, high: Any, log: bool, where: str) -> Any:
+    step = coerce(raw, int if kind == "int" else float, f"{where}.step")
+    if step <= 0:
+        raise ConfigError(f"{where}.step: must be greater than 0, got {short(step)}")
+    if step > high - low:
+        raise ConfigError(f"{where}.step: {short(step)} is wider than the range {low}..{high}, so every trial "
+                          f"would get {low}: give a step of at most {high - low}")
+    if log:
+        raise ConfigError(f"{where}: log and step cannot be combined (drop one)")
+    return step
 
 
 def _space_and_fixed(raw_space: Mapping[str, Any], raw_fixed: Mapping[str, Any], hypermodel: str,
@@ -219,12 +119,12 @@ def _space_and_fixed(raw_space: Mapping[str, Any], raw_fixed: Mapping[str, Any],
     space = {}
     for dim_name, spec in raw_space.items():
         if dim_name not in TRAIN_FIELDS:
-            raise _unknown(str(dim_name), TRAIN_FIELDS, f"{where}: space")
+            raise unknown_key(str(dim_name), TRAIN_FIELDS, f"{where}: space")
         space[dim_name] = _dimension(dim_name, spec, f"{where}: space.{dim_name}")
     fixed = {}
     for key, value in raw_fixed.items():
         if key not in TRAIN_FIELDS:
-            raise _unknown(str(key), TRAIN_FIELDS, f"{where}: fixed")
+            raise unknown_key(str(key), TRAIN_FIELDS, f"{where}: fixed")
         if key in space:
             raise ConfigError(f"{where}: fixed.{key}: '{key}' is also in space (keep one)")
         fixed[key] = check_train_value(key, value, f"{where}: fixed.{key}")
@@ -255,10 +155,10 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in _TOP_LEVEL:
-            raise _unknown(str(key), _TOP_LEVEL, where)
+            raise unknown_key(str(key), _TOP_LEVEL, where)
         typ = _TOP_LEVEL[key]
         if dataclasses.is_dataclass(typ):
-            values[key] = _section(typ, value, f"{where}: {key}")
+            values[key] = section(typ, value, f"{where}: {key}")
         else:
             values[key] = coerce(value, typ, f"{where}: {key}")
             if key in TOP_LEVEL_RANGES and values[key] is not None:
@@ -270,6 +170,14 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
                            f"{where}: space.{dim_name}.when")
         space[dim_name] = dataclasses.replace(dim, when=when)
     space = _sampling_order(space, where)
+    _check_together(values, space, fixed, where)
+    return Sweep(name=name, path=path, content_hash=hashlib.sha256(text.encode()).hexdigest(), text=text,
+                 space=space, fixed=fixed, **values)
+
+
+def _check_together(values: Mapping[str, Any], space: Mapping[str, Dimension], fixed: Mapping[str, Any],
+                   where: str) -> None:
+    """The checks that take several of a sweep's settings at once."""
     declared = set(space) | set(fixed)
     if {"frozen_layers", "frozen_fraction"} <= declared:
         raise ConfigError(f"{where}: frozen_layers and frozen_fraction both set: keep one (a layer count, "
@@ -287,8 +195,6 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
                           f"(letters, digits, '_', '-' and '.', starting with a letter or digit)")
     if values.get("trials", 20) is None and values.get("timeout") is None:
         raise ConfigError(f"{where}: give a budget: trials, timeout, or both")
-    return Sweep(name=name, path=path, content_hash=hashlib.sha256(text.encode()).hexdigest(), text=text,
-                 space=space, fixed=fixed, **values)
 
 
 def _conditions(name: str, raw: Any, space: Mapping[str, Dimension], fixed: Mapping[str, Any],

@@ -189,7 +189,7 @@ def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
         with np.load(path, allow_pickle=False) as z:
             return (z["x_train"], z["y_train"], z["x_test"], z["y_test"],
                     [str(c) for c in z["class_names"]])
-    except Exception:  # any corruption: decode the source again and overwrite
+    except Exception:  # noqa: BLE001 (any corruption: decode the source again and overwrite)
         return None
 
 
@@ -232,7 +232,7 @@ def _keras_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (any download failure (offline, proxy, corrupt archive): one line)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"cannot download CIFAR-10 through Keras ({reason[:200]}); "
                         f"{SOURCES_HELP}") from None

@@ -65,7 +65,7 @@ class _BatchUnpickler(pickle.Unpickler):
 def _unpickle(blob: bytes, name: str) -> dict[str, object]:
     try:
         raw = _BatchUnpickler(io.BytesIO(blob), encoding="bytes").load()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (unpickling untrusted bytes can raise anything: one line naming the file)
         raise DataError(f"{name} is not a CIFAR-10 python batch ({exc})") from None
     if not isinstance(raw, dict):
         raise DataError(f"{name} is not a CIFAR-10 python batch")
@@ -180,7 +180,7 @@ def _pixels(blob: bytes, origin: Path, where: str) -> np.ndarray:
             return np.asarray(img.convert("RGB"))
     except DataError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (a decoder's any failure on the user's file: one line naming it)
         raise DataError(f"{origin}: cannot decode {where} ({exc})") from None
 
 

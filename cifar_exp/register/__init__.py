@@ -20,7 +20,9 @@ from optuna.trial import FrozenTrial
 
 from cifar_exp import track
 from cifar_exp.config import Sweep, UserError
-from cifar_exp.data import CIFAR10_CLASSES, Cifar10
+from cifar_exp.config.records import TrialAttrs
+from cifar_exp.data import Cifar10
+from cifar_exp.data.formats import CIFAR10_CLASSES
 from cifar_exp.evaluate import test_metrics
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -44,7 +46,7 @@ def load(model_uri: str) -> tuple[Any, list[str]]:
         model, names = track.models.load_model(model_uri)
     except track.models.UnsafeModel as exc:
         raise UserError(f"refusing to load {model_uri}: {exc}") from None
-    except Exception as exc:  # MlflowException (no such model/alias), OSError
+    except Exception as exc:  # noqa: BLE001 (MlflowException (no such model/alias), OSError)
         raise UserError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from None
     classes = int(model.output_shape[-1])
     if names is None:  # logged before class names were recorded: CIFAR-10's own order
@@ -63,7 +65,7 @@ def accuracy(model_uri: str, test: Cifar10) -> float:
 
 def best_trial(trials: Sequence[FrozenTrial], maximize: bool) -> FrozenTrial:
     """The best complete trial that logged a model; ``UserError`` if there is none."""
-    done = [t for t in trials if t.value is not None and t.user_attrs.get("model_uri") and t.state.name == "COMPLETE"]
+    done = [t for t in trials if t.value is not None and TrialAttrs.of(t).model_uri and t.state.name == "COMPLETE"]
     if not done:
         raise UserError("the study has no completed trial with a logged model yet: run the sweep first")
     return sorted(done, key=lambda t: t.value, reverse=maximize)[0]  # type: ignore[arg-type, return-value]
@@ -71,10 +73,10 @@ def best_trial(trials: Sequence[FrozenTrial], maximize: bool) -> FrozenTrial:
 
 def describe(trial: FrozenTrial, sweep: Sweep) -> tuple[str, dict[str, Any]]:
     """The version's description and tags: the trial's params, metrics, run id and seed."""
-    metrics = {sweep.objective.metric: trial.value,
-               **{k: v for k, v in trial.user_attrs.items() if k.startswith("test_")}}
-    tags = {"sweep": sweep.name, "trial": trial.number, "run_id": trial.user_attrs["mlflow_run_id"],
-            "seed": trial.user_attrs.get("seed"), **trial.params, **metrics}
+    attrs = TrialAttrs.of(trial)
+    metrics = {sweep.objective.metric: trial.value, **attrs.test_metrics()}
+    tags = {"sweep": sweep.name, "trial": trial.number, "run_id": attrs.mlflow_run_id, "seed": attrs.seed,
+            **trial.params, **metrics}
     text = (f"Trial {trial.number} of sweep {sweep.name} (run {tags['run_id']}, seed {tags['seed']}).\n"
             f"Metrics: {', '.join(f'{k}={v:.4f}' for k, v in metrics.items())}.\n"
             f"Params: {', '.join(f'{k}={v}' for k, v in trial.params.items())}.")
@@ -86,7 +88,8 @@ def promote(sweep: Sweep, name: str, trials: Sequence[FrozenTrial], test: Cifar1
     ``challenger`` at it, and make it ``champion`` if it beats the champion on ``test`` now."""
     trial = best_trial(trials, sweep.objective.direction == "maximize")
     description, tags = describe(trial, sweep)
-    version = track.models.register(name, trial.user_attrs["model_uri"], trial.user_attrs["mlflow_run_id"],
+    attrs = TrialAttrs.of(trial)
+    version = track.models.register(name, str(attrs.model_uri), str(attrs.mlflow_run_id),
                              description, tags)
     champion = track.models.alias_version(name, CHAMPION)
     track.models.set_alias(name, CHALLENGER, version.version)

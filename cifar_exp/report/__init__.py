@@ -26,9 +26,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+import matplotlib.pyplot as plt
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from cifar_exp.config.records import TrialAttrs
 
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "contour",
          "intermediate_values")
@@ -46,7 +48,7 @@ def trial_rows(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
         rows.append({"number": t.number, "state": t.state.name, "value": t.value, "seconds": seconds,
-                     **t.params, **{k: v for k, v in t.user_attrs.items() if k != "interrupted"}})
+                     **t.params, **TrialAttrs.of(t).shown()})
     return rows
 
 
@@ -85,13 +87,13 @@ def ledger(trials: Sequence[FrozenTrial], epochs: int) -> Ledger:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds()
         spent[t.state] += seconds
         count[t.state] += 1
-        ran = t.user_attrs.get("epochs_run") or 0
+        ran = TrialAttrs.of(t).epochs_run or 0
         if t.state == TrialState.PRUNED and ran:
             saved += seconds / ran * max(epochs - ran, 0)
-    origins = [t.user_attrs.get("compiled") for t in trials]
+    origins = [TrialAttrs.of(t).compiled for t in trials]
     return Ledger(spent[TrialState.COMPLETE], spent[TrialState.PRUNED], spent[TrialState.FAIL], saved,
                   count[TrialState.COMPLETE], count[TrialState.PRUNED], count[TrialState.FAIL],
-                  sum(float(t.user_attrs.get("compile_seconds") or 0.0) for t in trials),
+                  sum(TrialAttrs.of(t).phases.get("compile_seconds", 0.0) for t in trials),
                   origins.count("new"), origins.count("reused"), origins.count("cache"))
 
 
@@ -131,7 +133,7 @@ def _learning_curves(study: optuna.Study, metric: str) -> Any:
 
     trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
     figure, ax = plt.subplots(figsize=(8, 4.5))
-    scale = plt.Normalize(0, max([t.number for t in trials], default=0) or 1)
+    scale = matplotlib.colors.Normalize(0, max([t.number for t in trials], default=0) or 1)
     for t in trials:
         steps = sorted(t.intermediate_values)
         values = [t.intermediate_values[s] for s in steps]
@@ -228,11 +230,11 @@ def write(study: optuna.Study, folder: Path, epochs: int, metric: str = "objecti
                f"{cost.pruning_saved_seconds:.1f} s saved by pruning; {cost.compile_seconds:.1f} s compiling "
                f"({cost.compiled_new} trials compiled their program, {cost.compiled_reused} reused one, "
                f"{cost.compiled_cache} read it from the compilation cache).</p>")
-    degenerate = [t for t in trials if t.user_attrs.get("degenerate")]
+    degenerate = [t for t in trials if TrialAttrs.of(t).degenerate]
     if degenerate:  # numbers that mean nothing: named before any plot draws them as results
         summary += (f"<p><b>{len(degenerate)} degenerate trial(s)</b> (see the degenerate column of the "
                     f"trials table):</p><ul>" + "".join(
-                        f"<li>trial {t.number}: {html.escape(str(t.user_attrs['degenerate']))}</li>"
+                        f"<li>trial {t.number}: {html.escape(str(TrialAttrs.of(t).degenerate))}</li>"
                         for t in degenerate) + "</ul>")
     (folder / "report.html").write_text(_page(f"Study {study.study_name}", summary + "".join(sections)))
     return skipped

@@ -21,7 +21,8 @@ from typing import Any
 
 from cifar_exp import lifecycle, track
 from cifar_exp.config import HYPERMODEL_FIELDS, Sweep, TrainConfig, UserError
-from cifar_exp.config.sweepfile import parse_sweep, train_values_from_strings
+from cifar_exp.config.records import TrialAttrs, TrialRecipe
+from cifar_exp.config.sweepfile import parse_sweep
 from cifar_exp.training import backend
 
 RERUN_TAG = "rerun_of"
@@ -55,10 +56,14 @@ class Original:
     run: track.RunRecord
     sweep: Sweep
     cfg: TrainConfig
-    seed: int
+    recipe: TrialRecipe  # what the run records: seed, epochs, split, data, mode, the TrainConfig values
     history: dict[str, list[float]]  # Keras logs key -> value per epoch
     test: dict[str, float]  # test_* metrics and param_count (complete trials only)
     hyperparameters: dict[str, Any] | None = None  # a hypermodel trial's, typed
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
 
     @property
     def state(self) -> str:
@@ -88,14 +93,15 @@ def find_trial_run(storage_url: str, name: str, number: int) -> str:
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if number not in trials:
         raise UserError(f"study '{name}' has no trial {number} (it has trials 0 to {len(trials) - 1})")
-    run_id = trials[number].user_attrs.get("mlflow_run_id")
+    run_id = TrialAttrs.of(trials[number]).mlflow_run_id
     if not run_id:
         raise UserError(f"trial {number} of study '{name}' has no MLflow run (it died before one was created)")
     return str(run_id)
 
 
 def load_original(run_id: str) -> Original:
-    """The trial logged as ``run_id``, rebuilt and checked; ``UserError`` names what is missing."""
+    """The trial logged as ``run_id``, rebuilt from its ``TrialRecipe`` and sweep file, and checked;
+    ``UserError`` names what is missing."""
     try:
         run = track.get_run(run_id)
     except LookupError:
@@ -112,20 +118,11 @@ def load_original(run_id: str) -> Original:
                         f"was modified after the trial ran")
     sweep = parse_sweep(_tag(run, "sweep"), text, Path(f"run {run_id} sweep.yaml"))
     where = f"run {run_id}"
-    try:
-        seed, epochs = int(run.params["seed"]), int(run.params["epochs"])
-        sweep = dataclasses.replace(
-            sweep, epochs=epochs,
-            sampler=dataclasses.replace(sweep.sampler, seed=int(_tag(run, "sweep_seed"))),
-            data=dataclasses.replace(sweep.data, source=_tag(run, "data_source"),
-                                     validation_fraction=float(_tag(run, "validation_fraction")),
-                                     # "all", or absent: a run from before training subsets
-                                     train_images=None if run.tags.get("train_images", "all") == "all"
-                                     else int(run.tags["train_images"])))
-    except ValueError as exc:
-        raise UserError(f"{where}: a seed, epochs or split value is not a number ({exc})") from None
-    params = run.params if not sweep.hypermodel else {k: v for k, v in run.params.items() if k in HYPERMODEL_FIELDS}
-    values = train_values_from_strings(params, where)
+    recipe = TrialRecipe.from_run(run_id, run.params, run.tags, HYPERMODEL_FIELDS if sweep.hypermodel else None)
+    sweep = dataclasses.replace(
+        sweep, epochs=recipe.epochs, sampler=dataclasses.replace(sweep.sampler, seed=recipe.sweep_seed),
+        data=dataclasses.replace(sweep.data, source=recipe.data_source,
+                                 validation_fraction=recipe.validation_fraction, train_images=recipe.train_images))
     hyperparameters = None
     if sweep.hypermodel:
         text = track.read_text(run_id, "hyperparameters.json")
@@ -133,15 +130,15 @@ def load_original(run_id: str) -> Original:
             raise UserError(f"{where}: a hypermodel trial without hyperparameters.json cannot be rebuilt")
         hyperparameters = json.loads(text)
     for key in sweep.space:
-        if key not in values and sweep.active(key, values):
+        if key not in recipe.values and sweep.active(key, recipe.values):
             raise UserError(f"{where}: the searched parameter '{key}' was not logged")
     for key, fixed in sweep.fixed.items():
-        if key in values and values[key] != fixed:
-            raise UserError(f"{where}: param {key}={values[key]} contradicts the sweep file's fixed "
+        if key in recipe.values and recipe.values[key] != fixed:
+            raise UserError(f"{where}: param {key}={recipe.values[key]} contradicts the sweep file's fixed "
                             f"{key}: {fixed}")
     history = {key: track.metric_history(run_id, key) for key in run.metrics
                if not final(key) and reproducible(key)}
-    original = Original(run, sweep, sweep.train_config(values), seed, history,
+    original = Original(run, sweep, sweep.train_config(recipe.values), recipe, history,
                         {k: v for k, v in run.metrics.items() if final(k)}, hyperparameters)
     if original.epochs_logged == 0:
         reason = run.tags.get("fail_reason", "")
@@ -183,50 +180,42 @@ class Outcome:
 
 def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deterministic: bool,
           tags: Mapping[str, str], on_epoch: Callable[[int, Mapping[str, float]], None] | None = None) -> Outcome:
-    """Train ``original``'s configuration again with its seed, into a new run (same experiment,
-    same params, tagged ``rerun_of``). A trial that stopped early (pruned, interrupted, failed)
-    is replayed for as many epochs as it logged, with its full-length learning-rate schedule."""
-    from cifar_exp.training import train  # imports keras: after the CLI has set up the environment
-
+    """Train ``original``'s configuration again with its seed, as a ``lifecycle.TrialRun`` into a
+    new run (same experiment, same params, its recipe's tags, tagged ``rerun_of``). A trial that
+    stopped early (pruned, interrupted, failed) is replayed for as many epochs as it logged, with
+    its full-length learning-rate schedule."""
     run = original.run
-    run_id = track.start_run(
-        run.experiment_id, f"rerun-of-trial-{original.trial_number}", run.params,
-        {**tags, **{k: run.tags[k] for k in PROVENANCE_TAGS if k in run.tags}, **identity,
-         RERUN_TAG: run.run_id, "rerun_of_trial": original.trial_number, "rerun_of_state": original.state,
-         "deterministic": str(deterministic).lower()})
-    tracked = lifecycle.Tracked(run_id)
-    lifecycle.log_sweep(tracked, original.sweep)
+    trial = lifecycle.TrialRun(
+        original.sweep, dataclasses.replace(original.recipe, deterministic=deterministic), "rerun",
+        tags={**tags, **identity, RERUN_TAG: run.run_id, "rerun_of_trial": original.trial_number,
+              "rerun_of_state": original.state},
+        title=f"{original.sweep.name} trial {original.trial_number} (rerun)")
+    if on_epoch:
+        trial.on_epoch.append(on_epoch)
+    trial.open(run.experiment_id, name=f"rerun-of-trial-{original.trial_number}", params=run.params)
     if original.hyperparameters is not None:
-        track.log_text(run_id, json.dumps(original.hyperparameters, sort_keys=True), "hyperparameters.json")
-
-    def record(epoch: int, logs: Mapping[str, float]) -> None:
-        tracked.log_epoch(epoch, logs)
-        if on_epoch:
-            on_epoch(epoch, logs)
-
+        track.log_text(trial.run_id, json.dumps(original.hyperparameters, sort_keys=True), "hyperparameters.json")
     complete = original.state == "COMPLETE"
     custom = None
     if original.sweep.hypermodel:
-        from cifar_exp.training import hypermodel
+        from cifar_exp.training import hypermodel  # imports keras: after the CLI has set up the environment
 
         custom = hypermodel.custom_model(hypermodel.load(original.sweep.hypermodel),
                                          hypermodel.fixed(original.hyperparameters or {}))
     try:
-        result = train.train(original.cfg, splits, epochs=original.sweep.epochs, seed=original.seed,
-                             on_epoch=[record], stop_after=None if complete else original.epochs_logged,
-                             custom=custom)
+        result = trial.train(splits, original.cfg, custom=custom,
+                             stop_after=None if complete else original.epochs_logged)
+        if not complete:
+            return Outcome(trial.run_id, trial.history, {})
+        # ended by ``finish``, with the comparison's verdict
+        trial.complete(result, splits, before_end=lambda outcome: None)
     except KeyboardInterrupt:
-        track.end_run(run_id, "KILLED", {"fail_reason": "interrupted"})
+        trial.failed("interrupted", "KILLED")
         raise
-    except Exception as exc:
-        return Outcome(run_id, tracked.history, {}, lifecycle.failure_reason(exc))
-    test: dict[str, float] = {}
-    if complete:
-        evaluated = lifecycle.evaluate(tracked, result, splits,
-                                       title=f"{original.sweep.name} trial {original.trial_number} (rerun)")
-        track.set_tags(run_id, {"model_uri": evaluated.model_uri, **evaluated.verdict})
-        test = {k: v for k, v in track.get_run(run_id).metrics.items() if final(k)}
-    return Outcome(run_id, tracked.history, test)
+    except Exception as exc:  # noqa: BLE001 (a rerun's trial fails alone, with its reason, like a sweep's)
+        return Outcome(trial.run_id, trial.history, {}, trial.failure(exc))
+    test = {k: v for k, v in track.get_run(trial.run_id).metrics.items() if final(k)}
+    return Outcome(trial.run_id, trial.history, test)
 
 
 @dataclass(frozen=True)

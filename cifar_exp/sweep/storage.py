@@ -1,5 +1,5 @@
-"""An Optuna study in its storage: open it, the budget and its lock, stale trials, heartbeats,
-claiming the next trial, failing a trial, and the study's identity. The one module that uses
+"""An Optuna study in its storage: open it, the budget and its lock, claiming the next trial, and
+the study's identity. The one module that uses
 Optuna's storage API (and the few private names it needs); worker and supervisor go through it.
 
 Budget. ``trials`` counts the study's finished trials (complete, pruned, failed), across every
@@ -10,12 +10,7 @@ worker claims a trial (counts finished + running trials, then asks) under a lock
 process sharing the storage takes (a lock file beside a journal or SQLite file, an advisory lock
 on PostgreSQL), so several hosts never run more than the budget between them.
 
-Stale trials. A trial whose worker is gone (SIGKILL, power cut) stays RUNNING in storage. Each
-trial carries its worker's host, pid and process start time; on PostgreSQL (and any RDB) it also
-records a heartbeat every ``HEARTBEAT_SECONDS``. Before claiming, every process fails the RUNNING
-trials whose worker is gone (same host: the process no longer exists; any host: no heartbeat for
-``GRACE_SECONDS``), closes their MLflow runs as KILLED and enqueues each once more with the same
-parameters.
+Stale trials and failing a trial: ``sweep.recovery``.
 """
 
 from __future__ import annotations
@@ -23,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import sys
-import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,9 +31,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import get_lock_file
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp import lifecycle, track
 from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials
-from cifar_exp.sweep import liveness, space
+from cifar_exp.config.records import TrialAttrs, trial_seed
+from cifar_exp.sweep import recovery, space
 
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # RDB storages: a running trial's heartbeat period, and the silence after which it is stale. A
@@ -132,81 +125,6 @@ def budget_lock(url: str, storage: optuna.storages.BaseStorage | optuna.Study, n
         os.close(fd)  # releases the lock
 
 
-def recover_stale(study: optuna.Study, unclaimed: bool = False, url: str = "",
-                  grace: float = float("inf")) -> list[FrozenTrial]:
-    """Fail the study's RUNNING trials whose worker is gone, close their MLflow runs as KILLED, and
-    enqueue each once more (a trial that is itself a retry is not retried again). Returns them.
-
-    Gone: on this host, a worker process that no longer exists, or whose heartbeat file (see
-    ``liveness``, beside the storage ``url``) is silent past ``grace`` (it is killed); on an RDB storage, also a trial
-    of any host without a heartbeat for the storage's grace period; with ``unclaimed`` (the
-    caller holds the budget lock, under which every claim stamps its trial), also a trial with no
-    worker stamped on it: its claimer died, or met a full disk, between asking and stamping.
-    Safe to run in many processes at once: only the one whose state change wins closes and
-    retries a trial."""
-    host = socket.gethostname()
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    gone = [(t, f"stale: its worker (pid {t.user_attrs.get('worker_pid')}) is gone") for t in running
-            if t.user_attrs.get("worker_host") == host
-            and not liveness.alive(t.user_attrs.get("worker_pid"), t.user_attrs.get("worker_started"))]
-    if unclaimed:
-        gone += [(t, "stale: its claim never finished (no worker was recorded on it)") for t in running
-                 if "worker_host" not in t.user_attrs]
-    for t in running:
-        attrs = t.user_attrs
-        if attrs.get("worker_host") == host and liveness.alive(attrs.get("worker_pid"), attrs.get("worker_started")):
-            silent = liveness.frozen(url, int(attrs["worker_pid"]), float(attrs["worker_started"]), grace)
-            if silent is not None:
-                gone.append((t, f"stale: its worker (pid {attrs['worker_pid']}) was silent for {silent:.0f} s "
-                                f"(frozen): killed"))
-    rdb = _beating(study._storage)
-    if rdb is not None:
-        grace = rdb.grace_period or 2 * (rdb.heartbeat_interval or 0)
-        gone += [(study._storage.get_trial(trial_id), f"stale: no heartbeat for {grace} s (its worker is gone)")
-                 for trial_id in rdb._get_stale_trial_ids(study._study_id)]
-    stale = [trial for trial, reason in gone if fail_trial(study, trial, reason, "KILLED")]
-    for trial in stale:
-        if "retry_of" not in trial.user_attrs:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-    return stale
-
-
-def _beating(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
-    """The RDB storage behind ``storage`` if it has heartbeats on (a Study wraps it in a cache)."""
-    backend = getattr(storage, "_backend", storage)
-    return backend if isinstance(backend, optuna.storages.RDBStorage) and backend.heartbeat_interval else None
-
-
-@contextmanager
-def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial | FrozenTrial) -> Iterator[None]:
-    """While the block runs, record ``trial``'s heartbeat every interval (RDB storages with
-    heartbeats on; a no-op otherwise), from a thread, so a long epoch does not look like death."""
-    trial_id = trial._trial_id
-    rdb = _beating(storage)
-    if rdb is None:
-        yield
-        return
-    interval = rdb.heartbeat_interval
-    done = threading.Event()
-
-    def beat() -> None:
-        while True:
-            try:
-                rdb.record_heartbeat(trial_id)
-            except Exception as exc:  # the database blinked: the next beat retries, well within grace
-                print(f"cifar_exp: heartbeat of trial {trial_id} failed: {exc}", file=sys.stderr)
-            if done.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-
-
 def load_existing(url: str, name: str) -> optuna.Study:
     """The existing study ``name`` in ``url``; ``UserError`` if the storage or the study is missing."""
     if "://" not in url and not Path(url).is_file():
@@ -222,8 +140,9 @@ def load_existing(url: str, name: str) -> optuna.Study:
 def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """The trials that count against the budget: finished, not ended by an interruption, and not
     failed trials that were retried (their retry counts instead)."""
-    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-    return [t for t in trials if t.state in COUNTED_STATES and not t.user_attrs.get("interrupted")
+    attrs = [TrialAttrs.of(t) for t in trials]
+    retried = {a.retry_of for a in attrs if a.retry_of is not None}
+    return [t for t, a in zip(trials, attrs, strict=True) if t.state in COUNTED_STATES and not a.interrupted
             and t.number not in retried]
 
 
@@ -260,8 +179,10 @@ class Claim:
 
 
 def claim(settings: Settings, storage: optuna.storages.BaseStorage) -> Claim | Literal["wait", "done"]:
-    """Under the budget lock, recover stale trials, then, if the budget allows, start the study's
-    next trial and sample its parameters; else ``"wait"`` or ``"done"`` (see ``budget_state``).
+    """Under the budget lock: recover stale trials, count the budget and, if it allows, start the
+    study's next trial and stamp this worker on it; else ``"wait"`` or ``"done"`` (see
+    ``budget_state``). After the lock: sample the trial's parameters (the stamped trial holds its
+    place in the budget; a sampler's time would otherwise serialize every worker).
 
     The sampler is seeded per trial from (sweep seed, number of trials so far), so a sequential
     sweep samples the same parameters in the same order on every run from scratch, across
@@ -272,72 +193,25 @@ def claim(settings: Settings, storage: optuna.storages.BaseStorage) -> Claim | L
     sweep = settings.sweep
     study_id = storage.get_study_id_from_name(sweep.name)
     with budget_lock(settings.storage, storage, sweep.name):
-        recover_stale(load(settings, storage, sweep.sampler.seed), locks(settings.storage), settings.storage,
+        recovery.recover_stale(load(settings, storage, sweep.sampler.seed), locks(settings.storage), settings.storage,
                       sweep.heartbeat_grace)
         trials = storage.get_all_trials(study_id, deepcopy=False)
         state = budget_state(sweep, trials)
         if state != "open":
             return state
-        study = load(settings, storage, lifecycle.trial_seed(sweep.sampler.seed, len(trials)))
+        study = load(settings, storage, trial_seed(sweep.sampler.seed, len(trials)))
         with warnings.catch_warnings():  # we beat ourselves (``heartbeat``), outside Study.optimize
             warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
             trial = study.ask()
         me = psutil.Process()
         # the host last: ``recover_stale`` looks at a trial only once its host is set
-        for key, value in {"worker_pid": me.pid, "worker_started": me.create_time(),
-                           "worker_host": socket.gethostname()}.items():
+        for key, value in TrialAttrs.encode(worker_pid=me.pid, worker_started=me.create_time(),
+                                            worker_host=socket.gethostname()).items():
             trial.set_user_attr(key, value)
-        rdb = _beating(storage)
+        rdb = recovery.beating(storage)
         if rdb is not None:
             rdb.record_heartbeat(trial._trial_id)
     return Claim(study, trial, space.suggest(trial, sweep))
-
-
-def fail_trial(study: optuna.Study, trial: optuna.Trial | FrozenTrial, reason: str, run_status: str = "FAILED",
-               interrupted: bool = False) -> bool:
-    """Fail ``trial`` in both systems: in the study with its ``fail_reason`` (and ``interrupted``,
-    which keeps it out of the budget), and its MLflow run ended with ``run_status`` (FAILED, or
-    KILLED for an interruption or a dead worker; see ``close_run``). False, and nothing done,
-    if another process already ended the trial (a worker that found it stale closes it itself).
-    Every failure path (a raising trial, an interruption, a dead or stale worker) comes here."""
-    storage = study._storage
-    trial_id = trial._trial_id
-    try:
-        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-        if interrupted:
-            storage.set_trial_user_attr(trial_id, "interrupted", True)
-        if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
-            return False
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
-    try:
-        close_run(study, storage.get_trial(trial_id), run_status, reason)
-    except Exception as exc:  # tracking down: the Optuna record above already holds the reason
-        print(f"cifar_exp: could not close the MLflow run of trial {trial.number}: {exc}", file=sys.stderr)
-    return True
-
-
-def close_run(study: optuna.Study, trial: FrozenTrial, status: str, reason: str) -> None:
-    """End the MLflow run of a failed ``trial`` with ``status`` and ``reason``. A trial whose worker
-    died before it created the run gets one now (its params, tagged ``state=FAIL`` and
-    ``trial_number`` under the parent run), so every trial of the study has exactly one run;
-    without the study's experiment (nothing tracked yet) there is nowhere to put it. (Optuna
-    takes no attribute on a finished trial, so such a trial's ``mlflow_run_id`` stays unset.)"""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if not run_id:
-        attrs = study.user_attrs
-        if "mlflow_experiment_id" not in attrs or "mlflow_parent_run_id" not in attrs:
-            return
-        run_id = track.start_trial_run(attrs["mlflow_experiment_id"], attrs["mlflow_parent_run_id"], trial.number,
-                                       params=dict(trial.params), tags={"sweep": study.study_name,
-                                                                        "engine": "optuna"})
-    lifecycle.end_failed(run_id, reason, status)
-
-
-def running(study: optuna.Study, pids: set[int]) -> list[FrozenTrial]:
-    """The study's RUNNING trials whose worker is one of ``pids`` (on any host)."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get("worker_pid") in pids]
 
 
 def create_study(settings: Settings) -> optuna.Study:

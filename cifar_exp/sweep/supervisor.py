@@ -29,9 +29,9 @@ import psutil
 from optuna.trial import FrozenTrial, TrialState
 
 from cifar_exp import report, track
-from cifar_exp.config import Sweep, UserError
-from cifar_exp.sweep import events, liveness, sidecar, storage, worker
-from cifar_exp.sweep.storage import Settings
+from cifar_exp.config import Settings, Sweep, UserError
+from cifar_exp.config.records import TrialAttrs
+from cifar_exp.sweep import events, liveness, recovery, sidecar, storage, worker
 
 STOP_GRACE_SECONDS = 60.0  # how long interrupted workers get to record their trials
 # Rebuilding the report (every plot of every trial) took 3.7 s for a 12-trial study on this 2-core
@@ -74,11 +74,11 @@ def run_sweep(settings: Settings, on_event: OnEvent = lambda event, tally: None)
     experiment = track.experiment_id(sweep.name)
     parent = start_parent_run(settings, study, experiment)
     with storage.budget_lock(settings.storage, study, sweep.name):  # left RUNNING by a killed run
-        stale = storage.recover_stale(study, storage.locks(settings.storage), settings.storage, sweep.heartbeat_grace)
+        stale = recovery.recover_stale(study, storage.locks(settings.storage), settings.storage, sweep.heartbeat_grace)
     close_orphans(study, experiment, parent)
     state = _Parent(settings, study, parent, on_event)
     for trial in stale:
-        on_event(events.Stale(trial.number, trial.user_attrs.get("fail_reason", "")), state.tally)
+        on_event(events.Stale(trial.number, TrialAttrs.of(trial).fail_reason or ""), state.tally)
     try:
         state.supervise(experiment)
     finally:
@@ -90,8 +90,8 @@ def run_sweep(settings: Settings, on_event: OnEvent = lambda event, tally: None)
     # Checkpoints a dead worker left for a retry that will not come (the sweep is over, or the
     # retry died too); those of trials still running, or of a retry still queued, stay.
     sidecar.drop_checkpoints(settings.storage, sweep.name, {t.number for t in trials if t.state == TrialState.RUNNING}
-                             | {int(t.user_attrs["retry_of"]) for t in trials
-                                if t.state == TrialState.WAITING and "retry_of" in t.user_attrs})
+                             | {int(a.retry_of) for t in trials if t.state == TrialState.WAITING
+                                and (a := TrialAttrs.of(t)).retry_of is not None})
     best = storage.best_trials(study, 5)
     _finish_parent(study, parent, trials, best, sweep, interrupted=state.interrupted)
     counts = {s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
@@ -130,9 +130,9 @@ def close_orphans(study: optuna.Study, experiment: str, parent: str) -> list[str
         if trial is not None and trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
             track.end_run(run_id, "FINISHED", {"state": trial.state.name})
         else:
-            reason = (trial.user_attrs.get("fail_reason") if trial else None) or \
+            reason = (TrialAttrs.of(trial).fail_reason if trial else None) or \
                 "the sweep stopped before this trial's run was closed"
-            track.end_run(run_id, "KILLED" if trial is None or trial.user_attrs.get("interrupted") else "FAILED",
+            track.end_run(run_id, "KILLED" if trial is None or TrialAttrs.of(trial).interrupted else "FAILED",
                           {"state": trial.state.name if trial else "FAIL", "fail_reason": reason})
         closed.append(run_id)
     return closed
@@ -261,7 +261,7 @@ class _Parent:
     def worker_died(self, pid: int, exitcode: int | None) -> None:
         """A worker ended abnormally (crash, SIGKILL, OOM kill): fail its trial in both systems, and
         retry it once (with the same parameters) unless the sweep is stopping."""
-        trials = storage.running(self.study, {pid})
+        trials = recovery.running(self.study, {pid})
         if not trials:  # it died between trials: still a failure in a row
             self.tally.failures_in_a_row += 1
         for trial in trials:
@@ -270,13 +270,13 @@ class _Parent:
                 reason = f"worker process frozen: no heartbeat for {self.silenced[pid]:.0f} s, killed"
             if self.interrupted:
                 reason = "interrupted: the worker was stopped before the trial ended"
-            if not storage.fail_trial(self.study, trial, reason, "KILLED" if self.interrupted else "FAILED",
+            if not recovery.fail_trial(self.study, trial, reason, "KILLED" if self.interrupted else "FAILED",
                                       interrupted=self.interrupted):
                 continue  # a worker found it stale first, and retried it
-            retried = not self.interrupted and "retry_of" not in trial.user_attrs
+            retried = not self.interrupted and TrialAttrs.of(trial).retry_of is None
             if retried:
-                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            ended = events.Ended(trial.number, "FAIL", trial.user_attrs.get("mlflow_run_id", ""), retried=retried,
+                self.study.enqueue_trial(trial.params, user_attrs=TrialAttrs.encode(retry_of=trial.number))
+            ended = events.Ended(trial.number, "FAIL", TrialAttrs.of(trial).mlflow_run_id or "", retried=retried,
                                  reason=events.INTERRUPTED if self.interrupted else reason)
             if ended.reason == events.INTERRUPTED:
                 self.tally.failures_in_a_row += 1  # counted as a failure, as a death: the streak still grows
@@ -289,8 +289,8 @@ class _Parent:
             signal.signal(sig, handler)
         for process in self.workers.values():
             process.kill()
-        for trial in storage.running(self.study, self.pids):
-            storage.fail_trial(self.study, trial, "interrupted: the sweep stopped before this trial ended", "KILLED",
+        for trial in recovery.running(self.study, self.pids):
+            recovery.fail_trial(self.study, trial, "interrupted: the sweep stopped before this trial ended", "KILLED",
                                interrupted=True)
         self.queue.close()
 
@@ -310,7 +310,7 @@ def publish(study: optuna.Study, parent: str, sweep: Sweep) -> dict[str, str]:
 def _publish_quietly(study: optuna.Study, parent: str, sweep: Sweep) -> None:
     try:
         publish(study, parent, sweep)
-    except Exception as exc:  # a report is never worth a crashed sweep; the next rebuild retries
+    except Exception as exc:  # noqa: BLE001 (a report is never worth a crashed sweep; the next rebuild retries)
         print(f"cifar_exp: could not update the study report: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
@@ -319,11 +319,10 @@ def _finish_parent(study: optuna.Study, parent: str, trials: Sequence[FrozenTria
     tags: dict[str, Any] = {"trials_finished": len(storage.counted(trials))}
     if best:
         top = best[0]
-        tags.update({"best_trial": top.number, "best_run_id": top.user_attrs.get("mlflow_run_id", ""),
+        tags.update({"best_trial": top.number, "best_run_id": TrialAttrs.of(top).mlflow_run_id or "",
                      **{f"best.{k}": v for k, v in top.params.items()}})
         metrics = {f"best_{sweep.objective.metric}": top.value or 0.0}
-        metrics.update({f"best_{k}": v for k, v in top.user_attrs.items()
-                        if k.startswith("test_") and isinstance(v, float)})
+        metrics.update({f"best_{k}": v for k, v in TrialAttrs.of(top).test_metrics().items()})
         track.log_metrics(parent, metrics, step=top.number)
     _publish_quietly(study, parent, sweep)
     track.end_run(parent, "KILLED" if interrupted else "FINISHED", tags)

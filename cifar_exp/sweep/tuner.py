@@ -27,10 +27,11 @@ import keras
 import keras_tuner
 
 from cifar_exp import data, lifecycle, track
-from cifar_exp.config import Sweep, UserError
+from cifar_exp.config import Settings, Sweep, UserError
+from cifar_exp.config.records import trial_seed
 from cifar_exp.sweep import events
-from cifar_exp.sweep.storage import Settings
-from cifar_exp.training import backend, hypermodel, train
+from cifar_exp.training import backend, hypermodel
+from cifar_exp.training.programs import Programs
 
 ENGINE_TAG = "engine"
 
@@ -150,6 +151,7 @@ class _Trials:
         self.experiment, self.parent, self.splits = experiment, parent, splits
         self.on_event, self.model = on_event, model
         self.identity = backend.identity()
+        self.programs = Programs()  # compiled programs kept for the next trials, as a worker keeps them
         self.tally = events.Tally(maximize=self.sweep.objective.direction == "maximize")
 
     def emit(self, event: events.Event) -> None:
@@ -169,47 +171,44 @@ class _Trials:
 
     def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
         # A bound method in the tuner's class dict: called with KerasTuner's arguments, no tuner.
-        sweep, metric = self.sweep, self.sweep.objective.metric
+        # The trial is a lifecycle.TrialRun, as for the Optuna engine; KerasTuner's part is the
+        # answer (the objective's value) and FailedTrialError.
+        sweep = self.sweep
         started = time.perf_counter()  # the trial's start, for its first_step_seconds
-        values = trial.hyperparameters.values
-        number = int(trial.trial_id)
+        values, number = trial.hyperparameters.values, int(trial.trial_id)
         params = sampled(sweep, trial.hyperparameters)
         epochs = int(values.get("tuner/epochs", sweep.epochs))
-        seed = lifecycle.trial_seed(sweep.sampler.seed, number)
-        tracked = lifecycle.start(
-            self.experiment, self.parent, number, sweep, sweep.logged_params(params), seed, epochs,
-            lifecycle.run_tags(sweep, "keras-tuner", self.identity, {
-                **self.settings.tags, "keras_tuner_trial": trial.trial_id,
-                **{f"keras_tuner_{k[6:]}": v for k, v in values.items() if k.startswith("tuner/")}}))
-        lifecycle.log_sweep(tracked, sweep)
-        custom = None
-        if self.model is not None:
-            lifecycle.log_hyperparameters(tracked.run_id, self.tuned(trial.hyperparameters), sweep)
-            custom = hypermodel.custom_model(self.model, trial.hyperparameters)
-        self.emit(events.Started(0, number, tracked.run_id, self.values(trial.hyperparameters)))
-
-        def on_epoch(epoch: int, logs: Any) -> None:
-            tracked.log_epoch(epoch, logs)
-            self.emit(events.Epoch(number, epoch + 1, epochs, logs[metric], dict(logs)))
-
+        seed = trial_seed(sweep.sampler.seed, number)
+        logged = {k: v for k, v in sweep.logged_params(params).items()
+                  # a hypermodel that overrides fit chooses its own batch size
+                  if not (self.model is not None and k == "batch_size" and hypermodel.overrides_fit(self.model))}
+        run = lifecycle.TrialRun(
+            sweep, lifecycle.recipe(sweep, seed, epochs, logged, self.settings.data_checksum), "keras-tuner",
+            tags={**self.settings.tags, **self.identity, "keras_tuner_trial": trial.trial_id,
+                  **{f"keras_tuner_{k[6:]}": v for k, v in values.items() if k.startswith("tuner/")}},
+            title=f"{sweep.name} trial {number} (keras-tuner)", programs=self.programs,
+            time_limit=sweep.trial_timeout)
+        run.on_epoch.append(lambda epoch, logs: self.emit(
+            events.Epoch(number, epoch + 1, epochs, logs[run.metric], dict(logs))))
+        run.open(self.experiment, parent_run_id=self.parent, number=number)
         try:
-            result = train.train(sweep.train_config(params), self.splits, epochs=epochs, seed=seed,
-                                 on_epoch=[on_epoch], custom=custom, started=started,
-                                 on_first_step=tracked.on_first_step)
-            evaluated = lifecycle.evaluate(tracked, result, self.splits,
-                                           title=f"{sweep.name} trial {number} (keras-tuner)")
+            custom = None
+            if self.model is not None:
+                lifecycle.log_hyperparameters(run.run_id, self.tuned(trial.hyperparameters), sweep)
+                custom = hypermodel.custom_model(self.model, trial.hyperparameters)
+            self.emit(events.Started(0, number, run.run_id, self.values(trial.hyperparameters)))
+            outcome = run.complete(run.train(self.splits, sweep.train_config(params), custom=custom, started=started),
+                                   self.splits)
         except KeyboardInterrupt:
-            lifecycle.end_failed(tracked.run_id, "interrupted", "KILLED")
+            run.failed("interrupted", "KILLED")
             raise
         except Exception as exc:
-            reason = lifecycle.failure_reason(exc)
-            lifecycle.end_failed(tracked.run_id, reason)
-            self.emit(events.Ended(number, "FAIL", tracked.run_id, reason=reason))
+            reason = run.failure(exc)
+            run.failed(reason)
+            self.emit(events.Ended(number, "FAIL", run.run_id, reason=reason))
             raise keras_tuner.errors.FailedTrialError(reason) from exc
         finally:
             keras.backend.clear_session()
-        value = result.history[metric][-1]
-        lifecycle.end_complete(tracked, evaluated)
-        self.emit(events.Ended(number, "COMPLETE", tracked.run_id, value=value, test_accuracy=result.test_accuracy,
-                               degenerate=evaluated.verdict.get("degenerate", "")))
-        return {metric: value}
+        self.emit(events.Ended(number, "COMPLETE", run.run_id, value=outcome.value,
+                               test_accuracy=outcome.test_accuracy, degenerate=outcome.verdict.get("degenerate", "")))
+        return {run.metric: outcome.value}

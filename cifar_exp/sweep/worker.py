@@ -24,9 +24,10 @@ import psutil
 from optuna.trial import TrialState
 
 from cifar_exp import lifecycle, track
-from cifar_exp.config import TrainConfig, UserError
-from cifar_exp.sweep import events, liveness, sidecar, storage
-from cifar_exp.sweep.storage import Claim, Settings
+from cifar_exp.config import Settings, TrainConfig, UserError
+from cifar_exp.config.records import TrialAttrs, trial_seed
+from cifar_exp.sweep import events, liveness, recovery, sidecar, storage
+from cifar_exp.sweep.storage import Claim
 
 EXIT_TRIAL_FAILED = 3  # a worker exits with this after a failed trial, to be replaced
 EXIT_ORPHANED = 4  # a worker whose sweep command died, after its grace
@@ -85,13 +86,12 @@ class Worker:
         self.settings, self.sweep = settings, settings.sweep
         self.experiment, self.parent_run_id = experiment, parent_run_id
         self.queue, self.worker_id = queue, worker_id
-        self.training = False
+        self.current: lifecycle.TrialRun | None = None  # the trial this worker runs (or ran last)
         self.stop = False
         self.splits: Any = None
         self.tunable: Any = None  # the sweep's KerasTuner hypermodel, if it has one
         self.programs: Any = None  # the compiled programs kept for the next trials (programs.Programs)
         self.identity: dict[str, str] = {}
-        self.limit = lifecycle.TimeLimit(None, lambda: False)  # the running trial's trial_timeout
 
     def on_sigterm(self, signum: int, frame: object) -> None:
         # Raise only while Keras is computing: raising inside a storage write could leave the
@@ -146,7 +146,7 @@ class Worker:
             if claimed == "wait":  # another worker's trial may still fail and be retried here
                 stop.wait(WAIT_SECONDS)
                 continue
-            with storage.heartbeat(opened, claimed.trial):
+            with recovery.heartbeat(opened, claimed.trial):
                 ok = self.run_trial(claimed, started, time.perf_counter() - started)
             # Memory must not grow from trial to trial: Keras' global state goes (and a garbage
             # collection with it); the compiled programs a worker keeps (at most programs.CAPACITY) stay.
@@ -155,52 +155,62 @@ class Worker:
                 sys.exit(EXIT_TRIAL_FAILED)
 
     def run_trial(self, claimed: Claim, started: float, claim_seconds: float = 0.0) -> bool:
-        """Run the ``claimed`` trial end to end; False if it failed (the worker is then replaced).
+        """Hand the ``claimed`` trial to a ``lifecycle.TrialRun`` with Optuna's part on its hooks
+        (report each epoch, prune, tell); False if it failed (the worker is then replaced).
         ``started`` is when the worker began the trial (``time.perf_counter``, before claiming it),
         ``claim_seconds`` how long claiming took. The trial's checkpoint goes when it ends."""
-        from cifar_exp.training import hypermodel, train
+        from cifar_exp.training import hypermodel
 
         sweep, (study, trial, params) = self.sweep, (claimed.study, claimed.trial, claimed.params)
-        retry_of = trial.user_attrs.get("retry_of")
+        retry_of = TrialAttrs.of(trial).retry_of
         # A retry trains with its original's seed: resumed from the original's checkpoint or not,
         # it computes what the original would have.
-        seed = lifecycle.trial_seed(sweep.sampler.seed, trial.number if retry_of is None else int(retry_of))
+        seed = trial_seed(sweep.sampler.seed, trial.number if retry_of is None else int(retry_of))
         logged = {k: v for k, v in sweep.logged_params(params).items()
                   # a hypermodel that overrides fit chooses its own batch size
                   if not (self.tunable is not None and k == "batch_size" and hypermodel.overrides_fit(self.tunable))}
-        tracked = lifecycle.start(self.experiment, self.parent_run_id, trial.number, sweep, logged, seed, sweep.epochs,
-                                  lifecycle.run_tags(sweep, "optuna", self.identity,
-                                                     {**self.settings.tags, "worker": self.worker_id}),
-                                  claim_seconds)
-        trial.set_user_attr("mlflow_run_id", tracked.run_id)
-        trial.set_user_attr("seed", seed)
-        self.queue.put(events.Started(self.worker_id, trial.number, tracked.run_id, params))
-        clock = train.Clock()
-        checkpoint = self._checkpoint(trial.number, retry_of)
-        self.limit = lifecycle.TimeLimit(sweep.trial_timeout, lambda: self.training)
+        run = lifecycle.TrialRun(
+            sweep, lifecycle.recipe(sweep, seed, sweep.epochs, logged, self.settings.data_checksum), "optuna",
+            tags={**self.settings.tags, **self.identity, "worker": self.worker_id},
+            title=f"{sweep.name} trial {trial.number}", programs=self.programs,
+            checkpoint=self._checkpoint(trial.number, retry_of), resumed_from=retry_of,
+            time_limit=sweep.trial_timeout)
+        run.on_epoch.append(self._epoch_hook(trial))
+        run.on_replayed.append(self._replayed_hook(trial))
+        self.current = run
+        run.open(self.experiment, parent_run_id=self.parent_run_id, number=trial.number, claim_seconds=claim_seconds)
+        for key, value in TrialAttrs.encode(mlflow_run_id=run.run_id, seed=seed).items():
+            trial.set_user_attr(key, value)
+        self.queue.put(events.Started(self.worker_id, trial.number, run.run_id, params))
         try:
-            with self.limit:
-                self._train_and_tell(claimed, tracked, seed, started, clock, checkpoint)
+            self._train_and_tell(claimed, run, started)
             return True
         except optuna.TrialPruned as exc:
-            self._pruned(claimed, tracked, clock, str(exc))
+            pruned = run.pruned(self.splits, lambda outcome: self._tell_pruned(claimed, outcome))
+            self.queue.put(events.Ended(trial.number, "PRUNED", run.run_id, reason=str(exc),
+                                        degenerate=pruned.verdict.get("degenerate", "")))
             return True
         except Interrupted:
-            self._interrupted(claimed, tracked.run_id)
-        except Exception as exc:
+            self._interrupted(claimed, run.run_id)
+        except Exception as exc:  # noqa: BLE001 (trials fail alone: any exception is the trial's fail_reason)
             if self.stop:
                 # Raised from the signal handler inside Keras, Interrupted can come out as another
                 # exception (one raised by a `finally` of the fit loop on its way out): still a stop.
-                self._interrupted(claimed, tracked.run_id)
-            reason = self.limit.reason if self.limit.expired else lifecycle.failure_reason(exc)
-            storage.fail_trial(study, trial, reason)
-            self.queue.put(events.Ended(trial.number, "FAIL", tracked.run_id, reason=reason))
+                self._interrupted(claimed, run.run_id)
+            reason = run.failure(exc)
+            recovery.fail_trial(study, trial, reason)
+            self.queue.put(events.Ended(trial.number, "FAIL", run.run_id, reason=reason))
             return False
         finally:
-            if checkpoint is not None:
-                checkpoint.unlink(missing_ok=True)
+            if run.checkpoint is not None:
+                run.checkpoint.unlink(missing_ok=True)
 
-    def _checkpoint(self, number: int, retry_of: Any) -> Path | None:
+    @property
+    def training(self) -> bool:
+        """Whether Keras is computing the running trial (where SIGTERM may raise)."""
+        return self.current is not None and self.current.training
+
+    def _checkpoint(self, number: int, retry_of: int | None) -> Path | None:
         """Where trial ``number`` keeps its checkpoint (``train``); a retry takes over its original's,
         to resume it. None for a hypermodel's trial, which trains as it was compiled."""
         if self.tunable is not None:
@@ -213,100 +223,70 @@ class Worker:
                 pass
         return path
 
-    def _pruned(self, claimed: Claim, tracked: lifecycle.Tracked, clock: Any, reason: str) -> None:
-        study, trial = claimed.study, claimed.trial
-        verdict = lifecycle.judge(tracked.history, None, self.splits)
-        clock.lap("fit_seconds")
-        phases = {**tracked.phases, **clock.phases}
-        lifecycle.log_phases(tracked, phases, clock.origin())
-        for key, v in {"epochs_run": tracked.epochs_run, **verdict, **phases, "compiled": clock.origin()}.items():
-            trial.set_user_attr(key, v)
-        study.tell(trial, state=TrialState.PRUNED)
-        lifecycle.end_pruned(tracked, verdict)
-        self.queue.put(events.Ended(trial.number, "PRUNED", tracked.run_id, reason=reason,
-                                    degenerate=verdict.get("degenerate", "")))
+    def _tell_pruned(self, claimed: Claim, outcome: lifecycle.Pruned) -> None:
+        attrs = TrialAttrs.encode(epochs_run=outcome.epochs_run, phases=outcome.phases, compiled=outcome.compiled,
+                                  **outcome.verdict)
+        for key, value in attrs.items():
+            claimed.trial.set_user_attr(key, value)
+        claimed.study.tell(claimed.trial, state=TrialState.PRUNED)
 
-    def _train_and_tell(self, claimed: Claim, tracked: lifecycle.Tracked, seed: int, started: float,
-                        clock: Any, checkpoint: Path | None) -> None:
+    def _train_and_tell(self, claimed: Claim, run: lifecycle.TrialRun, started: float) -> None:
         """Train (reporting each epoch to Optuna, which may prune), evaluate, publish, tell."""
         from cifar_exp.sweep import hyperparameters
-        from cifar_exp.training import hypermodel, train
+        from cifar_exp.training import hypermodel
 
         sweep, study, trial = self.sweep, claimed.study, claimed.trial
-        lifecycle.log_sweep(tracked, sweep)  # a full disk here fails the trial, not the worker
         hp, custom = None, None
         if self.tunable is not None:
             hp = hyperparameters.OptunaHyperParameters(trial)
             self.tunable.build(hp)  # declares, so samples, every active hyperparameter
-            lifecycle.log_hyperparameters(tracked.run_id, hp.values, sweep)
+            lifecycle.log_hyperparameters(run.run_id, hp.values, sweep)
             custom = hypermodel.custom_model(self.tunable, hp)
-        self.training = True
-        try:
-            result = train.train(sweep.train_config(claimed.params), self.splits, epochs=sweep.epochs, seed=seed,
-                                 on_epoch=[self._epoch_hook(trial, tracked)], custom=custom,
-                                 on_first_step=tracked.on_first_step, started=started,
-                                 programs=self.programs, clock=clock, checkpoint=checkpoint,
-                                 on_resume=self._on_resume(trial, tracked))
-        finally:
-            self.training = False
-        self.limit.check()
+        result = run.train(self.splits, sweep.train_config(claimed.params), custom=custom, started=started)
         if hp is not None:  # hyperparameters first declared in the hypermodel's fit
-            lifecycle.log_hyperparameters(tracked.run_id, hp.values, sweep)
-        value = result.history[sweep.objective.metric][-1]
-        evaluated = lifecycle.evaluate(tracked, result, self.splits, title=f"{sweep.name} trial {trial.number}")
-        for key, v in {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
-                       "epochs_run": tracked.epochs_run, "model_uri": evaluated.model_uri, **evaluated.verdict,
-                       **evaluated.phases, "compiled": result.compiled}.items():
-            trial.set_user_attr(key, v)
-        study.tell(trial, value)
-        lifecycle.end_complete(tracked, evaluated)
-        self.queue.put(events.Ended(trial.number, "COMPLETE", tracked.run_id, value=value,
-                                    test_accuracy=result.test_accuracy,
-                                    degenerate=evaluated.verdict.get("degenerate", "")))
+            lifecycle.log_hyperparameters(run.run_id, hp.values, sweep)
 
-    def _on_resume(self, trial: optuna.Trial, tracked: lifecycle.Tracked) -> Any:
-        """What a resumed trial does with the epochs its checkpoint holds (trained by its original):
-        log them to its run, report them to Optuna (not judged for pruning: they were, when they
-        ran) and to the sweep command; tag the run ``resumed_from`` (the original trial) and
-        ``resumed_epochs``."""
+        def tell(outcome: lifecycle.Completed) -> None:
+            attrs = TrialAttrs.encode(test_loss=outcome.test_loss, test_accuracy=outcome.test_accuracy,
+                                      epochs_run=outcome.epochs_run, model_uri=outcome.model_uri,
+                                      phases=outcome.phases, compiled=outcome.compiled, **outcome.verdict)
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            study.tell(trial, outcome.value)
+
+        outcome = run.complete(result, self.splits, tell)
+        self.queue.put(events.Ended(trial.number, "COMPLETE", run.run_id, value=outcome.value,
+                                    test_accuracy=outcome.test_accuracy,
+                                    degenerate=outcome.verdict.get("degenerate", "")))
+
+    def _replayed_hook(self, trial: optuna.Trial) -> lifecycle.EpochHook:
+        """A resumed trial's replayed epochs (trained by its original): reported to Optuna (not
+        judged for pruning: they were, when they ran) and to the sweep command."""
         metric, epochs = self.sweep.objective.metric, self.sweep.epochs
 
-        def on_resume(history: Mapping[str, list[float]]) -> None:
-            self.training = False
-            done = min(len(values) for values in history.values())
-            for epoch in range(done):
-                logs = {key: values[epoch] for key, values in history.items()}
-                tracked.log_epoch(epoch, logs)
-                trial.report(logs[metric], epoch + 1)
-                self.queue.put(events.Epoch(trial.number, epoch + 1, epochs, logs[metric], logs))
-            track.set_tags(tracked.run_id, {"resumed_from": trial.user_attrs["retry_of"], "resumed_epochs": done})
-            trial.set_user_attr("resumed_epochs", done)
-            self.training = True
+        def on_replayed(epoch: int, logs: Mapping[str, float]) -> None:
+            trial.report(logs[metric], epoch + 1)
+            for key, value in TrialAttrs.encode(resumed_epochs=epoch + 1).items():
+                trial.set_user_attr(key, value)
+            self.queue.put(events.Epoch(trial.number, epoch + 1, epochs, logs[metric], dict(logs)))
 
-        return on_resume
+        return on_replayed
 
-    def _epoch_hook(self, trial: optuna.Trial, tracked: lifecycle.Tracked) -> Any:
-        """The per-epoch hook: log, report, tell the sweep command, then stop or prune if due."""
+    def _epoch_hook(self, trial: optuna.Trial) -> lifecycle.EpochHook:
+        """Optuna's part of each epoch: report, tell the sweep command, then stop or prune if due."""
         metric, epochs = self.sweep.objective.metric, self.sweep.epochs
 
         def on_epoch(epoch: int, logs: Mapping[str, float]) -> None:
-            self.training = False
-            if metric not in logs:
-                raise ValueError(f"training logs no {metric} (only {', '.join(sorted(logs))}): compile the model "
-                                 f"with metrics=['accuracy']")
-            tracked.log_epoch(epoch, logs)
             trial.report(logs[metric], epoch + 1)
             self.queue.put(events.Epoch(trial.number, epoch + 1, epochs, logs[metric], dict(logs)))
             if self.stop:
                 raise Interrupted()
-            self.limit.check()
             if epoch + 1 < epochs and trial.should_prune():  # a finished trial is not pruned
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {metric}={logs[metric]:.4f}")
-            self.training = True
 
         return on_epoch
 
     def _interrupted(self, claimed: Claim, run_id: str) -> NoReturn:
-        storage.fail_trial(claimed.study, claimed.trial, "interrupted (Ctrl-C or SIGTERM)", "KILLED", interrupted=True)
+        recovery.fail_trial(claimed.study, claimed.trial, "interrupted (Ctrl-C or SIGTERM)", "KILLED", interrupted=True)
         self.queue.put(events.Ended(claimed.trial.number, "FAIL", run_id, reason=events.INTERRUPTED))
         raise SystemExit(0) from None

@@ -29,7 +29,7 @@ def load(spec: str) -> keras_tuner.HyperModel:
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # any import-time failure of user code is the user's to fix
+    except Exception as exc:  # noqa: BLE001 (any import-time failure of user code is the user's to fix)
         raise HypermodelError(f"hypermodel {spec}: cannot import {module_name} ({type(exc).__name__}: {exc}); "
                               f"run from the folder that holds it, or install it") from None
     target = getattr(module, attribute, None)

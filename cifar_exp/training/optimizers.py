@@ -83,7 +83,7 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
         step = ops.cast(step, "float32")
         peak, kind = v["peak"] * v["scale"], v["kind"]
         stage = ops.sum(ops.cast(step > v["boundaries"], "float32"))
-        cosine = lambda done: 0.5 * (1.0 + ops.cos(math.pi * ops.clip(done, 0.0, 1.0)))  # noqa: E731
+        cosine = lambda done: 0.5 * (1.0 + ops.cos(math.pi * ops.clip(done, 0.0, 1.0)))
         after = (step - v["warmup"]) / v["span"]
         start, end = peak / ONE_CYCLE_START_DIV, peak / ONE_CYCLE_END_DIV
         rates = [

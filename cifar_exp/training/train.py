@@ -62,7 +62,7 @@ class TrainResult:
 
     @property
     def y_pred(self) -> np.ndarray:
-        return self.y_prob.argmax(axis=1)
+        return np.asarray(self.y_prob.argmax(axis=1))
 
 
 class _Hooks(keras.callbacks.Callback):

@@ -1,0 +1,129 @@
+"""Checking a value against the schema (``config``): a type (``coerce``), a range
+(``check_range``), a dataclass section (``section``), a ``TrainConfig`` field
+(``check_train_value``, and from MLflow's strings ``train_values_from_strings``). Every error is
+a ``ConfigError`` prefixed by ``where``, the place in the file or the flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from cifar_exp.config import _TRAIN_TYPES, TRAIN_FIELDS, ConfigError
+from cifar_exp.config.safeyaml import short
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def unknown_key(key: str, known: Any, where: str) -> ConfigError:
+    key = short(key)[1:-1] if len(key) > 60 else key
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"{where}: unknown key '{key}' ({hint})")
+
+
+def coerce(value: Any, typ: Any, where: str) -> Any:
+    """Return ``value`` checked against the type ``typ`` (int, float, bool, str, Literal, X | None).
+
+    Strings such as ``1e-4`` (which YAML 1.1 reads as text) are accepted where a float is due.
+    """
+    origin = get_origin(typ)
+    if origin is Literal:
+        allowed = get_args(typ)
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise ConfigError(f"{where}: {short(value)} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is Union or (origin is not None and type(None) in get_args(typ)):
+        if value is None and type(None) in get_args(typ):
+            return None
+        (inner,) = [a for a in get_args(typ) if a is not type(None)]
+        return coerce(value, inner, where)
+    return _scalar(value, typ, where)
+
+
+def _scalar(value: Any, typ: Any, where: str) -> Any:
+    """``coerce`` for a plain type: bool, int, float, str, dict."""
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {short(value)}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {short(value)}")
+        return value
+    if typ is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {short(value)}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected text, got {short(value)}")
+        return value
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of key: value, got {short(value)}")
+        return value
+    raise TypeError(f"unsupported type {typ!r}")  # a bug in this module, not user input
+
+
+def check_range(value: float, bounds: tuple[Any, ...], where: str) -> None:
+    low, high = bounds[0], bounds[1]
+    open_high = bounds[2] if len(bounds) > 2 else False
+    if value < low or (high is not None and (value >= high if open_high else value > high)):
+        span = f"[{low}, {high})" if open_high else f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{where}: {short(value)} is out of range {span}")
+
+
+def section(cls: Any, raw: Any, where: str) -> Any:
+    """Build the dataclass ``cls`` from the mapping ``raw``, rejecting unknown keys."""
+    raw = coerce(raw, dict, where)
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise unknown_key(str(key), known, where)
+        values[key] = coerce(value, hints[key], f"{where}.{key}")
+        if "range" in known[key].metadata and values[key] is not None:
+            check_range(values[key], known[key].metadata["range"], f"{where}.{key}")
+    return cls(**values)
+
+
+def check_train_value(name: str, value: Any, where: str) -> Any:
+    """``value`` validated for the ``TrainConfig`` field ``name``."""
+    value = coerce(value, _TRAIN_TYPES[name], where)
+    if "range" in TRAIN_FIELDS[name].metadata:
+        check_range(value, TRAIN_FIELDS[name].metadata["range"], where)
+    return value
+
+
+def train_values_from_strings(params: Mapping[str, str], where: str) -> dict[str, Any]:
+    """The ``TrainConfig`` fields among ``params`` (as MLflow stores them: ``str(value)``), typed
+    and validated; other keys are ignored."""
+    values: dict[str, Any] = {}
+    for name, text in params.items():
+        if name not in TRAIN_FIELDS:
+            continue
+        typ = _TRAIN_TYPES[name]
+        value: Any = text
+        if type(None) in get_args(typ):  # an optional setting: str(None) is "None"
+            if text == "None":
+                values[name] = None
+                continue
+            (typ,) = [a for a in get_args(typ) if a is not type(None)]
+        try:
+            if typ is bool:
+                value = {"True": True, "False": False}.get(text, text)
+            elif typ is int:
+                value = int(text)
+            elif typ is float:
+                value = float(text)
+        except ValueError:
+            pass  # left as text: check_train_value names the problem
+        values[name] = check_train_value(name, value, f"{where}: param {name}")
+    return values
