@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from cifar_exp import track
 from cifar_exp.config import Sweep
+from cifar_exp.config.goals import EPOCH_METRICS, Objective
 from cifar_exp.config.records import TrialRecipe
 from cifar_exp.evaluate import degenerate
 
@@ -110,8 +111,10 @@ def judge(history: Mapping[str, Sequence[float]], y_prob: Any, splits: Any) -> d
 @dataclass(frozen=True)
 class Completed:
     """A complete trial's outcome, as logged: the objective's value (its last epoch's), test
-    metrics, model, verdict (``{"degenerate": why}`` or ``{}``), seconds by phase, and how its
-    program came (``compiled``: new, reused or cache; see ``training.train.TrainResult``)."""
+    metrics, model, verdict (``{"degenerate": why}`` or ``{}``), seconds by phase, how its
+    program came (``compiled``: new, reused or cache; see ``training.train.TrainResult``), and
+    ``metrics``: every value it can be judged on (``config.goals.METRICS``: the objective's,
+    the test metrics, ``param_count``, and ``latency_ms``/``throughput`` where measured)."""
 
     value: float
     test_loss: float
@@ -121,6 +124,11 @@ class Completed:
     phases: dict[str, float]
     compiled: str
     epochs_run: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def values(self, objectives: Sequence[Objective]) -> list[float]:
+        """The values of ``objectives``, in order (what Optuna is told)."""
+        return [self.metrics[o.metric] for o in objectives]
 
 
 @dataclass(frozen=True)
@@ -263,9 +271,21 @@ class TrialRun:
         model_uri = track.models.log_model(self.run_id, result.model, splits.x_test[:2], splits.class_names)
         phases = {**self.phases, **result.phases, "artifacts_seconds": artifacts,
                   "model_seconds": result.phases.get("model_seconds", 0.0) + time.perf_counter() - clock}
+        metrics = {self.metric: result.history[self.metric][-1], "test_loss": result.test_loss,
+                   "test_accuracy": result.test_accuracy, "param_count": float(result.model.count_params()),
+                   **{k: v[-1] for k, v in result.history.items() if k in EPOCH_METRICS}}
+        if self.sweep.measures_speed:
+            from cifar_exp.training import latency
+
+            clock = time.perf_counter()
+            speed = latency.measure(result.model, splits.x_test)
+            track.log_metrics(self.run_id, speed)
+            metrics.update(speed)
+            phases["latency_seconds"] = time.perf_counter() - clock
         self._log_phases(phases, result.compiled)
         outcome = Completed(result.history[self.metric][-1], result.test_loss, result.test_accuracy, model_uri,
-                            judge(result.history, result.y_prob, splits), phases, result.compiled, self.epochs_run)
+                            judge(result.history, result.y_prob, splits), phases, result.compiled, self.epochs_run,
+                            metrics)
         before_end(outcome)
         track.end_run(self.run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri, **outcome.verdict})
         return outcome
@@ -282,6 +302,23 @@ class TrialRun:
         track.end_run(self.run_id, "FINISHED", {"state": "PRUNED", "pruned": "true", "pruned_epoch": self.epochs_run,
                                                 **outcome.verdict})
         return outcome
+
+    def static_metrics(self, cfg: Any, num_classes: int) -> dict[str, float]:
+        """The metrics the sweep constrains that ``cfg`` fixes before training (``param_count``),
+        so a trial that cannot be feasible is never trained; ``{}`` where none is constrained (and
+        for a hypermodel, whose model only its build knows)."""
+        if "param_count" not in self.sweep.constraints or self.sweep.hypermodel:
+            return {}
+        from cifar_exp.training import models  # imports keras: after the engine set up the process
+
+        return {"param_count": float(models.param_count(cfg, num_classes))}
+
+    def infeasible(self, metrics: Mapping[str, float], reason: str) -> None:
+        """End a trial that its static ``metrics`` already rule out, untrained: they are logged,
+        the run tagged ``infeasible`` with ``reason`` and ended FINISHED, ``state=PRUNED``."""
+        track.log_metrics(self.run_id, dict(metrics))
+        track.end_run(self.run_id, "FINISHED", {"state": "PRUNED", "pruned": "true", "pruned_epoch": 0,
+                                                "infeasible": reason})
 
     def failed(self, reason: str, status: str = "FAILED") -> None:
         """End the run of a trial that failed (``status`` FAILED) or was interrupted (KILLED)."""

@@ -83,7 +83,7 @@ def test_unknown_keys_suggest_the_right_one() -> None:
     ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nfixed: {batch_size: big}\n", "expected an integer"),
     ("space:\n  dropout: {type: float, high: 0.5}\n", "'low' is required"),
     ("space: {}\n", "at least one dimension"),
-    ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nobjective: {metric: test_accuracy}\n", "not one of"),
+    ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nobjective: {metric: test_accuracy}\n", "per-epoch metric"),
     ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nobjective: {metric: val_loss}\n", "wrong way"),
     ("space:\n  dropout: {type: float, low: 0, high: 0.5}\nepochs: 0\n", "out of range"),
     ("space:\n  dropout: {type: float, low: 0, high: 0.5}\ntrials: null\n", "give a budget"),

@@ -10,6 +10,7 @@ import pytest
 
 from cifar_exp import cli
 from cifar_exp.config import TRAIN_FIELDS
+from cifar_exp.config.goals import Bound
 from cifar_exp.config.sweepfile import _TOP_LEVEL, available_sweeps
 from tests.conftest import ROOT
 
@@ -67,8 +68,9 @@ def test_the_sweep_reference_names_every_setting_and_key() -> None:
     named = set(re.findall(r"[a-z_]+", " ".join(spans + blocks)))
     missing = [name for name in [*TRAIN_FIELDS, *_TOP_LEVEL] if name not in named]
     assert not missing, f"docs/sweeps.md does not describe {missing}"
-    for section in ("objective", "sampler", "pruner", "data"):
-        fields = [f.name for f in dataclasses.fields(_TOP_LEVEL[section])]
+    for section, schema in [*((s, _TOP_LEVEL[s]) for s in ("objective", "sampler", "pruner", "data")),
+                            ("constraints", Bound)]:
+        fields = [f.name for f in dataclasses.fields(schema)]
         assert all(f in named for f in fields), (section, [f for f in fields if f not in named])
 
 

@@ -30,16 +30,17 @@ PACKAGE_FLOORS = [
 ]
 # Module by module, lowest first: inside a package too, imports flow one way.
 FLOORS = [
-    {"config", "sweep.events", "config.safeyaml", "sweep", "training"},
+    {"config", "config.goals", "sweep.events", "config.safeyaml", "sweep", "training"},
     {"config.values"},
     {"config.sweepfile", "config.records", "data.formats", "training.backend", "sweep.space", "evaluate.plots",
      "sweep.liveness", "sweep.sidecar"},
-    {"data", "evaluate"},
-    {"training.models", "training.layers", "training.optimizers", "training.programs", "training.checkpoints"},
+    {"data", "evaluate", "config.outcomes"},
+    {"training.models", "training.layers", "training.optimizers", "training.programs", "training.checkpoints",
+     "training.latency"},
     {"training.train", "training.hypermodel"},
     {"track", "track.models", "track.ui"},
     {"lifecycle", "report", "register"},
-    {"sweep.recovery"},
+    {"sweep.recovery", "sweep.pruning"},
     {"sweep.storage", "rerun", "sweep.tuner", "sweep.hyperparameters"},
     {"sweep.worker"},
     {"sweep.supervisor"},

@@ -14,6 +14,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from cifar_exp import report
+from cifar_exp.config.goals import Objective
 
 T0 = dt.datetime(2026, 1, 1)
 
@@ -68,7 +69,7 @@ def synthetic_study(trials: int = 10) -> optuna.Study:
 
 def test_report_has_every_plot_both_tables_and_marks_pruned_trials(tmp_path: Path) -> None:
     study = synthetic_study()
-    assert report.write(study, tmp_path, epochs=3, metric="val_accuracy") == {}
+    assert report.write(study, tmp_path, epochs=3, objectives=(Objective(),)) == {}
     for name in report.PLOTS:
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name
     page = (tmp_path / "report.html").read_text()
@@ -97,7 +98,7 @@ def test_plots_that_cannot_be_drawn_yet_are_named_with_the_reason(tmp_path: Path
 
 def test_importances_and_contour_are_left_out_below_the_minimum_of_complete_trials(tmp_path: Path) -> None:
     study = synthetic_study(trials=4)  # 3 complete, 1 pruned
-    skipped = report.write(study, tmp_path, epochs=3, metric="val_accuracy")
+    skipped = report.write(study, tmp_path, epochs=3, objectives=(Objective(),))
     assert set(skipped) == {"param_importances", "contour"}
     assert skipped["param_importances"] == (f"left out below {report.MIN_COMPLETE_FOR_IMPORTANCE} complete trials "
                                             f"(has 3): importances from fewer are noise")

@@ -17,7 +17,8 @@ from cifar_exp.config.sweepfile import available_sweeps, load_sweep
 from tests.test_sweep import clean_env, runs, study
 
 pytestmark = pytest.mark.slow
-SHIPPED = ("airbench", "architecture", "batch_size", "lr_dropout", "lr_schedule", "optimizer", "transfer_freeze")
+SHIPPED = ("airbench", "architecture", "batch_size", "deploy", "lr_dropout", "lr_schedule", "optimizer",
+           "transfer_freeze")
 
 
 def test_every_sweep_the_docs_name_is_shipped() -> None:

@@ -129,6 +129,10 @@ def _rerun(p: argparse.ArgumentParser) -> None:
 def _register(p: argparse.ArgumentParser) -> None:
     _study(p)
     p.add_argument("--data", help="the test data to compare on (default: what the best trial trained on)")
+    p.add_argument("--pick", metavar="METRIC",
+                   help="choose the front member best in METRIC (default: the first objective's best)")
+    p.add_argument("--where", action="append", default=[], metavar="COND",
+                   help="only front members meeting COND, e.g. 'latency_ms<=2' (repeatable, or comma-separated)")
 
 
 def _ui(p: argparse.ArgumentParser) -> None:

@@ -66,6 +66,9 @@ def _with_overrides(args: argparse.Namespace) -> Sweep:
         raise ConfigError("--register reads the Optuna study: register after an Optuna sweep, or pass a "
                           "model URI to the evaluate command")
     sweep = load_sweep(args.name)
+    if args.engine == "keras-tuner" and (len(sweep.objectives) > 1 or sweep.constraints):
+        raise ConfigError(f"{sweep.path}: KerasTuner's tuners take one objective and no constraints: "
+                          f"run this sweep with --engine optuna")
     changes: dict[str, Any] = {key: getattr(args, key) for key in ("trials", "epochs", "timeout")
                                if getattr(args, key) is not None}
     for key, value in changes.items():  # the sweep file's own bounds
@@ -122,7 +125,7 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress
     chosen = settings.sweep
-    tally = supervisor.tally(storage.create_study(settings))
+    tally = supervisor.tally(storage.create_study(settings), settings.sweep)
     say = (lambda *a, **k: None) if args.quiet else print
     say(f"sweep {chosen.name}: {chosen.description.strip().splitlines()[0] if chosen.description else ''}")
     say(f"study '{chosen.name}' in {mask_credentials(args.storage)}: {tally.finished} trials finished before; "
@@ -138,7 +141,7 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
     except KeyboardInterrupt:  # Ctrl-C before the workers started: nothing ran yet
         print("interrupted before any trial started", file=sys.stderr)
         return 130
-    print_summary(summary, chosen.objective.metric, track.ui.ui_command(args.tracking_uri))
+    print_summary(summary, chosen, track.ui.ui_command(args.tracking_uri))
     if summary.interrupted:
         print("interrupted: run the same command to resume the sweep", file=sys.stderr)
         return 130

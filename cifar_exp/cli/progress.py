@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from cifar_exp.config import mask_credentials
+from cifar_exp.config import Sweep, mask_credentials
 from cifar_exp.config.records import TrialAttrs
 from cifar_exp.sweep import events
 
@@ -115,16 +115,26 @@ def fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def print_summary(summary: Any, metric: str, ui_command: str) -> None:
-    """The sweep's final table: counts, then the best trials with their params."""
+def print_summary(summary: Any, sweep: Sweep, ui_command: str) -> None:
+    """The sweep's final table: counts, then the best trials (the Pareto front first, marked
+    ``*``, with several objectives) with their objectives' values and params."""
     counts = ", ".join(f"{n} {s.lower()}" for s, n in summary.counts.items() if n)
     print(f"\nstudy '{summary.study_name}': {counts or 'no trials'}")
+    if summary.untrained:
+        print(f"{summary.untrained} trial(s) broke a constraint before training and were not trained")
+    several = len(sweep.objectives) > 1
+    goals = [o.metric for o in sweep.objectives]
+    shown = goals + (["test_accuracy"] if "test_accuracy" not in goals else [])
     if summary.best:
-        print(f"{'rank':>4} {'trial':>5} {metric:>12} {'test_accuracy':>13}  params")
+        on_front = {t.number for t in summary.front}
+        print(f"{'rank':>4} {'trial':>5}{'  front' if several else ''} "
+              + " ".join(f"{m:>12}" for m in shown) + "  params")
         for rank, t in enumerate(summary.best, 1):
             params = " ".join(f"{k}={fmt(v)}" for k, v in t.params.items())
-            test = TrialAttrs.of(t).test_accuracy
-            print(f"{rank:>4} {t.number:>5} {t.value:>12.4f} {test if test is None else f'{test:.4f}':>13}  {params}")
+            measured = {**TrialAttrs.of(t).judged(), **dict(zip(goals, t.values, strict=True))}
+            cells = " ".join(f"{'-' if measured.get(m) is None else f'{measured[m]:.4f}':>12}" for m in shown)
+            mark = f"  {'*' if t.number in on_front else '':>5}" if several else ""
+            print(f"{rank:>4} {t.number:>5}{mark} {cells}  {params}")
         print(f"best run: {TrialAttrs.of(summary.best[0]).mlflow_run_id} "
               f"(experiment {summary.experiment_id}, parent run {summary.parent_run_id})")
     print(f"open the MLflow UI: {mask_credentials(ui_command)}")

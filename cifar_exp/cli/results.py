@@ -13,26 +13,29 @@ from pathlib import Path
 
 from cifar_exp.cli.environment import existing_store, open_store
 from cifar_exp.cli.progress import fmt
-from cifar_exp.config import DEFAULT_STORE, Sweep, UserError, mask_credentials
+from cifar_exp.config import DEFAULT_STORE, Sweep, UserError, mask_credentials, outcomes
 from cifar_exp.config.records import TrialAttrs
 from cifar_exp.config.sweepfile import load_sweep
 
 
-def register_best(chosen: Sweep, storage_url: str, data_source: str | None) -> None:
-    """Register the study's best model and promote it; prints what happened (the caller has
-    set up the environment and the tracking store)."""
+def register_best(chosen: Sweep, storage_url: str, data_source: str | None, rule: outcomes.Rule | None = None) -> None:
+    """Register the study's best model (by ``rule``, default the first objective's best on the
+    front) and promote it; prints what happened (the caller has set up the environment and the
+    tracking store)."""
     from cifar_exp import data, register, track
     from cifar_exp.sweep.storage import load_existing
 
     trials = load_existing(storage_url, chosen.name).get_trials(deepcopy=False)
-    best = register.best_trial(trials, chosen.objective.direction == "maximize")
+    best = register.best_trial(trials, chosen, rule)
     if data_source is None:  # the data the trial trained on, which --data may have overridden
         data_source = track.get_run(str(TrialAttrs.of(best).mlflow_run_id)).tags.get("data_source", chosen.data.source)
-    promotion = register.promote(chosen, chosen.model_name, trials, data.load(data_source))
+    promotion = register.promote(chosen, chosen.model_name, trials, data.load(data_source), rule)
     version = promotion.version
     print(f"{'registered' if version.created else 'already registered:'} {version.name} version {version.version} "
           f"(trial {promotion.trial.number}, run {version.run_id}); alias {register.CHALLENGER} -> "
           f"version {version.version}")
+    if rule is not None:
+        print(f"chosen by the rule: {rule}")
     if promotion.promoted:
         print(f"alias {register.CHAMPION} -> version {version.version}: {promotion.reason}")
     else:
@@ -42,8 +45,10 @@ def register_best(chosen: Sweep, storage_url: str, data_source: str | None) -> N
 
 def register_command(args: argparse.Namespace) -> int:
     chosen = load_sweep(args.name)
+    rule = outcomes.Rule.parse(args.pick or chosen.objective.metric, args.where) \
+        if args.pick or args.where else None
     open_store(args.tracking_uri, chosen.deterministic)
-    register_best(chosen, args.storage, args.data)
+    register_best(chosen, args.storage, args.data, rule)
     return 0
 
 
@@ -131,20 +136,28 @@ def compare_command(args: argparse.Namespace) -> int:
     from cifar_exp.sweep import storage
 
     track.configure(args.tracking_uri)
-    best = storage.best_trials(storage.load_existing(args.storage, chosen.name), args.top)
+    study = storage.load_existing(args.storage, chosen.name)
+    best = storage.best_trials(study, chosen.objectives, args.top)
     if not best:
-        raise UserError(f"study '{chosen.name}' has no complete trial yet")
+        raise UserError(f"study '{chosen.name}' has no complete feasible trial yet")
     metric = chosen.objective.metric
+    several = len(chosen.objectives) > 1
+    on_front = {t.number for t in outcomes.front(study.get_trials(deepcopy=False), chosen.objectives)}
     names = sorted({key for t in best for key in t.params})
-    header = ["rank", "trial", metric, "test_accuracy", "epochs", "seconds", *names]
+    goals = [o.metric for o in chosen.objectives]
+    header = ["rank", "trial", *(["front"] if several else []), *goals,
+              *(["test_accuracy"] if "test_accuracy" not in goals else []), "epochs", "seconds", *names]
     rows, curves = [], {}
     for rank, t in enumerate(best, 1):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else float("nan")
         attrs = TrialAttrs.of(t)
         test = float("nan") if attrs.test_accuracy is None else attrs.test_accuracy
-        rows.append([str(rank), str(t.number), f"{t.value:.4f}", f"{test:.4f}", str(attrs.epochs_run or ""),
-                     f"{seconds:.1f}", *(fmt(t.params[n]) if n in t.params else "-" for n in names)])
+        rows.append([str(rank), str(t.number), *(["*" if t.number in on_front else ""] if several else []),
+                     *(f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}" for v in t.values),
+                     *([f"{test:.4f}"] if "test_accuracy" not in goals else []),
+                     str(attrs.epochs_run or ""), f"{seconds:.1f}",
+                     *(fmt(t.params[n]) if n in t.params else "-" for n in names)])
         run_id = attrs.mlflow_run_id
         if run_id:
             curves[f"trial {t.number}"] = track.metric_history(run_id, metric)

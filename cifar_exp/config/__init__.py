@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
+from cifar_exp.config.goals import SPEED_METRICS, Bound, Objective, PrunerConfig, SamplerConfig
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Sweep names resolve against ./sweeps first (a user's own sweeps), then the project's: sweeps/
 # of the checkout, or the copy an installed wheel holds in the package.
@@ -153,25 +155,6 @@ class Dimension:
 
 
 @dataclass(frozen=True)
-class Objective:
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    direction: Literal["maximize", "minimize"] = "maximize"
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    name: Literal["tpe", "random", "cmaes"] = "tpe"
-    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # what NumPy and the samplers accept
-
-
-@dataclass(frozen=True)
-class PrunerConfig:
-    name: Literal["hyperband", "median", "none"] = "hyperband"
-    min_epochs: int = field(default=1, metadata=_range(1, 10_000))  # no pruning before this
-    reduction_factor: int = field(default=3, metadata=_range(2, 10))  # hyperband
-
-
-@dataclass(frozen=True)
 class DataConfig:
     # "keras" (Keras' download and cache), a cifar-10-python.tar.gz, an extracted
     # cifar-10-batches-py/, or an image-folder tree / .zip of train/<class>/, test/<class>/.
@@ -191,7 +174,9 @@ class Sweep:
     content_hash: str  # sha256 of ``text``
     text: str = field(default="", repr=False)  # the file as written, logged with every trial
     description: str = ""
-    objective: Objective = Objective()
+    # The first is the one pruning follows and the one-number summaries show (``objective``).
+    objectives: tuple[Objective, ...] = (Objective(),)
+    constraints: Mapping[str, Bound] = field(default_factory=dict)  # metric -> bound (``goals.METRICS``)
     space: Mapping[str, Dimension] = field(default_factory=dict)
     fixed: Mapping[str, Any] = field(default_factory=dict)
     sampler: SamplerConfig = SamplerConfig()
@@ -212,6 +197,15 @@ class Sweep:
     # A KerasTuner hypermodel, "module:attribute", that builds (and compiles) the model instead of
     # TrainConfig's: its hp.* calls join the trial's parameters. See cifar_exp/hypermodel.py.
     hypermodel: str = ""
+
+    @property
+    def objective(self) -> Objective:
+        return self.objectives[0]
+
+    @property
+    def measures_speed(self) -> bool:
+        """Whether its trials measure ``latency_ms`` and ``throughput`` (only where judged on them)."""
+        return any(m in SPEED_METRICS for m in [*(o.metric for o in self.objectives), *self.constraints])
 
     @property
     def model_name(self) -> str:
@@ -257,9 +251,13 @@ class Sweep:
 
     def identity(self, data_checksum: str) -> dict[str, Any]:
         """What makes the trials of one study comparable: a resume must not change any of it.
-        ``searched_sha256`` hashes what defines the trials (objective, space, fixed values,
+        ``searched_sha256`` hashes what defines the trials (objectives, constraints, space, fixed values,
         hypermodel), not the budget, sampler, pruner or description."""
-        searched = json.dumps({"objective": dataclasses.asdict(self.objective), "hypermodel": self.hypermodel,
+        judged: dict[str, Any] = {"objective": dataclasses.asdict(self.objective)}
+        if len(self.objectives) > 1 or self.constraints:  # a one-objective study keeps its old identity
+            judged = {"objectives": [dataclasses.asdict(o) for o in self.objectives],
+                      "constraints": {k: dataclasses.asdict(v) for k, v in self.constraints.items()}}
+        searched = json.dumps({**judged, "hypermodel": self.hypermodel,
                                "space": {k: dataclasses.asdict(v) for k, v in self.space.items()},
                                "fixed": dict(self.fixed)}, sort_keys=True, default=str)
         return {"data_checksum": data_checksum, "train_images": self.data.train_images, "epochs": self.epochs,

@@ -34,7 +34,9 @@ class TrialAttrs:
     - a retry, when it is enqueued: ``retry_of`` (the original trial's number);
     - the trial's run (``sweep.worker``): ``mlflow_run_id``, ``seed``, ``resumed_epochs``; at its
       end ``epochs_run``, ``compiled``, ``phases`` and, when complete, ``test_loss``,
-      ``test_accuracy``, ``model_uri``; ``degenerate`` when its numbers mean nothing;
+      ``test_accuracy``, ``model_uri``, ``param_count`` (and ``latency_ms``, ``throughput`` in a
+      sweep judged on speed); ``degenerate`` when its numbers mean nothing; ``infeasible`` (the
+      constraints it breaks) when it breaks one;
     - a failure (``sweep.recovery.fail_trial``): ``fail_reason``, and ``interrupted`` for Ctrl-C or
       SIGTERM (an interrupted trial does not count against the budget).
     """
@@ -51,7 +53,11 @@ class TrialAttrs:
     test_loss: float | None = None
     test_accuracy: float | None = None
     model_uri: str | None = None
+    param_count: int | None = None
+    latency_ms: float | None = None
+    throughput: float | None = None
     degenerate: str | None = None
+    infeasible: str | None = None
     fail_reason: str | None = None
     interrupted: bool = False
     phases: dict[str, float] = field(default_factory=dict)  # seconds by phase: claim_seconds, fit_seconds, ...
@@ -86,6 +92,13 @@ class TrialAttrs:
         """``test_loss`` and ``test_accuracy`` where set (a complete trial's)."""
         return {k: v for k, v in {"test_loss": self.test_loss, "test_accuracy": self.test_accuracy}.items()
                 if v is not None}
+
+    def judged(self) -> dict[str, float]:
+        """What the finished trial measured that it can be judged on, beside its objectives: the
+        test metrics, ``param_count``, ``latency_ms``, ``throughput`` (where set)."""
+        measured = {**self.test_metrics(), "param_count": self.param_count, "latency_ms": self.latency_ms,
+                    "throughput": self.throughput}
+        return {k: float(v) for k, v in measured.items() if v is not None}
 
     def shown(self) -> dict[str, Any]:
         """The set attributes, flat (phases as their ``*_seconds`` keys), for a table or a report."""

@@ -21,11 +21,19 @@ from cifar_exp.config import (
     ConfigError,
     DataConfig,
     Dimension,
+    Sweep,
+    check_weights,
+)
+from cifar_exp.config.goals import (
+    BETTER,
+    EPOCH_METRICS,
+    METRICS,
+    MULTI_OBJECTIVE_SAMPLERS,
+    SAMPLER_OPTIONS,
+    Bound,
     Objective,
     PrunerConfig,
     SamplerConfig,
-    Sweep,
-    check_weights,
 )
 from cifar_exp.config.safeyaml import MAX_SWEEP_BYTES, load_yaml, short
 from cifar_exp.config.values import check_range, check_train_value, coerce, section, unknown_key
@@ -34,6 +42,8 @@ from cifar_exp.config.values import check_range, check_train_value, coerce, sect
 _TOP_LEVEL: dict[str, Any] = {
     "description": str,
     "objective": Objective,
+    "objectives": list,
+    "constraints": dict,
     "space": dict,
     "fixed": dict,
     "sampler": SamplerConfig,
@@ -163,6 +173,7 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
             values[key] = coerce(value, typ, f"{where}: {key}")
             if key in TOP_LEVEL_RANGES and values[key] is not None:
                 check_range(values[key], TOP_LEVEL_RANGES[key], f"{where}: {key}")
+    values.update(_goals(values, where))
     raw_space = values.pop("space", {})
     space, fixed = _space_and_fixed(raw_space, values.pop("fixed", {}), values.get("hypermodel", ""), where)
     for dim_name, dim in space.items():
@@ -175,6 +186,58 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
                  space=space, fixed=fixed, **values)
 
 
+def _goals(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``objective`` or ``objectives`` (as ``objectives``, the first a per-epoch metric),
+    ``constraints`` (metric -> ``Bound``) and the sampler's options, checked against each other."""
+    if "objective" in values and "objectives" in values:
+        raise ConfigError(f"{where}: objective and objectives both set: keep one (objectives: a list for several)")
+    objectives = _objectives(values.pop("objectives"), where) if "objectives" in values else (
+        values.pop("objective", Objective()),)
+    key = "objectives" if len(objectives) > 1 else "objective"
+    metrics = [o.metric for o in objectives]
+    if metrics[0] not in EPOCH_METRICS:
+        raise ConfigError(f"{where}: {key}: the first objective must be a per-epoch metric "
+                          f"({', '.join(EPOCH_METRICS)}): pruning follows its learning curve; "
+                          f"put {metrics[0]} after it")
+    for o in objectives:
+        if o.direction != BETTER[o.metric]:
+            raise ConfigError(f"{where}: {key}: {o.direction} {o.metric} optimises the wrong way (swap the direction)")
+    sampler = values.get("sampler", SamplerConfig())
+    extra = sorted(sampler.options() - SAMPLER_OPTIONS[sampler.name])
+    if extra:
+        takes = ", ".join(sorted(SAMPLER_OPTIONS[sampler.name])) or "no options"
+        raise ConfigError(f"{where}: sampler.{extra[0]}: does not apply to the {sampler.name} sampler "
+                          f"(it takes {takes})")
+    if sampler.group and sampler.multivariate is False:
+        raise ConfigError(f"{where}: sampler: group needs multivariate (drop multivariate: false)")
+    if len(objectives) > 1 and sampler.name not in MULTI_OBJECTIVE_SAMPLERS:
+        raise ConfigError(f"{where}: sampler: {sampler.name} takes one objective; for several use one of "
+                          f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
+    return {"objectives": objectives, "constraints": _constraints(values.pop("constraints", {}), where)}
+
+
+def _objectives(raw: list[Any], where: str) -> tuple[Objective, ...]:
+    if not raw:
+        raise ConfigError(f"{where}: objectives: give a list of {{metric, direction}}")
+    objectives = tuple(section(Objective, o, f"{where}: objectives[{i}]") for i, o in enumerate(raw))
+    if len({o.metric for o in objectives}) != len(objectives):
+        raise ConfigError(f"{where}: objectives: each metric at most once")
+    return objectives
+
+
+def _constraints(raw: dict[str, Any], where: str) -> dict[str, Bound]:
+    constraints = {}
+    for name, raw_bound in raw.items():
+        if name not in METRICS:
+            raise unknown_key(str(name), METRICS, f"{where}: constraints")
+        bound = section(Bound, raw_bound, f"{where}: constraints.{name}")
+        if bound.min is None and bound.max is None or (bound.min is not None and bound.max is not None
+                                                        and bound.min > bound.max):
+            raise ConfigError(f"{where}: constraints.{name}: give max, min, or both with min <= max")
+        constraints[str(name)] = bound
+    return constraints
+
+
 def _check_together(values: Mapping[str, Any], space: Mapping[str, Dimension], fixed: Mapping[str, Any],
                    where: str) -> None:
     """The checks that take several of a sweep's settings at once."""
@@ -185,11 +248,6 @@ def _check_together(values: Mapping[str, Any], space: Mapping[str, Dimension], f
     weights = space["weights"].choices if "weights" in space else (fixed["weights"],) if "weights" in fixed else ()
     for value in weights:
         check_weights(value, f"{where}: weights")
-    objective = values.get("objective", Objective())
-    if objective.metric == "val_loss" and objective.direction == "maximize" or (
-            objective.metric == "val_accuracy" and objective.direction == "minimize"):
-        raise ConfigError(f"{where}: objective: {objective.direction} {objective.metric} "
-                          f"optimises the wrong way (swap the direction)")
     if "registered_model" in values and not _NAME_RE.match(values["registered_model"]):
         raise ConfigError(f"{where}: registered_model: {short(values['registered_model'])} is not a valid name "
                           f"(letters, digits, '_', '-' and '.', starting with a letter or digit)")

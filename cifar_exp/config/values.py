@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from cifar_exp.config import _TRAIN_TYPES, TRAIN_FIELDS, ConfigError
 from cifar_exp.config.safeyaml import short
 
+_CONTAINERS = {str: "text", list: "a list", dict: "a mapping of key: value"}
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -45,7 +46,7 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
 
 
 def _scalar(value: Any, typ: Any, where: str) -> Any:
-    """``coerce`` for a plain type: bool, int, float, str, dict."""
+    """``coerce`` for a plain type: bool, int, float, str, list, dict."""
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {short(value)}")
@@ -60,13 +61,9 @@ def _scalar(value: Any, typ: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{where}: expected a finite number, got {short(value)}")
         return float(value)
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected text, got {short(value)}")
-        return value
-    if typ is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of key: value, got {short(value)}")
+    if typ in _CONTAINERS:
+        if not isinstance(value, typ):
+            raise ConfigError(f"{where}: expected {_CONTAINERS[typ]}, got {short(value)}")
         return value
     raise TypeError(f"unsupported type {typ!r}")  # a bug in this module, not user input
 

@@ -19,7 +19,7 @@ import numpy as np
 from optuna.trial import FrozenTrial
 
 from cifar_exp import track
-from cifar_exp.config import Sweep, UserError
+from cifar_exp.config import Sweep, UserError, outcomes
 from cifar_exp.config.records import TrialAttrs
 from cifar_exp.data import Cifar10
 from cifar_exp.data.formats import CIFAR10_CLASSES
@@ -63,31 +63,46 @@ def accuracy(model_uri: str, test: Cifar10) -> float:
     return float(np.mean(probabilities(model, test.x_test).argmax(axis=1) == test.y_test))
 
 
-def best_trial(trials: Sequence[FrozenTrial], maximize: bool) -> FrozenTrial:
-    """The best complete trial that logged a model; ``UserError`` if there is none."""
-    done = [t for t in trials if t.value is not None and TrialAttrs.of(t).model_uri and t.state.name == "COMPLETE"]
-    if not done:
+def best_trial(trials: Sequence[FrozenTrial], sweep: Sweep, rule: outcomes.Rule | None = None) -> FrozenTrial:
+    """The best feasible complete trial that logged a model: the one ``rule`` picks on the
+    Pareto front, or by default the first of ``outcomes.ranked`` (with one objective, its best);
+    ``UserError`` if there is none."""
+    done = [t for t in trials if TrialAttrs.of(t).model_uri]
+    ranked = outcomes.ranked(done, sweep.objectives)
+    if not ranked and any(t.state.name == "COMPLETE" for t in done):
+        raise UserError("every completed trial with a logged model breaks the sweep's constraints: loosen "
+                        "them, or run more trials")
+    if not ranked:
         raise UserError("the study has no completed trial with a logged model yet: run the sweep first")
-    return sorted(done, key=lambda t: t.value, reverse=maximize)[0]  # type: ignore[arg-type, return-value]
+    if rule is None:
+        return ranked[0]  # type: ignore[return-value]
+    chosen = rule.choose(done, sweep.objectives)
+    if chosen is None:
+        raise UserError(f"no trial on the Pareto front meets the rule ({rule}): loosen --where")
+    return chosen  # type: ignore[return-value]
 
 
-def describe(trial: FrozenTrial, sweep: Sweep) -> tuple[str, dict[str, Any]]:
-    """The version's description and tags: the trial's params, metrics, run id and seed."""
+def describe(trial: FrozenTrial, sweep: Sweep, rule: outcomes.Rule | None = None) -> tuple[str, dict[str, Any]]:
+    """The version's description and tags: the trial's params, metrics (its objectives and what
+    it measured), run id and seed, and the rule that chose it."""
     attrs = TrialAttrs.of(trial)
-    metrics = {sweep.objective.metric: trial.value, **attrs.test_metrics()}
+    metrics: dict[str, float] = {**{o.metric: v for o, v in zip(sweep.objectives, trial.values, strict=True)},
+                                 **attrs.judged()}
     tags = {"sweep": sweep.name, "trial": trial.number, "run_id": attrs.mlflow_run_id, "seed": attrs.seed,
-            **trial.params, **metrics}
+            **trial.params, **metrics, **({"rule": str(rule)} if rule else {})}
     text = (f"Trial {trial.number} of sweep {sweep.name} (run {tags['run_id']}, seed {tags['seed']}).\n"
-            f"Metrics: {', '.join(f'{k}={v:.4f}' for k, v in metrics.items())}.\n"
+            + (f"Chosen by the rule: {rule}.\n" if rule else "")
+            + f"Metrics: {', '.join(f'{k}={v:.4f}' for k, v in metrics.items())}.\n"
             f"Params: {', '.join(f'{k}={v}' for k, v in trial.params.items())}.")
     return text, tags
 
 
-def promote(sweep: Sweep, name: str, trials: Sequence[FrozenTrial], test: Cifar10) -> Promotion:
-    """Register the best trial of ``trials`` as a version of ``name`` (once per run), point
-    ``challenger`` at it, and make it ``champion`` if it beats the champion on ``test`` now."""
-    trial = best_trial(trials, sweep.objective.direction == "maximize")
-    description, tags = describe(trial, sweep)
+def promote(sweep: Sweep, name: str, trials: Sequence[FrozenTrial], test: Cifar10,
+            rule: outcomes.Rule | None = None) -> Promotion:
+    """Register the best trial of ``trials`` (``best_trial``) as a version of ``name`` (once per
+    run), point ``challenger`` at it, and make it ``champion`` if it beats the champion on ``test`` now."""
+    trial = best_trial(trials, sweep, rule)
+    description, tags = describe(trial, sweep, rule)
     attrs = TrialAttrs.of(trial)
     version = track.models.register(name, str(attrs.model_uri), str(attrs.mlflow_run_id),
                              description, tags)

@@ -30,25 +30,48 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from cifar_exp.config import outcomes
+from cifar_exp.config.goals import Objective
 from cifar_exp.config.records import TrialAttrs
 
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "contour",
          "intermediate_values")
-# Importances (fANOVA's random forest) and the contour of the two most important parameters are
-# noise on a handful of trials: drawn from this many complete trials on, and titled with the count.
+# Importances and the contour of the two most important parameters are noise on a handful of
+# trials: drawn from this many complete trials on, and titled with the count. Optuna 5 computes
+# importances with PED-ANOVA (not fANOVA): how much each parameter matters to reach the best
+# ``target_quantile`` of the complete trials. Its default quantile, 0.1, holds no trial below 10
+# complete trials, so the report asks for the share that holds the best TOP_TRIALS trials, at
+# least 0.1: 0.4 of 5 trials, 0.1 of 20 or more.
 THIN_PLOTS = ("param_importances", "contour")
 MIN_COMPLETE_FOR_IMPORTANCE = 5
+TOP_TRIALS = 2
 
 
-def trial_rows(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
-    """One row per trial: number, state, value, seconds, params, and what the worker recorded
-    (test metrics, epochs run, run id, failure reason)."""
+def importance_quantile(complete: int) -> float:
+    """The PED-ANOVA quantile of a study with ``complete`` complete trials (see TOP_TRIALS)."""
+    return min(0.5, max(0.1, TOP_TRIALS / max(complete, 1)))  # PED-ANOVA takes below 1.0
+
+
+def trial_rows(trials: Sequence[FrozenTrial], objectives: Sequence[Objective] = (Objective(),)) -> list[dict[str, Any]]:
+    """One row per trial: number, state, value (the first objective's), seconds, params, and what
+    the worker recorded (test metrics, epochs run, run id, failure reason). With several
+    objectives, each objective's value and ``front`` (on the Pareto front); where any trial has
+    constraints, ``feasible``."""
+    several = len(objectives) > 1
+    on_front = {t.number for t in outcomes.front(trials, objectives)}
+    constrained = any(t.constraints for t in trials)
     rows = []
     for t in trials:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "seconds": seconds,
-                     **t.params, **TrialAttrs.of(t).shown()})
+        judged: dict[str, Any] = {}
+        if several:
+            judged = {o.metric: (t.values[i] if t.values else None) for i, o in enumerate(objectives)}
+            judged["front"] = t.number in on_front
+        if constrained:
+            judged["feasible"] = outcomes.feasible(t) if t.constraints else None
+        rows.append({"number": t.number, "state": t.state.name, "value": outcomes.value(t), **judged,
+                     "seconds": seconds, **t.params, **TrialAttrs.of(t).shown()})
     return rows
 
 
@@ -97,32 +120,57 @@ def ledger(trials: Sequence[FrozenTrial], epochs: int) -> Ledger:
                   origins.count("new"), origins.count("reused"), origins.count("cache"))
 
 
-def _contour_params(study: optuna.Study) -> list[str] | None:
-    """The two most important parameters (fANOVA), for the contour plot."""
-    importances = optuna.importance.get_param_importances(study)
+def _contour_params(study: optuna.Study, target: dict[str, Any]) -> list[str] | None:
+    """The two most important parameters, for the contour plot."""
+    importances = optuna.importance.get_param_importances(study, **target)
     return list(importances)[:2] if len(importances) >= 2 else None
 
 
-def _figures(study: optuna.Study, metric: str) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
-    """Plot name -> (matplotlib figure factory, plotly figure factory)."""
+def _figures(study: optuna.Study, objectives: Sequence[Objective]) -> dict[str, tuple[Callable[[], Any],
+                                                                                      Callable[[], Any]]]:
+    """Plot name -> (matplotlib figure factory, plotly figure factory). With several objectives
+    the one-target plots show the first objective, and the Pareto front shows them all."""
     mpl, ply = optuna.visualization.matplotlib, optuna.visualization
+    metric = objectives[0].metric
+    several = len(objectives) > 1
+    # Optuna's plots refuse a multi-objective study without a target
+    target: dict[str, Any] = {"target": lambda t: t.values[0], "target_name": metric} if several else {}
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    importance: dict[str, Any] = {"evaluator": optuna.importance.PedAnovaImportanceEvaluator(
+        target_quantile=importance_quantile(complete))}
+    if several:  # PED-ANOVA takes a target as lower-is-better
+        sign = -1.0 if objectives[0].direction == "maximize" else 1.0
+        importance.update(target=lambda t: sign * t.values[0], target_name=metric)
 
     def contour(module: Any) -> Any:
-        params = _contour_params(study)
+        params = _contour_params(study, {k: v for k, v in importance.items() if k != "target_name"})
         if params is None:
             raise ValueError("the contour plot needs two searched parameters with complete trials")
-        return module.plot_contour(study, params=params)
+        return module.plot_contour(study, params=params, **target)
 
-    return {
-        "optimization_history": (lambda: mpl.plot_optimization_history(study),
-                                 lambda: ply.plot_optimization_history(study)),
-        "param_importances": (lambda: mpl.plot_param_importances(study), lambda: ply.plot_param_importances(study)),
-        "parallel_coordinate": (lambda: mpl.plot_parallel_coordinate(study),
-                                lambda: ply.plot_parallel_coordinate(study)),
-        "slice": (lambda: mpl.plot_slice(study), lambda: ply.plot_slice(study)),
+    def curves(draw: Callable[[], Any]) -> Any:
+        if several:
+            raise ValueError("a multi-objective study keeps no curves itself: each trial's MLflow run has its "
+                             f"{metric} per epoch, and the study {study.study_name}.pruning the curves pruning follows")
+        return draw()
+
+    figures = {
+        "optimization_history": (lambda: mpl.plot_optimization_history(study, **target),
+                                 lambda: ply.plot_optimization_history(study, **target)),
+        "param_importances": (lambda: mpl.plot_param_importances(study, **importance),
+                              lambda: ply.plot_param_importances(study, **importance)),
+        "parallel_coordinate": (lambda: mpl.plot_parallel_coordinate(study, **target),
+                                lambda: ply.plot_parallel_coordinate(study, **target)),
+        "slice": (lambda: mpl.plot_slice(study, **target), lambda: ply.plot_slice(study, **target)),
         "contour": (lambda: contour(mpl), lambda: contour(ply)),
-        "intermediate_values": (lambda: _learning_curves(study, metric), lambda: _marked(study)),
+        "intermediate_values": (lambda: curves(lambda: _learning_curves(study, metric)),
+                                lambda: curves(lambda: _marked(study))),
     }
+    if several:
+        names: list[str] = [o.metric for o in objectives]
+        figures["pareto_front"] = (lambda: mpl.plot_pareto_front(study, target_names=names),
+                                   lambda: ply.plot_pareto_front(study, target_names=names))
+    return figures
 
 
 def _learning_curves(study: optuna.Study, metric: str) -> Any:
@@ -174,19 +222,27 @@ def _marked(study: optuna.Study) -> Any:
     return figure
 
 
+def _note(name: str, complete: int) -> str:
+    """What a thin plot rests on, written on it."""
+    how = f" (PED-ANOVA, best {importance_quantile(complete):.0%})" if name == "param_importances" else ""
+    return f"from {complete} complete trials{how}"
+
+
 def _figure_of(drawn: Any) -> Any:
     """matplotlib returns Axes (or an array of them for slice/contour): their Figure."""
     first = drawn.flat[0] if hasattr(drawn, "flat") else drawn
     return first.get_figure() if hasattr(first, "get_figure") else first.figure
 
 
-def write(study: optuna.Study, folder: Path, epochs: int, metric: str = "objective") -> dict[str, str]:
-    """Write the report of ``study`` (whose objective is ``metric``) into ``folder``: ``<plot>.png`` per drawable plot,
-    ``report.html``, ``trials.csv``, ``trials.html``, ``cost.json``. Returns plot name -> why
-    it was not drawn, for the plots Optuna could not draw."""
+def write(study: optuna.Study, folder: Path, epochs: int,
+          objectives: Sequence[Objective] = (Objective(),)) -> dict[str, str]:
+    """Write the report of ``study`` (judged on ``objectives``) into ``folder``: ``<plot>.png``
+    per drawable plot (``pareto_front`` with several objectives), ``report.html``, ``trials.csv``,
+    ``trials.html``, ``cost.json``. Returns plot name -> why it was not drawn, for the plots
+    Optuna could not draw."""
     folder.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    rows = trial_rows(trials)
+    rows = trial_rows(trials, objectives)
     _write_csv(folder / "trials.csv", rows)
     (folder / "trials.html").write_text(_page(f"Trials of {study.study_name}", _table(rows)))
     cost = ledger(trials, epochs)
@@ -196,7 +252,7 @@ def write(study: optuna.Study, folder: Path, epochs: int, metric: str = "objecti
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        for name, (draw_png, draw_html) in _figures(study, metric).items():
+        for name, (draw_png, draw_html) in _figures(study, objectives).items():
             try:
                 if not complete:
                     raise ValueError("no complete trial yet")
@@ -204,7 +260,7 @@ def write(study: optuna.Study, folder: Path, epochs: int, metric: str = "objecti
                 if thin and len(complete) < MIN_COMPLETE_FOR_IMPORTANCE:
                     raise ValueError(f"left out below {MIN_COMPLETE_FOR_IMPORTANCE} complete trials "
                                      f"(has {len(complete)}): importances from fewer are noise")
-                note = f"from {len(complete)} complete trials"
+                note = _note(name, len(complete))
                 figure = _figure_of(draw_png())
                 _readable(name, figure, len({p for t in complete for p in t.params}))
                 if thin:

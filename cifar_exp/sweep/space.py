@@ -8,11 +8,13 @@ depend on them); an inactive dimension is not suggested, so Optuna never records
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import optuna
 
-from cifar_exp.config import PrunerConfig, SamplerConfig, Sweep
+from cifar_exp.config import Sweep
+from cifar_exp.config.goals import PrunerConfig
 
 
 def suggest(trial: optuna.Trial, sweep: Sweep) -> dict[str, Any]:
@@ -33,12 +35,32 @@ def suggest(trial: optuna.Trial, sweep: Sweep) -> dict[str, Any]:
     return params
 
 
-def make_sampler(cfg: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(sweep: Sweep, seed: int) -> optuna.samplers.BaseSampler:
+    """The sweep's sampler, seeded with ``seed``, every option written out: what a bare
+    ``TPESampler(seed)`` does on Optuna 5.1 (multivariate with one objective, independent with
+    several; constant liar; 10 random startup trials), so that a study samples the same on 5.0,
+    whose bare defaults differ, and on 5.1. TPE groups its space by the dimensions trials share
+    (``group``) by default where the space has ``when:`` conditions: without it, a conditional
+    dimension is sampled independently of the others."""
+    cfg = sweep.sampler
     if cfg.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed)
+    if cfg.name in ("nsga2", "nsga3"):
+        size = cfg.population_size or 50
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # NSGA-III
+            return (optuna.samplers.NSGAIISampler(seed=seed, population_size=size) if cfg.name == "nsga2"
+                    else optuna.samplers.NSGAIIISampler(seed=seed, population_size=size))
+    group = cfg.group if cfg.group is not None else (cfg.multivariate is not False
+                                                     and any(dim.when for dim in sweep.space.values()))
+    multivariate = cfg.multivariate if cfg.multivariate is not None else (len(sweep.objectives) == 1 or group)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # group, multivariate
+        return optuna.samplers.TPESampler(seed=seed, multivariate=multivariate, group=group,
+                                          constant_liar=True if cfg.constant_liar is None else cfg.constant_liar,
+                                          n_startup_trials=10 if cfg.n_startup_trials is None else cfg.n_startup_trials)
 
 
 def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:

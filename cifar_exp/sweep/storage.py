@@ -31,7 +31,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import get_lock_file
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials
+from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials, outcomes
+from cifar_exp.config.goals import Objective
 from cifar_exp.config.records import TrialAttrs, trial_seed
 from cifar_exp.sweep import recovery, space
 
@@ -155,17 +156,18 @@ def budget_state(sweep: Sweep, trials: Sequence[FrozenTrial]) -> Literal["open",
     return "wait" if running else "done"
 
 
-def best_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    return sorted(done, key=lambda t: t.value, reverse=maximize)[:k]  # type: ignore[arg-type, return-value]
+def best_trials(study: optuna.Study, objectives: Sequence[Objective], k: int) -> list[FrozenTrial]:
+    """The ``k`` best feasible complete trials by ``objectives`` (``config.outcomes.ranked``: the
+    Pareto front first, each part by the first objective)."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return outcomes.ranked(done, objectives)[:k]  # type: ignore[return-value]
 
 
 def load(settings: Settings, storage: optuna.storages.BaseStorage, seed: int) -> optuna.Study:
     """The sweep's study in ``storage`` with its sampler (seeded with ``seed``) and pruner."""
     sweep = settings.sweep
     return optuna.load_study(study_name=sweep.name, storage=storage,
-                             sampler=space.make_sampler(sweep.sampler, seed),
+                             sampler=space.make_sampler(sweep, seed),
                              pruner=space.make_pruner(sweep.pruner, sweep.epochs))
 
 
@@ -219,16 +221,17 @@ def create_study(settings: Settings) -> optuna.Study:
     that a resumed study is the same study (``check_identity``)."""
     sweep = settings.sweep
     storage = open_storage(settings.storage)
-    direction = sweep.objective.direction
+    directions = [o.direction for o in sweep.objectives]
     try:
-        study = optuna.create_study(study_name=sweep.name, storage=storage, direction=direction,
-                                    sampler=space.make_sampler(sweep.sampler, sweep.sampler.seed),
+        study = optuna.create_study(study_name=sweep.name, storage=storage, directions=directions,
+                                    sampler=space.make_sampler(sweep, sweep.sampler.seed),
                                     pruner=space.make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
     except ValueError as exc:  # e.g. an existing study with the other direction
         raise ConfigError(f"study '{sweep.name}' in {mask_credentials(settings.storage)}: {exc}") from None
-    if study.direction.name.lower() != direction:
-        raise ConfigError(f"study '{sweep.name}' already exists with direction "
-                          f"{study.direction.name.lower()}; use another sweep name or storage")
+    found = [d.name.lower() for d in study.directions]
+    if found != directions:
+        raise ConfigError(f"study '{sweep.name}' already exists with direction{'s' if len(found) > 1 else ''} "
+                          f"{', '.join(found)}; use another sweep name or storage")
     check_identity(study, sweep.identity(settings.data_checksum), settings.storage)
     return study
 

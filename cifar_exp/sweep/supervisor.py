@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import psutil
 from optuna.trial import FrozenTrial, TrialState
 
 from cifar_exp import report, track
-from cifar_exp.config import Settings, Sweep, UserError
+from cifar_exp.config import Settings, Sweep, UserError, outcomes
 from cifar_exp.config.records import TrialAttrs
 from cifar_exp.sweep import events, liveness, recovery, sidecar, storage, worker
 
@@ -46,19 +46,21 @@ class Summary:
     experiment_id: str
     parent_run_id: str
     counts: dict[str, int]
-    best: list[FrozenTrial]  # best first, complete trials only
+    best: list[FrozenTrial]  # best first, complete feasible trials only (``storage.best_trials``)
     interrupted: bool
     stop_reason: str = ""
+    front: list[FrozenTrial] = field(default_factory=list)  # the Pareto front (the best, with one objective)
+    untrained: int = 0  # trials a constraint known before training kept from training
 
 
-def tally(study: optuna.Study) -> events.Tally:
+def tally(study: optuna.Study, sweep: Sweep) -> events.Tally:
     """The counts of the study's trials so far, where a run of the sweep starts counting."""
     trials = study.get_trials(deepcopy=False)
-    top = storage.best_trials(study, 1)
-    return events.Tally(maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE,
+    top = storage.best_trials(study, sweep.objectives, 1)
+    return events.Tally(maximize=sweep.objective.direction == "maximize",
                         finished=len(storage.counted(trials)),
                         states={s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
-                        best=(float(top[0].value or 0.0), top[0].number) if top else None)
+                        best=(float(top[0].values[0]), top[0].number) if top else None)
 
 
 OnEvent = Callable[[events.Event, events.Tally], None]
@@ -92,11 +94,13 @@ def run_sweep(settings: Settings, on_event: OnEvent = lambda event, tally: None)
     sidecar.drop_checkpoints(settings.storage, sweep.name, {t.number for t in trials if t.state == TrialState.RUNNING}
                              | {int(a.retry_of) for t in trials if t.state == TrialState.WAITING
                                 and (a := TrialAttrs.of(t)).retry_of is not None})
-    best = storage.best_trials(study, 5)
+    best = storage.best_trials(study, sweep.objectives, 5)
     _finish_parent(study, parent, trials, best, sweep, interrupted=state.interrupted)
     counts = {s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
                                                                   TrialState.FAIL, TrialState.RUNNING)}
-    return Summary(sweep.name, experiment, parent, counts, best, state.interrupted, state.stop_reason)
+    untrained = sum(1 for t in trials if (a := TrialAttrs.of(t)).infeasible and a.epochs_run == 0)
+    return Summary(sweep.name, experiment, parent, counts, best, state.interrupted, state.stop_reason,
+                   outcomes.front(trials, sweep.objectives), untrained)  # type: ignore[arg-type]
 
 
 def start_parent_run(settings: Settings, study: optuna.Study, experiment: str) -> str:
@@ -147,7 +151,7 @@ class _Parent:
         self.settings, self.sweep, self.study = settings, settings.sweep, study
         self.parent_run_id = parent_run_id
         self.on_event = on_event
-        self.tally = tally(study)
+        self.tally = tally(study, settings.sweep)
         self.pids: set[int] = set()  # every worker this run started
         self.workers: dict[int, mp.process.BaseProcess] = {}
         self.interrupted = False
@@ -300,7 +304,7 @@ def publish(study: optuna.Study, parent: str, sweep: Sweep) -> dict[str, str]:
     MLflow parent run, with the ledger's seconds as parent metrics. Returns the plots not drawn
     yet, with why."""
     with tempfile.TemporaryDirectory() as tmp:
-        skipped = report.write(study, Path(tmp), sweep.epochs, sweep.objective.metric)
+        skipped = report.write(study, Path(tmp), sweep.epochs, sweep.objectives)
         track.log_dir(parent, Path(tmp))
         cost = json.loads((Path(tmp) / "cost.json").read_text())
     track.log_metrics(parent, {f"cost_{k}": float(v) for k, v in cost.items()}, step=len(study.trials))
@@ -321,7 +325,7 @@ def _finish_parent(study: optuna.Study, parent: str, trials: Sequence[FrozenTria
         top = best[0]
         tags.update({"best_trial": top.number, "best_run_id": TrialAttrs.of(top).mlflow_run_id or "",
                      **{f"best.{k}": v for k, v in top.params.items()}})
-        metrics = {f"best_{sweep.objective.metric}": top.value or 0.0}
+        metrics = {f"best_{o.metric}": v for o, v in zip(sweep.objectives, top.values, strict=True)}
         metrics.update({f"best_{k}": v for k, v in TrialAttrs.of(top).test_metrics().items()})
         track.log_metrics(parent, metrics, step=top.number)
     _publish_quietly(study, parent, sweep)

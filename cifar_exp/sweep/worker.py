@@ -24,9 +24,11 @@ import psutil
 from optuna.trial import TrialState
 
 from cifar_exp import lifecycle, track
-from cifar_exp.config import Settings, TrainConfig, UserError
+from cifar_exp.config import Settings, TrainConfig, UserError, outcomes
+from cifar_exp.config.goals import SPEED_METRICS
 from cifar_exp.config.records import TrialAttrs, trial_seed
 from cifar_exp.sweep import events, liveness, recovery, sidecar, storage
+from cifar_exp.sweep.pruning import Pruning
 from cifar_exp.sweep.storage import Claim
 
 EXIT_TRIAL_FAILED = 3  # a worker exits with this after a failed trial, to be replaced
@@ -147,14 +149,15 @@ class Worker:
                 stop.wait(WAIT_SECONDS)
                 continue
             with recovery.heartbeat(opened, claimed.trial):
-                ok = self.run_trial(claimed, started, time.perf_counter() - started)
+                ok = self.run_trial(claimed, started, time.perf_counter() - started, opened)
             # Memory must not grow from trial to trial: Keras' global state goes (and a garbage
             # collection with it); the compiled programs a worker keeps (at most programs.CAPACITY) stay.
             keras.backend.clear_session()
             if not ok:
                 sys.exit(EXIT_TRIAL_FAILED)
 
-    def run_trial(self, claimed: Claim, started: float, claim_seconds: float = 0.0) -> bool:
+    def run_trial(self, claimed: Claim, started: float, claim_seconds: float,
+                  opened: optuna.storages.BaseStorage) -> bool:
         """Hand the ``claimed`` trial to a ``lifecycle.TrialRun`` with Optuna's part on its hooks
         (report each epoch, prune, tell); False if it failed (the worker is then replaced).
         ``started`` is when the worker began the trial (``time.perf_counter``, before claiming it),
@@ -175,18 +178,20 @@ class Worker:
             title=f"{sweep.name} trial {trial.number}", programs=self.programs,
             checkpoint=self._checkpoint(trial.number, retry_of), resumed_from=retry_of,
             time_limit=sweep.trial_timeout)
-        run.on_epoch.append(self._epoch_hook(trial))
-        run.on_replayed.append(self._replayed_hook(trial))
+        prune = Pruning(self.settings, opened, trial)
+        run.on_epoch.append(self._epoch_hook(trial, prune))
+        run.on_replayed.append(self._replayed_hook(trial, prune))
         self.current = run
         run.open(self.experiment, parent_run_id=self.parent_run_id, number=trial.number, claim_seconds=claim_seconds)
         for key, value in TrialAttrs.encode(mlflow_run_id=run.run_id, seed=seed).items():
             trial.set_user_attr(key, value)
         self.queue.put(events.Started(self.worker_id, trial.number, run.run_id, params))
         try:
-            self._train_and_tell(claimed, run, started)
+            if not self._infeasible(claimed, run, prune):
+                self._train_and_tell(claimed, run, started, prune)
             return True
         except optuna.TrialPruned as exc:
-            pruned = run.pruned(self.splits, lambda outcome: self._tell_pruned(claimed, outcome))
+            pruned = run.pruned(self.splits, lambda outcome: self._tell_pruned(claimed, outcome, prune))
             self.queue.put(events.Ended(trial.number, "PRUNED", run.run_id, reason=str(exc),
                                         degenerate=pruned.verdict.get("degenerate", "")))
             return True
@@ -198,6 +203,7 @@ class Worker:
                 # exception (one raised by a `finally` of the fit loop on its way out): still a stop.
                 self._interrupted(claimed, run.run_id)
             reason = run.failure(exc)
+            prune.end(TrialState.FAIL)
             recovery.fail_trial(study, trial, reason)
             self.queue.put(events.Ended(trial.number, "FAIL", run.run_id, reason=reason))
             return False
@@ -223,14 +229,34 @@ class Worker:
                 pass
         return path
 
-    def _tell_pruned(self, claimed: Claim, outcome: lifecycle.Pruned) -> None:
+    def _tell_pruned(self, claimed: Claim, outcome: lifecycle.Pruned, prune: Pruning) -> None:
         attrs = TrialAttrs.encode(epochs_run=outcome.epochs_run, phases=outcome.phases, compiled=outcome.compiled,
                                   **outcome.verdict)
         for key, value in attrs.items():
             claimed.trial.set_user_attr(key, value)
+        prune.end(TrialState.PRUNED)
         claimed.study.tell(claimed.trial, state=TrialState.PRUNED)
 
-    def _train_and_tell(self, claimed: Claim, run: lifecycle.TrialRun, started: float) -> None:
+    def _infeasible(self, claimed: Claim, run: lifecycle.TrialRun, prune: Pruning) -> bool:
+        """End a trial whose static metrics (``param_count``) already break a constraint, untrained:
+        its constraints set (so the sampler learns), ``infeasible`` recorded, told PRUNED."""
+        static = run.static_metrics(self.sweep.train_config(claimed.params), len(self.splits.class_names))
+        broken = outcomes.broken(self.sweep.constraints, static)
+        if not broken:
+            return False
+        trial = claimed.trial
+        for name, excess in outcomes.constraint_values(self.sweep.constraints, static).items():
+            trial.set_constraint(name, excess)
+        for key, value in TrialAttrs.encode(infeasible=broken, epochs_run=0,
+                                            param_count=int(static["param_count"])).items():
+            trial.set_user_attr(key, value)
+        run.infeasible(static, broken)
+        prune.end(TrialState.PRUNED)
+        claimed.study.tell(trial, state=TrialState.PRUNED)
+        self.queue.put(events.Ended(trial.number, "PRUNED", run.run_id, reason=f"infeasible before training: {broken}"))
+        return True
+
+    def _train_and_tell(self, claimed: Claim, run: lifecycle.TrialRun, started: float, prune: Pruning) -> None:
         """Train (reporting each epoch to Optuna, which may prune), evaluate, publish, tell."""
         from cifar_exp.sweep import hyperparameters
         from cifar_exp.training import hypermodel
@@ -247,41 +273,51 @@ class Worker:
             lifecycle.log_hyperparameters(run.run_id, hp.values, sweep)
 
         def tell(outcome: lifecycle.Completed) -> None:
+            measured = outcome.metrics
+            broken = outcomes.broken(sweep.constraints, measured)
             attrs = TrialAttrs.encode(test_loss=outcome.test_loss, test_accuracy=outcome.test_accuracy,
                                       epochs_run=outcome.epochs_run, model_uri=outcome.model_uri,
-                                      phases=outcome.phases, compiled=outcome.compiled, **outcome.verdict)
+                                      phases=outcome.phases, compiled=outcome.compiled,
+                                      param_count=int(measured["param_count"]),
+                                      **{k: measured[k] for k in SPEED_METRICS if k in measured},
+                                      **({"infeasible": broken} if broken else {}), **outcome.verdict)
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-            study.tell(trial, outcome.value)
+            for name, excess in outcomes.constraint_values(sweep.constraints, measured).items():
+                trial.set_constraint(name, excess)
+            if broken:
+                track.set_tags(run.run_id, {"infeasible": broken})
+            prune.end(TrialState.COMPLETE, outcome.value)
+            study.tell(trial, outcome.values(sweep.objectives))
 
         outcome = run.complete(result, self.splits, tell)
         self.queue.put(events.Ended(trial.number, "COMPLETE", run.run_id, value=outcome.value,
                                     test_accuracy=outcome.test_accuracy,
                                     degenerate=outcome.verdict.get("degenerate", "")))
 
-    def _replayed_hook(self, trial: optuna.Trial) -> lifecycle.EpochHook:
+    def _replayed_hook(self, trial: optuna.Trial, prune: Pruning) -> lifecycle.EpochHook:
         """A resumed trial's replayed epochs (trained by its original): reported to Optuna (not
         judged for pruning: they were, when they ran) and to the sweep command."""
         metric, epochs = self.sweep.objective.metric, self.sweep.epochs
 
         def on_replayed(epoch: int, logs: Mapping[str, float]) -> None:
-            trial.report(logs[metric], epoch + 1)
+            prune.report(logs[metric], epoch + 1)
             for key, value in TrialAttrs.encode(resumed_epochs=epoch + 1).items():
                 trial.set_user_attr(key, value)
             self.queue.put(events.Epoch(trial.number, epoch + 1, epochs, logs[metric], dict(logs)))
 
         return on_replayed
 
-    def _epoch_hook(self, trial: optuna.Trial) -> lifecycle.EpochHook:
+    def _epoch_hook(self, trial: optuna.Trial, prune: Pruning) -> lifecycle.EpochHook:
         """Optuna's part of each epoch: report, tell the sweep command, then stop or prune if due."""
         metric, epochs = self.sweep.objective.metric, self.sweep.epochs
 
         def on_epoch(epoch: int, logs: Mapping[str, float]) -> None:
-            trial.report(logs[metric], epoch + 1)
+            prune.report(logs[metric], epoch + 1)
             self.queue.put(events.Epoch(trial.number, epoch + 1, epochs, logs[metric], dict(logs)))
             if self.stop:
                 raise Interrupted()
-            if epoch + 1 < epochs and trial.should_prune():  # a finished trial is not pruned
+            if epoch + 1 < epochs and prune.should_prune():  # a finished trial is not pruned
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {metric}={logs[metric]:.4f}")
 
         return on_epoch

@@ -304,3 +304,12 @@ def _build(cfg: TrainConfig, num_classes: int, seed: int | None, classifier: ker
                                   name=f"{classifier.name}_inference")
     return train_model, inference_model
 
+
+def param_count(cfg: TrainConfig, num_classes: int) -> int:
+    """The parameter count of ``cfg``'s inference model (what a trial logs as ``param_count``),
+    known before training: the model is built, counted and let go, with Keras' session cleared
+    after it as between trials (a trial's ``train`` seeds and builds its own)."""
+    _, model = build(cfg, num_classes, seed=0)
+    count = int(model.count_params())
+    keras.backend.clear_session()
+    return count
