@@ -41,7 +41,7 @@ FLOORS = [
     {"track", "track.models", "track.ui"},
     {"lifecycle", "report", "register"},
     {"sweep.recovery", "sweep.pruning"},
-    {"sweep.storage", "rerun", "sweep.tuner", "sweep.hyperparameters"},
+    {"sweep.storage", "rerun", "sweep.tuner", "sweep.hyperparameters", "sweep.warmstart"},
     {"sweep.worker"},
     {"sweep.supervisor"},
     {"cli.progress", "cli.environment", "cli.commands", "cli.results", "cli"},

@@ -30,7 +30,7 @@ def sweep_in_process(cwd: Path, sweep_file: Path, trials: int, epochs: int, data
     process, into ``cwd/mlruns`` (the sweep command's default storage and store), as the sweep
     command's worker would: the study, its parent run, claims, tracked trials."""
     from cifar_exp import track
-    from cifar_exp.sweep import storage, worker
+    from cifar_exp.sweep import storage, warmstart, worker
     from cifar_exp.sweep.supervisor import start_parent_run
 
     sweep = load_sweep(str(sweep_file))
@@ -39,6 +39,7 @@ def sweep_in_process(cwd: Path, sweep_file: Path, trials: int, epochs: int, data
     settings = storage.Settings(sweep=sweep, storage=str(cwd / "mlruns" / "optuna.journal"),
                                 tracking_uri=f"sqlite:///{cwd}/mlruns/mlflow.db")
     created = storage.create_study(settings)
+    warmstart.seed(created, sweep)
     track.configure(settings.tracking_uri)
     experiment = track.experiment_id(sweep.name)
     parent = start_parent_run(settings, created, experiment)

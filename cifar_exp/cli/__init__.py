@@ -91,6 +91,8 @@ def _sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=_positive(int, "--trials"), help="trial budget of the study")
     p.add_argument("--epochs", type=_positive(int, "--epochs"), help="epochs per trial")
     p.add_argument("--timeout", type=_positive(float, "--timeout"), help="seconds; no trial starts after")
+    p.add_argument("--warm-start", metavar="OTHER[:K]",
+                   help="start with the K (default 5) best trials of the sweep OTHER's study (same storage)")
     p.add_argument("--seed", type=_number(int, "--seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
                    help="the sweep seed (sampler, trial seeds, validation split)")
     p.add_argument("--data", help="'keras', a cifar-10-python.tar.gz, cifar-10-batches-py/, "

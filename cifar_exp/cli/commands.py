@@ -18,6 +18,7 @@ from typing import Any
 from cifar_exp.cli.environment import existing_store, provenance, set_environment
 from cifar_exp.cli.progress import Progress, fmt, print_comparison, print_summary
 from cifar_exp.config import DEFAULT_STORE, ConfigError, Settings, Sweep, UserError, mask_credentials
+from cifar_exp.config.goals import WarmStart
 from cifar_exp.config.sweepfile import TOP_LEVEL_RANGES, available_sweeps, load_sweep
 from cifar_exp.config.values import check_range
 
@@ -79,6 +80,12 @@ def _with_overrides(args: argparse.Namespace) -> Sweep:
         changes["data"] = dataclasses.replace(changes.get("data", sweep.data), train_images=args.train_images)
     if args.seed is not None:
         changes["sampler"] = dataclasses.replace(sweep.sampler, seed=args.seed)
+    if args.warm_start:
+        other, _, top = args.warm_start.partition(":")
+        if not other or other == sweep.name or (top and not (top.isdigit() and 1 <= int(top) <= 1000)):
+            raise ConfigError(f"--warm-start {args.warm_start}: give OTHER or OTHER:K, another sweep's name and "
+                              f"K in 1..1000 (e.g. --warm-start lr_dropout:5)")
+        changes["warm_start"] = WarmStart(other, int(top) if top else 5)
     return dataclasses.replace(sweep, **changes)
 
 

@@ -76,6 +76,8 @@ class Progress:
             if event.degenerate:
                 detail += f" [degenerate: {event.degenerate}]"
             self._line(f"trial {event.trial} {event.state}{detail} [{self._of(tally)}] {self.status(tally)}")
+        elif isinstance(event, events.Warmed):
+            self._line(event.line)
         elif isinstance(event, events.Stale):
             self._line(f"trial {event.trial} was left running by a worker that is gone: failed, retried once "
                        f"({event.reason})")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
-from cifar_exp.config.goals import SPEED_METRICS, Bound, Objective, PrunerConfig, SamplerConfig
+from cifar_exp.config.goals import SPEED_METRICS, Bound, Objective, PrunerConfig, SamplerConfig, WarmStart
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Sweep names resolve against ./sweeps first (a user's own sweeps), then the project's: sweeps/
@@ -181,6 +181,8 @@ class Sweep:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
+    warm_start: WarmStart | None = None  # enqueue another study's best trials first (``sweep.warmstart``)
+    enqueue: tuple[Mapping[str, Any], ...] = ()  # settings to try first, each a trial
     data: DataConfig = DataConfig()
     epochs: int = 10
     trials: int | None = 20

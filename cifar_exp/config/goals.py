@@ -89,6 +89,14 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class WarmStart:
+    """Start with the ``top`` best complete feasible trials of the study ``sweep`` (same storage)."""
+
+    sweep: str = ""
+    top: int = field(default=5, metadata=_range(1, 1000))
+
+
+@dataclass(frozen=True)
 class PrunerConfig:
     name: Literal["hyperband", "median", "none"] = "hyperband"
     min_epochs: int = field(default=1, metadata=_range(1, 10_000))  # no pruning before this

@@ -31,7 +31,8 @@ class TrialAttrs:
     step that owns it writes it:
 
     - the claim (``sweep.storage.claim``): ``worker_pid``, ``worker_started``, ``worker_host``;
-    - a retry, when it is enqueued: ``retry_of`` (the original trial's number);
+    - a retry, when it is enqueued: ``retry_of`` (the original trial's number); a warm start's
+      trial (``sweep.warmstart``): ``warm_start``, its source;
     - the trial's run (``sweep.worker``): ``mlflow_run_id``, ``seed``, ``resumed_epochs``; at its
       end ``epochs_run``, ``compiled``, ``phases`` and, when complete, ``test_loss``,
       ``test_accuracy``, ``model_uri``, ``param_count`` (and ``latency_ms``, ``throughput`` in a
@@ -45,6 +46,7 @@ class TrialAttrs:
     worker_started: float | None = None
     worker_host: str | None = None
     retry_of: int | None = None
+    warm_start: str | None = None  # where an enqueued warm-start trial's settings came from
     mlflow_run_id: str | None = None
     seed: int | None = None
     resumed_epochs: int | None = None

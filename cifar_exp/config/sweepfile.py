@@ -34,9 +34,10 @@ from cifar_exp.config.goals import (
     Objective,
     PrunerConfig,
     SamplerConfig,
+    WarmStart,
 )
 from cifar_exp.config.safeyaml import MAX_SWEEP_BYTES, load_yaml, short
-from cifar_exp.config.values import check_range, check_train_value, coerce, section, unknown_key
+from cifar_exp.config.values import check_range, check_train_value, coerce, section, unknown_key, within
 
 # Top-level keys of a sweep file, with the type each must have.
 _TOP_LEVEL: dict[str, Any] = {
@@ -44,6 +45,8 @@ _TOP_LEVEL: dict[str, Any] = {
     "objective": Objective,
     "objectives": list,
     "constraints": dict,
+    "warm_start": WarmStart,
+    "enqueue": list,
     "space": dict,
     "fixed": dict,
     "sampler": SamplerConfig,
@@ -181,6 +184,7 @@ def parse_sweep(name: str, text: str, path: Path) -> Sweep:
                            f"{where}: space.{dim_name}.when")
         space[dim_name] = dataclasses.replace(dim, when=when)
     space = _sampling_order(space, where)
+    values["enqueue"] = _enqueue(values.pop("enqueue", []), space, name, values.get("warm_start"), where)
     _check_together(values, space, fixed, where)
     return Sweep(name=name, path=path, content_hash=hashlib.sha256(text.encode()).hexdigest(), text=text,
                  space=space, fixed=fixed, **values)
@@ -236,6 +240,25 @@ def _constraints(raw: dict[str, Any], where: str) -> dict[str, Bound]:
             raise ConfigError(f"{where}: constraints.{name}: give max, min, or both with min <= max")
         constraints[str(name)] = bound
     return constraints
+
+
+def _enqueue(raw: list[Any], space: Mapping[str, Dimension], name: str, warm: WarmStart | None,
+             where: str) -> tuple[dict[str, Any], ...]:
+    """``enqueue:`` settings, each a mapping of space dimensions to values they can take; and a
+    ``warm_start`` that names a study (not this one)."""
+    if warm is not None and (not warm.sweep or warm.sweep == name):
+        raise ConfigError(f"{where}: warm_start.sweep: name another sweep's study (not {short(warm.sweep)})")
+    settings = []
+    for i, item in enumerate(raw):
+        item = coerce(item, dict, f"{where}: enqueue[{i}]")
+        for key, value in item.items():
+            if key not in space:
+                raise unknown_key(str(key), space, f"{where}: enqueue[{i}] (space dimensions)")
+            why = within(space[key], check_train_value(key, value, f"{where}: enqueue[{i}].{key}"))
+            if why:
+                raise ConfigError(f"{where}: enqueue[{i}].{key}: {short(value)} is {why}")
+        settings.append(dict(item))
+    return tuple(settings)
 
 
 def _check_together(values: Mapping[str, Any], space: Mapping[str, Dimension], fixed: Mapping[str, Any],

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from cifar_exp.config import _TRAIN_TYPES, TRAIN_FIELDS, ConfigError
+from cifar_exp.config import _TRAIN_TYPES, TRAIN_FIELDS, ConfigError, Dimension
 from cifar_exp.config.safeyaml import short
 
 _CONTAINERS = {str: "text", list: "a list", dict: "a mapping of key: value"}
@@ -124,3 +124,20 @@ def train_values_from_strings(params: Mapping[str, str], where: str) -> dict[str
             pass  # left as text: check_train_value names the problem
         values[name] = check_train_value(name, value, f"{where}: param {name}")
     return values
+
+
+def within(dim: Dimension, value: Any) -> str:
+    """Why ``value`` is not one the dimension ``dim`` can take (``""`` when it is)."""
+    if dim.type == "categorical":
+        return "" if any(value == c and type(value) is type(c) for c in dim.choices) else \
+            f"not one of {', '.join(map(str, dim.choices))}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "not a number"
+    if dim.type == "int" and value != int(value):
+        return "not an integer"
+    assert dim.low is not None and dim.high is not None
+    if not dim.low <= value <= dim.high:
+        return f"outside {dim.low}..{dim.high}"
+    if dim.step and abs((value - dim.low) / dim.step - round((value - dim.low) / dim.step)) > 1e-9:
+        return f"not on its step {dim.step}"
+    return ""

@@ -75,7 +75,14 @@ class Stale:
     reason: str
 
 
-Event = Ready | Fatal | Started | Epoch | Ended | Stale
+@dataclass(frozen=True)
+class Warmed:
+    """A warm-start trial enqueued (or a source dropped): one line of ``sweep.warmstart.seed``."""
+
+    line: str
+
+
+Event = Ready | Fatal | Started | Epoch | Ended | Stale | Warmed
 
 
 @dataclass

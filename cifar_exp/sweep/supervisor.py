@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cifar_exp import report, track
 from cifar_exp.config import Settings, Sweep, UserError, outcomes
 from cifar_exp.config.records import TrialAttrs
-from cifar_exp.sweep import events, liveness, recovery, sidecar, storage, worker
+from cifar_exp.sweep import events, liveness, recovery, sidecar, storage, warmstart, worker
 
 STOP_GRACE_SECONDS = 60.0  # how long interrupted workers get to record their trials
 # Rebuilding the report (every plot of every trial) took 3.7 s for a 12-trial study on this 2-core
@@ -77,10 +77,13 @@ def run_sweep(settings: Settings, on_event: OnEvent = lambda event, tally: None)
     parent = start_parent_run(settings, study, experiment)
     with storage.budget_lock(settings.storage, study, sweep.name):  # left RUNNING by a killed run
         stale = recovery.recover_stale(study, storage.locks(settings.storage), settings.storage, sweep.heartbeat_grace)
+        warmed = warmstart.seed(study, sweep)
     close_orphans(study, experiment, parent)
     state = _Parent(settings, study, parent, on_event)
     for trial in stale:
         on_event(events.Stale(trial.number, TrialAttrs.of(trial).fail_reason or ""), state.tally)
+    for line in warmed:
+        on_event(events.Warmed(line), state.tally)
     try:
         state.supervise(experiment)
     finally:

@@ -174,7 +174,8 @@ class Worker:
                   if not (self.tunable is not None and k == "batch_size" and hypermodel.overrides_fit(self.tunable))}
         run = lifecycle.TrialRun(
             sweep, lifecycle.recipe(sweep, seed, sweep.epochs, logged, self.settings.data_checksum), "optuna",
-            tags={**self.settings.tags, **self.identity, "worker": self.worker_id},
+            tags={**self.settings.tags, **self.identity, "worker": self.worker_id,
+                  **({"warm_start": warm} if (warm := TrialAttrs.of(trial).warm_start) else {})},
             title=f"{sweep.name} trial {trial.number}", programs=self.programs,
             checkpoint=self._checkpoint(trial.number, retry_of), resumed_from=retry_of,
             time_limit=sweep.trial_timeout)
