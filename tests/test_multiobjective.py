@@ -40,12 +40,12 @@ def test_a_two_objective_constrained_sweep_runs_prunes_draws_and_registers(isola
     # The trial over the parameter budget: never trained, its constraint set for the sampler.
     (over,) = infeasible
     assert over.params["filters"] == 64 and over.state.name == "PRUNED"
-    assert over.constraints["param_count"] == 165_836 - 100_000
-    assert TrialAttrs.of(over).epochs_run == 0 and TrialAttrs.of(over).param_count == 165_836
+    assert over.constraints["param_count"] == 165_834 - 100_000
+    assert TrialAttrs.of(over).epochs_run == 0 and TrialAttrs.of(over).param_count == 165_834
     _, children = runs(isolated, "multi")
     by_number = {int(r.data.tags["trial_number"]): r for r in children}
     untrained = by_number[over.number]
-    assert untrained.data.tags["infeasible"] == "param_count 165836, not <= 100000"
+    assert untrained.data.tags["infeasible"] == "param_count 165834, not <= 100000"
     assert "val_accuracy" not in untrained.data.metrics and untrained.data.tags["state"] == "PRUNED"
 
     # Trained trials: told both objectives, latency measured and logged, feasible.

@@ -82,6 +82,10 @@ def best_trial(trials: Sequence[FrozenTrial], sweep: Sweep, rule: outcomes.Rule 
     return chosen  # type: ignore[return-value]
 
 
+def _shown(name: str, value: float) -> str:
+    return f"{name}={value:.0f}" if name == "param_count" else f"{name}={value:.4f}"
+
+
 def describe(trial: FrozenTrial, sweep: Sweep, rule: outcomes.Rule | None = None) -> tuple[str, dict[str, Any]]:
     """The version's description and tags: the trial's params, metrics (its objectives and what
     it measured), run id and seed, and the rule that chose it."""
@@ -92,7 +96,7 @@ def describe(trial: FrozenTrial, sweep: Sweep, rule: outcomes.Rule | None = None
             **trial.params, **metrics, **({"rule": str(rule)} if rule else {})}
     text = (f"Trial {trial.number} of sweep {sweep.name} (run {tags['run_id']}, seed {tags['seed']}).\n"
             + (f"Chosen by the rule: {rule}.\n" if rule else "")
-            + f"Metrics: {', '.join(f'{k}={v:.4f}' for k, v in metrics.items())}.\n"
+            + f"Metrics: {', '.join(_shown(k, v) for k, v in metrics.items())}.\n"
             f"Params: {', '.join(f'{k}={v}' for k, v in trial.params.items())}.")
     return text, tags
 

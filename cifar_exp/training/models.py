@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from cifar_exp.config import TrainConfig, UserError
+from cifar_exp.training import layers
 from cifar_exp.training.layers import Cutout, RandomTranslate, RuntimeDropout
 
 INPUT_SHAPE = (32, 32, 3)
@@ -310,6 +311,6 @@ def param_count(cfg: TrainConfig, num_classes: int) -> int:
     known before training: the model is built, counted and let go, with Keras' session cleared
     after it as between trials (a trial's ``train`` seeds and builds its own)."""
     _, model = build(cfg, num_classes, seed=0)
-    count = int(model.count_params())
+    count = int(layers.portable(model).count_params())  # as logged: stock layers (no dropout seed state)
     keras.backend.clear_session()
     return count
