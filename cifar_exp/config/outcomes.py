@@ -144,8 +144,3 @@ def broken(constraints: Mapping[str, Bound], measured: Mapping[str, float]) -> s
     ``""`` when it breaks none."""
     return "; ".join(f"{name} {shown(measured[name])}, not {constraints[name]}"
                      for name, excess in constraint_values(constraints, measured).items() if excess > 0)
-
-
-def describe(values: Mapping[str, float | None]) -> str:
-    """``name=value`` pairs for a terminal line or a model version's description."""
-    return " ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None)
