@@ -31,8 +31,9 @@ from cifar_exp.evaluate import degenerate
 
 if TYPE_CHECKING:
     from cifar_exp.data import Splits
+    from cifar_exp.training.clock import Clock
     from cifar_exp.training.programs import Programs
-    from cifar_exp.training.train import Clock, CustomModel, TrainResult
+    from cifar_exp.training.train import CustomModel, TrainResult
 
 EpochHook = Callable[[int, Mapping[str, float]], None]
 
@@ -110,11 +111,13 @@ def judge(history: Mapping[str, Sequence[float]], y_prob: Any, splits: Any) -> d
 
 @dataclass(frozen=True)
 class Completed:
-    """A complete trial's outcome, as logged: the objective's value (its last epoch's), test
-    metrics, model, verdict (``{"degenerate": why}`` or ``{}``), seconds by phase, how its
-    program came (``compiled``: new, reused or cache; see ``training.train.TrainResult``), and
-    ``metrics``: every value it can be judged on (``config.goals.METRICS``: the objective's,
-    the test metrics, ``param_count``, and ``latency_ms``/``throughput`` where measured)."""
+    """A complete trial's outcome, as logged: the objective's value (that of ``model_epoch``, the epoch
+    whose weights it kept, counted from 1 as the terminal and the curves count: its metrics are
+    MLflow's step ``model_epoch - 1``), test metrics, model, verdict (``{"degenerate": why}`` or
+    ``{}``), seconds by phase, how its program came (``compiled``: new, reused or cache; see
+    ``training.train.TrainResult``), and ``metrics``: every value it can be judged on
+    (``config.goals.METRICS``: the objective's, the test metrics, ``param_count``, and
+    ``latency_ms``/``throughput`` where measured)."""
 
     value: float
     test_loss: float
@@ -125,6 +128,7 @@ class Completed:
     compiled: str
     epochs_run: int
     metrics: dict[str, float] = field(default_factory=dict)
+    model_epoch: int = 0
 
     def values(self, objectives: Sequence[Objective]) -> list[float]:
         """The values of ``objectives``, in order (what Optuna is told)."""
@@ -165,7 +169,7 @@ class TrialRun:
     run_id: str = ""
     history: dict[str, list[float]] = field(default_factory=dict)
     # Seconds by phase, logged when the trial ends: claim_seconds (the engine's), then those of
-    # training (``training.train.Clock``), artifacts_seconds and model_seconds (``complete``).
+    # training (``training.clock.Clock``), artifacts_seconds and model_seconds (``complete``).
     phases: dict[str, float] = field(default_factory=dict)
     resumed_epochs: int = 0  # epochs a taken-over checkpoint held
     training: bool = False  # while Keras computes: a signal may raise there (``TimeLimit``, a stop)
@@ -202,13 +206,14 @@ class TrialRun:
               stop_after: int | None = None) -> TrainResult:
         """Train ``cfg`` (a ``TrainConfig``) on ``splits`` with the recipe's seed and epochs, under
         the time limit; each epoch logged, checked for the objective's metric, then handed to the
-        ``on_epoch`` hooks. ``started``: the trial's start (``time.perf_counter``), for its
+        ``on_epoch`` hooks; the model kept is the sweep's ``model_epoch`` (best or last).
+        ``started``: the trial's start (``time.perf_counter``), for its
         ``first_step_seconds``. A checkpoint is not used for a ``custom`` model (a hypermodel's,
         which trains as it was compiled)."""
-        from cifar_exp.training import train  # imports keras: after the engine set up the process
+        from cifar_exp.training import clock, train  # imports keras: after the engine set up the process
 
         track.log_text(self.run_id, self.sweep.text, "sweep.yaml")
-        self.clock = train.Clock()
+        self.clock = clock.Clock()
         self.training = True
         try:
             with self.limit:
@@ -216,7 +221,7 @@ class TrialRun:
                                      on_epoch=[self._epoch], custom=custom, on_first_step=self._on_first_step,
                                      started=started, programs=self.programs, clock=self.clock,
                                      checkpoint=None if custom is not None else self.checkpoint,
-                                     on_resume=self._resumed, stop_after=stop_after)
+                                     on_resume=self._resumed, stop_after=stop_after, keep=self.sweep.keep)
         finally:
             self.training = False
         self.limit.check()
@@ -261,19 +266,23 @@ class TrialRun:
 
     def complete(self, result: TrainResult, splits: Splits,
                  before_end: Callable[[Completed], None] = lambda outcome: None) -> Completed:
-        """Log a finished training's test evaluation, artifacts and model, judge its numbers, log
-        the seconds by phase (metrics ``*_seconds``) and the tag ``compiled``; call ``before_end``
+        """Log a finished training's test evaluation, artifacts and model (of its ``model_epoch``),
+        judge its numbers, log the seconds by phase (metrics ``*_seconds``) and the tag
+        ``compiled``; call ``before_end``
         (the engine records the outcome: a crash after it leaves the run to be closed as stale,
-        never an engine's record behind its run); end the run FINISHED, ``state=COMPLETE``."""
+        never an engine's record behind its run); end the run FINISHED, ``state=COMPLETE``, tagged
+        ``model_epoch``."""
         clock = time.perf_counter()
-        track.log_test(self.run_id, result, splits, title=self.title)
+        title = f"{self.title} (model of epoch {result.kept_epoch + 1})".strip()
+        track.log_test(self.run_id, result, splits, title=title)
         artifacts, clock = time.perf_counter() - clock, time.perf_counter()
         model_uri = track.models.log_model(self.run_id, result.model, splits.x_test[:2], splits.class_names)
         phases = {**self.phases, **result.phases, "artifacts_seconds": artifacts,
                   "model_seconds": result.phases.get("model_seconds", 0.0) + time.perf_counter() - clock}
-        metrics = {self.metric: result.history[self.metric][-1], "test_loss": result.test_loss,
+        kept = result.kept_epoch  # the objective's value and every per-epoch metric: that epoch's
+        metrics = {self.metric: result.history[self.metric][kept], "test_loss": result.test_loss,
                    "test_accuracy": result.test_accuracy, "param_count": float(result.model.count_params()),
-                   **{k: v[-1] for k, v in result.history.items() if k in EPOCH_METRICS}}
+                   **{k: v[kept] for k, v in result.history.items() if k in EPOCH_METRICS}}
         if self.sweep.measures_speed:
             from cifar_exp.training import latency
 
@@ -283,12 +292,26 @@ class TrialRun:
             metrics.update(speed)
             phases["latency_seconds"] = time.perf_counter() - clock
         self._log_phases(phases, result.compiled)
-        outcome = Completed(result.history[self.metric][-1], result.test_loss, result.test_accuracy, model_uri,
+        outcome = Completed(metrics[self.metric], result.test_loss, result.test_accuracy, model_uri,
                             judge(result.history, result.y_prob, splits), phases, result.compiled, self.epochs_run,
-                            metrics)
+                            metrics, kept + 1)
         before_end(outcome)
-        track.end_run(self.run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri, **outcome.verdict})
+        track.end_run(self.run_id, "FINISHED", {"state": "COMPLETE", "model_uri": model_uri, "model_epoch": kept + 1,
+                                                **outcome.verdict})
         return outcome
+
+    def confirmed(self, result: TrainResult, splits: Splits) -> dict[str, float]:
+        """End a confirmation run (``rerun.confirm``): its test evaluation and artifacts, and its
+        seconds by phase, but no model (the candidate's own is what a version registers); FINISHED,
+        ``state=COMPLETE``, tagged ``model_epoch``. Returns the values it is judged on: the kept
+        epoch's per-epoch metrics, the test metrics, per-class precision, recall and F1."""
+        kept = result.kept_epoch
+        title = f"{self.title} (model of epoch {kept + 1})".strip()
+        measured = track.log_test(self.run_id, result, splits, title=title)
+        self._log_phases({**self.phases, **result.phases}, result.compiled)
+        track.end_run(self.run_id, "FINISHED", {"state": "COMPLETE", "model_epoch": kept + 1})
+        return {**{k: v[kept] for k, v in result.history.items() if k in EPOCH_METRICS},
+                "test_loss": result.test_loss, "test_accuracy": result.test_accuracy, **measured}
 
     def pruned(self, splits: Splits, before_end: Callable[[Pruned], None] = lambda outcome: None) -> Pruned:
         """End a trial its engine pruned: judge the epochs it ran, log its phases (training's up

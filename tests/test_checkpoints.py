@@ -38,20 +38,21 @@ def numbers(history: dict[str, list[float]]) -> dict[str, list[float]]:
 
 
 def killed_then_resumed(cfg: TrainConfig, splits: data.Splits, path: Path, epochs: int, dies_at: int,
-                        programs: object = None) -> tuple[train.TrainResult, dict[str, list[float]]]:
+                        programs: object = None, **options: object) -> tuple[train.TrainResult, dict[str, list[float]]]:
     """Train until the hook of epoch ``dies_at`` raises, then again with the same checkpoint: the
-    second result and the metrics ``on_resume`` received."""
+    second result and the metrics ``on_resume`` received. ``options`` go to both ``train`` calls."""
 
     def die(epoch: int, logs: object) -> None:
         if epoch == dies_at:
             raise Died()
 
     with pytest.raises(Died):
-        train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=path, on_epoch=[die], programs=programs)
+        train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=path, on_epoch=[die], programs=programs,
+                    **options)  # type: ignore[arg-type]
     keras.backend.clear_session()
     replayed: dict[str, list[float]] = {}
     resumed = train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=path, on_resume=replayed.update,
-                          programs=programs)
+                          programs=programs, **options)  # type: ignore[arg-type]
     keras.backend.clear_session()
     return resumed, replayed
 

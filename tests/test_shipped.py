@@ -36,8 +36,11 @@ def sweep_in_process(cwd: Path, sweep_file: Path, trials: int, epochs: int, data
     sweep = load_sweep(str(sweep_file))
     sweep = dataclasses.replace(sweep, trials=trials, epochs=epochs,
                                 data=dataclasses.replace(sweep.data, source=str(data)))
+    from cifar_exp.data import load
+
     settings = storage.Settings(sweep=sweep, storage=str(cwd / "mlruns" / "optuna.journal"),
-                                tracking_uri=f"sqlite:///{cwd}/mlruns/mlflow.db")
+                                tracking_uri=f"sqlite:///{cwd}/mlruns/mlflow.db",
+                                data_checksum=load(str(data)).checksum)
     created = storage.create_study(settings)
     warmstart.seed(created, sweep)
     track.configure(settings.tracking_uri)

@@ -229,7 +229,7 @@ def test_train_reports_every_epoch_and_evaluates_on_test(splits: data.Splits) ->
     lr = result.history["learning_rate"]
     assert lr[0] > lr[1] > lr[2]  # realized rate, per epoch
     assert result.y_prob.shape == (20, 10) and 0.0 <= result.test_accuracy <= 1.0
-    assert result.test_accuracy == float(np.mean(result.y_pred == splits.y_test))
+    assert result.test_accuracy == float(np.mean(result.y_prob.argmax(axis=1) == splits.y_test))
     # test_loss is computed in numpy from one predict pass; it must equal Keras' own evaluation
     result.model.compile(loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"])
     loss, accuracy = result.model.evaluate(splits.x_test, np.eye(10)[splits.y_test], verbose=0)

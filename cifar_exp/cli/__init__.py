@@ -135,6 +135,15 @@ def _register(p: argparse.ArgumentParser) -> None:
                    help="choose the front member best in METRIC (default: the first objective's best)")
     p.add_argument("--where", action="append", default=[], metavar="COND",
                    help="only front members meeting COND, e.g. 'latency_ms<=2' (repeatable, or comma-separated)")
+    p.add_argument("--seeds", type=_number(int, "--seeds", lambda v: 0 <= v <= 1000, "0, or 2 to 1000"), metavar="N",
+                   help="retrain the best candidates with N more seeds each and promote on their means "
+                        "(default: the sweep's confirm_seeds; 0: the one seed the sweep ran)")
+
+
+def _gc(p: argparse.ArgumentParser) -> None:
+    _study(p)
+    p.add_argument("--keep", type=_positive(int, "--keep"), metavar="K",
+                   help="how many of the best trials keep their models (default: the sweep's keep_models)")
 
 
 def _ui(p: argparse.ArgumentParser) -> None:
@@ -177,6 +186,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
     "report": (_study, "Rebuild a study's plots, trials table and cost ledger in its MLflow parent run, from "
                        "storage, without training."),
     "compare": (_compare, "The best trials of a sweep as a table, and one PNG overlaying their validation curves."),
+    "gc": (_gc, "Delete the logged models of all but the K best trials of a sweep's study (never a registered "
+                "version's, never a running trial's) and print the bytes freed; runs, metrics and other artifacts "
+                "stay."),
     "ui": (_ui, "Start the MLflow UI on this project's store, bound to 127.0.0.1 unless told otherwise."),
     "predict": (_predict, "Top-k classes with probabilities for image files (any size; resized to the model's "
                           "input), from a logged or registered model."),

@@ -12,12 +12,11 @@ import dataclasses
 import os
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
-from cifar_exp.cli.environment import existing_store, provenance, set_environment
+from cifar_exp.cli.environment import existing_store, library_log, provenance, set_environment
 from cifar_exp.cli.progress import Progress, fmt, print_comparison, print_summary
-from cifar_exp.config import DEFAULT_STORE, ConfigError, Settings, Sweep, UserError, mask_credentials
+from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials
 from cifar_exp.config.goals import WarmStart
 from cifar_exp.config.sweepfile import TOP_LEVEL_RANGES, available_sweeps, load_sweep
 from cifar_exp.config.values import check_range
@@ -70,6 +69,9 @@ def _with_overrides(args: argparse.Namespace) -> Sweep:
     if args.engine == "keras-tuner" and (len(sweep.objectives) > 1 or sweep.constraints):
         raise ConfigError(f"{sweep.path}: KerasTuner's tuners take one objective and no constraints: "
                           f"run this sweep with --engine optuna")
+    if args.engine == "keras-tuner" and sweep.keep_models is not None:
+        raise ConfigError(f"{sweep.path}: keep_models reads the Optuna study, which --engine keras-tuner does not "
+                          f"write: run this sweep with --engine optuna, or drop keep_models")
     changes: dict[str, Any] = {key: getattr(args, key) for key in ("trials", "epochs", "timeout")
                                if getattr(args, key) is not None}
     for key, value in changes.items():  # the sweep file's own bounds
@@ -119,7 +121,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.engine == "keras-tuner":
         return _keras_tuner(settings)
     if not args.verbose:
-        settings = dataclasses.replace(settings, log_file=str(_library_log(args.storage, chosen.name)))
+        settings = dataclasses.replace(settings, log_file=str(library_log(args.storage, chosen.name)))
     return _optuna(settings, args, sizes)
 
 
@@ -158,7 +160,11 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
     if args.register:
         from cifar_exp.cli.results import register_best
 
-        register_best(chosen, args.storage, args.data)
+        register_best(chosen, args.storage, args.data, seeds=chosen.confirm_seeds)
+    if chosen.keep_models is not None:  # after registering: a new version's model is kept
+        from cifar_exp.cli.results import collect_models
+
+        collect_models(chosen, args.storage, chosen.keep_models)
     return 0
 
 
@@ -177,23 +183,6 @@ def _check_hypermodel(spec: str) -> None:
     if not found:
         raise ConfigError(f"hypermodel {spec}: no module {module} on the Python path: run from the folder that "
                           f"holds it, add that folder to PYTHONPATH, or install it")
-
-
-def _library_log(storage: str, name: str) -> Path:
-    """``logs/NAME.log`` beside the store (``mlruns/`` for a database storage), where the parent's
-    and the workers' library log lines go; the parent's go there from now on."""
-    import logging
-
-    store = Path(storage).parent if "://" not in storage else DEFAULT_STORE
-    path = store / "logs" / f"{name}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for logger in ("mlflow", "optuna", "alembic", "absl", "py.warnings"):
-        logging.getLogger(logger).handlers[:] = [handler]
-        logging.getLogger(logger).propagate = False
-    logging.captureWarnings(True)
-    return path
 
 
 def _keras_tuner(settings: Any) -> int:

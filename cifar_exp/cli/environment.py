@@ -9,7 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from cifar_exp.config import PACKAGE_DIR, UserError
+from cifar_exp.config import DEFAULT_STORE, PACKAGE_DIR, UserError
 
 
 def set_environment(deterministic: bool) -> None:
@@ -96,3 +96,20 @@ def open_store(tracking_uri: str, deterministic: bool) -> None:
     from cifar_exp import track
 
     track.configure(tracking_uri)
+
+
+def library_log(storage: str, name: str) -> Path:
+    """``logs/NAME.log`` beside the store (``mlruns/`` for a database storage), where the parent's
+    and the workers' library log lines go; the parent's go there from now on."""
+    import logging
+
+    store = Path(storage).parent if "://" not in storage else DEFAULT_STORE
+    path = store / "logs" / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for logger in ("mlflow", "optuna", "alembic", "absl", "py.warnings"):
+        logging.getLogger(logger).handlers[:] = [handler]
+        logging.getLogger(logger).propagate = False
+    logging.captureWarnings(True)
+    return path

@@ -10,45 +10,128 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from cifar_exp.cli.environment import existing_store, open_store
+from cifar_exp.cli.environment import existing_store, library_log, open_store
 from cifar_exp.cli.progress import fmt
 from cifar_exp.config import DEFAULT_STORE, Sweep, UserError, mask_credentials, outcomes
-from cifar_exp.config.records import TrialAttrs
+from cifar_exp.config.records import MODELS_COLLECTED, TrialAttrs, models_collected
 from cifar_exp.config.sweepfile import load_sweep
 
 
-def register_best(chosen: Sweep, storage_url: str, data_source: str | None, rule: outcomes.Rule | None = None) -> None:
+def register_best(chosen: Sweep, storage_url: str, data_source: str | None, rule: outcomes.Rule | None = None,
+                  seeds: int = 0) -> None:
     """Register the study's best model (by ``rule``, default the first objective's best on the
-    front) and promote it; prints what happened (the caller has set up the environment and the
+    front) and promote it; with ``seeds``, the candidates confirmed over that many seeds first
+    (``rerun.confirm``). Prints what happened (the caller has set up the environment and the
     tracking store)."""
     from cifar_exp import data, register, track
     from cifar_exp.sweep.storage import load_existing
 
-    trials = load_existing(storage_url, chosen.name).get_trials(deepcopy=False)
+    study = load_existing(storage_url, chosen.name)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number not in models_collected(study.user_attrs)]
+    if seeds:
+        _register_confirmed(chosen, study, trials, rule, seeds, storage_url)
+        return
     best = register.best_trial(trials, chosen, rule)
     if data_source is None:  # the data the trial trained on, which --data may have overridden
         data_source = track.get_run(str(TrialAttrs.of(best).mlflow_run_id)).tags.get("data_source", chosen.data.source)
     promotion = register.promote(chosen, chosen.model_name, trials, data.load(data_source), rule)
-    version = promotion.version
-    print(f"{'registered' if version.created else 'already registered:'} {version.name} version {version.version} "
-          f"(trial {promotion.trial.number}, run {version.run_id}); alias {register.CHALLENGER} -> "
-          f"version {version.version}")
-    if rule is not None:
-        print(f"chosen by the rule: {rule}")
+    _registered(promotion.version, promotion.trial.number, rule)
     if promotion.promoted:
-        print(f"alias {register.CHAMPION} -> version {version.version}: {promotion.reason}")
+        print(f"alias {register.CHAMPION} -> version {promotion.version.version}: {promotion.reason}")
     else:
         print(f"not promoted to {register.CHAMPION}: {promotion.reason}")
-    print(f"load it with mlflow.pyfunc.load_model('models:/{version.name}@{register.CHAMPION}')")
+    print(f"load it with mlflow.pyfunc.load_model('models:/{promotion.version.name}@{register.CHAMPION}')")
+
+
+def _registered(version: Any, number: int, rule: outcomes.Rule | None) -> None:
+    from cifar_exp import register
+
+    print(f"{'registered' if version.created else 'already registered:'} {version.name} version {version.version} "
+          f"(trial {number}, run {version.run_id}); alias {register.CHALLENGER} -> version {version.version}")
+    if rule is not None:
+        print(f"chosen by the rule: {rule}")
+
+
+def _register_confirmed(chosen: Sweep, study: Any, trials: list[Any], rule: outcomes.Rule | None, seeds: int,
+                        storage_url: str) -> None:
+    from cifar_exp import register
+    from cifar_exp.rerun import confirm
+    from cifar_exp.training import backend
+
+    parent, experiment = study.user_attrs.get("mlflow_parent_run_id"), study.user_attrs.get("mlflow_experiment_id")
+    if not parent or not experiment:
+        raise UserError(f"study '{chosen.name}' has no MLflow parent run yet: run the sweep first")
+    print(f"library log lines (TensorFlow, MLflow): {library_log(storage_url, chosen.name)}", flush=True)
+    trainer = confirm.Trainer(str(experiment), str(parent), backend.identity(),
+                              on_run=lambda line: print(line, flush=True))
+    done = confirm.promote(chosen, chosen.model_name, trials, seeds, rule, trainer)
+    metric = chosen.objective.metric
+    print(f"candidates, {metric} over {seeds} confirmation seeds each (the seed each was chosen on left out):")
+    for t, found in zip(done.candidates, done.confirmed, strict=True):
+        print(f"  trial {t.number}: {outcomes.value(t):.4f} on its own seed -> {found.spread(found.values)}; "
+              f"test_accuracy {TrialAttrs.of(t).test_accuracy or float('nan'):.4f} -> "
+              f"{found.spread(found.test_accuracy)}{'  (best mean)' if found is done.chosen else ''}")
+    _registered(done.version, done.trial.number, rule)
+    verdict = f"alias {register.CHAMPION} -> version {done.version.version}" if done.promoted else \
+        f"not promoted to {register.CHAMPION}"
+    print(f"{verdict}: {done.reason}")
+    print(f"load it with mlflow.pyfunc.load_model('models:/{done.version.name}@{register.CHAMPION}')")
 
 
 def register_command(args: argparse.Namespace) -> int:
     chosen = load_sweep(args.name)
     rule = outcomes.Rule.parse(args.pick or chosen.objective.metric, args.where) \
         if args.pick or args.where else None
+    seeds = chosen.confirm_seeds if args.seeds is None else args.seeds
+    if seeds == 1:
+        raise UserError("--seeds 1: one seed has no spread to judge a champion by: give 2 or more (or 0)")
+    if seeds and args.data is not None:
+        raise UserError("--data is the test set of a one-seed registration; with --seeds each candidate trains and "
+                        "tests on the data it trained on: drop --data (or pass --seeds 0)")
     open_store(args.tracking_uri, chosen.deterministic)
-    register_best(chosen, args.storage, args.data, rule)
+    register_best(chosen, args.storage, args.data, rule, seeds)
+    return 0
+
+
+def _trials(numbers: list[int]) -> str:
+    return f"trial{'s' if len(numbers) != 1 else ''} {', '.join(map(str, numbers))}" if numbers else "none"
+
+
+def collect_models(chosen: Sweep, storage_url: str, keep: int) -> None:
+    """Delete the logged models of all but the ``keep`` best trials of the study (and those the
+    registry holds; ``track.collect``), record them in the study, print what was freed (the
+    caller has configured the tracking store)."""
+    from cifar_exp.sweep.storage import load_existing
+    from cifar_exp.track import collect
+
+    study = load_existing(storage_url, chosen.name)
+    gone = models_collected(study.user_attrs)
+    done = collect.collect(study.get_trials(deepcopy=False), chosen.objectives, keep, gone)
+    if done.deleted:  # after the deletion: a collection cut short is finished by the next one
+        study.set_user_attr(MODELS_COLLECTED, sorted(gone | set(done.deleted)))
+    kept = f"kept the models of the {keep} best ({_trials(done.plan.kept)})"
+    if done.plan.registered:
+        kept += f" and of the registered versions ({_trials(done.plan.registered)})"
+    if not done.deleted:
+        print(f"gc {chosen.name}: nothing to delete; {kept}")
+        return
+    print(f"gc {chosen.name}: deleted the models of {_trials(done.deleted)}: {done.freed:,} bytes freed "
+          f"({done.freed / 2**20:.1f} MiB); {kept}")
+
+
+def gc_command(args: argparse.Namespace) -> int:
+    chosen = load_sweep(args.name)
+    keep = args.keep if args.keep is not None else chosen.keep_models
+    if keep is None:
+        raise UserError(f"gc {chosen.name}: give --keep K (how many of the best trials keep their models), or set "
+                        f"keep_models: in {chosen.path}")
+    existing_store(args.tracking_uri)
+    from cifar_exp import track
+
+    track.configure(args.tracking_uri)
+    collect_models(chosen, args.storage, keep)
     return 0
 
 
@@ -164,6 +247,9 @@ def compare_command(args: argparse.Namespace) -> int:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for line in (header, *rows):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+    gone = sorted(models_collected(study.user_attrs) & {t.number for t in best})
+    if gone:
+        print(f"no model any more (deleted by gc; runs, metrics and curves kept): {_trials(gone)}")
     try:
         plots.curves_png(curves, metric, str(out), f"{chosen.name}: {metric} of the {len(best)} best trials")
     except OSError as exc:

@@ -195,6 +195,18 @@ class Sweep:
     # Deterministic kernels (TensorFlow op determinism, XLA's deterministic GPU ops): what makes
     # a trial rerunnable bit for bit. Default kernels give other numbers, so reruns must match.
     deterministic: bool = True
+    # Which epoch's weights a trial keeps, so its objective value, test pass, artifacts and logged
+    # model: "best" by the first objective's metric (training still runs every epoch, pruning
+    # hears each), or "last".
+    model_epoch: Literal["best", "last"] = "best"
+    # ``register`` retrains the best confirm_candidates trials (on a multi-objective study, the
+    # front members its rule admits) with confirm_seeds further seeds each and promotes on their
+    # means (``rerun.confirm``); 0: register on the one seed the sweep ran.
+    confirm_seeds: int = 0
+    confirm_candidates: int = 3
+    # When the sweep ends, keep the logged models of this many best complete trials (and the
+    # registered versions'), deleting the others' (``cifar-exp gc``); None: keep every model.
+    keep_models: int | None = None
     registered_model: str = ""  # Model Registry name of the best model; "" means cifar10-<name>
     # A KerasTuner hypermodel, "module:attribute", that builds (and compiles) the model instead of
     # TrainConfig's: its hp.* calls join the trial's parameters. See cifar_exp/hypermodel.py.
@@ -208,6 +220,12 @@ class Sweep:
     def measures_speed(self) -> bool:
         """Whether its trials measure ``latency_ms`` and ``throughput`` (only where judged on them)."""
         return any(m in SPEED_METRICS for m in [*(o.metric for o in self.objectives), *self.constraints])
+
+    @property
+    def keep(self) -> tuple[str, Literal["maximize", "minimize"]] | None:
+        """The best-epoch rule ``training.train`` takes: the first objective's metric and
+        direction with ``model_epoch: best``, None with ``last``."""
+        return (self.objective.metric, self.objective.direction) if self.model_epoch == "best" else None
 
     @property
     def model_name(self) -> str:
@@ -254,12 +272,12 @@ class Sweep:
     def identity(self, data_checksum: str) -> dict[str, Any]:
         """What makes the trials of one study comparable: a resume must not change any of it.
         ``searched_sha256`` hashes what defines the trials (objectives, constraints, space, fixed values,
-        hypermodel), not the budget, sampler, pruner or description."""
+        hypermodel, the epoch a trial keeps), not the budget, sampler, pruner or description."""
         judged: dict[str, Any] = {"objective": dataclasses.asdict(self.objective)}
         if len(self.objectives) > 1 or self.constraints:  # a one-objective study keeps its old identity
             judged = {"objectives": [dataclasses.asdict(o) for o in self.objectives],
                       "constraints": {k: dataclasses.asdict(v) for k, v in self.constraints.items()}}
-        searched = json.dumps({**judged, "hypermodel": self.hypermodel,
+        searched = json.dumps({**judged, "hypermodel": self.hypermodel, "model_epoch": self.model_epoch,
                                "space": {k: dataclasses.asdict(v) for k, v in self.space.items()},
                                "fixed": dict(self.fixed)}, sort_keys=True, default=str)
         return {"data_checksum": data_checksum, "train_images": self.data.train_images, "epochs": self.epochs,
@@ -359,29 +377,6 @@ def check_storage(url: str) -> str:
     if "://" not in url and (Path(url).is_dir() or url.endswith(("/", "."))):
         raise UserError(f"--storage {url} is a folder: give a journal file path, e.g. {url.rstrip('/')}/optuna.journal")
     return url
-
-
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # the first bytes of every HDF5 file (Keras' .weights.h5)
-
-
-def check_weights(value: str, where: str) -> str:
-    """``value`` if it is "imagenet", "none" or an existing Keras weights file: a regular
-    ``.weights.h5`` file that starts as HDF5 does (``/etc/passwd`` would fail every trial)."""
-    if value in ("imagenet", "none"):
-        return value
-    path = Path(value)
-    if not path.is_file():
-        raise ConfigError(f"{where}: {value[:60]!r} is neither imagenet, none, nor an existing weights file "
-                          f"(give the path of a .weights.h5 file saved from the backbone)")
-    try:
-        with path.open("rb") as f:
-            head = f.read(len(_HDF5_MAGIC))
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {value[:60]!r} ({exc.strerror or exc})") from None
-    if not value.endswith(".weights.h5") or head != _HDF5_MAGIC:
-        raise ConfigError(f"{where}: {value[:60]!r} is not a Keras weights file (a .weights.h5 file in HDF5, saved "
-                          f"with backbone.save_weights)")
-    return value
 
 
 @dataclass(frozen=True)

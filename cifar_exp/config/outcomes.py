@@ -121,17 +121,20 @@ class Rule:
         where = " and ".join(f"{m}{op}{v:g}" for m, op, v in self.where)
         return f"best {self.pick} on the Pareto front" + (f" where {where}" if where else "")
 
-    def choose(self, trials: Sequence[Judged], objectives: Sequence[Objective]) -> Judged | None:
-        """The front member this rule picks, None if none meets its conditions."""
+    def admitted(self, trials: Sequence[Judged], objectives: Sequence[Objective]) -> list[Judged]:
+        """The front members that meet the rule's conditions, best ``pick`` first."""
         def meets(t: Judged) -> bool:
             return all((v := metric(t, objectives, m)) is not None and _OPS[op](v, bound)
                        for m, op, bound in self.where)
 
         pool = [t for t in front(trials, objectives) if meets(t) and metric(t, objectives, self.pick) is not None]
-        if not pool:
-            return None
         sign = 1 if BETTER[self.pick] == "maximize" else -1
-        return max(pool, key=lambda t: (sign * (metric(t, objectives, self.pick) or 0.0), -t.number))
+        return sorted(pool, key=lambda t: (-sign * (metric(t, objectives, self.pick) or 0.0), t.number))
+
+    def choose(self, trials: Sequence[Judged], objectives: Sequence[Objective]) -> Judged | None:
+        """The front member this rule picks, None if none meets its conditions."""
+        pool = self.admitted(trials, objectives)
+        return pool[0] if pool else None
 
 
 def constraint_values(constraints: Mapping[str, Bound], measured: Mapping[str, float]) -> dict[str, float]:

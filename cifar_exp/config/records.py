@@ -35,9 +35,9 @@ class TrialAttrs:
       trial (``sweep.warmstart``): ``warm_start``, its source;
     - the trial's run (``sweep.worker``): ``mlflow_run_id``, ``seed``, ``resumed_epochs``; at its
       end ``epochs_run``, ``compiled``, ``phases`` and, when complete, ``test_loss``,
-      ``test_accuracy``, ``model_uri``, ``param_count`` (and ``latency_ms``, ``throughput`` in a
-      sweep judged on speed); ``degenerate`` when its numbers mean nothing; ``infeasible`` (the
-      constraints it breaks) when it breaks one;
+      ``test_accuracy``, ``model_uri``, ``model_epoch`` (the epoch it kept), ``param_count``
+      (and ``latency_ms``, ``throughput`` in a sweep judged on speed); ``degenerate`` when its
+      numbers mean nothing; ``infeasible`` (the constraints it breaks) when it breaks one;
     - a failure (``sweep.recovery.fail_trial``): ``fail_reason``, and ``interrupted`` for Ctrl-C or
       SIGTERM (an interrupted trial does not count against the budget).
     """
@@ -55,6 +55,7 @@ class TrialAttrs:
     test_loss: float | None = None
     test_accuracy: float | None = None
     model_uri: str | None = None
+    model_epoch: int | None = None
     param_count: int | None = None
     latency_ms: float | None = None
     throughput: float | None = None
@@ -106,6 +107,16 @@ class TrialAttrs:
         """The set attributes, flat (phases as their ``*_seconds`` keys), for a table or a report."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("phases",)}
         return {**{k: v for k, v in values.items() if v is not None and k != "interrupted"}, **self.phases}
+
+
+# A study's user attribute: the trials whose logged models ``cifar-exp gc`` deleted (their runs,
+# metrics and artifacts stay).
+MODELS_COLLECTED = "models_collected"
+
+
+def models_collected(study_attrs: Mapping[str, Any]) -> frozenset[int]:
+    """The trial numbers whose models were collected, from the study's ``user_attrs``."""
+    return frozenset(int(n) for n in study_attrs.get(MODELS_COLLECTED, ()))
 
 
 class RecipeError(UserError):

@@ -22,7 +22,6 @@ from cifar_exp.config import (
     DataConfig,
     Dimension,
     Sweep,
-    check_weights,
 )
 from cifar_exp.config.goals import (
     BETTER,
@@ -37,7 +36,7 @@ from cifar_exp.config.goals import (
     WarmStart,
 )
 from cifar_exp.config.safeyaml import MAX_SWEEP_BYTES, load_yaml, short
-from cifar_exp.config.values import check_range, check_train_value, coerce, section, unknown_key, within
+from cifar_exp.config.values import check_range, check_train_value, check_weights, coerce, section, unknown_key, within
 
 # Top-level keys of a sweep file, with the type each must have.
 _TOP_LEVEL: dict[str, Any] = {
@@ -57,6 +56,9 @@ _TOP_LEVEL: dict[str, Any] = {
     "max_consecutive_failures": int,
     "heartbeat_grace": float,
     "deterministic": bool,
+    "model_epoch": Literal["best", "last"],
+    "confirm_seeds": int, "confirm_candidates": int,
+    "keep_models": int | None,
     "registered_model": str,
     "hypermodel": str,
 }
@@ -64,7 +66,8 @@ _HYPERMODEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*
 # The bounds of the top-level numbers, for the file and for the flags that override it alike.
 TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
                     "trial_timeout": (1.0, None), "max_consecutive_failures": (1, 1_000_000),
-                    "heartbeat_grace": (5.0, None)}
+                    "heartbeat_grace": (5.0, None), "confirm_seeds": (0, 1000), "confirm_candidates": (1, 1000),
+                    "keep_models": (1, None)}
 _DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -274,6 +277,9 @@ def _check_together(values: Mapping[str, Any], space: Mapping[str, Dimension], f
     if "registered_model" in values and not _NAME_RE.match(values["registered_model"]):
         raise ConfigError(f"{where}: registered_model: {short(values['registered_model'])} is not a valid name "
                           f"(letters, digits, '_', '-' and '.', starting with a letter or digit)")
+    if values.get("confirm_seeds") == 1:
+        raise ConfigError(f"{where}: confirm_seeds: 1 seed has no spread to judge a champion by: give 2 or more "
+                          f"(or 0: no confirmation)")
     if values.get("trials", 20) is None and values.get("timeout") is None:
         raise ConfigError(f"{where}: give a budget: trials, timeout, or both")
 

@@ -1,6 +1,7 @@
 """Checking a value against the schema (``config``): a type (``coerce``), a range
 (``check_range``), a dataclass section (``section``), a ``TrainConfig`` field
-(``check_train_value``, and from MLflow's strings ``train_values_from_strings``). Every error is
+(``check_train_value``, and from MLflow's strings ``train_values_from_strings``), a weights file
+(``check_weights``). Every error is
 a ``ConfigError`` prefixed by ``where``, the place in the file or the flag."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import difflib
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from cifar_exp.config import _TRAIN_TYPES, TRAIN_FIELDS, ConfigError, Dimension
@@ -141,3 +143,26 @@ def within(dim: Dimension, value: Any) -> str:
     if dim.step and abs((value - dim.low) / dim.step - round((value - dim.low) / dim.step)) > 1e-9:
         return f"not on its step {dim.step}"
     return ""
+
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # the first bytes of every HDF5 file (Keras' .weights.h5)
+
+
+def check_weights(value: str, where: str) -> str:
+    """``value`` if it is "imagenet", "none" or an existing Keras weights file: a regular
+    ``.weights.h5`` file that starts as HDF5 does (``/etc/passwd`` would fail every trial)."""
+    if value in ("imagenet", "none"):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"{where}: {value[:60]!r} is neither imagenet, none, nor an existing weights file "
+                          f"(give the path of a .weights.h5 file saved from the backbone)")
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_HDF5_MAGIC))
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {value[:60]!r} ({exc.strerror or exc})") from None
+    if not value.endswith(".weights.h5") or head != _HDF5_MAGIC:
+        raise ConfigError(f"{where}: {value[:60]!r} is not a Keras weights file (a .weights.h5 file in HDF5, saved "
+                          f"with backbone.save_weights)")
+    return value

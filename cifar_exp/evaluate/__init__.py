@@ -99,11 +99,12 @@ def confused_pairs(counts: np.ndarray, class_names: Sequence[str], top: int = 5)
 
 def write_report(out: Path, images: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray,
                  class_names: Sequence[str], history: Mapping[str, Sequence[float]] | None,
-                 title: str) -> dict[str, float]:
+                 title: str, kept_epoch: int | None = None) -> dict[str, float]:
     """A test-set evaluation into the folder ``out``: confusion matrix (PNG, CSV), the most-confused
     class pairs (CSV), classification report (JSON), a grid of predictions (PNG: misclassified
     images across classes, then correct ones, see ``grid_picks``) and, given a ``history``,
-    learning curves (PNG). Returns the per-class precision/recall/F1 and macro F1 metrics."""
+    learning curves (PNG; ``kept_epoch``, the index of the epoch whose model this is, marked).
+    Returns the per-class precision/recall/F1 and macro F1 metrics."""
     from sklearn.metrics import classification_report, confusion_matrix
 
     from cifar_exp.evaluate import plots
@@ -132,5 +133,5 @@ def write_report(out: Path, images: np.ndarray, y_true: np.ndarray, y_prob: np.n
     plots.prediction_grid_png(images[shown], y_true[shown], y_pred[shown], class_names,
                               out / "prediction_grid.png", title, y_prob[shown, y_pred[shown]])
     if history is not None:
-        plots.learning_curves_png(history, out / "learning_curves.png", title)
+        plots.learning_curves_png(history, out / "learning_curves.png", title, kept_epoch)
     return metrics

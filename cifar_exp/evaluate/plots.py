@@ -35,10 +35,12 @@ def confusion_matrix_png(counts: np.ndarray, class_names: Sequence[str], path: P
     plt.close(fig)
 
 
-def learning_curves_png(history: Mapping[str, Sequence[float]], path: Path, title: str) -> None:
+def learning_curves_png(history: Mapping[str, Sequence[float]], path: Path, title: str,
+                        kept_epoch: int | None = None) -> None:
     """Loss and accuracy per epoch, train and validation (at each epoch's end); on a second axis
     the learning rate each epoch trained at, drawn over the epoch (from epoch - 1 to epoch): flat,
-    or from its first step's rate to its last step's for a per-step schedule."""
+    or from its first step's rate to its last step's for a per-step schedule. ``kept_epoch`` (an
+    index): the epoch whose model was kept, a vertical line."""
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -48,6 +50,8 @@ def learning_curves_png(history: Mapping[str, Sequence[float]], path: Path, titl
             if history.get(name):
                 epochs = np.arange(1, len(history[name]) + 1)
                 ax.plot(epochs, history[name], style, marker="o", label=name)
+        if kept_epoch is not None:
+            ax.axvline(kept_epoch + 1, color="green", alpha=0.5, label=f"model kept (epoch {kept_epoch + 1})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -108,6 +112,28 @@ def curves_png(curves: Mapping[str, Sequence[float]], metric: str, path: str | P
     ax.set(xlabel="epoch", ylabel=metric, title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def recall_png(recall: Mapping[str, np.ndarray], path: Path, title: str) -> None:
+    """Per class, the mean test recall over seeds as a bar, its standard deviation as an error bar,
+    and each seed's value as a dot."""
+    names = list(recall)
+    means = [float(np.mean(recall[n])) for n in names]
+    spreads = [float(np.std(recall[n], ddof=1)) if len(recall[n]) > 1 else 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    x = np.arange(len(names))
+    ax.bar(x, means, yerr=spreads, capsize=4, color="tab:blue", alpha=0.6, label="mean ± std")
+    for i, n in enumerate(names):
+        ax.plot(np.full(len(recall[n]), x[i]), recall[n], "o", color="black", markersize=3)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test recall")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

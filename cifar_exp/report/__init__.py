@@ -17,7 +17,7 @@ import html
 import json
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cifar_exp.config import outcomes
 from cifar_exp.config.goals import Objective
-from cifar_exp.config.records import TrialAttrs
+from cifar_exp.config.records import TrialAttrs, models_collected
 
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "contour",
          "intermediate_values")
@@ -43,6 +43,7 @@ PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "sl
 # complete trials, so the report asks for the share that holds the best TOP_TRIALS trials, at
 # least 0.1: 0.4 of 5 trials, 0.1 of 20 or more.
 THIN_PLOTS = ("param_importances", "contour")
+COLLECTED = "deleted by gc"  # a trial's model_uri in the table once ``cifar-exp gc`` deleted its model
 MIN_COMPLETE_FOR_IMPORTANCE = 5
 TOP_TRIALS = 2
 
@@ -52,11 +53,12 @@ def importance_quantile(complete: int) -> float:
     return min(0.5, max(0.1, TOP_TRIALS / max(complete, 1)))  # PED-ANOVA takes below 1.0
 
 
-def trial_rows(trials: Sequence[FrozenTrial], objectives: Sequence[Objective] = (Objective(),)) -> list[dict[str, Any]]:
+def trial_rows(trials: Sequence[FrozenTrial], objectives: Sequence[Objective] = (Objective(),),
+               collected: Collection[int] = ()) -> list[dict[str, Any]]:
     """One row per trial: number, state, value (the first objective's), seconds, params, and what
-    the worker recorded (test metrics, epochs run, run id, failure reason). With several
-    objectives, each objective's value and ``front`` (on the Pareto front); where any trial has
-    constraints, ``feasible``."""
+    the worker recorded (test metrics, epochs run, run id, model, failure reason); the model of a
+    trial in ``collected`` reads ``deleted by gc``. With several objectives, each objective's
+    value and ``front`` (on the Pareto front); where any trial has constraints, ``feasible``."""
     several = len(objectives) > 1
     on_front = {t.number for t in outcomes.front(trials, objectives)}
     constrained = any(t.constraints for t in trials)
@@ -71,7 +73,8 @@ def trial_rows(trials: Sequence[FrozenTrial], objectives: Sequence[Objective] = 
         if constrained:
             judged["feasible"] = outcomes.feasible(t) if t.constraints else None
         rows.append({"number": t.number, "state": t.state.name, "value": outcomes.value(t), **judged,
-                     "seconds": seconds, **t.params, **TrialAttrs.of(t).shown()})
+                     "seconds": seconds, **t.params, **TrialAttrs.of(t).shown(),
+                     **({"model_uri": COLLECTED} if t.number in collected else {})})
     return rows
 
 
@@ -242,7 +245,7 @@ def write(study: optuna.Study, folder: Path, epochs: int,
     Optuna could not draw."""
     folder.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    rows = trial_rows(trials, objectives)
+    rows = trial_rows(trials, objectives, models_collected(study.user_attrs))
     _write_csv(folder / "trials.csv", rows)
     (folder / "trials.html").write_text(_page(f"Trials of {study.study_name}", _table(rows)))
     cost = ledger(trials, epochs)

@@ -278,6 +278,7 @@ class Worker:
             broken = outcomes.broken(sweep.constraints, measured)
             attrs = TrialAttrs.encode(test_loss=outcome.test_loss, test_accuracy=outcome.test_accuracy,
                                       epochs_run=outcome.epochs_run, model_uri=outcome.model_uri,
+                                      model_epoch=outcome.model_epoch,
                                       phases=outcome.phases, compiled=outcome.compiled,
                                       param_count=int(measured["param_count"]),
                                       **{k: measured[k] for k in SPEED_METRICS if k in measured},

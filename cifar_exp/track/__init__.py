@@ -308,27 +308,28 @@ def read_text(run_id: str, path: str) -> str | None:
         return Path(local).read_text(encoding="utf-8")
 
 
-def log_test(run_id: str, result: Any, splits: Any, title: str) -> None:
+def log_test(run_id: str, result: Any, splits: Any, title: str) -> dict[str, float]:
     """Log a finished training's test evaluation: test metrics, parameter count, the model's
-    summary, and the evaluation's metrics and files (``log_evaluation``). ``result`` is a
-    ``train.TrainResult``; its model is logged by ``models.log_model``."""
+    summary, and the evaluation's metrics and files (``log_evaluation``, whose metrics it returns:
+    per-class precision, recall, F1). ``result`` is a ``train.TrainResult``; its model is logged by
+    ``models.log_model``."""
     model = result.model
     log_metrics(run_id, {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
                          "param_count": float(model.count_params())})
     lines: list[str] = []
     model.summary(print_fn=lambda line, **kwargs: lines.append(line), expand_nested=True)
     log_text(run_id, "\n".join(lines) + "\n", "model_summary.txt")
-    log_evaluation(run_id, splits.x_test, splits.y_test, result.y_prob, splits.class_names, result.history,
-                   title=title)
+    return log_evaluation(run_id, splits.x_test, splits.y_test, result.y_prob, splits.class_names, result.history,
+                          title=title, kept_epoch=result.kept_epoch)
 
 
 def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray,
                    class_names: Sequence[str], history: Mapping[str, Sequence[float]] | None,
-                   title: str) -> dict[str, float]:
+                   title: str, kept_epoch: int | None = None) -> dict[str, float]:
     """Log a test-set evaluation (``evaluate.write_report``): its metrics, and its files as
     artifacts. Returns the metrics logged."""
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = evaluate.write_report(Path(tmp), images, y_true, y_prob, class_names, history, title)
+        metrics = evaluate.write_report(Path(tmp), images, y_true, y_prob, class_names, history, title, kept_epoch)
         log_metrics(run_id, metrics)
         retrying(MlflowClient().log_artifacts, run_id, tmp)
     return metrics
@@ -343,7 +344,8 @@ def running_children(experiment: str, parent_run_id: str) -> dict[str, int]:
     """The trial runs under ``parent_run_id`` that are still RUNNING: run id -> trial number."""
     runs = retrying(MlflowClient().search_runs, [experiment],
                     f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'", max_results=50_000)
-    return {str(r.info.run_id): int(r.data.tags.get("trial_number", -1)) for r in runs}
+    # A trial's run has its number; other runs under the parent (register's confirmation runs) are no trial's.
+    return {str(r.info.run_id): int(r.data.tags["trial_number"]) for r in runs if "trial_number" in r.data.tags}
 
 
 def find_experiment(name: str) -> str | None:

@@ -144,5 +144,56 @@ def alias_version(name: str, alias: str) -> Version | None:
     return Version(name, str(version.version), str(version.run_id), created=False)
 
 
+def version_tags(name: str, version: str) -> dict[str, str]:
+    """The tags of version ``version`` of ``name``."""
+    return dict(retrying(MlflowClient().get_model_version, name, version).tags or {})
+
+
 def set_alias(name: str, alias: str, version: str) -> None:
     retrying(MlflowClient().set_registered_model_alias, name, alias, version)
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """The id of the logged model ``model_uri`` names (``models:/m-...``), None for another URI."""
+    rest = model_uri.removeprefix("models:/")
+    return rest if rest != model_uri and rest.startswith("m-") and "/" not in rest and "@" not in rest else None
+
+
+def protected_runs() -> tuple[set[str], set[str]]:
+    """``(run ids, logged model ids)`` of every version in the Model Registry: what no collection
+    may delete."""
+    runs, models = set(), set()
+    for version in retrying(MlflowClient().search_model_versions, max_results=100_000):
+        if version.run_id:
+            runs.add(str(version.run_id))
+        source_id = version.model_id or logged_model_id(str(version.source or ""))
+        if source_id:
+            models.add(str(source_id))
+    return runs, models
+
+
+def delete_model(model_uri: str) -> int:
+    """Delete the logged model ``model_uri`` through MLflow: its files from the artifact store, then
+    the logged model itself. Returns the bytes its files took (0 for a model already gone)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    model_id = logged_model_id(model_uri)
+    if model_id is None:
+        raise ValueError(f"{model_uri} is not a logged model's URI (models:/m-...)")
+    client = MlflowClient()
+    try:
+        model = retrying(client.get_logged_model, model_id)
+    except MlflowException:
+        return 0  # deleted already (by an earlier collection)
+    repository = get_artifact_repository(model.artifact_location)
+    size = _bytes(repository, None)
+    repository.delete_artifacts()
+    retrying(client.delete_logged_model, model_id)
+    return size
+
+
+def _bytes(repository: Any, path: str | None) -> int:
+    total = 0
+    for info in repository.list_artifacts(path):
+        total += _bytes(repository, info.path) if info.is_dir else int(info.file_size or 0)
+    return total

@@ -4,7 +4,8 @@ trial whose worker died resumes after the last finished epoch instead of at epoc
 The state is everything the next epoch reads: the model's variables (weights, BatchNorm
 statistics, the seed generators of dropout and augmentation), the optimizer's (its slots, the
 iteration count, the schedule's numbers with the plateau's scale), the plateau rule's best and
-wait, and the metrics logged so far. The data order needs nothing: each epoch's is drawn from
+wait, the metrics logged so far, and the best epoch so far with its variables (``best``; written
+once when it is the last epoch). The data order needs nothing: each epoch's is drawn from
 (seed, epoch) (``train``). So a resumed run computes what the uninterrupted run would have, bit
 for bit on the CPU (``tests/test_checkpoints.py``).
 
@@ -31,6 +32,7 @@ import keras
 import numpy as np
 
 from cifar_exp.config import TrainConfig
+from cifar_exp.training.best import BestEpoch, Kept
 
 
 @dataclass
@@ -42,14 +44,15 @@ class State:
     optimizer: list[np.ndarray]  # train_model.optimizer.variables, in order
     plateau: tuple[float, int] | None = None  # the plateau rule's (best, wait)
     history: dict[str, list[float]] = field(default_factory=dict)  # every logs key, epochs 0..epoch
+    kept: Kept | None = None  # the best epoch so far (``model_epoch: best``)
 
 
 def fingerprint(cfg: TrainConfig, seed: int, epochs: int, shapes: tuple[tuple[int, ...], ...],
-                num_classes: int) -> str:
+                num_classes: int, keep: tuple[str, str] | None = None) -> str:
     """What a checkpoint must have been written by to be resumed: the same configuration, seed,
-    length, data shapes, class count and backend."""
+    length, data shapes, class count, backend and best-epoch rule (``keep``: metric, direction)."""
     what = {"cfg": asdict(cfg), "seed": seed, "epochs": epochs, "shapes": [list(s) for s in shapes],
-            "classes": num_classes, "backend": keras.backend.backend()}
+            "classes": num_classes, "backend": keras.backend.backend(), **({"keep": list(keep)} if keep else {})}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -60,18 +63,23 @@ def _numpy(variable: Any) -> np.ndarray:
 
 
 def capture(train_model: keras.Model, epoch: int, plateau: tuple[float, int] | None,
-            history: Mapping[str, list[float]]) -> State:
+            history: Mapping[str, list[float]], kept: Kept | None = None) -> State:
     """The state of ``train_model`` (compiled, its optimizer built) after ``epoch``."""
     return State(epoch, [_numpy(v) for v in train_model.variables],
                  [_numpy(v) for v in train_model.optimizer.variables], plateau,
-                 {k: list(v) for k, v in history.items()})
+                 {k: list(v) for k, v in history.items()}, kept)
 
 
 def save(path: Path, key: str, state: State) -> None:
     """Write ``state`` (of the run ``key``, see ``fingerprint``) to ``path``, atomically."""
+    kept = state.kept
+    own = kept is not None and kept.epoch != state.epoch  # else the kept variables are the model's
     meta = {"key": key, "epoch": state.epoch, "plateau": state.plateau, "history": state.history,
-            "model": len(state.model), "optimizer": len(state.optimizer)}
+            "model": len(state.model), "optimizer": len(state.optimizer),
+            "kept": None if kept is None else {"epoch": kept.epoch, "value": kept.value, "own": own}}
     arrays = {f"m{i}": a for i, a in enumerate(state.model)} | {f"o{i}": a for i, a in enumerate(state.optimizer)}
+    if kept is not None and own:
+        arrays |= {f"k{i}": a for i, a in enumerate(kept.variables)}
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -90,11 +98,14 @@ def load(path: Path, key: str) -> State | None:
             meta = json.loads(str(saved["meta"]))
             if meta.get("key") != key:
                 return None
-            plateau = meta["plateau"]
-            return State(int(meta["epoch"]), [saved[f"m{i}"] for i in range(meta["model"])],
-                         [saved[f"o{i}"] for i in range(meta["optimizer"])],
+            plateau, model = meta["plateau"], [saved[f"m{i}"] for i in range(meta["model"])]
+            kept = meta.get("kept")
+            return State(int(meta["epoch"]), model, [saved[f"o{i}"] for i in range(meta["optimizer"])],
                          (float(plateau[0]), int(plateau[1])) if plateau else None,
-                         {k: [float(x) for x in v] for k, v in meta["history"].items()})
+                         {k: [float(x) for x in v] for k, v in meta["history"].items()},
+                         None if kept is None else Kept(int(kept["epoch"]), float(kept["value"]),
+                                                        [saved[f"k{i}"] for i in range(meta["model"])]
+                                                        if kept["own"] else model))
     except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, EOFError):
         return None
 
@@ -121,13 +132,14 @@ def restore(train_model: keras.Model, state: State, optimizer: bool) -> None:
 
 class Writer(keras.callbacks.Callback):
     """Saves the run's state to ``path`` after every epoch (place it after every callback that
-    changes state at an epoch's end: the plateau rule). ``history`` holds the metrics of the
+    changes state at an epoch's end: the plateau rule, ``best``). ``history`` holds the metrics of the
     epochs before this fit (a resumed run's); ``plateau`` is the run's plateau rule, if any. A
     write that fails (a full disk) warns and training goes on without that checkpoint."""
 
-    def __init__(self, path: Path, key: str, history: Mapping[str, list[float]], plateau: Any = None) -> None:
+    def __init__(self, path: Path, key: str, history: Mapping[str, list[float]], plateau: Any = None,
+                 best: BestEpoch | None = None) -> None:
         super().__init__()
-        self.path, self.key, self.plateau = path, key, plateau
+        self.path, self.key, self.plateau, self.best = path, key, plateau, best
         self.history = {k: list(v) for k, v in history.items()}
 
     def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
@@ -135,6 +147,7 @@ class Writer(keras.callbacks.Callback):
             self.history.setdefault(name, []).append(float(value))
         plateau = (float(self.plateau.best), int(self.plateau.wait)) if self.plateau is not None else None
         try:
-            save(self.path, self.key, capture(self.model, epoch, plateau, self.history))
+            kept = self.best.kept if self.best is not None else None
+            save(self.path, self.key, capture(self.model, epoch, plateau, self.history, kept))
         except OSError as exc:
             warnings.warn(f"checkpoint of epoch {epoch} not written ({exc}); training goes on", stacklevel=1)

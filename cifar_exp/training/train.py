@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import numpy as np
@@ -20,7 +20,9 @@ import numpy as np
 from cifar_exp import evaluate
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import Splits
-from cifar_exp.training import backend, checkpoints, layers, optimizers
+from cifar_exp.training import checkpoints, layers, optimizers
+from cifar_exp.training.best import BestEpoch, assign
+from cifar_exp.training.clock import Clock
 from cifar_exp.training.models import build, fine_tune
 from cifar_exp.training.programs import Program, Programs, structure
 
@@ -49,20 +51,16 @@ class TrainResult:
     history: dict[str, list[float]]
     test_loss: float
     test_accuracy: float
-    y_prob: np.ndarray  # (n_test, n_classes) probabilities of the final model
+    y_prob: np.ndarray  # (n_test, n_classes) probabilities of the kept model
     model: keras.Model  # the inference model (uint8 images in, probabilities out), stock layers only
+    kept_epoch: int = 0  # the index of the epoch whose weights the model holds: the best by ``keep``, or the last
     # "new": its programs were compiled for it; "cache": read from JAX's persistent compilation
     # cache (none compiled); "reused": a program a previous trial of the worker compiled.
     compiled: str = "new"
-    # Seconds by phase: build_seconds, compile_seconds (0 when reused), fit_seconds (training and
-    # validation, compilation excluded), predict_seconds (the test pass), model_seconds (the copy
-    # of the model to log).
+    # Seconds by phase: build_seconds, compile_seconds (0 when reused), fit_seconds (training and validation,
+    # compilation excluded), predict_seconds (the test pass), model_seconds (the copy of the model to log).
     phases: dict[str, float] = field(default_factory=dict)
     compilations: int | None = None  # XLA programs compiled (JAX; None under TensorFlow)
-
-    @property
-    def y_pred(self) -> np.ndarray:
-        return np.asarray(self.y_prob.argmax(axis=1))
 
 
 class _Hooks(keras.callbacks.Callback):
@@ -167,49 +165,13 @@ class FullBatches(keras.utils.PyDataset):
         return self.x[batch], self.y[batch]
 
 
-class Clock:
-    """A trial's seconds by phase (``TrainResult.phases``), from its creation: each ``lap`` books
-    the seconds since the last one to a phase, less the XLA compilation seconds in them (JAX),
-    which go to compile_seconds. A caller that passes its own to ``train`` still reads the phases
-    done when training raised (a pruned trial's)."""
-
-    def __init__(self) -> None:
-        self.meter = backend.CompileMeter()
-        self.phases = {"compile_seconds": 0.0}
-        self.reused = False  # set by train: the trial ran a program a previous one compiled
-        self._mark()
-
-    def _mark(self) -> None:
-        self.wall, self.compiling = time.perf_counter(), self.meter.seconds or 0.0
-
-    def first_step(self, at: float) -> None:
-        """Under TensorFlow, which reports no compile events, the seconds from the mark to the
-        first training step (``at``, ``time.perf_counter``) of a program not reused are its
-        compile seconds."""
-        if not self.meter.active and not self.reused:
-            self.phases["compile_seconds"] += at - self.wall
-            self.wall = at
-
-    def origin(self) -> str:
-        """``TrainResult.compiled``: "reused", "cache" (every program from JAX's persistent
-        compilation cache) or "new"."""
-        if self.reused:
-            return "reused"
-        return "cache" if self.meter.cache_hits and not self.meter.compilations else "new"
-
-    def lap(self, phase: str) -> None:
-        compiling = (self.meter.seconds or 0.0) - self.compiling
-        self.phases[phase] = time.perf_counter() - self.wall - compiling
-        self.phases["compile_seconds"] += compiling
-        self._mark()
-
-
 def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
           on_epoch: Sequence[EpochHook] = (), stop_after: int | None = None,
           custom: CustomModel | None = None, on_first_step: Callable[[float], None] | None = None,
           started: float | None = None, programs: Programs | None = None,
           clock: Clock | None = None, checkpoint: Path | None = None,
-          on_resume: Callable[[Mapping[str, list[float]]], None] | None = None) -> TrainResult:
+          on_resume: Callable[[Mapping[str, list[float]]], None] | None = None,
+          keep: tuple[str, Literal["maximize", "minimize"]] | None = None) -> TrainResult:
     """Train ``cfg`` on ``data.x_train`` for ``epochs`` (validating on ``data.x_val`` each epoch),
     then predict ``data.x_test`` once. A transfer model with ``fine_tune_epochs`` trains its last
     epochs with the top backbone layers unfrozen. ``stop_after`` ends training after that many
@@ -222,8 +184,9 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     With ``checkpoint`` (not for a ``custom`` model), the state is saved there after every epoch
     (``checkpoints``); one there from the same run is resumed: training goes on after its last
     epoch, ``on_resume`` first receiving its metrics (the hooks do not see those epochs again),
-    and the result is the uninterrupted run's. Seeds Python, NumPy and the backend with ``seed``
-    (same arguments, same process mode: same numbers). Raises ``Diverged`` on a non-finite loss."""
+    and the result is the uninterrupted run's. With ``keep`` (a logs key, a direction), the test
+    pass and model are the epoch's best by it (``kept_epoch``). Seeds Python, NumPy and the
+    backend with ``seed`` (same arguments, same process: same numbers). Raises ``Diverged``."""
     started = time.perf_counter() if started is None else started
     clock = clock or Clock()
     keras.utils.set_random_seed(seed)
@@ -241,28 +204,26 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     if program is not None:
         train_model, model, clock.reused = program.train_model, program.model, True
     checkpoint = None if custom else checkpoint
-    key = checkpoints.fingerprint(cfg, seed, epochs, (data.x_train.shape, data.x_val.shape), num_classes)
-    resumed = checkpoints.load(checkpoint, key) if checkpoint else None
-    if resumed is not None and on_resume is not None:
-        on_resume(resumed.history)
+    key, resumed = _resume(checkpoint, checkpoints.fingerprint(
+        cfg, seed, epochs, (data.x_train.shape, data.x_val.shape), num_classes, keep), on_resume)
     clock.lap("build_seconds")
     run = _Phases(cfg, data, train_model, compiled, program is not None, labels, custom, batches, hooks, seed,
-                  checkpoint, key, resumed)
+                  checkpoint, key, resumed, BestEpoch(*keep, kept=resumed.kept if resumed else None) if keep else None)
     run.fit(first_opt, 0, min(last, turn))
     if last > turn:
         fine_tune(train_model, cfg.fine_tune_layers)
         # A new optimizer: its state would belong to the first phase's trainable weights.
         run.fit(optimizers.optimizer(cfg, second, steps_per_epoch, rate=cfg.fine_tune_learning_rate),
                 turn, last, phase_two=True)
-    if resumed is not None and resumed.epoch + 1 >= last:  # it died after training: the last epoch's weights
-        checkpoints.restore(train_model, resumed, optimizer=False)
+    kept_epoch = run.settle(last)
     clock.lap("fit_seconds")
     y_prob = np.asarray(model.predict(data.x_test, batch_size=PREDICT_BATCH, verbose=0))
     clock.lap("predict_seconds")
     logged = model if custom else layers.portable(model)
     clock.lap("model_seconds")
     return TrainResult(history=run.history, **evaluate.test_metrics(y_prob, data.y_test, cfg.label_smoothing),
-                       y_prob=y_prob, model=logged, compiled=clock.origin(), phases=clock.phases,
+                       y_prob=y_prob, model=logged, kept_epoch=kept_epoch, compiled=clock.origin(),
+                       phases=clock.phases,
                        compilations=clock.meter.compilations)
 
 
@@ -284,11 +245,23 @@ class _Phases:
     checkpoint: Path | None
     key: str
     resumed: checkpoints.State | None
+    best: BestEpoch | None = None
     history: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.start = self.resumed.epoch + 1 if self.resumed is not None else 0
         self.history = {k: list(v) for k, v in self.resumed.history.items()} if self.resumed is not None else {}
+
+    def settle(self, last: int) -> int:
+        """After the last ``fit``: the train model (and the inference model, which shares its
+        variables) set to the epoch kept, the best (``best``) or the last; returns its index."""
+        if self.resumed is not None and self.resumed.epoch + 1 >= last:  # it died after training
+            checkpoints.restore(self.train_model, self.resumed, optimizer=False)
+        kept = max((len(v) for v in self.history.values()), default=1) - 1
+        if self.best is not None and self.best.kept is not None and self.best.kept.epoch != kept:
+            assign(self.train_model, self.best.kept.variables)
+            kept = self.best.kept.epoch
+        return kept
 
     def fit(self, opt: keras.optimizers.Optimizer | None, begin: int, end: int, phase_two: bool = False) -> None:
         """Train the phase of epochs ``begin`` to ``end`` with ``opt``, from the first epoch not in
@@ -308,13 +281,23 @@ class _Phases:
             if plateau is not None and ours and resumed.plateau is not None:
                 plateau.best, plateau.wait = resumed.plateau
         # After the hooks, the plateau rule: it lowers the next epoch's rate, not the one logged;
-        # then the checkpoint, of the state the next epoch starts from.
-        after: list[keras.callbacks.Callback] = [plateau] if plateau is not None else []
+        # the best epoch's copy; then the checkpoint, of the state the next epoch starts from.
+        after: list[keras.callbacks.Callback] = [c for c in (plateau, self.best) if c is not None]
         if self.checkpoint is not None:
-            after.append(checkpoints.Writer(self.checkpoint, self.key, self.history, plateau))
+            after.append(checkpoints.Writer(self.checkpoint, self.key, self.history, plateau, self.best))
         validation = (self.data.x_val, self.labels(self.data.y_val))
         _fit(model, self.data, self.labels, self.cfg, self.custom, self.batches, self.history, self.seed,
              initial_epoch=first, epochs=end, verbose=0, validation_data=validation, callbacks=[self.hooks, *after])
+
+
+def _resume(checkpoint: Path | None, key: str, on_resume: Callable[[Mapping[str, list[float]]], None] | None
+            ) -> tuple[str, checkpoints.State | None]:
+    """``(key, the state to resume)``: the checkpoint's if the run ``key`` wrote it, its metrics
+    handed to ``on_resume`` first."""
+    resumed = checkpoints.load(checkpoint, key) if checkpoint else None
+    if resumed is not None and on_resume is not None:
+        on_resume(resumed.history)
+    return key, resumed
 
 
 def _batches(cfg: TrainConfig, data: Splits, labels: Callable[..., Any], custom: CustomModel | None,
