@@ -221,7 +221,7 @@ class TrialRun:
                                      on_epoch=[self._epoch], custom=custom, on_first_step=self._on_first_step,
                                      started=started, programs=self.programs, clock=self.clock,
                                      checkpoint=None if custom is not None else self.checkpoint,
-                                     on_resume=self._resumed, stop_after=stop_after, keep=self.sweep.keep)
+                                     on_resume=self._resumed, stop_after=stop_after, best_by=self.sweep.best_by)
         finally:
             self.training = False
         self.limit.check()

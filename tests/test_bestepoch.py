@@ -39,7 +39,7 @@ def test_the_chosen_epoch_is_the_first_best_finite_value() -> None:
 
 
 def test_the_model_kept_is_the_best_epochs_and_equals_the_run_stopped_there(splits: data.Splits) -> None:
-    kept = train.train(CFG, splits, epochs=3, seed=7, keep=EARLY)
+    kept = train.train(CFG, splits, epochs=3, seed=7, best_by=EARLY)
     keras.backend.clear_session()
     assert len(kept.history["loss"]) == 3  # every epoch trained and reported
     assert kept.kept_epoch == best.chosen_epoch(kept.history, *EARLY) < 2, kept.history["loss"]
@@ -58,11 +58,11 @@ def test_without_a_rule_the_model_is_the_last_epochs(splits: data.Splits) -> Non
 
 
 def test_a_resumed_run_keeps_the_epoch_the_uninterrupted_run_keeps(splits: data.Splits, tmp_path: Path) -> None:
-    whole = train.train(CFG, splits, epochs=3, seed=7, keep=EARLY)
+    whole = train.train(CFG, splits, epochs=3, seed=7, best_by=EARLY)
     keras.backend.clear_session()
 
     for dies_at in (1, 2):  # the kept epoch is the checkpoint's own (stored once), then one before it
-        resumed, _ = killed_then_resumed(CFG, splits, tmp_path / f"k{dies_at}.npz", 3, dies_at, keep=EARLY)
+        resumed, _ = killed_then_resumed(CFG, splits, tmp_path / f"k{dies_at}.npz", 3, dies_at, best_by=EARLY)
         assert resumed.kept_epoch == whole.kept_epoch, dies_at
         assert np.array_equal(resumed.y_prob, whole.y_prob), dies_at
         assert numbers(resumed.history) == numbers(whole.history), dies_at

@@ -211,6 +211,23 @@ def test_the_champion_is_the_best_trial_and_a_worse_sweep_leaves_it(registered: 
 
 
 @pytest.mark.slow
+def test_keep_models_collects_the_rest_when_the_sweep_ends_after_registering(registered: dict) -> None:
+    import optuna
+
+    from cifar_exp.sweep.storage import open_storage
+
+    study = optuna.load_study(study_name="registry_good",
+                              storage=open_storage(str(registered["folder"] / "mlruns" / "optuna.journal")))
+    (other,) = [t for t in study.trials if t.number != study.best_trial.number]
+    assert f"gc registry_good: deleted the models of trial {other.number}: " in registered["good"]
+    assert study.user_attrs["models_collected"] == [other.number]
+    c = client(registered)
+    c.get_logged_model(study.best_trial.user_attrs["model_uri"].removeprefix("models:/"))  # the best keeps its model
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        c.get_logged_model(other.user_attrs["model_uri"].removeprefix("models:/"))
+
+
+@pytest.mark.slow
 def test_registering_the_same_run_twice_keeps_one_version(registered: dict) -> None:
     code, out, err = command(registered, "register", str(TEST_SWEEPS / "registry_good.yaml"), "--storage",
                              registered["storage"], "--tracking-uri", registered["uri"])

@@ -222,7 +222,7 @@ class Sweep:
         return any(m in SPEED_METRICS for m in [*(o.metric for o in self.objectives), *self.constraints])
 
     @property
-    def keep(self) -> tuple[str, Literal["maximize", "minimize"]] | None:
+    def best_by(self) -> tuple[str, Literal["maximize", "minimize"]] | None:
         """The best-epoch rule ``training.train`` takes: the first objective's metric and
         direction with ``model_epoch: best``, None with ``last``."""
         return (self.objective.metric, self.objective.direction) if self.model_epoch == "best" else None

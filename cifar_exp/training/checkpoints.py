@@ -48,11 +48,12 @@ class State:
 
 
 def fingerprint(cfg: TrainConfig, seed: int, epochs: int, shapes: tuple[tuple[int, ...], ...],
-                num_classes: int, keep: tuple[str, str] | None = None) -> str:
+                num_classes: int, best_by: tuple[str, str] | None = None) -> str:
     """What a checkpoint must have been written by to be resumed: the same configuration, seed,
-    length, data shapes, class count, backend and best-epoch rule (``keep``: metric, direction)."""
+    length, data shapes, class count, backend and best-epoch rule (``best_by``: metric, direction)."""
     what = {"cfg": asdict(cfg), "seed": seed, "epochs": epochs, "shapes": [list(s) for s in shapes],
-            "classes": num_classes, "backend": keras.backend.backend(), **({"keep": list(keep)} if keep else {})}
+            "classes": num_classes, "backend": keras.backend.backend(),
+            **({"best_by": list(best_by)} if best_by else {})}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 

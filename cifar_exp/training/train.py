@@ -53,7 +53,7 @@ class TrainResult:
     test_accuracy: float
     y_prob: np.ndarray  # (n_test, n_classes) probabilities of the kept model
     model: keras.Model  # the inference model (uint8 images in, probabilities out), stock layers only
-    kept_epoch: int = 0  # the index of the epoch whose weights the model holds: the best by ``keep``, or the last
+    kept_epoch: int = 0  # the index of the epoch whose weights the model holds: the best by ``best_by``, or the last
     # "new": its programs were compiled for it; "cache": read from JAX's persistent compilation
     # cache (none compiled); "reused": a program a previous trial of the worker compiled.
     compiled: str = "new"
@@ -171,7 +171,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
           started: float | None = None, programs: Programs | None = None,
           clock: Clock | None = None, checkpoint: Path | None = None,
           on_resume: Callable[[Mapping[str, list[float]]], None] | None = None,
-          keep: tuple[str, Literal["maximize", "minimize"]] | None = None) -> TrainResult:
+          best_by: tuple[str, Literal["maximize", "minimize"]] | None = None) -> TrainResult:
     """Train ``cfg`` on ``data.x_train`` for ``epochs`` (validating on ``data.x_val`` each epoch),
     then predict ``data.x_test`` once. A transfer model with ``fine_tune_epochs`` trains its last
     epochs with the top backbone layers unfrozen. ``stop_after`` ends training after that many
@@ -184,7 +184,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     With ``checkpoint`` (not for a ``custom`` model), the state is saved there after every epoch
     (``checkpoints``); one there from the same run is resumed: training goes on after its last
     epoch, ``on_resume`` first receiving its metrics (the hooks do not see those epochs again),
-    and the result is the uninterrupted run's. With ``keep`` (a logs key, a direction), the test
+    and the result is the uninterrupted run's. With ``best_by`` (a logs key, a direction), the test
     pass and model are the epoch's best by it (``kept_epoch``). Seeds Python, NumPy and the
     backend with ``seed`` (same arguments, same process: same numbers). Raises ``Diverged``."""
     started = time.perf_counter() if started is None else started
@@ -205,10 +205,10 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
         train_model, model, clock.reused = program.train_model, program.model, True
     checkpoint = None if custom else checkpoint
     key, resumed = _resume(checkpoint, checkpoints.fingerprint(
-        cfg, seed, epochs, (data.x_train.shape, data.x_val.shape), num_classes, keep), on_resume)
+        cfg, seed, epochs, (data.x_train.shape, data.x_val.shape), num_classes, best_by), on_resume)
     clock.lap("build_seconds")
     run = _Phases(cfg, data, train_model, compiled, program is not None, labels, custom, batches, hooks, seed,
-                  checkpoint, key, resumed, BestEpoch(*keep, kept=resumed.kept if resumed else None) if keep else None)
+                  checkpoint, key, resumed, best_by)
     run.fit(first_opt, 0, min(last, turn))
     if last > turn:
         fine_tune(train_model, cfg.fine_tune_layers)
@@ -245,10 +245,11 @@ class _Phases:
     checkpoint: Path | None
     key: str
     resumed: checkpoints.State | None
-    best: BestEpoch | None = None
+    best_by: tuple[str, Literal["maximize", "minimize"]] | None = None  # the best-epoch rule, if any
     history: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.best = BestEpoch(*self.best_by, kept=self.resumed.kept if self.resumed else None) if self.best_by else None
         self.start = self.resumed.epoch + 1 if self.resumed is not None else 0
         self.history = {k: list(v) for k, v in self.resumed.history.items()} if self.resumed is not None else {}
 
