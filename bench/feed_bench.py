@@ -13,10 +13,10 @@ device loop is slow, see docs/benchmarks.md):
    model, as every trial trains it).
 
 Each is trained three ways, from the same initial weights: ``fit`` on the full batches a trial
-uses (``training.train.FullBatches``, the epoch's order from ``(seed, epoch)``), and the device
-loop: the images put on the device once (uint8), each epoch's order drawn the same way, and the
-epoch's steps run in one jitted ``lax.scan`` over ``stateless_call`` and the optimizer's
-``stateless_apply`` (the augmentation is in the model: on the device); and ``fit`` compiled with
+uses (``training.train.FullBatches``, the epoch's order from ``(seed, epoch)``), the device loop
+trials use under JAX on an accelerator (``cifar_exp.training.feed``: the images on the device
+once, uint8, each epoch's order drawn the same way, the epoch's steps in one jitted ``lax.scan``
+over ``stateless_call`` and ``stateless_apply``, the augmentation in the model), and ``fit`` compiled with
 ``steps_per_execution`` (``--steps-per-execution``: Keras runs that many steps in one jitted call,
 unrolled, the batches still sliced on the host). The first epoch of each
 (compilation) is reported apart; the others give the median seconds per step. Ends with
@@ -46,7 +46,7 @@ import numpy as np
 from cifar_exp import data
 from cifar_exp.config import TrainConfig
 from cifar_exp.config.sweepfile import load_sweep
-from cifar_exp.training import models
+from cifar_exp.training import feed, models
 from cifar_exp.training.train import FullBatches, epoch_order
 
 SEED = 0
@@ -87,42 +87,18 @@ def fit_epochs(build: object, x: np.ndarray, y: np.ndarray, batch: int, epochs: 
 
 
 def device_epochs(build: object, x: np.ndarray, y: np.ndarray, batch: int, epochs: int) -> list[float]:
-    """Seconds of each epoch of the device loop: one jitted ``lax.scan`` per epoch."""
-    import jax
+    """Seconds of each epoch of the device loop trials use (``cifar_exp.training.feed``)."""
     import jax.numpy as jnp
 
     keras.utils.set_random_seed(SEED)
     model = compiled(build())  # type: ignore[operator]
-    optimizer = model.optimizer
-    optimizer.build(model.trainable_variables)
-    loss_fn = keras.losses.CategoricalCrossentropy()
-    images, labels = jnp.asarray(x), jnp.asarray(np.eye(10, dtype="float32")[y])  # on the device, once
-    steps = len(x) // batch
-
-    def step(state, index):  # type: ignore[no-untyped-def]
-        trainable, non_trainable, opt = state
-
-        def loss(weights):  # type: ignore[no-untyped-def]
-            pred, updated = model.stateless_call(weights, non_trainable, images[index], training=True)
-            return loss_fn(labels[index], pred), (pred, updated)
-
-        (value, (pred, non_trainable)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
-        trainable, opt = optimizer.stateless_apply(opt, grads, trainable)
-        hits = jnp.sum(jnp.argmax(pred, -1) == jnp.argmax(labels[index], -1))
-        return (trainable, non_trainable, opt), (value, hits)
-
-    @jax.jit
-    def epoch(state, order):  # type: ignore[no-untyped-def]
-        return jax.lax.scan(step, state, order.reshape(steps, batch))
-
-    state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
-             [v.value for v in optimizer.variables])
+    model.optimizer.build(model.trainable_variables)
+    loop = feed.loop_of(model, batch)
+    images, labels = feed.resident("train", x), jnp.asarray(np.eye(10, dtype="float32")[y])  # on the device, once
     seconds: list[float] = []
     for e in range(epochs):
-        order = jnp.asarray(epoch_order(SEED, e, len(x))[:steps * batch])
         began = time.perf_counter()
-        state, (losses, hits) = epoch(state, order)
-        float(jnp.mean(losses)), int(jnp.sum(hits))  # the epoch's logs, read back as fit's are
+        loop.finish(loop.launch(images, labels, epoch_order(SEED, e, len(x))))  # its logs read back, as fit's are
         seconds.append(time.perf_counter() - began)
     return seconds
 
@@ -152,11 +128,11 @@ def main() -> int:
     for name, build, images in (("near-null", near_null, args.images), ("seed CNN", seed_cnn, args.cnn_images)):
         x, y = dataset.x_train[:images], dataset.y_train[:images]
         steps[name] = len(x) // args.batch
-        for feed, run in feeds.items():
+        for way, run in feeds.items():
             seconds = run(build, x, y, args.batch, args.epochs)
             steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
-            per_step[(name, feed)] = steady / steps[name]
-            print(f"{name:9s} {feed:8s} ({len(x)} images, {steps[name]} steps an epoch): first epoch "
+            per_step[(name, way)] = steady / steps[name]
+            print(f"{name:9s} {way:8s} ({len(x)} images, {steps[name]} steps an epoch): first epoch "
                   f"{seconds[0]:.2f} s (compilation), then {steady:.3f} s an epoch, "
                   f"{steady / steps[name] * 1e6:.0f} us "
                   f"a step", flush=True)

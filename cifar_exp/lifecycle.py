@@ -354,7 +354,7 @@ class TrialRun:
 
     def _log_phases(self, phases: Mapping[str, float], compiled: str) -> None:
         track.log_metrics(self.run_id, phases)
-        track.set_tags(self.run_id, {"compiled": compiled})
+        track.set_tags(self.run_id, {"compiled": compiled, "feed": self.clock.feed if self.clock else "fit"})
 
 
 def end_failed(run_id: str, reason: str, status: str = "FAILED") -> None:

@@ -151,6 +151,7 @@ def test_every_trial_keeps_its_best_epoch_and_logs_that_epochs_test_metrics(stud
         kept = chosen_epoch(history, "val_accuracy", "maximize")
         assert len(history["val_accuracy"]) == 3  # every epoch trained
         assert run.data.tags["model_epoch"] == str(kept + 1) == str(attrs.model_epoch)
+        assert run.data.tags["feed"] == "fit"  # on the CPU (training.feed.choose)
         assert trial.values[0] == history["val_accuracy"][kept]  # the objective is the kept epoch's
         # the logged model is that epoch's: its predictions give the logged test accuracy
         assert register.accuracy(str(attrs.model_uri), test) == run.data.metrics["test_accuracy"]

@@ -36,7 +36,7 @@ FLOORS = [
      "sweep.liveness", "sweep.sidecar"},
     {"data", "evaluate", "config.outcomes", "training.best"},
     {"training.models", "training.layers", "training.optimizers", "training.programs", "training.checkpoints",
-     "training.clock",
+     "training.clock", "training.feed",
      "training.latency"},
     {"training.train", "training.hypermodel"},
     {"track", "track.models", "track.ui", "track.collect"},

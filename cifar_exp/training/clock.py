@@ -18,6 +18,7 @@ class Clock:
         self.meter = backend.CompileMeter()
         self.phases = {"compile_seconds": 0.0}
         self.reused = False  # set by train: the trial ran a program a previous one compiled
+        self.feed = "fit"  # set by train: how the batches reached the model (``feed``)
         self._mark()
 
     def _mark(self) -> None:

@@ -21,6 +21,7 @@ from cifar_exp import evaluate
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import Splits
 from cifar_exp.training import checkpoints, layers, optimizers
+from cifar_exp.training import feed as feeds
 from cifar_exp.training.best import BestEpoch, assign
 from cifar_exp.training.clock import Clock
 from cifar_exp.training.models import build, fine_tune
@@ -57,6 +58,7 @@ class TrainResult:
     # "new": its programs were compiled for it; "cache": read from JAX's persistent compilation
     # cache (none compiled); "reused": a program a previous trial of the worker compiled.
     compiled: str = "new"
+    feed: str = "fit"  # how its batches reached the model: "fit" or "device" (``feed``)
     # Seconds by phase: build_seconds, compile_seconds (0 when reused), fit_seconds (training and validation,
     # compilation excluded), predict_seconds (the test pass), model_seconds (the copy of the model to log).
     phases: dict[str, float] = field(default_factory=dict)
@@ -171,7 +173,8 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
           started: float | None = None, programs: Programs | None = None,
           clock: Clock | None = None, checkpoint: Path | None = None,
           on_resume: Callable[[Mapping[str, list[float]]], None] | None = None,
-          best_by: tuple[str, Literal["maximize", "minimize"]] | None = None) -> TrainResult:
+          best_by: tuple[str, Literal["maximize", "minimize"]] | None = None,
+          feeding: Literal["auto", "fit", "device"] = "auto") -> TrainResult:
     """Train ``cfg`` on ``data.x_train`` for ``epochs`` (validating on ``data.x_val`` each epoch),
     then predict ``data.x_test`` once. A transfer model with ``fine_tune_epochs`` trains its last
     epochs with the top backbone layers unfrozen. ``stop_after`` ends training after that many
@@ -185,13 +188,12 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     (``checkpoints``); one there from the same run is resumed: training goes on after its last
     epoch, ``on_resume`` first receiving its metrics (the hooks do not see those epochs again),
     and the result is the uninterrupted run's. With ``best_by`` (a logs key, a direction), the test
-    pass and model are the epoch's best by it (``kept_epoch``). Seeds Python, NumPy and the
-    backend with ``seed`` (same arguments, same process: same numbers). Raises ``Diverged``."""
+    pass and model are the epoch's best by it (``kept_epoch``); ``feeding``, see ``feed.choose``.
+    Seeds Python, NumPy, the backend with ``seed`` (same arguments: same numbers); raises ``Diverged``."""
     started = time.perf_counter() if started is None else started
     clock = clock or Clock()
     keras.utils.set_random_seed(seed)
-    num_classes = len(data.class_names)
-    classifier = custom.build() if custom else None
+    num_classes, classifier = len(data.class_names), (custom.build() if custom else None)
     train_model, model = build(cfg, num_classes, seed=seed, classifier=classifier, images=data.x_train)
     # Transfer learning's optional second phase takes the last fine_tune_epochs of the budget.
     second = min(cfg.fine_tune_epochs, epochs) if cfg.model == "transfer" and not custom else 0
@@ -208,7 +210,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
         cfg, seed, epochs, (data.x_train.shape, data.x_val.shape), num_classes, best_by), on_resume)
     clock.lap("build_seconds")
     run = _Phases(cfg, data, train_model, compiled, program is not None, labels, custom, batches, hooks, seed,
-                  checkpoint, key, resumed, best_by)
+                  checkpoint, key, resumed, best_by, feeds.choose(feeding, cfg, custom is not None))
     run.fit(first_opt, 0, min(last, turn))
     if last > turn:
         fine_tune(train_model, cfg.fine_tune_layers)
@@ -223,7 +225,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     clock.lap("model_seconds")
     return TrainResult(history=run.history, **evaluate.test_metrics(y_prob, data.y_test, cfg.label_smoothing),
                        y_prob=y_prob, model=logged, kept_epoch=kept_epoch, compiled=clock.origin(),
-                       phases=clock.phases,
+                       feed=clock.feed, phases=clock.phases,
                        compilations=clock.meter.compilations)
 
 
@@ -246,9 +248,12 @@ class _Phases:
     key: str
     resumed: checkpoints.State | None
     best_by: tuple[str, Literal["maximize", "minimize"]] | None = None  # the best-epoch rule, if any
+    feed: feeds.Feed = "fit"  # how the batches reach the model (``feed``)
     history: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.hooks.clock is not None:
+            self.hooks.clock.feed = self.feed
         self.best = BestEpoch(*self.best_by, kept=self.resumed.kept if self.resumed else None) if self.best_by else None
         self.start = self.resumed.epoch + 1 if self.resumed is not None else 0
         self.history = {k: list(v) for k, v in self.resumed.history.items()} if self.resumed is not None else {}
@@ -287,6 +292,10 @@ class _Phases:
         if self.checkpoint is not None:
             after.append(checkpoints.Writer(self.checkpoint, self.key, self.history, plateau, self.best))
         validation = (self.data.x_val, self.labels(self.data.y_val))
+        if self.feed == "device":
+            feeds.fit(model, self.data.x_train, self.labels(self.data.y_train), validation, self.cfg.batch_size,
+                     self.seed, range(first, end), [self.hooks, *after], self.history, epoch_order)
+            return
         _fit(model, self.data, self.labels, self.cfg, self.custom, self.batches, self.history, self.seed,
              initial_epoch=first, epochs=end, verbose=0, validation_data=validation, callbacks=[self.hooks, *after])
 
