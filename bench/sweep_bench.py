@@ -11,7 +11,9 @@ splits whole, as the sweep makes them):
 
 1. ``fit``: ``cifar_exp.training.train.train`` (``keras.Model.fit`` and our per-epoch hook, no tracking) of
    the reference configuration: median seconds per epoch after the first, images per second,
-   and seconds from the call to the first training step (build and compilation).
+   and seconds from the call to the first training step (build and compilation); by feed: with
+   the feed a trial gets (``training.feed.choose``), and where that is the device loop (JAX on an
+   accelerator) with ``fit`` as well.
 2. one trial through ``python -m cifar_exp.sweep``: the MLflow run's wall time against the
    seconds its epochs took; the rest is the sweep machinery's overhead (start-up, tracking,
    evaluation, model logging); and the trial's ``first_step_seconds`` (from the worker's claim
@@ -98,7 +100,12 @@ def bare_fit(data_path: str, train_images: int | None, epochs: int) -> dict:
     result = train.train(sweep.train_config(REFERENCE), splits, epochs=epochs, seed=0, on_first_step=first.append)
     seconds = result.history["epoch_seconds"]
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
-    return {"epoch_s": steady, "first_step_s": first[0],
+    by_feed = {result.feed: steady}
+    if result.feed == "device":  # a trial's feed on an accelerator: fit for comparison (on the CPU, fit only)
+        other = train.train(sweep.train_config(REFERENCE), splits, epochs=epochs, seed=0, feeding="fit")
+        other_seconds = other.history["epoch_seconds"]
+        by_feed["fit"] = statistics.median(other_seconds[1:]) if len(other_seconds) > 1 else other_seconds[0]
+    return {"epoch_s": steady, "first_step_s": first[0], "feed": result.feed, "epoch_s_by_feed": by_feed,
             "images_per_s": len(splits.x_train) / steady, "train_images": len(splits.x_train),
             "val_images": len(splits.x_val), "test_images": len(splits.x_test), "identity": backend.identity()}
 
@@ -238,6 +245,8 @@ def report(r: dict) -> str:
         f"and space.", "",
         "| measure | value |", "|---|---|",
         f"| 1. fit: seconds per epoch (median after the first) | {fit['epoch_s']:.2f} |",
+        f"| 1. seconds per epoch by feed (the trial's first) | "
+        f"{', '.join(f'{k} {v:.2f}' for k, v in fit.get('epoch_s_by_feed', {'fit': fit['epoch_s']}).items())} |",
         f"| 1. fit: images per second | {fit['images_per_s']:.0f} |",
         f"| 1. fit: seconds to the first training step (build, compilation) | {fit['first_step_s']:.2f} |",
         f"| 2. one trial: MLflow run wall seconds | {one['wall_s']:.2f} |",
