@@ -26,7 +26,6 @@ import numpy as np
 from cifar_exp.config import TrainConfig
 
 Feed = Literal["fit", "device"]
-FEEDS = ("fit", "device")
 
 
 def choose(requested: Literal["auto", "fit", "device"], cfg: TrainConfig, custom: bool) -> Feed:
@@ -167,6 +166,7 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.n
     loop = loop_of(model, min(batch_size, len(x)))
     images, labels = resident("train", x), jnp.asarray(y)
     val_images, val_labels = resident("validation", validation[0]), jnp.asarray(validation[1])
+
     def record(epoch: int, logs: dict[str, Any]) -> None:  # last: the logs as the hooks completed them
         for key, value in logs.items():
             history.setdefault(key, []).append(float(value))
