@@ -2,8 +2,9 @@
 
 1. epoch seconds of the seed CNN by feed (``fit``, the device loop) and batch size (32, 128),
    on ``--images`` training images (``feed_bench``'s way: same weights, the first epoch apart);
-2. how busy the GPU is (NVML, sampled every half second) over a ``--trials``-trial lr_dropout
-   sweep with 1, 2 and 4 workers sharing it (``python -m cifar_exp.sweep``, in a fresh folder each).
+2. how busy the GPU is (``sweep_bench.GpuSampler``: nvidia-smi, which reads NVML, every second)
+   over a ``--trials``-trial lr_dropout sweep with 1, 2 and 4 workers sharing it
+   (``python -m cifar_exp.sweep``, in a fresh folder each).
 
 On the device machine (JAX with CUDA, no TensorFlow, no network), with the wheels of
 ``../shared/device/wheels.sh`` and the data pack carried along:
@@ -27,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,40 +37,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 import feed_bench  # noqa: E402
-
-
-class Busy:
-    """Mean GPU utilization (%) from NVML every half second while in use; None without a GPU."""
-
-    def __init__(self) -> None:
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-            self._nvml = pynvml
-        except Exception:  # noqa: BLE001 (no NVML library, no driver, no GPU: nothing to sample)
-            self._handles = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            rates = [self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles]
-            self.samples.append(statistics.fmean(rates))
-
-    def __enter__(self) -> Busy:
-        if self._handles:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-
-    @property
-    def mean(self) -> float | None:
-        return statistics.fmean(self.samples) if self.samples else None
+from sweep_bench import GpuSampler  # noqa: E402
 
 
 def epochs_by_feed(data: str, images: int, epochs: int) -> list[dict[str, object]]:
@@ -91,7 +58,7 @@ def epochs_by_feed(data: str, images: int, epochs: int) -> list[dict[str, object
 
 
 def sweep_busy(data: str, trials: int, epochs: int, train_images: int, workers: int) -> dict[str, object]:
-    with tempfile.TemporaryDirectory() as folder, Busy() as busy:
+    with tempfile.TemporaryDirectory() as folder, GpuSampler() as busy:
         began = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--data", data, "--trials",
                                str(trials), "--epochs", str(epochs), "--train-images", str(train_images),

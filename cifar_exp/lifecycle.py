@@ -100,6 +100,11 @@ class TimeLimit:
             signal.signal(signal.SIGALRM, self._before)
 
 
+def kept_metrics(result: TrainResult) -> dict[str, float]:
+    """The per-epoch metrics (``config.goals.EPOCH_METRICS``) of the epoch whose model ``result`` kept."""
+    return {k: v[result.kept_epoch] for k, v in result.history.items() if k in EPOCH_METRICS}
+
+
 def judge(history: Mapping[str, Sequence[float]], y_prob: Any, splits: Any) -> dict[str, str]:
     """``{"degenerate": why}`` for a trial whose numbers mean nothing (``evaluation.degenerate``;
     ``y_prob`` None for a trial that never reached the test set), ``{}`` otherwise."""
@@ -282,7 +287,7 @@ class TrialRun:
         kept = result.kept_epoch  # the objective's value and every per-epoch metric: that epoch's
         metrics = {self.metric: result.history[self.metric][kept], "test_loss": result.test_loss,
                    "test_accuracy": result.test_accuracy, "param_count": float(result.model.count_params()),
-                   **{k: v[kept] for k, v in result.history.items() if k in EPOCH_METRICS}}
+                   **kept_metrics(result)}
         if self.sweep.measures_speed:
             from cifar_exp.training import latency
 
@@ -310,7 +315,7 @@ class TrialRun:
         measured = track.log_test(self.run_id, result, splits, title=title)
         self._log_phases({**self.phases, **result.phases}, result.compiled)
         track.end_run(self.run_id, "FINISHED", {"state": "COMPLETE", "model_epoch": kept + 1})
-        return {**{k: v[kept] for k, v in result.history.items() if k in EPOCH_METRICS},
+        return {**kept_metrics(result),
                 "test_loss": result.test_loss, "test_accuracy": result.test_accuracy, **measured}
 
     def pruned(self, splits: Splits, before_end: Callable[[Pruned], None] = lambda outcome: None) -> Pruned:

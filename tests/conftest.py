@@ -9,6 +9,7 @@ import os
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -55,6 +56,15 @@ def synthetic_images(n: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarr
     """``n`` random 32x32 RGB images with balanced labels."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % classes
+
+
+def synthetic_splits() -> Any:
+    """64 synthetic training images (a quarter for validation, seed 0) and 20 test images, 10 classes."""
+    from cifar_exp import data
+
+    x, y = synthetic_images(64)
+    xt, yt = synthetic_images(20, seed=1)
+    return data.split(data.Cifar10(x, y, xt, yt, tuple("abcdefghij"), "synthetic", "0"), 0.25, 0)
 
 
 def backend() -> str:

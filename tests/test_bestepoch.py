@@ -14,7 +14,7 @@ import pytest
 from cifar_exp import data
 from cifar_exp.config import TrainConfig
 from cifar_exp.training import best, train
-from tests.conftest import synthetic_images
+from tests.conftest import synthetic_splits
 from tests.test_checkpoints import killed_then_resumed, numbers
 
 pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
@@ -27,9 +27,7 @@ EARLY = ("loss", "maximize")
 
 @pytest.fixture(scope="module")
 def splits() -> data.Splits:
-    x, y = synthetic_images(64)
-    xt, yt = synthetic_images(20, seed=1)
-    return data.split(data.Cifar10(x, y, xt, yt, tuple("abcdefghij"), "synthetic", "0"), 0.25, 0)
+    return synthetic_splits()
 
 
 def test_the_chosen_epoch_is_the_first_best_finite_value() -> None:

@@ -14,7 +14,7 @@ from cifar_exp import data
 from cifar_exp.config import TrainConfig
 from cifar_exp.sweep import sidecar
 from cifar_exp.training import checkpoints, train
-from tests.conftest import synthetic_images
+from tests.conftest import synthetic_splits
 
 pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
 
@@ -28,9 +28,7 @@ class Died(Exception):
 
 @pytest.fixture(scope="module")
 def splits() -> data.Splits:
-    x, y = synthetic_images(64)
-    xt, yt = synthetic_images(20, seed=1)
-    return data.split(data.Cifar10(x, y, xt, yt, tuple("abcdefghij"), "synthetic", "0"), 0.25, 0)
+    return synthetic_splits()
 
 
 def numbers(history: dict[str, list[float]]) -> dict[str, list[float]]:

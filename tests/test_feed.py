@@ -15,7 +15,7 @@ from cifar_exp import data
 from cifar_exp.config import TrainConfig
 from cifar_exp.training import feed, train
 from cifar_exp.training.programs import Programs
-from tests.conftest import backend, synthetic_images
+from tests.conftest import backend, synthetic_splits
 from tests.test_checkpoints import killed_then_resumed, numbers
 
 pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
@@ -29,9 +29,7 @@ JAX = backend() == "jax"
 
 @pytest.fixture(scope="module")
 def splits() -> data.Splits:
-    x, y = synthetic_images(64)
-    xt, yt = synthetic_images(20, seed=1)
-    return data.split(data.Cifar10(x, y, xt, yt, tuple("abcdefghij"), "synthetic", "0"), 0.25, 0)
+    return synthetic_splits()
 
 
 def run(splits: data.Splits, feeding: str, cfg: TrainConfig = CFG, **options: object) -> train.TrainResult:

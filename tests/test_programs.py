@@ -12,7 +12,7 @@ import pytest
 from cifar_exp import data
 from cifar_exp.config import TrainConfig
 from cifar_exp.training import layers, models, optimizers, programs, train
-from tests.conftest import synthetic_images
+from tests.conftest import synthetic_splits
 
 # Tests marked keras run again under every backend (README, "Test"); the bookkeeping ones
 # (keys, capacity, what is never reused) once.
@@ -28,9 +28,7 @@ SECOND = dataclasses.replace(FIRST, learning_rate=0.01, momentum=0.5, weight_dec
 
 @pytest.fixture(scope="module")
 def splits() -> data.Splits:
-    x, y = synthetic_images(64)
-    xt, yt = synthetic_images(20, seed=1)
-    return data.split(data.Cifar10(x, y, xt, yt, tuple("abcdefghij"), "synthetic", "0"), 0.25, 0)
+    return synthetic_splits()
 
 
 def test_runtime_values_share_a_structure_and_the_rest_does_not() -> None:

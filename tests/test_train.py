@@ -11,7 +11,7 @@ import pytest
 from cifar_exp import data
 from cifar_exp.config import TrainConfig
 from cifar_exp.training import layers, models, optimizers, train
-from tests.conftest import synthetic_images
+from tests.conftest import synthetic_images, synthetic_splits
 
 pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
 
@@ -20,9 +20,7 @@ SMALL = dict(blocks=2, filters=4, convs_per_block=1, dense_units=8)
 
 @pytest.fixture(scope="module")
 def splits() -> data.Splits:
-    x, y = synthetic_images(64)
-    xt, yt = synthetic_images(20, seed=1)
-    return data.split(data.Cifar10(x, y, xt, yt, tuple("abcdefghij"), "synthetic", "0"), 0.25, 0)
+    return synthetic_splits()
 
 
 @pytest.mark.parametrize("options", [

@@ -108,16 +108,14 @@ class Trainer:
         self._splits: dict[tuple[Any, ...], Any] = {}
 
     def splits(self, original: Any) -> Any:
-        from cifar_exp import data
+        from cifar_exp import data, rerun
 
         sweep = original.sweep
         key = (sweep.data.source, original.recipe.data_checksum, sweep.data.validation_fraction,
                sweep.sampler.seed, sweep.data.train_images)
         if key not in self._splits:
             dataset = data.load(sweep.data.source)
-            if dataset.checksum != original.recipe.data_checksum:
-                raise UserError(f"data checksum differs: run {original.run.run_id} trained on {sweep.data.source} "
-                                f"with sha256 {original.recipe.data_checksum}, which now has {dataset.checksum}")
+            rerun.check_data(original, sweep.data.source, dataset.checksum)
             self._splits[key] = data.split(dataset, sweep.data.validation_fraction, sweep.sampler.seed,
                                            sweep.data.train_images)
         return self._splits[key]
@@ -157,7 +155,7 @@ class Trainer:
 def best(confirmed: Sequence[Seeds], direction: str) -> Seeds:
     """The candidate with the best mean objective (the earlier, better-ranked one on a tie)."""
     sign = 1.0 if direction == "maximize" else -1.0
-    return max(confirmed, key=lambda c: (sign * c.mean, -confirmed.index(c)))
+    return max(confirmed, key=lambda c: sign * c.mean)  # max keeps the first of equals
 
 
 def summary(found: Seeds, metric: str) -> tuple[str, dict[str, Any]]:

@@ -144,11 +144,11 @@ class DeviceLoop:
     def score(self, images: Any, labels: Any) -> dict[str, float]:
         """``val_loss`` and ``val_accuracy`` over every image, in batches of ``batch_size``."""
         trainable, non_trainable, _ = self._state()
-        total, hits = 0.0, 0
-        for start in range(0, len(images), self.batch_size):
-            loss, right = self._score(trainable, non_trainable, images[start:start + self.batch_size],
-                                      labels[start:start + self.batch_size])
-            total, hits = total + float(loss), hits + int(right)
+        step = self.batch_size
+        chunks = [self._score(trainable, non_trainable, images[start:start + step], labels[start:start + step])
+                  for start in range(0, len(images), step)]
+        # read back once per pass: a float() per chunk would wait for the device after every chunk
+        total, hits = (float(sum(values)) for values in zip(*chunks, strict=True))
         return {"val_loss": total / len(images), "val_accuracy": hits / len(images)}
 
 
