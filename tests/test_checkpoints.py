@@ -35,19 +35,23 @@ def numbers(history: dict[str, list[float]]) -> dict[str, list[float]]:
     return {k: v for k, v in history.items() if k not in TIMES}
 
 
-def killed_then_resumed(cfg: TrainConfig, splits: data.Splits, path: Path, epochs: int, dies_at: int,
+def killed_then_resumed(cfg: TrainConfig, splits: data.Splits, path: Path, epochs: int, dies_at: int | tuple[int, ...],
                         programs: object = None, **options: object) -> tuple[train.TrainResult, dict[str, list[float]]]:
     """Train until the hook of epoch ``dies_at`` raises, then again with the same checkpoint: the
-    second result and the metrics ``on_resume`` received. ``options`` go to both ``train`` calls."""
+    last result and the metrics its ``on_resume`` received. With several epochs, the run dies at
+    each in turn, every run after the first resuming from the checkpoint the one before left (a
+    resumed run's own checkpoints are then what the next resumes from). ``options`` go to every
+    ``train`` call."""
+    for death in (dies_at,) if isinstance(dies_at, int) else dies_at:
 
-    def die(epoch: int, logs: object) -> None:
-        if epoch == dies_at:
-            raise Died()
+        def die(epoch: int, logs: object, death: int = death) -> None:
+            if epoch == death:
+                raise Died()
 
-    with pytest.raises(Died):
-        train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=path, on_epoch=[die], programs=programs,
-                    **options)  # type: ignore[arg-type]
-    keras.backend.clear_session()
+        with pytest.raises(Died):
+            train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=path, on_epoch=[die], programs=programs,
+                        **options)  # type: ignore[arg-type]
+        keras.backend.clear_session()
     replayed: dict[str, list[float]] = {}
     resumed = train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=path, on_resume=replayed.update,
                           programs=programs, **options)  # type: ignore[arg-type]
@@ -67,14 +71,15 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("dies_at", [1, 3])
 def test_a_run_resumed_after_epoch_k_equals_the_uninterrupted_run_bit_for_bit(
-        splits: data.Splits, tmp_path: Path, case: str, dies_at: int) -> None:
+        splits: data.Splits, tmp_path: Path, case: str) -> None:
     cfg = TrainConfig(**CASES[case])
     whole = train.train(cfg, splits, epochs=4, seed=7, checkpoint=tmp_path / "whole.npz")
     keras.backend.clear_session()
-    resumed, replayed = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 4, dies_at)
-    assert [len(v) for v in replayed.values()] == [dies_at] * len(replayed)  # epochs 0..k-1 from the checkpoint
+    # killed in epoch 1 (resumed from epoch 0's checkpoint), then in epoch 3 (from epoch 2's, which
+    # the resumed run wrote), then resumed to the end
+    resumed, replayed = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 4, (1, 3))
+    assert [len(v) for v in replayed.values()] == [3] * len(replayed)  # epochs 0..2 from the checkpoint
     assert numbers(resumed.history) == numbers(whole.history)
     assert np.array_equal(resumed.y_prob, whole.y_prob)
     assert resumed.test_loss == whole.test_loss
@@ -101,10 +106,12 @@ def test_transfer_learning_resumes_at_the_turn_and_in_phase_two_bit_for_bit(spli
                       fine_tune_layers=6, fine_tune_learning_rate=1e-4, learning_rate=1e-3, batch_size=16)
     whole = train.train(cfg, splits, epochs=3, seed=7)
     keras.backend.clear_session()
-    for dies_at in (1, 2):  # the first epoch of phase two; within it (its optimizer restored)
-        resumed, _ = killed_then_resumed(cfg, splits, tmp_path / f"killed-{dies_at}.npz", 3, dies_at)
-        assert numbers(resumed.history) == numbers(whole.history), dies_at
-        assert np.array_equal(resumed.y_prob, whole.y_prob), dies_at
+    # killed in the first epoch of phase two (resumed at the turn), then within it (resumed with its
+    # optimizer restored)
+    resumed, replayed = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 3, (1, 2))
+    assert [len(v) for v in replayed.values()] == [2] * len(replayed)
+    assert numbers(resumed.history) == numbers(whole.history)
+    assert np.array_equal(resumed.y_prob, whole.y_prob)
 
 
 def test_a_run_that_died_after_its_last_epoch_resumes_with_its_trained_weights(

@@ -81,7 +81,7 @@ def test_a_device_loop_run_again_is_bit_for_bit_the_same(splits: data.Splits) ->
     assert np.array_equal(first.y_prob, again.y_prob)
 
 
-def test_a_seen_structure_compiles_nothing_in_the_device_loop(splits: data.Splits) -> None:
+def test_a_seen_structure_compiles_nothing_in_the_device_loop(splits: data.Splits, compiles_afresh: None) -> None:
     if not device_loop_here(splits):
         return
     kept = Programs()

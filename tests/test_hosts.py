@@ -109,22 +109,41 @@ def mlflow_server(postgres: str, tmp_path: Path) -> Iterator[str]:
         stop(server)
 
 
+def _until_a_trial_starts(process: subprocess.Popen) -> str:
+    """Read ``process``'s output until it says a trial started; what it read."""
+    assert process.stdout is not None
+    read = []
+    for line in process.stdout:
+        read.append(line)
+        if line.startswith("trial ") and " started" in line:
+            break
+    return "".join(read)
+
+
 def test_two_hosts_share_one_study_on_postgresql_and_one_mlflow_server(
         postgres: str, mlflow_server: str, isolated: Path, cifar_slice: Path) -> None:
     storage = f"{postgres}/optuna"
     args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "4", "--epochs", "1",
             "--data", str(cifar_slice), "--storage", storage, "--tracking-uri", mlflow_server]
-    hosts = []
-    for name in ("host-a", "host-b"):  # two folders: nothing shared but the two servers
-        (isolated / name).mkdir()
-        hosts.append(subprocess.Popen(args, cwd=isolated / name, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=clean_env()))
-        if name == "host-a":  # the second host joins a study that is already running
-            assert hosts[0].stdout is not None
-            for line in hosts[0].stdout:
-                if "started" in line:
-                    break
-    outputs = [host.communicate(timeout=900) for host in hosts]
+    hosts, seen, held = [], [], 0
+    try:
+        for name in ("host-a", "host-b"):  # two folders: nothing shared but the two servers
+            (isolated / name).mkdir()
+            hosts.append(subprocess.Popen(args, cwd=isolated / name, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, env=clean_env()))
+            seen.append(_until_a_trial_starts(hosts[-1]))
+            if name == "host-a":
+                # The second host joins a study that is already running. Host a's worker is held
+                # still until host b has started a trial, so both hosts run trials however fast
+                # either one starts (the hold, host b's start, is well within the 60 s heartbeat grace).
+                held = int(optuna.load_study(study_name="lr_dropout", storage=open_storage(storage))
+                           .get_trials()[0].user_attrs["worker_pid"])
+                os.kill(held, signal.SIGSTOP)
+    finally:
+        if held:
+            os.kill(held, signal.SIGCONT)
+    outputs = [(before + out, err) for before, (out, err) in
+               zip(seen, (host.communicate(timeout=900) for host in hosts), strict=True)]
     for host, (out, err) in zip(hosts, outputs, strict=True):
         assert host.returncode == 0, err
         assert PASSWORD not in out + err

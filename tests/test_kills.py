@@ -4,11 +4,14 @@ Every budget still finishes, nothing is counted twice, and no process outlives i
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -100,16 +103,34 @@ def test_sigkill_of_the_whole_sweep_then_the_same_command_finishes_the_budget(is
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
 
+def _await_status(pid: int, done: Callable[[dict[str, str]], object]) -> None:
+    """Wait until ``done`` holds of process ``pid``'s ``/proc/PID/status`` fields."""
+    deadline = time.monotonic() + 120
+    while True:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        if done(dict(line.split(":\t", 1) for line in lines if ":\t" in line)):
+            return
+        assert time.monotonic() < deadline, f"process {pid} never reached the awaited state"
+        time.sleep(0.05)
+
+
 def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(isolated: Path, cifar_slice: Path) -> None:
     args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "2", "--epochs", "2",
             "--data", str(cifar_slice)]
     process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=clean_env())
     assert process.stdout is not None
-    for line in process.stdout:  # wait until trial 0 is training
+    for line in process.stdout:  # wait until trial 0 has begun
         if line.startswith("trial 0 started"):
             break
+    # The worker is held still while Ctrl-C reaches the command and the command's SIGTERM reaches
+    # the worker, so the trial cannot end, nor the next begin, while the signals travel.
+    worker = int(study(isolated).get_trials()[0].user_attrs["worker_pid"])
+    os.kill(worker, signal.SIGSTOP)
+    _await_status(worker, lambda status: status["State"].startswith("T"))
     process.send_signal(signal.SIGINT)
+    _await_status(worker, lambda status: int(status["ShdPnd"], 16) & 1 << (signal.SIGTERM - 1))
+    os.kill(worker, signal.SIGCONT)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130, err
     assert "run the same command to resume" in err
@@ -249,15 +270,29 @@ def test_a_full_disk_then_a_read_only_store_are_one_line_and_exit_2_and_a_resume
     Image.new("RGB", (32, 32)).save(isolated / "x.png")
     commands = [f"sweep lr_dropout --trials 4 --data {cifar_slice}", "report lr_dropout", "compare lr_dropout",
                 "register lr_dropout", "predict x.png --model models:/cifar10-lr_dropout/1"]
-    script = "mount --bind mlruns mlruns && mount -o remount,ro,bind mlruns && " + " ; ".join(
-        f"{Path(sys.executable).parent / 'cifar-exp'} {c} >/dev/null 2>ro-{i}.txt; echo $? >>ro-rc.txt"
-        for i, c in enumerate(commands))
-    subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], cwd=isolated, check=True,
-                   timeout=900, env=clean_env())
-    assert (isolated / "ro-rc.txt").read_text().split() == ["2"] * len(commands)
-    for i, c in enumerate(commands):
-        (line,) = (isolated / f"ro-{i}.txt").read_text().strip().splitlines()
+    script = "mount --bind mlruns mlruns && mount -o remount,ro,bind mlruns && " + shlex.join(
+        [sys.executable, "-c", EACH_COMMAND, *commands])  # one process for the five: 5 to 7 s of imports each
+    ran = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], cwd=isolated,
+                         capture_output=True, text=True, timeout=900, env=clean_env())
+    assert ran.returncode == 0, ran.stderr
+    outcomes = [line.split("\t", 1) for line in ran.stdout.splitlines()]
+    assert [code for code, _ in outcomes] == ["2"] * len(commands), outcomes
+    for c, (_, err) in zip(commands, outcomes, strict=True):
+        (line,) = json.loads(err).strip().splitlines()
         assert line.startswith("error: cannot write") and "Read-only file system" in line, (c, line)
+
+
+# Each argument a command line of ``cifar-exp``, run in this one process in turn (``cli.main``);
+# prints its exit code and its stderr (as JSON), a tab between, a line per command.
+EACH_COMMAND = """
+import contextlib, io, json, sys
+from cifar_exp.cli import main
+for command in sys.argv[1:]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(command.split())
+    print(code, json.dumps(err.getvalue()), sep="\t", flush=True)
+"""
 
 
 FROZEN = str(Path(__file__).parent / "sweeps" / "frozen.yaml")  # heartbeat_grace: 8

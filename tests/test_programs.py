@@ -43,7 +43,8 @@ def test_runtime_values_share_a_structure_and_the_rest_does_not() -> None:
 
 
 @pytest.mark.keras
-def test_a_reused_program_gives_a_fresh_builds_numbers_bit_for_bit(splits: data.Splits) -> None:
+def test_a_reused_program_gives_a_fresh_builds_numbers_bit_for_bit(splits: data.Splits,
+                                                                    compiles_afresh: None) -> None:
     kept = programs.Programs()
     first = train.train(FIRST, splits, epochs=2, seed=3, programs=kept)
     keras.backend.clear_session()  # as a worker does between trials

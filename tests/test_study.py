@@ -3,10 +3,12 @@ Optuna's RDB storage) and a real MLflow SQLite store; no training."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -133,23 +135,42 @@ def test_a_trial_whose_worker_is_gone_is_failed_closed_and_retried_once(isolated
     assert study.get_trials()[-1].state == TrialState.FAIL  # no further retry
 
 
+def _heartbeat(db: Path, move: int = 0) -> str:
+    """The recorded heartbeat, after moving it ``move`` seconds into the past (the storage's clock
+    is the database's ``now()``)."""
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as connection, connection:
+        if move:
+            connection.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?)", (f"-{move} seconds",))
+        row = connection.execute("SELECT heartbeat FROM trial_heartbeats").fetchone()
+        return "" if row is None else str(row[0])
+
+
 def test_a_trial_of_another_host_is_stale_once_its_heartbeat_stops(isolated: Path) -> None:
+    # Time is the database's: the test moves the recorded beat an hour back instead of sleeping
+    # past the grace, so no verdict depends on how promptly a thread was scheduled.
     url = f"sqlite:///{isolated}/o.db"
     own = settings(url)
     create_study(own)
-    storage = open_storage(url, heartbeat=1, grace=2)
+    storage = open_storage(url, heartbeat=1, grace=60)
     claimed = claim(own, storage)
     assert isinstance(claimed, Claim)
     study, trial = claimed.study, claimed.trial
     trial.set_user_attr("worker_host", "another-host.example")  # its pid means nothing here
+    deadline = time.monotonic() + 120
     with recovery.heartbeat(storage, trial):
-        time.sleep(3.5)  # beyond the grace period, but beating
-        assert recover_stale(study) == []
-    time.sleep(3)  # silent past the grace period
+        while not _heartbeat(isolated / "o.db"):  # its first beat
+            assert time.monotonic() < deadline, "the heartbeat thread never beat"
+            time.sleep(0.1)
+        aged = _heartbeat(isolated / "o.db", move=3600)
+        while _heartbeat(isolated / "o.db") == aged:  # the thread beats again, unprompted
+            assert time.monotonic() < deadline, "the heartbeat thread never beat again"
+            time.sleep(0.1)
+        assert recover_stale(study) == []  # beating
+    _heartbeat(isolated / "o.db", move=3600)  # the block ended (its thread joined): silent for an hour
     (stale,) = recover_stale(study)
     assert stale.number == trial.number
     failed, retry = study.get_trials()
-    assert failed.state == TrialState.FAIL and "no heartbeat for 2 s" in failed.user_attrs["fail_reason"]
+    assert failed.state == TrialState.FAIL and "no heartbeat for 60 s" in failed.user_attrs["fail_reason"]
     assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == trial.number
     assert socket.gethostname() != "another-host.example"
 

@@ -54,14 +54,18 @@ def test_parent_and_child_runs_and_statuses(store: str) -> None:
 def test_a_run_samples_system_metrics_until_it_ends(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(track, "SYSTEM_SAMPLING_SECONDS", 0.2)
     run = track.start_run(track.experiment_id("demo"), "r", {}, {})
-    time.sleep(1.5)
-    track.end_run(run, "FINISHED")
+    sampler = track._MONITORS[run]._process
+    assert sampler is not None and sampler.is_alive()
     client = MlflowClient()
+    deadline = time.monotonic() + 120  # samples are awaited, not slept for
+    while len(client.get_metric_history(run, "system/system_memory_usage_megabytes")) < 2:
+        assert time.monotonic() < deadline, "no two system samples within 120 s"
+        time.sleep(0.1)
+    track.end_run(run, "FINISHED")
+    assert not sampler.is_alive() and run not in track._MONITORS  # ended: no sample can follow
     memory = client.get_metric_history(run, "system/system_memory_usage_megabytes")
     assert len(memory) >= 2 and all(m.value > 0 for m in memory)
     assert 0 <= client.get_run(run).data.metrics["system/cpu_utilization_percentage"] <= 100
-    time.sleep(0.6)  # ended: no sample follows
-    assert len(client.get_metric_history(run, "system/system_memory_usage_megabytes")) == len(memory)
 
 
 def test_evaluation_artifacts_hold_what_they_claim(store: str, isolated: Path) -> None:
