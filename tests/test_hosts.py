@@ -98,11 +98,13 @@ def stop(server: subprocess.Popen) -> None:
         server.wait(timeout=60)
 
 
-@pytest.fixture()
-def mlflow_server(postgres: str, tmp_path: Path) -> Iterator[str]:
-    """``mlflow server`` on a free loopback port: runs in PostgreSQL, artifacts served from a folder."""
+@pytest.fixture(scope="module")
+def mlflow_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow server`` on a free loopback port, one for the tests that need a plain one (the
+    tests of a server going away, or behind basic auth, start their own): runs in PostgreSQL,
+    artifacts served from a folder."""
     port = free_port()
-    server = start_mlflow_server(f"{postgres}/mlflow", tmp_path, port)
+    server = start_mlflow_server(f"{postgres}/mlflow", tmp_path_factory.mktemp("mlflow-server"), port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
