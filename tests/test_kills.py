@@ -211,6 +211,7 @@ sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", kill_
 print("ready", flush=True)
 track.configure(sys.argv[1])
 print("made", flush=True)
+sys.stdin.read()  # a kill after a delay always finds it alive: mid-creation or done, never exited
 """
 # Statements of MLflow's schema creation to die at: the first table, a migration halfway through
 # its copy of a table (SQLite's batch ALTER), the version stamp at the end.
@@ -228,7 +229,7 @@ def test_a_kill_at_any_point_of_a_store_s_creation_leaves_a_store_that_works(iso
 
     uri = f"sqlite:///{isolated}/store/mlflow.db"
     creator = subprocess.Popen([sys.executable, "-c", CREATE_STORE, uri, when if isinstance(when, str) else ""],
-                               stdout=subprocess.PIPE, text=True, env=clean_env())
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env())
     assert creator.stdout is not None and creator.stdout.readline() == "ready\n"
     if isinstance(when, float):
         time.sleep(when)
