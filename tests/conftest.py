@@ -105,11 +105,11 @@ def synthetic_images(n: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarr
     return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % classes
 
 
-def synthetic_splits() -> Any:
-    """64 synthetic training images (a quarter for validation, seed 0) and 20 test images, 10 classes."""
+def synthetic_splits(n: int = 64) -> Any:
+    """``n`` synthetic training images (a quarter for validation, seed 0) and 20 test images, 10 classes."""
     from cifar_exp import data
 
-    x, y = synthetic_images(64)
+    x, y = synthetic_images(n)
     xt, yt = synthetic_images(20, seed=1)
     return data.split(data.Cifar10(x, y, xt, yt, tuple("abcdefghij"), "synthetic", "0"), 0.25, 0)
 

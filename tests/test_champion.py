@@ -111,7 +111,7 @@ def test_bad_seeds_and_a_gc_without_a_count_exit_2(isolated: Path) -> None:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("champion")
-    data = write_slice(folder / "slice.zip", 100, 20)
+    data = write_slice(folder / "slice.zip", 40, 10)
     env = {"CIFAR_EXP_CACHE": str(folder / "cache")}
     with mock.patch.dict(os.environ, env):
         sweep_in_process(folder, SWEEP, trials=3, epochs=3, data=data)

@@ -2,7 +2,8 @@
 copy), runs for real; conditional dimensions that are inactive are in neither Optuna nor MLflow.
 
 What gets tracked does not depend on process boundaries, so these run a sweep's worker in this
-process (``sweep_in_process``); the sweep command's own processes are tested in test_sweep.py and test_kills.py."""
+process (``sweep_in_process``); the sweep command's own processes are tested in test_sweep.py,
+test_kills.py, test_frozen.py and test_store_faults.py."""
 
 from __future__ import annotations
 
