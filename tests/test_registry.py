@@ -163,8 +163,9 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = write_slice(folder / "slice.zip", 100, 20)
     found = {"folder": folder, "data": data, "env": {"CIFAR_EXP_CACHE": str(folder / "cache")},
              "uri": f"sqlite:///{folder}/mlruns/mlflow.db", "storage": str(folder / "mlruns" / "optuna.journal")}
-    found["good"] = run_sweep(folder, str(TEST_SWEEPS / "registry_good.yaml"), "--data", str(data), "--register",
-                              env=found["env"]).stdout
+    good = run_sweep(folder, str(TEST_SWEEPS / "registry_good.yaml"), "--data", str(data), "--register",
+                     env=found["env"])
+    found["good"], found["good_stderr"] = good.stdout, good.stderr
     with mock.patch.dict(os.environ, found["env"]):
         sweep_in_process(folder, TEST_SWEEPS / "registry_worse.yaml", trials=1, epochs=1, data=data)
     code, found["worse"], err = command(found, "register", str(TEST_SWEEPS / "registry_worse.yaml"), "--data",
@@ -235,6 +236,27 @@ def test_registering_the_same_run_twice_keeps_one_version(registered: dict) -> N
     assert f"already registered: {NAME} version 1" in out
     versions = client(registered).search_model_versions(f"name='{NAME}'")
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_commands_that_load_a_model_keep_the_libraries_lines_off_the_terminal(registered: dict) -> None:
+    """TensorFlow writes its start-up lines (oneDNN, CUDA drivers) to the process's stderr before
+    its log level applies, and MLflow logs registrations at INFO: in real processes, a sweep's
+    --register, register and predict print only their own lines; the libraries' go to the log."""
+    where = {"cwd": registered["folder"], "env": registered["env"]}
+    register = cli("register", str(TEST_SWEEPS / "registry_good.yaml"), "--storage", registered["storage"],
+                   "--tracking-uri", registered["uri"], **where)
+    predict = cli("predict", str(jpegs(registered, 1)[0]), "--model", f"models:/{NAME}@champion", "--tracking-uri",
+                  registered["uri"], **where)
+    assert register.returncode == 0 and predict.returncode == 0, register.stderr + predict.stderr
+    assert "already registered" in register.stdout and "probability" in predict.stdout
+    noise = ("oneDNN", "cuda", "absl", "INFO", "WARNING", "Registered model", "Created version")
+    for out, err in ((registered["good"], registered["good_stderr"]), (register.stdout, register.stderr),
+                     (predict.stdout, predict.stderr)):
+        assert err == "", err
+        assert not [line for line in out.splitlines() if any(n in line for n in noise)], out
+    logs = registered["folder"] / "mlruns" / "logs"
+    assert (logs / "registry_good.log").is_file() and (logs / "predict.log").is_file()
 
 
 def jpegs(registered: dict, n: int = 6) -> list[Path]:

@@ -14,7 +14,7 @@ import shlex
 import sys
 from typing import Any
 
-from cifar_exp.cli.environment import existing_store, library_log, provenance, set_environment
+from cifar_exp.cli.environment import existing_store, library_log, provenance, quiet_keras, set_environment
 from cifar_exp.cli.progress import Progress, fmt, print_comparison, print_summary
 from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials
 from cifar_exp.config.goals import WarmStart
@@ -223,6 +223,7 @@ def rerun_command(args: argparse.Namespace) -> int:
     # The original's backend unless the user chose one: another backend gives other numbers.
     os.environ.setdefault("KERAS_BACKEND", original.run.tags.get("keras_backend", "tensorflow"))
     set_environment(args.deterministic)
+    quiet_keras(args.storage, original.sweep.name)
     from cifar_exp import data
     from cifar_exp.training import backend
 

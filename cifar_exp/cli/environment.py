@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from cifar_exp.config import DEFAULT_STORE, PACKAGE_DIR, UserError
@@ -98,18 +99,45 @@ def open_store(tracking_uri: str, deterministic: bool) -> None:
     track.configure(tracking_uri)
 
 
+LIBRARY_LOGGERS = ("mlflow", "optuna", "alembic", "absl", "py.warnings")
+
+
 def library_log(storage: str, name: str) -> Path:
     """``logs/NAME.log`` beside the store (``mlruns/`` for a database storage), where the parent's
-    and the workers' library log lines go; the parent's go there from now on."""
+    and the workers' library log lines go; the parent's go there from now on (a second call for
+    the same file keeps the handler it has)."""
     import logging
 
     store = Path(storage).parent if "://" not in storage else DEFAULT_STORE
     path = store / "logs" / f"{name}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    held = [h for h in logging.getLogger(LIBRARY_LOGGERS[0]).handlers
+            if isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path)]
+    handler = held[0] if held else logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for logger in ("mlflow", "optuna", "alembic", "absl", "py.warnings"):
+    for logger in LIBRARY_LOGGERS:
         logging.getLogger(logger).handlers[:] = [handler]
         logging.getLogger(logger).propagate = False
     logging.captureWarnings(True)
+    return path
+
+
+def quiet_keras(storage: str, name: str) -> Path:
+    """For a command that loads or trains a model in its own process (register, and a sweep's
+    --register; rerun; predict; evaluate): the libraries' log lines to ``library_log``'s file,
+    and Keras imported with the process's standard error pointed at that file too. TensorFlow
+    2.21 writes its start-up lines (oneDNN, CUDA drivers: six lines, twice the absl warning)
+    straight to file descriptor 2 before TF_CPP_MIN_LOG_LEVEL applies, so only the descriptor
+    keeps them off the terminal; after the import it is the terminal's again, for our errors.
+    Runs after ``set_environment``."""
+    path = library_log(storage, name)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+            import keras  # noqa: F401  (the backend's native start-up happens here)
+    finally:
+        os.dup2(terminal, 2)
+        os.close(terminal)
     return path

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cifar_exp.cli.environment import existing_store, library_log, open_store
+from cifar_exp.cli.environment import existing_store, open_store, quiet_keras
 from cifar_exp.cli.progress import fmt
-from cifar_exp.config import DEFAULT_STORE, Sweep, UserError, mask_credentials, outcomes
+from cifar_exp.config import DEFAULT_STORAGE, DEFAULT_STORE, Sweep, UserError, mask_credentials, outcomes
 from cifar_exp.config.records import MODELS_COLLECTED, TrialAttrs, models_collected
 from cifar_exp.config.sweepfile import load_sweep
 
@@ -36,6 +36,7 @@ def register_best(chosen: Sweep, storage_url: str, data_source: str | None, rule
     best = register.best_trial(trials, chosen, rule)
     if data_source is None:  # the data the trial trained on, which --data may have overridden
         data_source = track.get_run(str(TrialAttrs.of(best).mlflow_run_id)).tags.get("data_source", chosen.data.source)
+    quiet_keras(storage_url, chosen.name)
     promotion = register.promote(chosen, chosen.model_name, trials, data.load(data_source), rule)
     _registered(promotion.version, promotion.trial.number, rule)
     if promotion.promoted:
@@ -63,7 +64,7 @@ def _register_confirmed(chosen: Sweep, study: Any, trials: list[Any], rule: outc
     parent, experiment = study.user_attrs.get("mlflow_parent_run_id"), study.user_attrs.get("mlflow_experiment_id")
     if not parent or not experiment:
         raise UserError(f"study '{chosen.name}' has no MLflow parent run yet: run the sweep first")
-    print(f"library log lines (TensorFlow, MLflow): {library_log(storage_url, chosen.name)}", flush=True)
+    print(f"library log lines (TensorFlow, MLflow): {quiet_keras(storage_url, chosen.name)}", flush=True)
     trainer = confirm.Trainer(str(experiment), str(parent), backend.identity(),
                               on_run=lambda line: print(line, flush=True))
     done = confirm.promote(chosen, chosen.model_name, trials, seeds, rule, trainer)
@@ -263,6 +264,7 @@ def predict_command(args: argparse.Namespace) -> int:
     from cifar_exp import register
 
     decoded = register.read_images(args.images)  # the inputs first: loading a model takes a minute
+    quiet_keras(DEFAULT_STORAGE, "predict")
     model, names = register.load(args.model)
     images = register.resized(decoded, tuple(model.input_shape[1:3]))
     ranked = register.top_k(register.probabilities(model, images), names, args.top_k)
@@ -288,6 +290,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         raise UserError(f"cannot find {args.model}: {str(exc).splitlines()[0]}") from None
     run = track.get_run(source_run) if source_run else None
     source = args.data or (run.tags.get("data_source") if run else None) or "keras"
+    quiet_keras(DEFAULT_STORAGE, "evaluate")
     test = data.load(source)
     experiment = run.experiment_id if run else track.experiment_id("evaluations")
     run_id, metrics = register.evaluate(args.model, test, experiment, {

@@ -3,6 +3,9 @@ one safely, and the Model Registry (versions and aliases)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import types
 from collections.abc import Mapping, Sequence
@@ -126,13 +129,26 @@ def register(name: str, model_uri: str, run_id: str, description: str, tags: Map
         except MlflowException as exc:
             if "already exists" not in str(exc).lower():
                 raise
-        version, created = retrying(mlflow.register_model, model_uri, name, tags=_strings(tags)), True
+        version, created = retrying(_register_model, model_uri, name, _strings(tags)), True
     if (version.description or "") != description:
         retrying(client.update_model_version, name, version.version, description=description)
     for key, value in _strings(tags).items():
         if (version.tags or {}).get(key) != value:
             retrying(client.set_model_version_tag, name, version.version, key, value)
     return Version(name, str(version.version), run_id, created=created)
+
+
+def _register_model(model_uri: str, name: str, tags: Mapping[str, str]) -> Any:
+    """``mlflow.register_model``, its messages ("Registered model ... already exists. Creating a new
+    version...", "Created version ...") logged to the ``mlflow`` logger: MLflow prints them to
+    stderr, past any logging configuration, where they would break a command's own output."""
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        try:
+            return mlflow.register_model(model_uri, name, tags=dict(tags))
+        finally:
+            for line in said.getvalue().splitlines():
+                if line.strip():
+                    logging.getLogger("mlflow").info(line)
 
 
 def alias_version(name: str, alias: str) -> Version | None:
