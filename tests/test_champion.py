@@ -210,7 +210,7 @@ def test_gc_keeps_one_model_and_the_registered_one_and_predict_still_works(study
         else:
             with pytest.raises(mlflow.exceptions.MlflowException):
                 c.get_logged_model(model_id)
-            assert not any(Path(models_dir[t.number].removeprefix("file://")).rglob("*.keras"))
+            assert not Path(models_dir[t.number].removeprefix("file://")).parent.exists()  # no empty folder left
     # the champion still predicts; compare and the report say which trials lost their model
     Image.new("RGB", (32, 32), (200, 30, 30)).save(study["folder"] / "red.png")
     code, out, err = in_process(study["folder"], "predict", str(study["folder"] / "red.png"), "--model",

@@ -10,6 +10,7 @@ import os
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -205,7 +206,21 @@ def delete_model(model_uri: str) -> int:
     size = _bytes(repository, None)
     repository.delete_artifacts()
     retrying(client.delete_logged_model, model_id)
+    _remove_empty_folder(model.artifact_location, model_id)
     return size
+
+
+def _remove_empty_folder(artifact_location: str, model_id: str) -> None:
+    """On a local artifact store, the model's own folder (``models/<model_id>/``, which held
+    ``artifacts/``): MLflow deletes what is in it and leaves it, one empty folder per model."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    if not artifact_location.startswith(("file:", "/")):
+        return
+    folder = Path(local_file_uri_to_path(artifact_location)).parent
+    if folder.name == model_id:
+        with contextlib.suppress(OSError):  # not empty (someone else's files): left as it is
+            folder.rmdir()
 
 
 def _bytes(repository: Any, path: str | None) -> int:
