@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -180,12 +181,20 @@ def run_sweep(data_path: str, train_images: int | None, sweep_file: Path, trials
 
 def rewrite() -> None:
     """``python bench/sweep_bench.py --rewrite``: RESULTS.md again from results.json."""
-    (BENCH / "RESULTS.md").write_text(report(json.loads((BENCH / "results.json").read_text())))
+    write_results(report(json.loads((BENCH / "results.json").read_text())))
+
+
+def write_results(text: str) -> None:
+    """RESULTS.md's sweep benchmark part (what comes before its first ``## `` section): the
+    sections other benches add after it (compile_bench's) stay."""
+    path = BENCH / "RESULTS.md"
+    old = path.read_text() if path.exists() else ""
+    path.write_text(text.rstrip("\n") + "\n" + (old[old.index("\n## "):] if "\n## " in old else ""))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="a CIFAR-10 source, as for --data of the sweep")
+    parser.add_argument("--data", help="a CIFAR-10 source, as for --data of the sweep (required but with --rewrite)")
     parser.add_argument("--train-images", type=int, help="a class-balanced subset (default: every image)")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=5)
@@ -196,6 +205,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rewrite:
         return rewrite()
+    if args.data is None:
+        parser.error("--data is required (a CIFAR-10 source)")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     sys.path.insert(0, str(ROOT))
     from cifar_exp.cli.environment import set_environment
@@ -203,7 +214,7 @@ def main() -> None:
     set_environment(True)
     data_path, subset = str(Path(args.data).resolve()), args.train_images
     with tempfile.TemporaryDirectory() as tmp:
-        results: dict = {"command": " ".join(sys.argv), "data": args.data, "epochs": args.epochs}
+        results: dict = {"command": shlex.join(sys.argv), "data": args.data, "epochs": args.epochs}
         os.environ["JAX_COMPILATION_CACHE_DIR"] = str(Path(tmp) / "jax")  # empty: the first trial is cold
         reference = yaml.safe_load((ROOT / "sweeps" / "lr_dropout.yaml").read_text())
         reference["space"] = {"dropout": {"type": "categorical", "choices": [REFERENCE["dropout"]]}}
@@ -225,7 +236,7 @@ def main() -> None:
         results["baseline"] = json.loads(baseline.strip().splitlines()[-1])
         results["baseline"]["trials_per_hour"] = 3600 * args.trials / results["baseline"]["wall_s"]
     (BENCH / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    (BENCH / "RESULTS.md").write_text(report(results))
+    write_results(report(results))
     print(report(results))
 
 
@@ -238,11 +249,10 @@ def report(r: dict) -> str:
         f"Command: `{r['command']}`", "",
         f"Machine: {ident['device']}, {os.cpu_count()} CPU cores; backend {ident['keras_backend']} "
         f"{ident['backend_version']}, keras {ident['keras_version']}, python {ident['python_version']}.", "",
-        f"Data: {r['data']} (CIFAR-10 (JPEG copy)), a class-balanced slice of "
-        f"{fit['train_images'] + fit['val_images']} training images ({fit['train_images']} train / "
-        f"{fit['val_images']} validation after the sweep's split) and all {fit['test_images']} test images, "
-        f"which every trial of the sweep evaluates; {r['epochs']} epochs per trial; the lr_dropout sweep's CNN "
-        f"and space.", "",
+        f"Data: {r['data']} (CIFAR-10 (JPEG copy)): {fit['train_images']} training images (a class-balanced "
+        f"subset), {fit['val_images']} validation images (the sweep's split) and all {fit['test_images']} test "
+        f"images, which every trial of the sweep evaluates; {r['epochs']} epochs per trial; the lr_dropout "
+        f"sweep's CNN and space.", "",
         "| measure | value |", "|---|---|",
         f"| 1. fit: seconds per epoch (median after the first) | {fit['epoch_s']:.2f} |",
         f"| 1. seconds per epoch by feed (the trial's first) | "
