@@ -125,19 +125,24 @@ def library_log(storage: str, name: str) -> Path:
 def quiet_keras(storage: str, name: str) -> Path:
     """For a command that loads or trains a model in its own process (register, and a sweep's
     --register; rerun; predict; evaluate): the libraries' log lines to ``library_log``'s file,
-    and Keras imported with the process's standard error pointed at that file too. TensorFlow
-    2.21 writes its start-up lines (oneDNN, CUDA drivers: six lines, twice the absl warning)
-    straight to file descriptor 2 before TF_CPP_MIN_LOG_LEVEL applies, so only the descriptor
-    keeps them off the terminal; after the import it is the terminal's again, for our errors.
-    Runs after ``set_environment``."""
+    and from here on the process's file descriptor 2 too, where TensorFlow's native code writes
+    past TF_CPP_MIN_LOG_LEVEL (2.21: six start-up lines at import, oneDNN and CUDA drivers; where a
+    CUDA library is found but no driver works, a failed cuInit when it first looks for a device,
+    whenever that is). ``sys.stderr`` stays on the terminal, a new file over a copy of the old
+    descriptor, for our lines, errors and tracebacks. Where ``sys.stderr`` is not descriptor 2
+    (a caller capturing it) only the logging part applies. Then imports Keras; runs after
+    ``set_environment``."""
     path = library_log(storage, name)
-    sys.stderr.flush()
-    terminal = os.dup(2)
     try:
+        on_descriptor_2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a StringIO's fileno is io.UnsupportedOperation
+        on_descriptor_2 = False
+    if on_descriptor_2:
+        sys.stderr.flush()
+        terminal = os.dup(2)
         with open(path, "ab") as log:
             os.dup2(log.fileno(), 2)
-            import keras  # noqa: F401  (the backend's native start-up happens here)
-    finally:
-        os.dup2(terminal, 2)
-        os.close(terminal)
+        sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    import keras  # noqa: F401  (the backend's native start-up happens here)
+
     return path
