@@ -194,7 +194,7 @@ def write_results(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="a CIFAR-10 source, as for --data of the sweep (required but with --rewrite)")
+    parser.add_argument("--data", help="a CIFAR-10 source, as for --data of the sweep (required unless --rewrite)")
     parser.add_argument("--train-images", type=int, help="a class-balanced subset (default: every image)")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=5)
