@@ -50,7 +50,8 @@ def measure(args: argparse.Namespace) -> dict:
                 epochs.append(time.perf_counter() - started[0])  # the epoch with its checkpoint write
                 started[0] = time.perf_counter()
 
-            train.train(cfg, splits, epochs=args.epochs, seed=0, checkpoint=path, on_epoch=[lap])
+            slot = checkpoints.Slot(path) if path else None
+            train.train(cfg, splits, epochs=args.epochs, seed=0, checkpoint=slot, on_epoch=[lap])
             keras.backend.clear_session()
             # each lap ends at the next epoch's hooks: it holds the previous epoch's checkpoint write
             row[f"{name}_checkpoint_epoch_s"] = statistics.median(epochs[1:])

@@ -20,7 +20,6 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cifar_exp import track
@@ -31,6 +30,7 @@ from cifar_exp.evaluate import degenerate
 
 if TYPE_CHECKING:
     from cifar_exp.data import Splits
+    from cifar_exp.training.checkpoints import Slot
     from cifar_exp.training.clock import Clock
     from cifar_exp.training.programs import Programs
     from cifar_exp.training.train import CustomModel, TrainResult
@@ -157,7 +157,7 @@ class TrialRun:
     ``failed``. ``tags``: what the engine adds to every run (provenance, process identity, its
     own details). ``on_epoch`` hooks run after each epoch is logged (report, prune, events: they
     may raise to end training); ``on_replayed`` hooks hear the epochs a resumed trial's checkpoint
-    holds. ``programs`` (a worker's compiled programs), ``checkpoint`` (a file to save the state
+    holds. ``programs`` (a worker's compiled programs), ``checkpoint`` (a file and its owner, to save the state
     to after every epoch, and to resume from) and ``time_limit`` (seconds) are the engine's to give."""
 
     sweep: Sweep
@@ -166,7 +166,7 @@ class TrialRun:
     tags: Mapping[str, Any] = field(default_factory=dict)
     title: str = ""
     programs: Programs | None = None
-    checkpoint: Path | None = None
+    checkpoint: Slot | None = None
     resumed_from: int | None = None  # the trial whose checkpoint this one took over
     time_limit: float | None = None
     on_epoch: list[EpochHook] = field(default_factory=list)

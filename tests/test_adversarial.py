@@ -120,6 +120,15 @@ def corpus() -> dict[str, str]:
     cases["yaml11-date"] = GOOD.replace("epochs: 3", "epochs: 2026-01-01")
     cases["yaml11-binary"] = GOOD.replace("epochs: 3", "epochs: 0b11")
     cases["yaml11-underscore"] = GOOD.replace("trials: 4", "trials: 1_000")
+    # Seconds no timer holds (every trial failed with OverflowError, the sweep exited 0).
+    cases["trial-timeout-1e10"] = GOOD + "trial_timeout: 1.0e10\n"
+    cases["timeout-1e12"] = GOOD + "timeout: 1.0e12\n"
+    cases["heartbeat-grace-1e10"] = GOOD + "heartbeat_grace: 1.0e10\n"
+    # A quoted number is text, for float keys as for int keys.
+    cases["quoted-trial-timeout"] = GOOD + "trial_timeout: '10'\n"
+    cases["quoted-heartbeat-grace"] = GOOD + "heartbeat_grace: '60'\n"
+    cases["quoted-constraint-max"] = GOOD + "constraints: {param_count: {max: '2'}}\n"
+    cases["quoted-trials"] = GOOD.replace("trials: 4", "trials: '3'")
     return cases
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,6 +28,7 @@ from cifar_exp.rerun import confirm
 from cifar_exp.track import collect
 from tests.conftest import ROOT, in_process, write_slice
 from tests.test_shipped import sweep_in_process
+from tests.test_sweep import clean_env
 
 SWEEP = ROOT / "tests" / "sweeps" / "champion.yaml"
 NAME = "cifar10-champion"
@@ -97,7 +101,9 @@ def test_bad_champion_settings_are_one_line_errors(text: str, fragment: str) -> 
 def test_bad_seeds_and_a_gc_without_a_count_exit_2(isolated: Path) -> None:
     for argv, fragment in ((["register", str(SWEEP), "--seeds", "1"], "--seeds 1: one seed has no spread"),
                            (["register", str(SWEEP), "--seeds", "2", "--data", "x.zip"], "drop --data"),
-                           (["gc", str(SWEEP)], "give --keep K")):
+                           (["gc", str(SWEEP)], "give --keep K"),
+                           (["register", str(SWEEP), "--pick", ""], "--pick : not a metric"),  # not the default
+                           (["register", str(SWEEP), "--where", "latency_ms<=1e"], "write METRIC<=NUMBER")):
         code, out, err = in_process(isolated, *argv)
         assert code == 2 and out == "", err
         (line,) = err.strip().splitlines()
@@ -111,7 +117,7 @@ def test_bad_seeds_and_a_gc_without_a_count_exit_2(isolated: Path) -> None:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("champion")
-    data = write_slice(folder / "slice.zip", 40, 10)
+    data = write_slice(folder / "slice.zip", 100, 10)
     env = {"CIFAR_EXP_CACHE": str(folder / "cache")}
     with mock.patch.dict(os.environ, env):
         sweep_in_process(folder, SWEEP, trials=3, epochs=3, data=data)
@@ -196,9 +202,21 @@ def test_gc_keeps_one_model_and_the_registered_one_and_predict_still_works(study
                   for t in done}
     sizes = {n: sum(f.stat().st_size for f in Path(loc.removeprefix("file://")).rglob("*") if f.is_file())
              for n, loc in models_dir.items()}
-    code, out, err = in_process(study["folder"], "gc", str(SWEEP), "--keep", "1", "--storage", study["storage"],
-                                "--tracking-uri", study["uri"], env=study["env"])
-    assert code == 0, err
+    # gc against a register: while a register holds the study's models (the lock it holds from
+    # choosing a trial to registering it, taken here as register takes it), gc deletes nothing
+    # and waits; it goes on when the register is done. A forced interleaving: no sleep decides it.
+    from cifar_exp.sweep import storage
+
+    with storage.models_lock(study["storage"], storage.open_storage(study["storage"]), "champion", shared=True):
+        gc = subprocess.Popen([sys.executable, "-m", "cifar_exp", "gc", str(SWEEP), "--keep", "1", "--storage",
+                               study["storage"], "--tracking-uri", study["uri"]], cwd=study["folder"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**clean_env(), **study["env"]})
+        assert gc.stdout is not None
+        assert gc.stdout.readline() == "waiting for a register of champion to finish\n"
+        assert gc.poll() is None and all(Path(loc.removeprefix("file://")).is_dir() for loc in models_dir.values())
+    out, err = gc.communicate(timeout=300)
+    assert gc.returncode == 0, err
     kept = {best.number} | {t.number for t in done if TrialAttrs.of(t).mlflow_run_id == champion_run}
     deleted = sorted(set(sizes) - kept)
     assert f"{sum(sizes[n] for n in deleted):,} bytes freed" in out, out
@@ -227,3 +245,61 @@ def test_gc_keeps_one_model_and_the_registered_one_and_predict_still_works(study
     again = in_process(study["folder"], "gc", str(SWEEP), "--keep", "1", "--storage", study["storage"],
                        "--tracking-uri", study["uri"], env=study["env"])
     assert again[0] == 0 and "nothing to delete" in again[1], again
+
+
+@pytest.mark.slow
+def test_a_killed_register_seeds_leaves_no_run_running_and_register_waits_for_gc(study: dict) -> None:
+    """A register --seeds killed mid-confirmation left its runs RUNNING for good: the next
+    register ends them as KILLED (its process is gone, on this host). That register waits while
+    gc holds the study's models (the lock taken here as gc takes it), then goes on."""
+    from cifar_exp.sweep import storage
+
+    c = client(study)
+    experiment = c.get_experiment_by_name("champion").experiment_id
+    env = {**clean_env(), **study["env"]}
+    stores = ["--storage", study["storage"], "--tracking-uri", study["uri"]]
+    killed = subprocess.Popen([sys.executable, "-m", "cifar_exp.register", str(SWEEP), "--seeds", "2", *stores],
+                              cwd=study["folder"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    mine = f"tags.confirmation_pid = '{killed.pid}' and attributes.status = 'RUNNING'"
+    while not (running := c.search_runs([experiment], mine)):  # a confirmation run of its own is training
+        assert killed.poll() is None and time.monotonic() < deadline, "no confirmation run started"
+        time.sleep(0.2)
+    killed.kill()
+    killed.wait()
+    (left,) = running
+    assert c.get_run(left.info.run_id).info.status == "RUNNING"
+    with storage.models_lock(study["storage"], storage.open_storage(study["storage"]), "champion", shared=False):
+        register = subprocess.Popen([sys.executable, "-m", "cifar_exp.register", str(SWEEP), *stores],
+                                    cwd=study["folder"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=env)
+        assert register.stdout is not None
+        closed_line = "closed 1 confirmation run(s) a killed register left RUNNING (now KILLED)\n"
+        assert register.stdout.readline() == closed_line
+        assert register.stdout.readline() == "waiting for gc champion to finish\n"
+        assert register.poll() is None
+    out, err = register.communicate(timeout=300)
+    assert register.returncode == 0 and "registered" in out, err
+    closed = c.get_run(left.info.run_id)
+    assert closed.info.status == "KILLED" and "register --seeds" in closed.data.tags["fail_reason"]
+    assert not c.search_runs([experiment], "tags.confirmation != '' and attributes.status = 'RUNNING'")
+
+
+@pytest.mark.slow
+def test_a_chosen_trial_whose_model_is_gone_is_one_line_and_leaves_no_empty_registered_model(study: dict) -> None:
+    c = client(study)
+    best = max((t for t in trials(study) if t.values), key=lambda t: t.values[0])
+    c.delete_logged_model(TrialAttrs.of(best).model_uri.removeprefix("models:/"))  # by hand, past gc
+    other = study["folder"] / "other"
+    other.mkdir()
+    (other / "champion.yaml").write_text(SWEEP.read_text().replace(f"registered_model: {NAME}",
+                                                                   "registered_model: cifar10-gone"))
+    for seeds in ("0", "2"):
+        code, out, err = in_process(study["folder"], "register", str(other / "champion.yaml"), "--seeds", seeds,
+                                    "--storage", study["storage"], "--tracking-uri", study["uri"], env=study["env"])
+        assert code == 2 and err.strip() == (
+            f"error: trial {best.number}'s model ({TrialAttrs.of(best).model_uri}) is gone (deleted by gc, or by "
+            f"hand): nothing was registered; register another trial (--pick, --where), or rerun this one"), err
+        assert c.search_registered_models("name = 'cifar10-gone'") == []
+    assert not c.search_runs([c.get_experiment_by_name("champion").experiment_id],
+                             "tags.confirmation != '' and attributes.status = 'RUNNING'")

@@ -4,6 +4,9 @@ a checkpoint of another run, or one that cannot be read, is ignored."""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from pathlib import Path
 
 import keras
@@ -42,6 +45,7 @@ def killed_then_resumed(cfg: TrainConfig, splits: data.Splits, path: Path, epoch
     each in turn, every run after the first resuming from the checkpoint the one before left (a
     resumed run's own checkpoints are then what the next resumes from). ``options`` go to every
     ``train`` call."""
+    slot = checkpoints.Slot(path)
     for death in (dies_at,) if isinstance(dies_at, int) else dies_at:
 
         def die(epoch: int, logs: object, death: int = death) -> None:
@@ -49,11 +53,11 @@ def killed_then_resumed(cfg: TrainConfig, splits: data.Splits, path: Path, epoch
                 raise Died()
 
         with pytest.raises(Died):
-            train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=path, on_epoch=[die], programs=programs,
+            train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=slot, on_epoch=[die], programs=programs,
                         **options)  # type: ignore[arg-type]
         keras.backend.clear_session()
     replayed: dict[str, list[float]] = {}
-    resumed = train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=path, on_resume=replayed.update,
+    resumed = train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=slot, on_resume=replayed.update,
                           programs=programs, **options)  # type: ignore[arg-type]
     keras.backend.clear_session()
     return resumed, replayed
@@ -74,7 +78,7 @@ CASES = {
 def test_a_run_resumed_after_epoch_k_equals_the_uninterrupted_run_bit_for_bit(
         splits: data.Splits, tmp_path: Path, case: str) -> None:
     cfg = TrainConfig(**CASES[case])
-    whole = train.train(cfg, splits, epochs=4, seed=7, checkpoint=tmp_path / "whole.npz")
+    whole = train.train(cfg, splits, epochs=4, seed=7, checkpoint=checkpoints.Slot(tmp_path / "whole.npz"))
     keras.backend.clear_session()
     # killed in epoch 1 (resumed from epoch 0's checkpoint), then in epoch 3 (from epoch 2's, which
     # the resumed run wrote), then resumed to the end
@@ -119,10 +123,11 @@ def test_transfer_learning_resumes_at_the_turn_and_in_phase_two_bit_for_bit(tmp_
 def test_a_run_that_died_after_its_last_epoch_resumes_with_its_trained_weights(
         splits: data.Splits, tmp_path: Path) -> None:
     cfg = TrainConfig(**SMALL, batch_size=16)
-    whole = train.train(cfg, splits, epochs=2, seed=7, checkpoint=tmp_path / "c.npz")  # the checkpoint of epoch 1
+    slot = checkpoints.Slot(tmp_path / "c.npz")
+    whole = train.train(cfg, splits, epochs=2, seed=7, checkpoint=slot)  # the checkpoint of epoch 1
     keras.backend.clear_session()
     replayed: dict[str, list[float]] = {}
-    again = train.train(cfg, splits, epochs=2, seed=7, checkpoint=tmp_path / "c.npz", on_resume=replayed.update,
+    again = train.train(cfg, splits, epochs=2, seed=7, checkpoint=slot, on_resume=replayed.update,
                         on_epoch=[lambda e, logs: pytest.fail("nothing is left to train")])
     assert len(replayed["loss"]) == 2 and np.array_equal(again.y_prob, whole.y_prob)
 
@@ -130,17 +135,18 @@ def test_a_run_that_died_after_its_last_epoch_resumes_with_its_trained_weights(
 def test_a_checkpoint_of_another_run_or_a_broken_one_is_ignored(splits: data.Splits, tmp_path: Path) -> None:
     cfg = TrainConfig(**SMALL, batch_size=16)
     path = tmp_path / "c.npz"
-    train.train(cfg, splits, epochs=2, seed=7, checkpoint=path)
+    slot = checkpoints.Slot(path)
+    train.train(cfg, splits, epochs=2, seed=7, checkpoint=slot)
     keras.backend.clear_session()
-    assert checkpoints.load(path, "another run") is None
+    assert checkpoints.load(checkpoints.Slot(path), "another run") is None
     seen: list[int] = []
-    other = train.train(cfg, splits, epochs=2, seed=8, checkpoint=path, on_resume=lambda h: pytest.fail("resumed"),
+    other = train.train(cfg, splits, epochs=2, seed=8, checkpoint=slot, on_resume=lambda h: pytest.fail("resumed"),
                         on_epoch=[lambda e, logs: seen.append(e)])
     assert seen == [0, 1] and len(other.history["loss"]) == 2  # another seed: trained from epoch 0
     path.write_bytes(path.read_bytes()[:100])  # torn
     keras.backend.clear_session()
     seen.clear()
-    train.train(cfg, splits, epochs=2, seed=8, checkpoint=path, on_resume=lambda h: pytest.fail("resumed"),
+    train.train(cfg, splits, epochs=2, seed=8, checkpoint=slot, on_resume=lambda h: pytest.fail("resumed"),
                 on_epoch=[lambda e, logs: seen.append(e)])
     assert seen == [0, 1]
 
@@ -150,7 +156,7 @@ def test_a_checkpoint_write_that_fails_warns_and_training_goes_on(splits: data.S
     blocked.write_text("not a folder")
     with pytest.warns(UserWarning, match="checkpoint of epoch 0 not written"):
         result = train.train(TrainConfig(**SMALL, batch_size=16), splits, epochs=2, seed=7,
-                             checkpoint=blocked / "c.npz")
+                             checkpoint=checkpoints.Slot(blocked / "c.npz"))
     assert len(result.history["loss"]) == 2
 
 
@@ -164,4 +170,65 @@ def test_leftover_checkpoints_are_dropped_but_those_kept(tmp_path: Path) -> None
     dropped = sidecar.drop_checkpoints(storage, "demo", keep={1})
     assert sorted(p.name for p in dropped) == ["0.npz", "1.npz.123.tmp", "2.npz"]
     assert [p.name for p in sidecar.checkpoint(storage, "demo", 0).parent.iterdir()] == ["1.npz"]
-    assert sidecar.checkpoint("postgresql://h/db", "demo", 3) == Path("mlruns/checkpoints/demo/3.npz")
+    assert sidecar.checkpoint("postgresql://h/db", "demo", 3).parent.parent == Path("mlruns/checkpoints/demo")
+
+
+def test_two_storages_in_one_folder_keep_their_checkpoints_apart(tmp_path: Path) -> None:
+    a, b = str(tmp_path / "a.journal"), str(tmp_path / "b.journal")
+    assert sidecar.checkpoint(a, "demo", 0) != sidecar.checkpoint(b, "demo", 0)
+    assert sidecar.checkpoint(a, "demo", 0).parent.parent == tmp_path / "checkpoints" / "demo"
+    sidecar.checkpoint(a, "demo", 0).parent.mkdir(parents=True)
+    sidecar.checkpoint(a, "demo", 0).write_bytes(b"x")
+    assert sidecar.drop_checkpoints(b, "demo", keep=set()) == []  # b's start leaves a's alone
+    assert sidecar.checkpoint(a, "demo", 0).exists()
+    # one storage however written: a relative path, an absolute one
+    relative = os.path.relpath(a)
+    assert sidecar.checkpoint(relative, "demo", 0).resolve() == sidecar.checkpoint(a, "demo", 0).resolve()
+    # one rule for every storage kind: a SQLite database's sidecar folder is its own folder
+    assert sidecar.folder(f"sqlite:///{tmp_path}/optuna.db") == tmp_path
+
+
+def test_a_checkpoint_of_another_owner_is_ignored_with_a_log_line(splits: data.Splits, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    cfg = TrainConfig(**SMALL, batch_size=16)
+    path = tmp_path / "0.npz"
+    study_a = {"storage": "/x/a.journal", "study": "demo", "study_id": "0", "trial_id": "0", "data_checksum": "A"}
+    train.train(cfg, splits, epochs=2, seed=7, checkpoint=checkpoints.Slot(path, study_a),
+                on_epoch=[lambda e, logs: None])
+    keras.backend.clear_session()
+    for differs in ({"storage": "/x/b.journal"}, {"data_checksum": "B"}, {"trial_id": "5"}, {"study_id": "1"}):
+        caplog.clear()
+        slot = checkpoints.Slot(path, {**study_a, **differs})
+        with caplog.at_level(logging.WARNING, logger="cifar_exp"):
+            assert checkpoints.load(slot, "any") is None
+        (key, value), = differs.items()
+        assert f"it belongs to another trial ({key} {study_a[key]!r}, not {value!r})" in caplog.text
+    # the same configuration, seed and data shapes, but study b's trial: trained from epoch 0
+    seen: list[int] = []
+    train.train(cfg, splits, epochs=2, seed=7, checkpoint=checkpoints.Slot(path, {**study_a, "study_id": "1"}),
+                on_resume=lambda h: pytest.fail("resumed another study's checkpoint"),
+                on_epoch=[lambda e, logs: seen.append(e)])
+    assert seen == [0, 1]
+
+
+def test_only_a_regular_file_is_read_or_deleted_as_a_checkpoint(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    fifo, folder = tmp_path / "0.npz", tmp_path / "1.npz"
+    os.mkfifo(fifo)  # a read would block forever: no writer ever comes
+    folder.mkdir()
+    with caplog.at_level(logging.WARNING, logger="cifar_exp"):
+        loaded: list[object] = []
+        reader = threading.Thread(target=lambda: loaded.append(checkpoints.load(checkpoints.Slot(fifo), "any")),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout=60)  # a deadline, not a verdict: a blocked read never returns at all
+        assert loaded == [None]
+        assert checkpoints.load(checkpoints.Slot(folder), "any") is None
+        checkpoints.discard(fifo)
+        checkpoints.discard(folder)
+    assert "not a regular file" in caplog.text
+    assert fifo.exists() and folder.is_dir()  # not ours: left alone
+    storage = str(tmp_path / "optuna.journal")
+    where = sidecar.checkpoint(storage, "demo", 2)
+    where.mkdir(parents=True)  # a folder where trial 2's checkpoint goes: the sweep's end drops nothing of it
+    assert sidecar.drop_checkpoints(storage, "demo", keep=set()) == [] and where.is_dir()

@@ -247,6 +247,26 @@ def test_a_resumed_sweep_reports_the_trials_it_already_has(capsys: pytest.Captur
     assert "[4 of 5] best val_accuracy=0.4100 (trial 1) | 2 complete, 2 pruned, 0 failed" in line
 
 
+def test_an_infeasible_trial_is_never_the_best_and_no_feasible_trial_is_said(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from types import SimpleNamespace
+
+    from cifar_exp.cli.progress import Progress, print_summary
+    from cifar_exp.config.sweepfile import load_sweep
+    from cifar_exp.sweep.events import Ended, Tally
+
+    broke = "latency_ms 3.1, not <= 2"
+    _feed(Progress("val_accuracy", 4), Tally(maximize=True),
+          Ended(0, "COMPLETE", value=0.5, test_accuracy=0.49, infeasible=broke))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"trial 0 COMPLETE val_accuracy=0.5000 test_accuracy=0.4900 [infeasible: {broke}]")
+    assert "no feasible trial yet (1 broke the constraints) | 1 complete" in line and "best val_accuracy" not in line
+    summary = SimpleNamespace(study_name="deploy", counts={"COMPLETE": 1, "PRUNED": 0, "FAIL": 0, "RUNNING": 0},
+                              untrained=0, best=[], front=[])
+    print_summary(summary, load_sweep("deploy"), "cifar-exp ui deploy")
+    assert "no feasible trial: every complete trial broke a constraint" in capsys.readouterr().out
+
+
 def test_an_interrupted_or_retried_trial_does_not_count_and_failures_in_a_row_reset_on_success() -> None:
     from cifar_exp.sweep.events import INTERRUPTED, Ended, Tally
 
@@ -285,3 +305,44 @@ def test_provenance_says_whether_the_environment_is_the_locked_one(tmp_path: Pat
     assert lock_state(tmp_path / "missing.txt") == {"constraints_match": "none"}
     # the checkout's own lock is what a sweep's runs record
     assert provenance()["constraints_sha256"] == lock_state(ROOT / "constraints.txt")["constraints_sha256"]
+
+
+def test_tensorflow_warnings_after_the_import_go_to_the_library_log(tmp_path: Path) -> None:
+    """register --seeds printed TensorFlow's retracing warnings on the terminal: its logger gets a
+    handler on sys.stderr when first asked for, after the import. In a real process (descriptor 2
+    is the point); the warning is raised as TensorFlow raises it, through its own logger."""
+    script = ("import os, sys; os.environ['KERAS_BACKEND'] = 'tensorflow'\n"
+              "from cifar_exp.cli.environment import quiet_keras\n"
+              f"path = quiet_keras({str(tmp_path / 'optuna.journal')!r}, 'demo')\n"
+              "import tensorflow as tf\n"
+              "tf.get_logger().warning('5 out of the last 5 calls triggered tf.function retracing')\n"
+              "print('ours', file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "ours\n", done.stderr
+    assert "triggered tf.function retracing" in (tmp_path / "logs" / "demo.log").read_text()
+
+
+@pytest.mark.parametrize("argv", [
+    ["register", "lr_dropout", "--pick", ""], ["register", "lr_dropout", "--where", "latency_ms<=1e"],
+    ["register", "lr_dropout", "--seeds", "1"], ["gc", "lr_dropout"], ["gc", "lr_dropout", "--keep", "٥"],
+    ["register", "lr_dropout", "--storage", "nope.journal"], ["gc", "lr_dropout", "--keep", "2", "--storage", "x.db"],
+    ["register", "lr_dropout", "--data", "nope.zip"], ["sweep", "lr_dropout", "--warm-start", "x:²"],
+    ["sweep", "lr_dropout", "--trials", "0"], ["register", "no_such_sweep"],
+])
+def test_a_typo_is_refused_before_mlflow_keras_or_the_data_are_imported(isolated: Path, argv: list[str]) -> None:
+    """Refusals that need no store came after importing MLflow or Keras (5 to 19 s on a 2-core
+    machine). Decided by what the process imported, in a real process, with a store there (empty
+    files where the MLflow database and the journal go): never by a clock."""
+    (isolated / "mlruns").mkdir()
+    (isolated / "mlruns" / "mlflow.db").touch()
+    (isolated / "mlruns" / "optuna.journal").touch()
+    script = ("import sys\nfrom cifar_exp.cli import main\n"
+              "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exc:  # argparse's refusals\n"
+              "    code = exc.code\n"
+              "heavy = sorted(m for m in ('mlflow', 'keras', 'tensorflow', 'jax', 'optuna') if m in sys.modules)\n"
+              "print(code, ' '.join(heavy))\n")
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120,
+                          cwd=isolated)
+    assert done.stdout.strip() == "2", (done.stdout, done.stderr)  # exit 2, and nothing heavy imported
+    (line,) = done.stderr.strip().splitlines()
+    assert "error: " in line, line

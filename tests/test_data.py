@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def make_folder(root: Path, arrays: dict[str, np.ndarray]) -> Path:
     return root
 
 
-def make_batches(root: Path, arrays: dict[str, np.ndarray]) -> Path:
+def make_batches(root: Path, arrays: dict[str, np.ndarray], names: list[str] | None = None) -> Path:
     """The official python format: pickled dicts with bytes keys, images as rows of 3072."""
     root.mkdir(parents=True)
     rows = lambda x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)
@@ -60,7 +61,7 @@ def make_batches(root: Path, arrays: dict[str, np.ndarray]) -> Path:
         (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
     test = {b"data": rows(arrays["x_test"]), b"labels": arrays["y_test"].tolist()}
     (root / "test_batch").write_bytes(pickle.dumps(test))
-    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CLASSES]}))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in names or CLASSES]}))
     return root
 
 
@@ -285,6 +286,17 @@ def test_a_one_class_data_set_is_refused_before_anything_is_cached(tmp_path: Pat
     one = {k: v[:3] if k.endswith("train") else v[:2] for k, v in arrays.items()}  # airplane only
     root = make_folder(tmp_path / "tree", one)
     with pytest.raises(DataError, match="has 1 class \\(airplane\\): a classifier needs two or more"):
+        data.load(str(root), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("bad", ["ca\nt", "cat\n", "c\tat", "x" * 201, ".."])
+def test_a_class_name_mlflow_cannot_hold_is_refused_before_anything_is_cached(
+        tmp_path: Path, arrays: dict[str, np.ndarray], bad: str) -> None:
+    names = list(CLASSES)
+    names[3] = bad  # cat: it trained, then every trial failed at metric logging and the sweep exited 0
+    root = make_batches(tmp_path / "batches", arrays, names=names)
+    with pytest.raises(DataError, match=f"class name {re.escape(repr(bad))} cannot be part of an MLflow metric name"):
         data.load(str(root), cache=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
 

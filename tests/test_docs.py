@@ -16,9 +16,10 @@ from tests.conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TEXT = {page.relative_to(ROOT).as_posix(): page.read_text() for page in PAGES}
-# A command as written: "cifar-exp NAME ..." or "python -m cifar_exp.NAME ...", up to the end of
+# A command as written: "cifar-exp NAME ...", "python -m cifar_exp NAME ..." or "python -m
+# cifar_exp.NAME ...", up to the end of
 # the shell command (a comment, a pipe, another command, the end of a code span or line).
-INVOCATION = re.compile(r"(?:cifar-exp|python -m cifar_exp\.)\s*(?P<name>[a-z_]+)(?P<rest>[^`#|;&\n]*)")
+INVOCATION = re.compile(r"(?:cifar-exp|python -m cifar_exp[. ])\s*(?P<name>[a-z_]+)(?P<rest>[^`#|;&\n]*)")
 BENCH = re.compile(r"python (?P<script>bench/[a-z_]+\.py)(?P<rest>[^`#|;&\n]*)")
 
 

@@ -47,7 +47,7 @@ FLOORS = [
     {"sweep.supervisor"},
     {"cli.progress", "cli.environment", "cli.commands", "cli.results", "cli"},
     {"compare", "ui", "predict", "sweep.__main__", "rerun.__main__", "register.__main__", "report.__main__",
-     "evaluate.__main__"},
+     "evaluate.__main__", "__main__"},
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}
 PACKAGE_FLOOR = {name: level for level, names in enumerate(PACKAGE_FLOORS) for name in names}
@@ -82,10 +82,11 @@ def test_every_module_has_a_floor() -> None:
 
 
 def test_the_top_level_holds_packages_and_entry_points_only() -> None:
-    """Beside the ``python -m`` entry points only subpackages (and ``lifecycle``): no flat module
-    with a near-namesake (a command's library is the package of the command's name)."""
+    """Beside the ``python -m`` entry points (``python -m cifar_exp COMMAND`` among them) only
+    subpackages (and ``lifecycle``): no flat module with a near-namesake (a command's library is
+    the package of the command's name)."""
     flat = {p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
-    assert flat == {"compare", "predict", "ui", "lifecycle"}, flat
+    assert flat == {"__main__", "compare", "predict", "ui", "lifecycle"}, flat
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

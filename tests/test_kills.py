@@ -12,12 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import mlflow
 import optuna
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from cifar_exp.sweep import sidecar
 from tests.test_sweep import FINISHED, clean_env, run_sweep, runs, study
 
 pytestmark = pytest.mark.slow
@@ -46,7 +48,7 @@ def test_sigkill_of_a_worker_mid_epoch_fails_its_trial_and_retries_it(isolated: 
     process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=clean_env(), umask=0)  # files must not be world-writable even so
     trial = wait_for_first_epoch(isolated, process)
-    checkpoint = isolated / "mlruns" / "checkpoints" / "lr_dropout" / "0.npz"
+    checkpoint = sidecar.checkpoint(str(isolated / "mlruns" / "optuna.journal"), "lr_dropout", 0)
     while not checkpoint.exists() and process.poll() is None:  # written after the epoch's report
         time.sleep(0.05)
     os.kill(trial.user_attrs["worker_pid"], signal.SIGKILL)
@@ -82,12 +84,26 @@ def test_sigkill_of_the_whole_sweep_then_the_same_command_finishes_the_budget(is
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
                                start_new_session=True)
     wait_for_first_epoch(isolated, process)
+    checkpoint = sidecar.checkpoint(str(isolated / "mlruns" / "optuna.journal"), "lr_dropout", 0)
+    while not checkpoint.exists() and process.poll() is None:  # written after the epoch's report
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the CLI and its workers, with no chance to record anything
     process.wait(timeout=60)
     (stale,) = study(isolated).get_trials()
     assert stale.state == TrialState.RUNNING
     _, children = runs(isolated)
     assert [c.info.status for c in children] == ["RUNNING"]
+
+    # Another study of the same name in the same folder, on the same data and settings: its trial 0
+    # has trial 0's configuration and seed, but never its checkpoint, and its end leaves it alone.
+    run_sweep(isolated, *args[:1], "--trials", "1", *args[3:], "--storage", "mlruns/b.journal",
+              "--tracking-uri", f"sqlite:///{isolated}/mlruns/b.db")
+    mlflow.set_tracking_uri(f"sqlite:///{isolated}/mlruns/b.db")
+    (other,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("lr_dropout").experiment_id],
+                                          "tags.trial_number = '0'")
+    assert "resumed_epochs" not in other.data.tags and other.info.status == "FINISHED"
+    assert len(MlflowClient().get_metric_history(other.info.run_id, "val_accuracy")) == 4
+    assert checkpoint.exists()
 
     out = run_sweep(isolated, *args).stdout
     assert "trial 0 was left running by a worker that is gone: failed, retried once" in out
@@ -99,6 +115,7 @@ def test_sigkill_of_the_whole_sweep_then_the_same_command_finishes_the_budget(is
     statuses = {int(c.data.tags["trial_number"]): c.info.status for c in children}
     assert statuses == {0: "KILLED", 1: "FINISHED", 2: "FINISHED"}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert trials[1].user_attrs["resumed_epochs"] >= 1  # from its own study's checkpoint, still there
 
 
 def _await_status(pid: int, done: Callable[[dict[str, str]], object]) -> None:

@@ -167,7 +167,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict:
                      env=found["env"])
     found["good"], found["good_stderr"] = good.stdout, good.stderr
     with mock.patch.dict(os.environ, found["env"]):
-        sweep_in_process(folder, TEST_SWEEPS / "registry_worse.yaml", trials=1, epochs=1, data=data)
+        sweep_in_process(folder, TEST_SWEEPS / "registry_worse.yaml", trials=1, epochs=2, data=data)
     code, found["worse"], err = command(found, "register", str(TEST_SWEEPS / "registry_worse.yaml"), "--data",
                                         str(data), "--storage", found["storage"], "--tracking-uri", found["uri"])
     assert code == 0, err

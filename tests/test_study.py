@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing as mp
+import os
 import signal
 import socket
 import sqlite3
@@ -214,3 +215,24 @@ def test_a_time_limit_raises_at_once_while_training_and_at_the_next_check_elsewh
     with TimeLimit(None, lambda: True) as unlimited:
         unlimited.check()
     assert unlimited.reason == ""
+
+
+def test_the_heartbeat_files_of_dead_workers_are_cleared_and_the_living_kept(tmp_path: Path) -> None:
+    import psutil
+
+    from cifar_exp.sweep import liveness
+
+    storage = str(tmp_path / "optuna.journal")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(dead.pid).create_time()  # read while it may still run; then reaped
+    dead.wait()
+    me = psutil.Process(os.getpid())
+    for pid, when in ((dead.pid, started), (me.pid, me.create_time())):
+        beat = liveness.path(storage, pid, when)
+        beat.parent.mkdir(parents=True, exist_ok=True)
+        beat.touch()
+    other_host = liveness.folder(storage) / "elsewhere-1-2.00"
+    other_host.touch()
+    assert liveness.clear_dead(storage) == [liveness.path(storage, dead.pid, started)]
+    assert sorted(p.name for p in liveness.folder(storage).iterdir()) == sorted(
+        [liveness.path(storage, me.pid, me.create_time()).name, other_host.name])

@@ -48,6 +48,8 @@ def _number(kind: type, flag: str, ok: Callable[[Any], bool], requirement: str) 
     """An argparse type: ``kind(text)`` that satisfies ``ok``, else a one-line error."""
     def parse(text: str) -> Any:
         try:
+            if not text.isascii():  # int() and float() read other scripts' digits: '٥' is 5 to them
+                raise ValueError(text)
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} takes a number, got {text!r}") from None
@@ -63,7 +65,7 @@ def _positive(kind: type, flag: str) -> Callable[[str], Any]:
 
 def _gpus(text: str) -> tuple[str, ...]:
     gpus = tuple(g.strip() for g in text.split(","))
-    if not all(g.isdigit() for g in gpus):
+    if not all(g.isascii() and g.isdigit() for g in gpus):
         raise argparse.ArgumentTypeError(f"--gpus {text!r}: give GPU indices separated by commas, e.g. --gpus 0,1")
     return gpus
 

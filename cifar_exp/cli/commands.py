@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from cifar_exp.cli.environment import existing_store, library_log, provenance, quiet_keras, set_environment
@@ -82,9 +83,10 @@ def _with_overrides(args: argparse.Namespace) -> Sweep:
         changes["data"] = dataclasses.replace(changes.get("data", sweep.data), train_images=args.train_images)
     if args.seed is not None:
         changes["sampler"] = dataclasses.replace(sweep.sampler, seed=args.seed)
-    if args.warm_start:
+    if args.warm_start is not None:
         other, _, top = args.warm_start.partition(":")
-        if not other or other == sweep.name or (top and not (top.isdigit() and 1 <= int(top) <= 1000)):
+        if not other.strip() or other == sweep.name or (top and not (top.isascii() and top.isdigit()
+                                                                     and 1 <= int(top) <= 1000)):
             raise ConfigError(f"--warm-start {args.warm_start}: give OTHER or OTHER:K, another sweep's name and "
                               f"K in 1..1000 (e.g. --warm-start lr_dropout:5)")
         changes["warm_start"] = WarmStart(other, int(top) if top else 5)
@@ -107,6 +109,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     track.check_server(args.tracking_uri)
     if "://" in args.storage:
         storage.open_storage(args.storage)
+    _check_warm_start(chosen, args.storage)
     def carve(dataset: data.Cifar10) -> data.Splits:  # refused before the data cache is written
         return data.split(dataset, chosen.data.validation_fraction, chosen.sampler.seed, chosen.data.train_images)
 
@@ -166,6 +169,26 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
 
         collect_models(chosen, args.storage, chosen.keep_models)
     return 0
+
+
+def _check_warm_start(sweep: Sweep, url: str) -> None:
+    """``UserError`` if the sweep starts warm from a study its storage does not hold (and it has not
+    started warm already): decided before a study, the data cache or a run is written."""
+    if sweep.warm_start is None:
+        return
+    import optuna
+
+    from cifar_exp.sweep import storage
+
+    studies = {}
+    if "://" in url or Path(url).is_file():
+        studies = {s.study_name: s for s in optuna.get_all_study_summaries(storage.open_storage(url))}
+    mine = studies.get(sweep.name)
+    if sweep.warm_start.sweep in studies or (mine is not None and mine.user_attrs.get("warm_started")):
+        return
+    names = ", ".join(n for n in studies if n != sweep.name)
+    raise UserError(f"warm_start: no study '{sweep.warm_start.sweep}' in {mask_credentials(url)} (studies: "
+                    f"{names or 'none'}): run that sweep first, or name another")
 
 
 def _check_hypermodel(spec: str) -> None:

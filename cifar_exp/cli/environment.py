@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cifar_exp.config import DEFAULT_STORE, PACKAGE_DIR, UserError
+from cifar_exp.config import PACKAGE_DIR, UserError
 
 
 def set_environment(deterministic: bool) -> None:
@@ -99,17 +99,18 @@ def open_store(tracking_uri: str, deterministic: bool) -> None:
     track.configure(tracking_uri)
 
 
-LIBRARY_LOGGERS = ("mlflow", "optuna", "alembic", "absl", "py.warnings")
+LIBRARY_LOGGERS = ("mlflow", "optuna", "alembic", "absl", "py.warnings", "tensorflow", "cifar_exp")
 
 
 def library_log(storage: str, name: str) -> Path:
-    """``logs/NAME.log`` beside the store (``mlruns/`` for a database storage), where the parent's
+    """``logs/NAME.log`` beside the storage (``sweep.sidecar.folder``), where the parent's
     and the workers' library log lines go; the parent's go there from now on (a second call for
     the same file keeps the handler it has)."""
     import logging
 
-    store = Path(storage).parent if "://" not in storage else DEFAULT_STORE
-    path = store / "logs" / f"{name}.log"
+    from cifar_exp.sweep import sidecar
+
+    path = sidecar.folder(storage) / "logs" / f"{name}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     held = [h for h in logging.getLogger(LIBRARY_LOGGERS[0]).handlers
             if isinstance(h, logging.FileHandler) and h.baseFilename == os.path.abspath(path)]
@@ -145,4 +146,10 @@ def quiet_keras(storage: str, name: str) -> Path:
         sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
     import keras  # noqa: F401  (the backend's native start-up happens here)
 
+    if "tensorflow" in sys.modules:
+        # TensorFlow gives its logger a handler on sys.stderr when it is first asked for it (then
+        # or later: its retracing warnings of register --seeds reached the terminal); asked now,
+        # the handler is replaced by the log's.
+        sys.modules["tensorflow"].get_logger()
+        library_log(storage, name)
     return path

@@ -43,7 +43,8 @@ class Progress:
         return text
 
     def status(self, tally: events.Tally) -> str:
-        best = f"best {self.metric}={tally.best[0]:.4f} (trial {tally.best[1]})" if tally.best else "no best yet"
+        best = f"best {self.metric}={tally.best[0]:.4f} (trial {tally.best[1]})" if tally.best else \
+            f"no feasible trial yet ({tally.infeasible} broke the constraints)" if tally.infeasible else "no best yet"
         states = tally.states
         return (f"{best} | {states.get('COMPLETE', 0)} complete, {states.get('PRUNED', 0)} pruned, "
                 f"{states.get('FAIL', 0)} failed | {self._clock(tally)}")
@@ -73,6 +74,8 @@ class Progress:
                 detail = f" {self.metric}={event.value:.4f} test_accuracy={event.test_accuracy:.4f}"
             elif event.reason:
                 detail = f": {event.reason}"
+            if event.infeasible:
+                detail += f" [infeasible: {event.infeasible}]"
             if event.degenerate:
                 detail += f" [degenerate: {event.degenerate}]"
             self._line(f"trial {event.trial} {event.state}{detail} [{self._of(tally)}] {self.status(tally)}")
@@ -119,7 +122,8 @@ def fmt(value: Any) -> str:
 
 def print_summary(summary: Any, sweep: Sweep, ui_command: str) -> None:
     """The sweep's final table: counts, then the best trials (the Pareto front first, marked
-    ``*``, with several objectives) with their objectives' values and params."""
+    ``*``, with several objectives) with their objectives' values and params; a degenerate
+    trial's number marked ``!`` and named below; a line when no trial is feasible."""
     counts = ", ".join(f"{n} {s.lower()}" for s, n in summary.counts.items() if n)
     print(f"\nstudy '{summary.study_name}': {counts or 'no trials'}")
     if summary.untrained:
@@ -136,9 +140,16 @@ def print_summary(summary: Any, sweep: Sweep, ui_command: str) -> None:
             measured = {**TrialAttrs.of(t).judged(), **dict(zip(goals, t.values, strict=True))}
             cells = " ".join(f"{'-' if measured.get(m) is None else f'{measured[m]:.4f}':>12}" for m in shown)
             mark = f"  {'*' if t.number in on_front else '':>5}" if several else ""
-            print(f"{rank:>4} {t.number:>5}{mark} {cells}  {params}")
+            number = f"{t.number}!" if TrialAttrs.of(t).degenerate else str(t.number)
+            print(f"{rank:>4} {number:>5}{mark} {cells}  {params}")
+        marked = [t for t in summary.best if TrialAttrs.of(t).degenerate]
+        for t in marked:
+            print(f"trial {t.number} is degenerate ({TrialAttrs.of(t).degenerate}): never registered")
         print(f"best run: {TrialAttrs.of(summary.best[0]).mlflow_run_id} "
               f"(experiment {summary.experiment_id}, parent run {summary.parent_run_id})")
+    elif summary.counts.get("COMPLETE"):
+        print("no feasible trial: every complete trial broke a constraint (see infeasible in the trials table); "
+              "loosen the constraints, or widen the space")
     print(f"open the MLflow UI: {mask_credentials(ui_command)}")
 
 

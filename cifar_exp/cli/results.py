@@ -25,14 +25,26 @@ def register_best(chosen: Sweep, storage_url: str, data_source: str | None, rule
     front) and promote it; with ``seeds``, the candidates confirmed over that many seeds first
     (``rerun.confirm``). Prints what happened (the caller has set up the environment and the
     tracking store)."""
-    from cifar_exp import data, register, track
-    from cifar_exp.sweep.storage import load_existing
+    from cifar_exp.sweep import storage, supervisor
 
-    study = load_existing(storage_url, chosen.name)
-    trials = [t for t in study.get_trials(deepcopy=False) if t.number not in models_collected(study.user_attrs)]
-    if seeds:
-        _register_confirmed(chosen, study, trials, rule, seeds, storage_url)
-        return
+    study = storage.load_existing(storage_url, chosen.name)
+    closed = supervisor.close_confirmations(storage_url, study, chosen.name)
+    if closed:
+        print(f"closed {len(closed)} confirmation run(s) a killed register left RUNNING (now KILLED)", flush=True)
+    # Held while a trial is chosen, confirmed and registered: gc deletes no model meanwhile.
+    with storage.models_lock(storage_url, study, chosen.name, shared=True, on_wait=lambda: print(
+            f"waiting for gc {chosen.name} to finish", flush=True)):
+        trials = [t for t in study.get_trials(deepcopy=False) if t.number not in models_collected(study.user_attrs)]
+        if seeds:
+            _register_confirmed(chosen, study, trials, rule, seeds, storage_url)
+        else:
+            _register_one(chosen, trials, storage_url, data_source, rule)
+
+
+def _register_one(chosen: Sweep, trials: list[Any], storage_url: str, data_source: str | None,
+                  rule: outcomes.Rule | None) -> None:
+    from cifar_exp import data, register, track
+
     best = register.best_trial(trials, chosen, rule)
     if data_source is None:  # the data the trial trained on, which --data may have overridden
         data_source = track.get_run(str(TrialAttrs.of(best).mlflow_run_id)).tags.get("data_source", chosen.data.source)
@@ -81,16 +93,30 @@ def _register_confirmed(chosen: Sweep, study: Any, trials: list[Any], rule: outc
     print(f"load it with mlflow.pyfunc.load_model('models:/{done.version.name}@{register.CHAMPION}')")
 
 
+def _cheap_checks(storage_url: str, data_source: str | None = None) -> None:
+    """What a command can refuse before it imports MLflow, Keras or the data (seconds): a journal
+    or SQLite storage that is not there, a ``--data`` that is no data set."""
+    path = storage_url.removeprefix("sqlite:///") if storage_url.startswith("sqlite:///") else storage_url
+    if "://" not in path and not Path(path).is_file():
+        raise UserError(f"no Optuna storage at {path}: run the sweep first, or pass --storage")
+    if data_source is not None:
+        from cifar_exp import data
+
+        data.detect(data_source)
+
+
 def register_command(args: argparse.Namespace) -> int:
     chosen = load_sweep(args.name)
-    rule = outcomes.Rule.parse(args.pick or chosen.objective.metric, args.where) \
-        if args.pick or args.where else None
+    rule = outcomes.Rule.parse(chosen.objective.metric if args.pick is None else args.pick, args.where) \
+        if args.pick is not None or args.where else None
     seeds = chosen.confirm_seeds if args.seeds is None else args.seeds
     if seeds == 1:
         raise UserError("--seeds 1: one seed has no spread to judge a champion by: give 2 or more (or 0)")
     if seeds and args.data is not None:
         raise UserError("--data is the test set of a one-seed registration; with --seeds each candidate trains and "
                         "tests on the data it trained on: drop --data (or pass --seeds 0)")
+    existing_store(args.tracking_uri)
+    _cheap_checks(args.storage, args.data)
     open_store(args.tracking_uri, chosen.deterministic)
     register_best(chosen, args.storage, args.data, rule, seeds)
     return 0
@@ -104,14 +130,17 @@ def collect_models(chosen: Sweep, storage_url: str, keep: int) -> None:
     """Delete the logged models of all but the ``keep`` best trials of the study (and those the
     registry holds; ``track.collect``), record them in the study, print what was freed (the
     caller has configured the tracking store)."""
-    from cifar_exp.sweep.storage import load_existing
+    from cifar_exp.sweep import storage
     from cifar_exp.track import collect
 
-    study = load_existing(storage_url, chosen.name)
-    gone = models_collected(study.user_attrs)
-    done = collect.collect(study.get_trials(deepcopy=False), chosen.objectives, keep, gone)
-    if done.deleted:  # after the deletion: a collection cut short is finished by the next one
-        study.set_user_attr(MODELS_COLLECTED, sorted(gone | set(done.deleted)))
+    study = storage.load_existing(storage_url, chosen.name)
+    # Exclusive: no register is choosing, confirming or registering a model while this deletes.
+    with storage.models_lock(storage_url, study, chosen.name, shared=False, on_wait=lambda: print(
+            f"waiting for a register of {chosen.name} to finish", flush=True)):
+        gone = models_collected(study.user_attrs)
+        done = collect.collect(study.get_trials(deepcopy=False), chosen.objectives, keep, gone)
+        if done.deleted:  # after the deletion: a collection cut short is finished by the next one
+            study.set_user_attr(MODELS_COLLECTED, sorted(gone | set(done.deleted)))
     kept = f"kept the models of the {keep} best ({_trials(done.plan.kept)})"
     if done.plan.registered:
         kept += f" and of the registered versions ({_trials(done.plan.registered)})"
@@ -129,6 +158,7 @@ def gc_command(args: argparse.Namespace) -> int:
         raise UserError(f"gc {chosen.name}: give --keep K (how many of the best trials keep their models), or set "
                         f"keep_models: in {chosen.path}")
     existing_store(args.tracking_uri)
+    _cheap_checks(args.storage)
     from cifar_exp import track
 
     track.configure(args.tracking_uri)
@@ -237,7 +267,8 @@ def compare_command(args: argparse.Namespace) -> int:
             if t.datetime_complete and t.datetime_start else float("nan")
         attrs = TrialAttrs.of(t)
         test = float("nan") if attrs.test_accuracy is None else attrs.test_accuracy
-        rows.append([str(rank), str(t.number), *(["*" if t.number in on_front else ""] if several else []),
+        rows.append([str(rank), f"{t.number}!" if attrs.degenerate else str(t.number),
+                     *(["*" if t.number in on_front else ""] if several else []),
                      *(f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}" for v in t.values),
                      *([f"{test:.4f}"] if "test_accuracy" not in goals else []),
                      str(attrs.epochs_run or ""), f"{seconds:.1f}",
@@ -248,6 +279,9 @@ def compare_command(args: argparse.Namespace) -> int:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for line in (header, *rows):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+    for t in best:
+        if TrialAttrs.of(t).degenerate:
+            print(f"trial {t.number} is degenerate ({TrialAttrs.of(t).degenerate}): never registered")
     gone = sorted(models_collected(study.user_attrs) & {t.number for t in best})
     if gone:
         print(f"no model any more (deleted by gc; runs, metrics and curves kept): {_trials(gone)}")

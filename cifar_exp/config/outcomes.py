@@ -90,7 +90,9 @@ def ranked(trials: Sequence[Judged], objectives: Sequence[Objective]) -> list[Ju
 
 _OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge, "<": operator.lt,
                                                    ">": operator.gt}
-_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
+# A number as Python writes one (no inf or nan, no digits of other scripts): 2, -0.5, 1e-3, .5
+_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*$",
+                        re.ASCII)
 
 
 @dataclass(frozen=True)

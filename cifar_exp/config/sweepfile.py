@@ -64,9 +64,11 @@ _TOP_LEVEL: dict[str, Any] = {
 }
 _HYPERMODEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 # The bounds of the top-level numbers, for the file and for the flags that override it alike.
-TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, None),
-                    "trial_timeout": (1.0, None), "max_consecutive_failures": (1, 1_000_000),
-                    "heartbeat_grace": (5.0, None), "confirm_seeds": (0, 1000), "confirm_candidates": (1, 1000),
+# Seconds are bounded by what the timers hold with room to spare (setitimer and a thread's wait
+# overflow near 1e10): a trial of 30 days, a sweep of a year, a grace of a day.
+TOP_LEVEL_RANGES = {"epochs": (1, 100_000), "trials": (1, 1_000_000), "timeout": (1.0, 31_536_000.0),
+                    "trial_timeout": (1.0, 2_592_000.0), "max_consecutive_failures": (1, 1_000_000),
+                    "heartbeat_grace": (5.0, 86_400.0), "confirm_seeds": (0, 1000), "confirm_candidates": (1, 1000),
                     "keep_models": (1, None)}
 _DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

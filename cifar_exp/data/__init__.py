@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import tarfile
 import tempfile
@@ -27,6 +28,10 @@ import numpy as np
 from cifar_exp.data import formats
 from cifar_exp.data.formats import CIFAR10_CLASSES, SOURCES_HELP, DataError
 
+# What MLflow takes in a metric name (mlflow.utils.validation, less the slash a folder name cannot
+# hold), and room for the longest prefix (test_recall_) in its 250 characters.
+_CLASS_NAME = re.compile(r"[\w.\- :]+")
+MAX_CLASS_NAME = 200
 CACHE_FORMAT = 1  # bump when the cached arrays change meaning
 
 
@@ -167,9 +172,16 @@ def load(source: str, cache: Path | None = None, check: Callable[[Cifar10], obje
 
 
 def check_classes(y_train: np.ndarray, y_test: np.ndarray, names: list[str] | tuple[str, ...], source: str) -> None:
-    """``DataError`` unless there are two classes or more, each with two training images or more
-    (a stratified validation split needs them) and a test image: a one-class set would report
-    test accuracy 1.0, a class without test images an accuracy that never asks about it."""
+    """``DataError`` unless there are two classes or more, named as MLflow metric names may be (a
+    newline in a folder's name trained, then failed every trial at metric logging), each with two
+    training images or more (a stratified validation split needs them) and a test image: a
+    one-class set would report test accuracy 1.0, a class without test images an accuracy that
+    never asks about it."""
+    for name in names:  # each is part of MLflow metric names (test_recall_<class>)
+        if not _CLASS_NAME.fullmatch(name) or name in (".", "..") or len(name) > MAX_CLASS_NAME:
+            raise DataError(f"data source {source}: class name {name!r} cannot be part of an MLflow metric name "
+                            f"(test_recall_<class>): rename its train/ and test/ folders with letters, digits, "
+                            f"spaces and _ - . : only, {MAX_CLASS_NAME} characters at most")
     if len(names) < 2:
         raise DataError(f"data source {source} has {len(names)} class ({', '.join(names) or 'none'}): a classifier "
                         f"needs two or more (train/<class>/ folders)")

@@ -63,12 +63,40 @@ def accuracy(model_uri: str, test: Cifar10) -> float:
     return float(np.mean(probabilities(model, test.x_test).argmax(axis=1) == test.y_test))
 
 
-def best_trial(trials: Sequence[FrozenTrial], sweep: Sweep, rule: outcomes.Rule | None = None) -> FrozenTrial:
-    """The best feasible complete trial that logged a model: the one ``rule`` picks on the
-    Pareto front, or by default the first of ``outcomes.ranked`` (with one objective, its best);
-    ``UserError`` if there is none."""
+def degenerate(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials the sweep judged degenerate (``TrialAttrs.degenerate``: at chance, one class
+    predicted, ...): their numbers mean nothing, and their models are never registered."""
+    return [t for t in trials if TrialAttrs.of(t).degenerate]
+
+
+def registrable(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials whose model may be registered: a logged model, not collected, not degenerate."""
+    return [t for t in trials if TrialAttrs.of(t).model_uri and not TrialAttrs.of(t).degenerate]
+
+
+def refuse_degenerate(trials: Sequence[FrozenTrial], sweep: Sweep, rule: outcomes.Rule | None) -> None:
+    """``UserError`` naming the degenerate trial that would have been chosen (by ``rule``, or
+    the ranking's best) among ``trials`` with logged models, if there is one: the caller found
+    no other."""
     done = [t for t in trials if TrialAttrs.of(t).model_uri]
+    would = rule.choose(done, sweep.objectives) if rule is not None else next(
+        iter(outcomes.ranked(done, sweep.objectives)), None)
+    if would is not None and TrialAttrs.of(would).degenerate:
+        how = f"meets the rule ({rule})" if rule is not None else "is the best"
+        raise UserError(f"trial {would.number} {how} but is degenerate ({TrialAttrs.of(would).degenerate}), and "
+                        f"no sound trial does: a degenerate model is never registered; "
+                        f"{'loosen --where, or ' if rule is not None else ''}run more trials")
+
+
+def best_trial(trials: Sequence[FrozenTrial], sweep: Sweep, rule: outcomes.Rule | None = None) -> FrozenTrial:
+    """The best feasible complete trial that logged a model and is not degenerate: the one
+    ``rule`` picks on the Pareto front of those, or by default the first of ``outcomes.ranked``
+    (with one objective, its best); ``UserError`` if there is none (naming a degenerate trial
+    that would have been chosen)."""
+    done = registrable(trials)
     ranked = outcomes.ranked(done, sweep.objectives)
+    if not ranked:
+        refuse_degenerate(trials, sweep, rule)
     if not ranked and any(t.state.name == "COMPLETE" for t in done):
         raise UserError("every completed trial with a logged model breaks the sweep's constraints: loosen "
                         "them, or run more trials")
@@ -78,6 +106,7 @@ def best_trial(trials: Sequence[FrozenTrial], sweep: Sweep, rule: outcomes.Rule 
         return ranked[0]  # type: ignore[return-value]
     chosen = rule.choose(done, sweep.objectives)
     if chosen is None:
+        refuse_degenerate(trials, sweep, rule)
         raise UserError(f"no trial on the Pareto front meets the rule ({rule}): loosen --where")
     return chosen  # type: ignore[return-value]
 
@@ -93,12 +122,37 @@ def describe(trial: FrozenTrial, sweep: Sweep, rule: outcomes.Rule | None = None
     metrics: dict[str, float] = {**{o.metric: v for o, v in zip(sweep.objectives, trial.values, strict=True)},
                                  **attrs.judged()}
     tags = {"sweep": sweep.name, "trial": trial.number, "run_id": attrs.mlflow_run_id, "seed": attrs.seed,
-            **trial.params, **metrics, **({"rule": str(rule)} if rule else {})}
+            **trial.params, **metrics, **({"rule": str(rule)} if rule else {}),
+            **({"degenerate": attrs.degenerate} if attrs.degenerate else {})}
     text = (f"Trial {trial.number} of sweep {sweep.name} (run {tags['run_id']}, seed {tags['seed']}).\n"
+            + (f"DEGENERATE: {attrs.degenerate}; its numbers mean nothing.\n" if attrs.degenerate else "")
             + (f"Chosen by the rule: {rule}.\n" if rule else "")
             + f"Metrics: {', '.join(_shown(k, v) for k, v in metrics.items())}.\n"
             f"Params: {', '.join(f'{k}={v}' for k, v in trial.params.items())}.")
     return text, tags
+
+
+def gone(trial: FrozenTrial) -> UserError:
+    """The one-line error for a chosen trial whose logged model is not there any more."""
+    return UserError(f"trial {trial.number}'s model ({TrialAttrs.of(trial).model_uri}) is gone (deleted by gc, or "
+                     f"by hand): nothing was registered; register another trial (--pick, --where), or rerun this one")
+
+
+def check_models(trials: Sequence[FrozenTrial]) -> None:
+    """``UserError`` (``gone``) for the first of ``trials`` whose logged model is not there."""
+    for trial in trials:
+        if not track.models.model_exists(str(TrialAttrs.of(trial).model_uri)):
+            raise gone(trial)
+
+
+def register_version(name: str, trial: FrozenTrial, description: str, tags: dict[str, Any]) -> track.models.Version:
+    """``trial``'s model registered as a version of ``name`` (``track.models.register``); ``gone``
+    if its model is not there any more (and then no registered model is left empty)."""
+    attrs = TrialAttrs.of(trial)
+    try:
+        return track.models.register(name, str(attrs.model_uri), str(attrs.mlflow_run_id), description, tags)
+    except track.models.ModelGone:
+        raise gone(trial) from None
 
 
 def promote(sweep: Sweep, name: str, trials: Sequence[FrozenTrial], test: Cifar10,
@@ -107,9 +161,7 @@ def promote(sweep: Sweep, name: str, trials: Sequence[FrozenTrial], test: Cifar1
     run), point ``challenger`` at it, and make it ``champion`` if it beats the champion on ``test`` now."""
     trial = best_trial(trials, sweep, rule)
     description, tags = describe(trial, sweep, rule)
-    attrs = TrialAttrs.of(trial)
-    version = track.models.register(name, str(attrs.model_uri), str(attrs.mlflow_run_id),
-                             description, tags)
+    version = register_version(name, trial, description, tags)
     champion = track.models.alias_version(name, CHAMPION)
     track.models.set_alias(name, CHALLENGER, version.version)
     mine = accuracy(f"models:/{name}/{version.version}", test)

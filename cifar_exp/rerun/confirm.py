@@ -90,10 +90,13 @@ def decide(challenger: Sequence[float], champion: Sequence[float], direction: st
 
 def candidates(trials: Sequence[Any], sweep: Sweep, rule: outcomes.Rule | None, count: int) -> list[Any]:
     """The ``count`` trials to confirm, best first: the rule's admitted front members, or the
-    ranking's best; only trials with a logged model."""
-    done = [t for t in trials if TrialAttrs.of(t).model_uri]
+    ranking's best; only trials with a logged model that are not degenerate."""
+    from cifar_exp import register
+
+    done = register.registrable(trials)
     pool = rule.admitted(done, sweep.objectives) if rule is not None else outcomes.ranked(done, sweep.objectives)
     if not pool:
+        register.refuse_degenerate(trials, sweep, rule)
         raise UserError("no completed feasible trial with a logged model meets the rule: run the sweep first, "
                         "or loosen --where")
     return pool[:count]
@@ -104,7 +107,18 @@ class Trainer:
 
     def __init__(self, experiment: str, parent_run_id: str, tags: Mapping[str, str],
                  on_run: Callable[[str], None] = lambda line: None) -> None:
-        self.experiment, self.parent, self.tags, self.on_run = experiment, parent_run_id, dict(tags), on_run
+        import os
+        import socket
+
+        import psutil
+
+        # Who trains the runs: a run left RUNNING by a register that is gone is closed by the next
+        # register or sweep start (``sweep.supervisor.close_confirmations``).
+        me = psutil.Process(os.getpid())
+        process = {"confirmation_host": socket.gethostname(), "confirmation_pid": str(me.pid),
+                   "confirmation_started": repr(me.create_time())}
+        self.experiment, self.parent, self.on_run = experiment, parent_run_id, on_run
+        self.tags = {**tags, **process}
         self._splits: dict[tuple[Any, ...], Any] = {}
 
     def splits(self, original: Any) -> Any:
@@ -226,6 +240,7 @@ def promote(sweep: Sweep, name: str, trials: Sequence[Any], count: int, rule: ou
     from cifar_exp import register
 
     pool = candidates(trials, sweep, rule, sweep.confirm_candidates)
+    register.check_models(pool)  # before minutes of training, not after
     metric, direction = sweep.objective.metric, sweep.objective.direction
     confirmed = []
     for t in pool:
@@ -235,9 +250,7 @@ def promote(sweep: Sweep, name: str, trials: Sequence[Any], count: int, rule: ou
     trial = pool[confirmed.index(chosen)]
     description, tags = register.describe(trial, sweep, rule)
     text, more = summary(chosen, metric)
-    attrs = TrialAttrs.of(trial)
-    version = track.models.register(name, str(attrs.model_uri), str(attrs.mlflow_run_id), f"{description}\n{text}",
-                                    {**tags, **more})
+    version = register.register_version(name, trial, f"{description}\n{text}", {**tags, **more})
     log_per_class(chosen, f"{sweep.name} trial {trial.number}: test recall over {count} confirmation seeds")
     champion = track.models.alias_version(name, register.CHAMPION)
     track.models.set_alias(name, register.CHALLENGER, version.version)

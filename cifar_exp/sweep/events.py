@@ -59,6 +59,7 @@ class Ended:
     test_accuracy: float | None = None
     reason: str = ""
     degenerate: str = ""
+    infeasible: str = ""  # the constraints a complete trial broke: it is never the best
     retried: bool = False
 
     @property
@@ -93,7 +94,8 @@ class Tally:
     maximize: bool
     finished: int = 0  # trials that count against the budget
     states: dict[str, int] = field(default_factory=lambda: {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0})
-    best: tuple[float, int] | None = None  # (value, trial)
+    best: tuple[float, int] | None = None  # (value, trial), of the feasible complete trials
+    infeasible: int = 0  # complete trials that broke a constraint
     failures_in_a_row: int = 0
 
     def add(self, event: Ended) -> bool:
@@ -105,6 +107,9 @@ class Tally:
             return False
         self.failures_in_a_row = 0
         if event.state != "COMPLETE" or event.value is None:
+            return False
+        if event.infeasible:
+            self.infeasible += 1
             return False
         if self.best is None or (event.value > self.best[0] if self.maximize else event.value < self.best[0]):
             self.best = (event.value, event.trial)

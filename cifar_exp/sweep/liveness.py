@@ -103,3 +103,17 @@ def kill(pid: int, beat: Path) -> None:
     except ProcessLookupError:
         pass
     beat.unlink(missing_ok=True)
+
+
+def clear_dead(storage: str) -> list[Path]:
+    """Delete the heartbeat files of this host's processes that are gone (a killed worker leaves
+    its file: nothing else would ever remove it); the paths deleted. Another host's files are
+    left to that host."""
+    host = socket.gethostname()
+    cleared = []
+    for beat in sorted(folder(storage).glob(f"{host}-*")):
+        pid, _, started = beat.name.removeprefix(f"{host}-").partition("-")
+        if pid.isdigit() and not alive(pid, started) and beat.is_file():
+            beat.unlink(missing_ok=True)
+            cleared.append(beat)
+    return cleared

@@ -19,7 +19,7 @@ import hashlib
 import os
 import socket
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,29 +99,69 @@ def budget_lock(url: str, storage: optuna.storages.BaseStorage | optuna.Study, n
     ``<file>.budget.lock`` beside a journal or SQLite file (not the journal's own ``.lock``), an
     advisory lock on PostgreSQL.
     Other databases get no lock (several hosts may then overshoot the budget by a trial or two)."""
+    with _lock(url, storage, f"cifar_exp:{name}", "budget", shared=False, wait=True):
+        yield
+
+
+@contextmanager
+def models_lock(url: str, storage: optuna.storages.BaseStorage | optuna.Study, name: str, *, shared: bool,
+                wait: bool = True, on_wait: Callable[[], None] = lambda: None) -> Iterator[bool]:
+    """The lock on study ``name``'s logged models: ``register`` holds it ``shared`` while it
+    chooses, confirms and registers a trial's model (several registers at once), ``gc`` holds it
+    exclusively while it plans and deletes, so a model is never collected under a registration.
+    Yields whether it is held: with ``wait`` False, False at once if another holds it; with
+    ``wait``, ``on_wait`` is called first if it must wait. Where it lives: as ``budget_lock``
+    (``<file>.models.lock``; a lock of its own, so a long confirmation never holds up claiming);
+    a killed holder's lock goes with its process (or its database session)."""
+    with _lock(url, storage, f"cifar_exp:models:{name}", "models", shared=shared, wait=wait,
+               on_wait=on_wait) as held:
+        yield held
+
+
+@contextmanager
+def _lock(url: str, storage: optuna.storages.BaseStorage | optuna.Study, key: str, suffix: str, *, shared: bool,
+          wait: bool, on_wait: Callable[[], None] = lambda: None) -> Iterator[bool]:
+    """An advisory lock named ``key`` on PostgreSQL, ``<file>.<suffix>.lock`` (flock) beside a
+    journal or SQLite file, none (held: True) on other databases."""
     if url.startswith("postgresql"):
         import sqlalchemy
 
-        key = int.from_bytes(hashlib.sha256(f"cifar_exp:{name}".encode()).digest()[:8], "little", signed=True)
+        number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little", signed=True)
+        kind = "_shared" if shared else ""
         store = getattr(storage, "_storage", storage)  # a Study's
         backend: Any = getattr(store, "_backend", store)  # a Study wraps its RDBStorage in a cache
         with backend.engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            held = bool(connection.execute(sqlalchemy.text(f"SELECT pg_try_advisory_lock{kind}(:k)"),
+                                           {"k": number}).scalar())
+            if not held and wait:
+                on_wait()
+                connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock{kind}(:k)"), {"k": number})
+                held = True
             try:
-                yield
+                yield held
             finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                if held:
+                    connection.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock{kind}(:k)"), {"k": number})
         return
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
     if "://" in path:
-        yield
+        yield True
         return
     import fcntl
 
-    fd = os.open(f"{path}.budget.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    fd = os.open(f"{path}.{suffix}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            held = False
+            if wait:
+                on_wait()
+                fcntl.flock(fd, mode)
+                held = True
+        yield held
     finally:
         os.close(fd)  # releases the lock
 

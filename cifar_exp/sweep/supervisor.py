@@ -12,11 +12,12 @@ row, and keeps the study's report (``overview``) in the parent run.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import os
 import queue
 import signal
-import sys
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -60,7 +61,8 @@ def tally(study: optuna.Study, sweep: Sweep) -> events.Tally:
     return events.Tally(maximize=sweep.objective.direction == "maximize",
                         finished=len(storage.counted(trials)),
                         states={s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
-                        best=(float(top[0].values[0]), top[0].number) if top else None)
+                        best=(float(top[0].values[0]), top[0].number) if top else None,
+                        infeasible=sum(t.state.name == "COMPLETE" and not outcomes.feasible(t) for t in trials))
 
 
 OnEvent = Callable[[events.Event, events.Tally], None]
@@ -79,6 +81,7 @@ def run_sweep(settings: Settings, on_event: OnEvent = lambda event, tally: None)
         stale = recovery.recover_stale(study, storage.locks(settings.storage), settings.storage, sweep.heartbeat_grace)
         warmed = warmstart.seed(study, sweep)
     close_orphans(study, experiment, parent)
+    close_confirmations(settings.storage, study, sweep.name)
     state = _Parent(settings, study, parent, on_event)
     for trial in stale:
         on_event(events.Stale(trial.number, TrialAttrs.of(trial).fail_reason or ""), state.tally)
@@ -92,6 +95,7 @@ def run_sweep(settings: Settings, on_event: OnEvent = lambda event, tally: None)
         track.end_run(parent, "FAILED", {"fail_reason": state.fatal})
         raise UserError(state.fatal)
     trials = study.get_trials(deepcopy=False)
+    liveness.clear_dead(settings.storage)  # the files of workers killed during this run (or before)
     # Checkpoints a dead worker left for a retry that will not come (the sweep is over, or the
     # retry died too); those of trials still running, or of a retry still queued, stay.
     sidecar.drop_checkpoints(settings.storage, sweep.name, {t.number for t in trials if t.state == TrialState.RUNNING}
@@ -142,6 +146,26 @@ def close_orphans(study: optuna.Study, experiment: str, parent: str) -> list[str
             track.end_run(run_id, "KILLED" if trial is None or TrialAttrs.of(trial).interrupted else "FAILED",
                           {"state": trial.state.name if trial else "FAIL", "fail_reason": reason})
         closed.append(run_id)
+    return closed
+
+
+def close_confirmations(url: str, study: optuna.Study, name: str) -> list[str]:
+    """End as KILLED the confirmation runs (``register --seeds``) under the study's parent run
+    still RUNNING whose register is gone; returns their ids. When no register holds the study's
+    models lock (``storage.models_lock``, on every host that shares the storage), every RUNNING
+    one is; while one does, only those of a dead process on this host."""
+    parent, experiment = study.user_attrs.get("mlflow_parent_run_id"), study.user_attrs.get("mlflow_experiment_id")
+    if not parent or not experiment:
+        return []
+    closed = []
+    with storage.models_lock(url, study, name, shared=False, wait=False) as held:
+        none_registering = held and storage.locks(url)  # a database without the lock cannot tell
+        here = socket.gethostname()
+        for run_id, tags in track.running_confirmations(str(experiment), str(parent)).items():
+            if none_registering or (tags.get("confirmation_host") == here and not liveness.alive(
+                    tags.get("confirmation_pid"), tags.get("confirmation_started"))):
+                track.end_run(run_id, "KILLED", {"fail_reason": "its register --seeds process ended before it did"})
+                closed.append(run_id)
     return closed
 
 
@@ -318,7 +342,9 @@ def _publish_quietly(study: optuna.Study, parent: str, sweep: Sweep) -> None:
     try:
         publish(study, parent, sweep)
     except Exception as exc:  # noqa: BLE001 (a report is never worth a crashed sweep; the next rebuild retries)
-        print(f"cifar_exp: could not update the study report: {type(exc).__name__}: {exc}", file=sys.stderr)
+        # A line for the library log, not the terminal: on a full disk the sweep's error is the
+        # one line a user reads (the report's failure said it a second time).
+        logging.getLogger("cifar_exp").warning("could not update the study report: %s: %s", type(exc).__name__, exc)
 
 
 def _finish_parent(study: optuna.Study, parent: str, trials: Sequence[FrozenTrial], best: list[FrozenTrial],

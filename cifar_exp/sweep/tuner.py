@@ -20,7 +20,6 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -29,7 +28,7 @@ import keras_tuner
 from cifar_exp import data, lifecycle, track
 from cifar_exp.config import Settings, Sweep, UserError
 from cifar_exp.config.records import trial_seed
-from cifar_exp.sweep import events
+from cifar_exp.sweep import events, sidecar
 from cifar_exp.training import backend, hypermodel
 from cifar_exp.training.programs import Programs
 
@@ -93,8 +92,7 @@ def run(settings: Settings, on_event: OnEvent = lambda event, tally: None) -> Ou
     experiment = track.experiment_id(sweep.name)
     splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed,
                         sweep.data.train_images)
-    store = Path(settings.storage).parent if "://" not in settings.storage else Path("mlruns")
-    directory = store / "keras_tuner"
+    directory = sidecar.folder(settings.storage) / "keras_tuner"
     parent_file = directory / sweep.name / "mlflow_parent_run_id"
     metric = sweep.objective.metric
     hp = keras_tuner.HyperParameters()

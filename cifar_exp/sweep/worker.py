@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, NoReturn
 
 import optuna
@@ -177,7 +176,7 @@ class Worker:
             tags={**self.settings.tags, **self.identity, "worker": self.worker_id,
                   **({"warm_start": warm} if (warm := TrialAttrs.of(trial).warm_start) else {})},
             title=f"{sweep.name} trial {trial.number}", programs=self.programs,
-            checkpoint=self._checkpoint(trial.number, retry_of), resumed_from=retry_of,
+            checkpoint=self._checkpoint(claimed, retry_of), resumed_from=retry_of,
             time_limit=sweep.trial_timeout)
         prune = Pruning(self.settings, opened, trial)
         run.on_epoch.append(self._epoch_hook(trial, prune))
@@ -210,25 +209,36 @@ class Worker:
             return False
         finally:
             if run.checkpoint is not None:
-                run.checkpoint.unlink(missing_ok=True)
+                from cifar_exp.training import checkpoints  # Keras is imported by now
+
+                checkpoints.discard(run.checkpoint.path)
 
     @property
     def training(self) -> bool:
         """Whether Keras is computing the running trial (where SIGTERM may raise)."""
         return self.current is not None and self.current.training
 
-    def _checkpoint(self, number: int, retry_of: int | None) -> Path | None:
-        """Where trial ``number`` keeps its checkpoint (``train``); a retry takes over its original's,
-        to resume it. None for a hypermodel's trial, which trains as it was compiled."""
+    def _checkpoint(self, claimed: Claim, retry_of: int | None) -> Any:
+        """Where the ``claimed`` trial keeps its checkpoint (``train``), a ``checkpoints.Slot`` owned
+        by this storage, study, data and trial; a retry takes over its original's file, and its
+        owner, to resume it. None for a hypermodel's trial, which trains as it was compiled."""
+        from cifar_exp.training import checkpoints
+
         if self.tunable is not None:
             return None
-        path = sidecar.checkpoint(self.settings.storage, self.sweep.name, number)
+        study, number, settings = claimed.study, claimed.trial.number, self.settings
+        path = sidecar.checkpoint(settings.storage, self.sweep.name, number)
+        writer = claimed.trial._trial_id
         if retry_of is not None:
-            try:
-                os.replace(sidecar.checkpoint(self.settings.storage, self.sweep.name, int(retry_of)), path)
-            except OSError:  # none was written (it died in its first epoch), or it cannot be moved
-                pass
-        return path
+            writer = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(retry_of))
+            original = sidecar.checkpoint(settings.storage, self.sweep.name, int(retry_of))
+            if original.is_file():  # none was written (it died in its first epoch), or it is not ours
+                try:
+                    os.replace(original, path)
+                except OSError:  # it cannot be moved: the retry starts at epoch 0
+                    pass
+        owner = sidecar.owner(settings.storage, self.sweep.name, study._study_id, writer, settings.data_checksum)
+        return checkpoints.Slot(path, owner)
 
     def _tell_pruned(self, claimed: Claim, outcome: lifecycle.Pruned, prune: Pruning) -> None:
         attrs = TrialAttrs.encode(epochs_run=outcome.epochs_run, phases=outcome.phases, compiled=outcome.compiled,
@@ -295,7 +305,8 @@ class Worker:
         outcome = run.complete(result, self.splits, tell)
         self.queue.put(events.Ended(trial.number, "COMPLETE", run.run_id, value=outcome.value,
                                     test_accuracy=outcome.test_accuracy,
-                                    degenerate=outcome.verdict.get("degenerate", "")))
+                                    degenerate=outcome.verdict.get("degenerate", ""),
+                                    infeasible=outcomes.broken(sweep.constraints, outcome.metrics)))
 
     def _replayed_hook(self, trial: optuna.Trial, prune: Pruning) -> lifecycle.EpochHook:
         """A resumed trial's replayed epochs (trained by its original): reported to Optuna (not

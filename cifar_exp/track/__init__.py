@@ -348,6 +348,13 @@ def running_children(experiment: str, parent_run_id: str) -> dict[str, int]:
     return {str(r.info.run_id): int(r.data.tags["trial_number"]) for r in runs if "trial_number" in r.data.tags}
 
 
+def running_confirmations(experiment: str, parent_run_id: str) -> dict[str, dict[str, str]]:
+    """The confirmation runs (``register --seeds``) under ``parent_run_id`` still RUNNING: run id -> tags."""
+    runs = retrying(MlflowClient().search_runs, [experiment],
+                    f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'", max_results=50_000)
+    return {str(r.info.run_id): dict(r.data.tags) for r in runs if "confirmation" in r.data.tags}
+
+
 def find_experiment(name: str) -> str | None:
     """The id of the existing experiment ``name``, or None."""
     experiment = retrying(MlflowClient().get_experiment_by_name, name)

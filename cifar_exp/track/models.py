@@ -115,22 +115,46 @@ class Version:
     created: bool  # False: the run was already registered under ``name``
 
 
+class ModelGone(Exception):
+    """A logged model that is no longer there (deleted by ``gc`` or by hand)."""
+
+
+def model_exists(model_uri: str) -> bool:
+    """Whether the logged model ``model_uri`` is still there (its entity and its ``MLmodel``)."""
+    try:
+        retrying(mlflow.models.get_model_info, model_uri)
+    except (MlflowException, OSError):
+        return False
+    return True
+
+
 def register(name: str, model_uri: str, run_id: str, description: str, tags: Mapping[str, Any]) -> Version:
     """Register ``model_uri`` (logged by ``run_id``) as a version of ``name``, with
     ``description`` and ``tags``. The same run registered twice gives back its existing version,
     completed: a registration killed after creating the version and before its description and
-    tags were written gets them now."""
+    tags were written gets them now. ``ModelGone`` if the model is not there any more; a
+    registered model this call created is deleted again if no version could be made of it."""
     client = MlflowClient()
     existing = retrying(client.search_model_versions, f"name='{name}' and run_id='{run_id}'")
     if existing:
         version, created = existing[0], False
     else:
+        if not model_exists(model_uri):
+            raise ModelGone(model_uri)
+        made = False
         try:
             retrying(client.create_registered_model, name)
+            made = True
         except MlflowException as exc:
             if "already exists" not in str(exc).lower():
                 raise
-        version, created = retrying(_register_model, model_uri, name, _strings(tags)), True
+        try:
+            version, created = retrying(_register_model, model_uri, name, _strings(tags)), True
+        except BaseException:
+            if made and not retrying(client.search_model_versions, f"name='{name}'"):
+                # ours, and empty: a registered model with no version is no result
+                retrying(client.delete_registered_model, name)
+            raise
     if (version.description or "") != description:
         retrying(client.update_model_version, name, version.version, description=description)
     for key, value in _strings(tags).items():

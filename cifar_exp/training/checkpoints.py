@@ -13,14 +13,21 @@ Decision: one ``.npz`` per trial, written after each epoch to a temporary file t
 over the last one, so a kill mid-write leaves the previous checkpoint whole; no fsync (it guards
 against a power loss, not a dead process, and a file that cannot be read is only ignored). A
 checkpoint of another run (another configuration, seed, length or data shape) or one that cannot
-be read is ignored: the trial starts at epoch 0. Imports neither optuna nor mlflow.
+be read is ignored: the trial starts at epoch 0. A checkpoint also names its owner (``Slot``: for
+a sweep's trial the storage, study, trial id and data checksum): two studies whose files share a
+folder use the same trial numbers, and one must never resume the other's state; another owner's
+checkpoint, or anything at the path that is not a regular file (a FIFO would block the read
+forever, a folder would fail it), is ignored with a line in the log (logger ``cifar_exp``).
+Imports neither optuna nor mlflow.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import stat
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -33,6 +40,18 @@ import numpy as np
 
 from cifar_exp.config import TrainConfig
 from cifar_exp.training.best import BestEpoch, Kept
+
+LOG = logging.getLogger("cifar_exp.checkpoints")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a run keeps its checkpoint, and whose it is: ``owner`` (names to values, e.g. the
+    storage, study id, trial id and data checksum of a sweep's trial) is written with every
+    checkpoint, and one written for another owner is never resumed."""
+
+    path: Path
+    owner: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,12 +90,13 @@ def capture(train_model: keras.Model, epoch: int, plateau: tuple[float, int] | N
                  {k: list(v) for k, v in history.items()}, kept)
 
 
-def save(path: Path, key: str, state: State) -> None:
-    """Write ``state`` (of the run ``key``, see ``fingerprint``) to ``path``, atomically."""
+def save(slot: Slot, key: str, state: State) -> None:
+    """Write ``state`` (of the run ``key``, see ``fingerprint``) to ``slot``, atomically, with its owner."""
+    path = slot.path
     kept = state.kept
     own = kept is not None and kept.epoch != state.epoch  # else the kept variables are the model's
-    meta = {"key": key, "epoch": state.epoch, "plateau": state.plateau, "history": state.history,
-            "model": len(state.model), "optimizer": len(state.optimizer),
+    meta = {"key": key, "owner": dict(slot.owner), "epoch": state.epoch, "plateau": state.plateau,
+            "history": state.history, "model": len(state.model), "optimizer": len(state.optimizer),
             "kept": None if kept is None else {"epoch": kept.epoch, "value": kept.value, "own": own}}
     arrays = {f"m{i}": a for i, a in enumerate(state.model)} | {f"o{i}": a for i, a in enumerate(state.optimizer)}
     if kept is not None and own:
@@ -91,13 +111,46 @@ def save(path: Path, key: str, state: State) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(path: Path, key: str) -> State | None:
-    """The state at ``path`` if it was written by the run ``key``; None if there is none, it is
-    another run's, or it cannot be read."""
+def _open_regular(path: Path) -> Any:
+    """``path`` opened for reading if it is a regular file, else None (with a log line); a FIFO is
+    opened without blocking, and its type seen on the open file, so nothing can swap it in between."""
     try:
-        with np.load(path, allow_pickle=False) as saved:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a folder (on some systems), no permission
+        LOG.warning("checkpoint %s ignored: it cannot be opened (%s); the trial starts at epoch 0", path, exc)
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        LOG.warning("checkpoint %s ignored: it is not a regular file (a folder, FIFO or device); the trial starts "
+                    "at epoch 0", path)
+        return None
+    return os.fdopen(fd, "rb")
+
+
+def _other_owner(path: Path, theirs: Any, ours: Mapping[str, str]) -> bool:
+    """Whether the checkpoint at ``path`` belongs to another owner than ``ours`` (logged if so)."""
+    theirs = theirs if isinstance(theirs, dict) else {}
+    differs = sorted(k for k in set(ours) | set(theirs) if str(theirs.get(k)) != str(ours.get(k)))
+    if differs:
+        LOG.warning("checkpoint %s ignored: it belongs to another trial (%s); the trial starts at epoch 0", path,
+                    ", ".join(f"{k} {theirs.get(k)!r}, not {ours.get(k)!r}" for k in differs))
+    return bool(differs)
+
+
+def load(slot: Slot, key: str) -> State | None:
+    """The state in ``slot`` if it was written by the run ``key`` for ``slot``'s owner; None if
+    there is none, it is another run's or another owner's, it is not a regular file, or it cannot
+    be read."""
+    path = slot.path
+    try:
+        opened = _open_regular(path)
+        if opened is None:
+            return None
+        with opened, np.load(opened, allow_pickle=False) as saved:
             meta = json.loads(str(saved["meta"]))
-            if meta.get("key") != key:
+            if _other_owner(path, meta.get("owner"), slot.owner) or meta.get("key") != key:
                 return None
             plateau, model = meta["plateau"], [saved[f"m{i}"] for i in range(meta["model"])]
             kept = meta.get("kept")
@@ -107,8 +160,23 @@ def load(path: Path, key: str) -> State | None:
                          None if kept is None else Kept(int(kept["epoch"]), float(kept["value"]),
                                                         [saved[f"k{i}"] for i in range(meta["model"])]
                                                         if kept["own"] else model))
-    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, EOFError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, EOFError) as exc:
+        LOG.warning("checkpoint %s ignored: it cannot be read (%s); the trial starts at epoch 0", path,
+                    type(exc).__name__)
         return None
+
+
+def discard(path: Path) -> None:
+    """Delete the checkpoint file at ``path`` (and nothing that is not a regular file or a link:
+    that is someone else's, left with a line in the log)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        path.unlink(missing_ok=True)
+    else:
+        LOG.warning("%s left in place: a checkpoint's path, but not a regular file", path)
 
 
 def _assign(targets: list, arrays: list[np.ndarray], what: str) -> None:
@@ -132,15 +200,15 @@ def restore(train_model: keras.Model, state: State, optimizer: bool) -> None:
 
 
 class Writer(keras.callbacks.Callback):
-    """Saves the run's state to ``path`` after every epoch (place it after every callback that
+    """Saves the run's state to ``slot`` after every epoch (place it after every callback that
     changes state at an epoch's end: the plateau rule, ``best``). ``history`` holds the metrics of the
     epochs before this fit (a resumed run's); ``plateau`` is the run's plateau rule, if any. A
     write that fails (a full disk) warns and training goes on without that checkpoint."""
 
-    def __init__(self, path: Path, key: str, history: Mapping[str, list[float]], plateau: Any = None,
+    def __init__(self, slot: Slot, key: str, history: Mapping[str, list[float]], plateau: Any = None,
                  best: BestEpoch | None = None) -> None:
         super().__init__()
-        self.path, self.key, self.plateau, self.best = path, key, plateau, best
+        self.slot, self.key, self.plateau, self.best = slot, key, plateau, best
         self.history = {k: list(v) for k, v in history.items()}
 
     def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
@@ -149,6 +217,6 @@ class Writer(keras.callbacks.Callback):
         plateau = (float(self.plateau.best), int(self.plateau.wait)) if self.plateau is not None else None
         try:
             kept = self.best.kept if self.best is not None else None
-            save(self.path, self.key, capture(self.model, epoch, plateau, self.history, kept))
+            save(self.slot, self.key, capture(self.model, epoch, plateau, self.history, kept))
         except OSError as exc:
             warnings.warn(f"checkpoint of epoch {epoch} not written ({exc}); training goes on", stacklevel=1)

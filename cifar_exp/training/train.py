@@ -11,7 +11,6 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import keras
@@ -171,7 +170,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
           on_epoch: Sequence[EpochHook] = (), stop_after: int | None = None,
           custom: CustomModel | None = None, on_first_step: Callable[[float], None] | None = None,
           started: float | None = None, programs: Programs | None = None,
-          clock: Clock | None = None, checkpoint: Path | None = None,
+          clock: Clock | None = None, checkpoint: checkpoints.Slot | None = None,
           on_resume: Callable[[Mapping[str, list[float]]], None] | None = None,
           best_by: tuple[str, Literal["maximize", "minimize"]] | None = None,
           feeding: Literal["auto", "fit", "device"] = "auto") -> TrainResult:
@@ -185,7 +184,7 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
     With ``programs`` (a worker's), a program an earlier trial of the same structure compiled
     trains this one, with a fresh build's numbers bit for bit; ``clock`` times the phases.
     With ``checkpoint`` (not for a ``custom`` model), the state is saved there after every epoch
-    (``checkpoints``); one there from the same run is resumed: training goes on after its last
+    (``checkpoints``); one there from the same run and owner is resumed: training goes on after its last
     epoch, ``on_resume`` first receiving its metrics (the hooks do not see those epochs again),
     and the result is the uninterrupted run's. With ``best_by`` (a logs key, a direction), the test
     pass and model are the epoch's best by it (``kept_epoch``); ``feeding``, see ``feed.choose``.
@@ -244,7 +243,7 @@ class _Phases:
     batches: FullBatches | None
     hooks: _Hooks
     seed: int
-    checkpoint: Path | None
+    checkpoint: checkpoints.Slot | None
     key: str
     resumed: checkpoints.State | None
     best_by: tuple[str, Literal["maximize", "minimize"]] | None = None  # the best-epoch rule, if any
@@ -300,7 +299,7 @@ class _Phases:
              initial_epoch=first, epochs=end, verbose=0, validation_data=validation, callbacks=[self.hooks, *after])
 
 
-def _resume(checkpoint: Path | None, key: str, on_resume: Callable[[Mapping[str, list[float]]], None] | None
+def _resume(checkpoint: checkpoints.Slot | None, key: str, on_resume: Callable[[Mapping[str, list[float]]], None] | None
             ) -> tuple[str, checkpoints.State | None]:
     """``(key, the state to resume)``: the checkpoint's if the run ``key`` wrote it, its metrics
     handed to ``on_resume`` first."""
