@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -67,36 +66,6 @@ def test_budget_state_open_wait_done() -> None:
     s.tell(running, 0.6)
     assert budget_state(sweep, s.get_trials()) == "done"
     assert budget_state(dataclasses.replace(sweep, trials=None), s.get_trials()) == "open"
-
-
-def _claim_all(storage: str, found: list) -> None:
-    own = settings(storage)
-    handle = open_storage(storage)
-    while (claimed := claim(own, handle)) not in ("done", "wait"):
-        assert isinstance(claimed, Claim)
-        study, trial = claimed.study, claimed.trial
-        time.sleep(0.05)
-        study.tell(trial, 0.5)
-    found.append(claimed)
-
-
-@pytest.mark.parametrize("kind", ["journal", "sqlite"])
-def test_four_processes_claiming_at_once_run_exactly_the_budget(isolated: Path, kind: str) -> None:
-    storage = str(isolated / "o.journal") if kind == "journal" else f"sqlite:///{isolated}/o.db"
-    create_study(settings(storage))
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:  # spawned too: forking after JAX started its threads can deadlock
-        found = manager.list()
-        processes = [ctx.Process(target=_claim_all, args=(storage, found)) for _ in range(4)]
-        for p in processes:
-            p.start()
-        for p in processes:
-            p.join(120)
-            assert p.exitcode == 0
-        assert set(found) <= {"done", "wait"}
-    trials = optuna.load_study(study_name="lr_dropout", storage=open_storage(storage)).get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # three, however the claims interleaved
-    assert len({t.number for t in trials}) == 3
 
 
 def test_a_trial_whose_worker_is_gone_is_failed_closed_and_retried_once(isolated: Path) -> None:

@@ -1,5 +1,6 @@
-"""The built wheel on its own: installed apart from the checkout, it lists and loads every sweep
-of sweeps/ (a checkout's editable install finds them beside the package; a wheel must ship them)."""
+"""The built wheel on its own: it holds every module and the type marker, and installed apart from
+the checkout, it lists and loads every sweep of sweeps/ (a checkout's editable install finds them
+beside the package; a wheel must ship them)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,13 @@ def test_the_wheel_installed_without_the_checkout_lists_and_loads_every_sweep(tm
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(source)],
                    check=True, timeout=600, capture_output=True)
     wheel = next(dist.glob("cifar_exp-*.whl"))
-    shipped = {Path(name).name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("cifar_exp/_sweeps/")}
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {Path(name).name for name in names if name.startswith("cifar_exp/_sweeps/")}
     assert shipped == {path.name for path in (ROOT / "sweeps").glob("*.yaml")}
+    # every module of the package (pyproject lists the packages by name), and the type marker
+    assert {f"cifar_exp/{p.relative_to(ROOT / 'cifar_exp').as_posix()}"
+            for p in (ROOT / "cifar_exp").rglob("*.py")} <= set(names)
+    assert "cifar_exp/py.typed" in names
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, timeout=600, capture_output=True)
     elsewhere.mkdir()  # no sweeps/ here, and the checkout is not on the path

@@ -19,6 +19,7 @@ from cifar_exp.cli.environment import existing_store, library_log, provenance, q
 from cifar_exp.cli.progress import Progress, fmt, print_comparison, print_summary
 from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials
 from cifar_exp.config.goals import WarmStart
+from cifar_exp.config.records import StudyAttrs
 from cifar_exp.config.sweepfile import TOP_LEVEL_RANGES, available_sweeps, load_sweep
 from cifar_exp.config.values import check_range
 
@@ -184,7 +185,7 @@ def _check_warm_start(sweep: Sweep, url: str) -> None:
     if "://" in url or Path(url).is_file():
         studies = {s.study_name: s for s in optuna.get_all_study_summaries(storage.open_storage(url))}
     mine = studies.get(sweep.name)
-    if sweep.warm_start.sweep in studies or (mine is not None and mine.user_attrs.get("warm_started")):
+    if sweep.warm_start.sweep in studies or (mine is not None and StudyAttrs.of(mine).warm_started):
         return
     names = ", ".join(n for n in studies if n != sweep.name)
     raise UserError(f"warm_start: no study '{sweep.warm_start.sweep}' in {mask_credentials(url)} (studies: "
@@ -264,13 +265,11 @@ def rerun_command(args: argparse.Namespace) -> int:
     for line in rerun.differences(original, identity, args.deterministic):
         print(f"  differs from the original: {line}")
     try:
-        outcome = rerun.rerun(original, splits, identity=identity, deterministic=args.deterministic,
-                                  tags={"command": shlex.join(args.command_line)})
+        outcome, comparison = rerun.rerun(original, splits, identity=identity, deterministic=args.deterministic,
+                                          tags={"command": shlex.join(args.command_line)}, tolerance=args.tolerance)
     except KeyboardInterrupt:
         print("interrupted: the rerun's run is marked KILLED", file=sys.stderr)
         return 130
-    comparison = rerun.compare(original, outcome, args.tolerance)
-    rerun.finish(outcome, comparison)
     print_comparison(comparison)
     print(f"rerun logged as run {outcome.run_id} (tag rerun_of={original.run.run_id})")
     if not comparison.matched:

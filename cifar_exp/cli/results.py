@@ -15,7 +15,7 @@ from typing import Any
 from cifar_exp.cli.environment import existing_store, open_store, quiet_keras
 from cifar_exp.cli.progress import fmt
 from cifar_exp.config import DEFAULT_STORAGE, DEFAULT_STORE, Sweep, UserError, mask_credentials, outcomes
-from cifar_exp.config.records import MODELS_COLLECTED, TrialAttrs, models_collected
+from cifar_exp.config.records import StudyAttrs, TrialAttrs
 from cifar_exp.config.sweepfile import load_sweep
 
 
@@ -34,7 +34,7 @@ def register_best(chosen: Sweep, storage_url: str, data_source: str | None, rule
     # Held while a trial is chosen, confirmed and registered: gc deletes no model meanwhile.
     with storage.models_lock(storage_url, study, chosen.name, shared=True, on_wait=lambda: print(
             f"waiting for gc {chosen.name} to finish", flush=True)):
-        trials = [t for t in study.get_trials(deepcopy=False) if t.number not in models_collected(study.user_attrs)]
+        trials = [t for t in study.get_trials(deepcopy=False) if t.number not in StudyAttrs.of(study).models_collected]
         if seeds:
             _register_confirmed(chosen, study, trials, rule, seeds, storage_url)
         else:
@@ -73,7 +73,8 @@ def _register_confirmed(chosen: Sweep, study: Any, trials: list[Any], rule: outc
     from cifar_exp.rerun import confirm
     from cifar_exp.training import backend
 
-    parent, experiment = study.user_attrs.get("mlflow_parent_run_id"), study.user_attrs.get("mlflow_experiment_id")
+    attrs = StudyAttrs.of(study)
+    parent, experiment = attrs.mlflow_parent_run_id, attrs.mlflow_experiment_id
     if not parent or not experiment:
         raise UserError(f"study '{chosen.name}' has no MLflow parent run yet: run the sweep first")
     print(f"library log lines (TensorFlow, MLflow): {quiet_keras(storage_url, chosen.name)}", flush=True)
@@ -137,10 +138,11 @@ def collect_models(chosen: Sweep, storage_url: str, keep: int) -> None:
     # Exclusive: no register is choosing, confirming or registering a model while this deletes.
     with storage.models_lock(storage_url, study, chosen.name, shared=False, on_wait=lambda: print(
             f"waiting for a register of {chosen.name} to finish", flush=True)):
-        gone = models_collected(study.user_attrs)
+        gone = StudyAttrs.of(study).models_collected
         done = collect.collect(study.get_trials(deepcopy=False), chosen.objectives, keep, gone)
         if done.deleted:  # after the deletion: a collection cut short is finished by the next one
-            study.set_user_attr(MODELS_COLLECTED, sorted(gone | set(done.deleted)))
+            for key, value in StudyAttrs.encode(models_collected=gone | set(done.deleted)).items():
+                study.set_user_attr(key, value)
     kept = f"kept the models of the {keep} best ({_trials(done.plan.kept)})"
     if done.plan.registered:
         kept += f" and of the registered versions ({_trials(done.plan.registered)})"
@@ -173,7 +175,7 @@ def report_command(args: argparse.Namespace) -> int:
     from cifar_exp.sweep import storage, supervisor
 
     found = storage.load_existing(args.storage, chosen.name)
-    parent = found.user_attrs.get("mlflow_parent_run_id")
+    parent = StudyAttrs.of(found).mlflow_parent_run_id
     if not parent:
         raise UserError(f"study '{chosen.name}' has no MLflow parent run yet: run the sweep first")
     try:  # the epoch budget the study ran with (a --epochs override is on the parent run)
@@ -282,7 +284,7 @@ def compare_command(args: argparse.Namespace) -> int:
     for t in best:
         if TrialAttrs.of(t).degenerate:
             print(f"trial {t.number} is degenerate ({TrialAttrs.of(t).degenerate}): never registered")
-    gone = sorted(models_collected(study.user_attrs) & {t.number for t in best})
+    gone = sorted(StudyAttrs.of(study).models_collected & {t.number for t in best})
     if gone:
         print(f"no model any more (deleted by gc; runs, metrics and curves kept): {_trials(gone)}")
     try:

@@ -29,11 +29,6 @@ DEFAULT_STORE = Path("mlruns")
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_STORAGE = "mlruns/optuna.journal"
 DEFAULT_SWEEP = "lr_dropout"  # the main job: python -m cifar_exp.sweep lr_dropout
-# Metrics a sweep may optimise: validation metrics only. The test set is for final evaluation,
-# never for pruning or model selection.
-OBJECTIVE_METRICS = ("val_accuracy", "val_loss")
-
-
 class UserError(Exception):
     """Bad input from the user: the CLI prints the message on one line and exits with code 2.
     Line breaks that come with the input (a YAML key, a file name) are shown escaped."""

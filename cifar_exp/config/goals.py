@@ -16,7 +16,6 @@ from typing import Any, Literal
 EPOCH_METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
 FINAL_METRICS = ("test_accuracy", "test_loss", "param_count", "latency_ms", "throughput")
 METRICS = EPOCH_METRICS + FINAL_METRICS
-STATIC_METRICS = ("param_count",)  # known from the configuration alone, before training
 SPEED_METRICS = ("latency_ms", "throughput")  # measured only in sweeps that judge on them
 BETTER: dict[str, Literal["maximize", "minimize"]] = {
     "val_accuracy": "maximize", "accuracy": "maximize", "test_accuracy": "maximize", "throughput": "maximize",

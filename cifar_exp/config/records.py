@@ -109,14 +109,42 @@ class TrialAttrs:
         return {**{k: v for k, v in values.items() if v is not None and k != "interrupted"}, **self.phases}
 
 
-# A study's user attribute: the trials whose logged models ``cifar-exp gc`` deleted (their runs,
-# metrics and artifacts stay).
-MODELS_COLLECTED = "models_collected"
+@dataclass(frozen=True)
+class StudyAttrs:
+    """A study's Optuna ``user_attrs`` that the project keeps beside the study's identity
+    (``Sweep.identity``, checked by ``sweep.storage``), typed. Written with ``encode`` (an unknown
+    key is a ``TypeError``), read with ``of``:
 
+    - the parent run (``sweep.supervisor.start_parent_run``): ``mlflow_parent_run_id``,
+      ``mlflow_experiment_id``;
+    - a warm start, once it is enqueued (``sweep.warmstart``): ``warm_started``;
+    - ``cifar-exp gc`` (``cli.results.collect_models``): ``models_collected``, the trials whose
+      logged models it deleted (their runs, metrics and artifacts stay).
+    """
 
-def models_collected(study_attrs: Mapping[str, Any]) -> frozenset[int]:
-    """The trial numbers whose models were collected, from the study's ``user_attrs``."""
-    return frozenset(int(n) for n in study_attrs.get(MODELS_COLLECTED, ()))
+    mlflow_parent_run_id: str | None = None
+    mlflow_experiment_id: str | None = None
+    warm_started: bool = False
+    models_collected: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, study: HasUserAttrs) -> StudyAttrs:
+        """The attributes of ``study`` (an Optuna ``Study`` or ``FrozenStudy``)."""
+        attrs = study.user_attrs
+        return cls(mlflow_parent_run_id=attrs.get("mlflow_parent_run_id"),
+                   mlflow_experiment_id=attrs.get("mlflow_experiment_id"),
+                   warm_started=bool(attrs.get("warm_started", False)),
+                   models_collected=frozenset(int(n) for n in attrs.get("models_collected", ())))
+
+    @staticmethod
+    def encode(**values: Any) -> dict[str, Any]:
+        """``values`` as the study's user attributes (``models_collected`` a sorted list); a key no
+        field names is a ``TypeError``."""
+        known = {f.name for f in dataclasses.fields(StudyAttrs)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TypeError(f"StudyAttrs has no field {unknown[0]}")
+        return {k: sorted(v) if k == "models_collected" else v for k, v in values.items()}
 
 
 class RecipeError(UserError):

@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cifar_exp.config import outcomes
 from cifar_exp.config.goals import Objective
-from cifar_exp.config.records import TrialAttrs, models_collected
+from cifar_exp.config.records import StudyAttrs, TrialAttrs
 
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "contour",
          "intermediate_values")
@@ -245,7 +245,7 @@ def write(study: optuna.Study, folder: Path, epochs: int,
     Optuna could not draw."""
     folder.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    rows = trial_rows(trials, objectives, models_collected(study.user_attrs))
+    rows = trial_rows(trials, objectives, StudyAttrs.of(study).models_collected)
     _write_csv(folder / "trials.csv", rows)
     (folder / "trials.html").write_text(_page(f"Trials of {study.study_name}", _table(rows)))
     cost = ledger(trials, epochs)

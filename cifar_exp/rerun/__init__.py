@@ -42,10 +42,9 @@ def reproducible(key: str) -> bool:
 def final(key: str) -> bool:
     """Whether the metric ``key`` is logged once at the end of a trial (test metrics and the like)."""
     return key.startswith("test_") or key in FINAL_METRICS
+
+
 EPOCH_METRICS_ORDER = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
-# Tags of the original that describe what was trained on; the rerun carries them over.
-PROVENANCE_TAGS = ("sweep", "sweep_sha256", "sweep_seed", "validation_fraction", "train_images", "data_source",
-                   "data_checksum")
 
 
 @dataclass(frozen=True)
@@ -78,13 +77,6 @@ class Original:
         return len(self.history.get("loss", []))
 
 
-def _tag(run: track.RunRecord, name: str) -> str:
-    if name not in run.tags:
-        raise UserError(f"run {run.run_id} has no '{name}' tag, so it cannot be rebuilt "
-                        f"(was it logged before reruns existed?); rerun a trial of a newer sweep")
-    return run.tags[name]
-
-
 def find_trial_run(storage_url: str, name: str, number: int) -> str:
     """The MLflow run id of trial ``number`` of the study ``name`` in ``storage_url``."""
     from cifar_exp.sweep.storage import load_existing
@@ -113,10 +105,13 @@ def load_original(run_id: str) -> Original:
     if text is None:
         raise UserError(f"run {run_id} has no sweep.yaml artifact, so it cannot be rebuilt; "
                         f"rerun a trial of a newer sweep")
-    if hashlib.sha256(text.encode()).hexdigest() != _tag(run, "sweep_sha256"):
+    # The recipe is all a rerun reads of the run's params and tags: its split and data first (no
+    # TrainConfig values: which to read depends on the sweep file, checked against it here).
+    head = TrialRecipe.from_run(run_id, run.params, run.tags, fields=())
+    if hashlib.sha256(text.encode()).hexdigest() != head.sweep_sha256:
         raise UserError(f"the sweep.yaml of run {run_id} does not match its sweep_sha256 tag: the artifact "
                         f"was modified after the trial ran")
-    sweep = parse_sweep(_tag(run, "sweep"), text, Path(f"run {run_id} sweep.yaml"))
+    sweep = parse_sweep(head.sweep, text, Path(f"run {run_id} sweep.yaml"))
     where = f"run {run_id}"
     recipe = TrialRecipe.from_run(run_id, run.params, run.tags, HYPERMODEL_FIELDS if sweep.hypermodel else None)
     sweep = dataclasses.replace(
@@ -161,7 +156,7 @@ def differences(original: Original, identity: Mapping[str, str], deterministic: 
 
 def check_data(original: Original, source: str, checksum: str) -> None:
     """Refuse data whose checksum is not the original's."""
-    expected = _tag(original.run, "data_checksum")
+    expected = original.recipe.data_checksum
     if checksum != expected:
         raise UserError(f"data checksum differs: run {original.run.run_id} trained on "
                         f"{original.run.tags.get('data_source')} with sha256 {expected}, but {source} has "
@@ -170,52 +165,80 @@ def check_data(original: Original, source: str, checksum: str) -> None:
 
 @dataclass
 class Outcome:
-    """What the rerun produced, in its own MLflow run (left open for ``finish``)."""
+    """What the rerun produced, in its own MLflow run: per-epoch metrics, test metrics (a complete
+    rerun's), and the exception that ended training, if one did."""
 
     run_id: str
     history: dict[str, list[float]]
     test: dict[str, float]
-    error: str = ""  # the exception that ended training, if one did
+    error: str = ""
 
 
-def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deterministic: bool,
-          tags: Mapping[str, str], on_epoch: Callable[[int, Mapping[str, float]], None] | None = None) -> Outcome:
-    """Train ``original``'s configuration again with its seed, as a ``lifecycle.TrialRun`` into a
-    new run (same experiment, same params, its recipe's tags, tagged ``rerun_of``). A trial that
-    stopped early (pruned, interrupted, failed) is replayed for as many epochs as it logged, with
-    its full-length learning-rate schedule."""
+class Replay:
+    """A rerun's part of its trial (a ``lifecycle.Engine``): collect what it computes, and when
+    it ends compare it with the original (``comparison``), the verdict tagged on its run."""
+
+    stopping = False
+
+    def __init__(self, original: Original, tolerance: float,
+                 on_epoch: Callable[[int, Mapping[str, float]], None] | None = None) -> None:
+        self.original, self.tolerance, self.on_epoch = original, tolerance, on_epoch
+        self.outcome = Outcome("", {}, {})
+        self.comparison: Comparison | None = None
+
+    def opened(self, run_id: str) -> None:
+        self.outcome.run_id = run_id
+
+    def epoch(self, epoch: int, logs: Mapping[str, float], replayed: bool) -> None:
+        for key, value in logs.items():
+            if reproducible(key):
+                self.outcome.history.setdefault(key, []).append(value)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, logs)
+
+    def ended(self, outcome: lifecycle.Outcome) -> dict[str, Any]:
+        if isinstance(outcome, lifecycle.Failed) and outcome.interrupted:
+            return {}
+        if isinstance(outcome, lifecycle.Failed):
+            self.outcome.error = outcome.reason
+        if isinstance(outcome, lifecycle.Completed):
+            self.outcome.test = {k: v for k, v in track.get_run(outcome.run_id).metrics.items() if final(k)}
+        self.comparison = compare(self.original, self.outcome, self.tolerance)
+        return {"rerun_match": str(self.comparison.matched).lower(),
+                "rerun_max_abs_diff": self.comparison.max_abs_diff, "rerun_tolerance": self.tolerance}
+
+
+def plan(original: Original, *, identity: Mapping[str, str], deterministic: bool,
+         tags: Mapping[str, str]) -> lifecycle.TrialPlan:
+    """The rerun of ``original``: its configuration with its seed, into a new run (same
+    experiment, same params, its recipe's tags, tagged ``rerun_of``), its hypermodel with the
+    hyperparameters it logged. A trial that stopped early (pruned, interrupted, failed) is
+    replayed for as many epochs as it logged, with its full-length learning-rate schedule."""
     run = original.run
-    trial = lifecycle.TrialRun(
-        original.sweep, dataclasses.replace(original.recipe, deterministic=deterministic), "rerun",
-        tags={**tags, **identity, RERUN_TAG: run.run_id, "rerun_of_trial": original.trial_number,
-              "rerun_of_state": original.state},
-        title=f"{original.sweep.name} trial {original.trial_number} (rerun)")
-    if on_epoch:
-        trial.on_epoch.append(on_epoch)
-    trial.open(run.experiment_id, name=f"rerun-of-trial-{original.trial_number}", params=run.params)
-    if original.hyperparameters is not None:
-        track.log_text(trial.run_id, json.dumps(original.hyperparameters, sort_keys=True), "hyperparameters.json")
-    complete = original.state == "COMPLETE"
-    custom = None
+    model = values = None
     if original.sweep.hypermodel:
         from cifar_exp.training import hypermodel  # imports keras: after the CLI has set up the environment
 
-        custom = hypermodel.custom_model(hypermodel.load(original.sweep.hypermodel),
-                                         hypermodel.fixed(original.hyperparameters or {}))
-    try:
-        result = trial.train(splits, original.cfg, custom=custom,
-                             stop_after=None if complete else original.epochs_logged)
-        if not complete:
-            return Outcome(trial.run_id, trial.history, {})
-        # ended by ``finish``, with the comparison's verdict
-        trial.complete(result, splits, before_end=lambda outcome: None)
-    except KeyboardInterrupt:
-        trial.failed("interrupted", "KILLED")
-        raise
-    except Exception as exc:  # noqa: BLE001 (a rerun's trial fails alone, with its reason, like a sweep's)
-        return Outcome(trial.run_id, trial.history, {}, trial.failure(exc))
-    test = {k: v for k, v in track.get_run(trial.run_id).metrics.items() if final(k)}
-    return Outcome(trial.run_id, trial.history, test)
+        model, values = hypermodel.load(original.sweep.hypermodel), hypermodel.fixed(original.hyperparameters or {})
+    return lifecycle.TrialPlan(
+        original.sweep, dataclasses.replace(original.recipe, deterministic=deterministic), "rerun", original.cfg,
+        run.experiment_id, title=f"{original.sweep.name} trial {original.trial_number} (rerun)",
+        tags={**tags, **identity, RERUN_TAG: run.run_id, "rerun_of_trial": original.trial_number,
+              "rerun_of_state": original.state},
+        name=f"rerun-of-trial-{original.trial_number}", params=run.params, hypermodel=model, hyperparameters=values,
+        stop_after=None if original.state == "COMPLETE" else original.epochs_logged)
+
+
+def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deterministic: bool,
+          tags: Mapping[str, str], tolerance: float = 0.0,
+          on_epoch: Callable[[int, Mapping[str, float]], None] | None = None) -> tuple[Outcome, Comparison]:
+    """Train ``original`` again (``plan``) through ``lifecycle.run_trial`` and compare it, value by
+    value (``compare``, within ``tolerance``); its run ends with the verdict (``rerun_match``,
+    ``rerun_max_abs_diff``, ``rerun_tolerance``). Ctrl-C ends it KILLED and goes on."""
+    replay = Replay(original, tolerance, on_epoch)
+    lifecycle.run_trial(plan(original, identity=identity, deterministic=deterministic, tags=tags), splits, replay)
+    assert replay.comparison is not None
+    return replay.outcome, replay.comparison
 
 
 @dataclass(frozen=True)
@@ -270,13 +293,3 @@ def compare(original: Original, outcome: Outcome, tolerance: float) -> Compariso
         if original_failure:
             failure = f"the rerun failed with {outcome.error}; the original with {original_failure}"
     return Comparison(metrics, epochs, test, tolerance, failure)
-
-
-def finish(outcome: Outcome, comparison: Comparison) -> None:
-    """End the rerun's run, tagged with the verdict."""
-    tags: dict[str, Any] = {"rerun_match": str(comparison.matched).lower(),
-                            "rerun_max_abs_diff": comparison.max_abs_diff,
-                            "rerun_tolerance": comparison.tolerance}
-    if outcome.error:
-        tags["fail_reason"] = outcome.error
-    track.end_run(outcome.run_id, "FAILED" if outcome.error else "FINISHED", tags)

@@ -119,6 +119,7 @@ class Trainer:
                    "confirmation_started": repr(me.create_time())}
         self.experiment, self.parent, self.on_run = experiment, parent_run_id, on_run
         self.tags = {**tags, **process}
+        self.programs: Any = None  # compiled programs, shared by the seeds of a structure (set on first use)
         self._splits: dict[tuple[Any, ...], Any] = {}
 
     def splits(self, original: Any) -> Any:
@@ -135,35 +136,60 @@ class Trainer:
         return self._splits[key]
 
     def confirm(self, run_id: str, count: int) -> Seeds:
-        """Train the trial logged as ``run_id`` with ``count`` confirmation seeds."""
+        """Train the trial logged as ``run_id`` with ``count`` confirmation seeds: each seed is the
+        rerun's plan (its configuration, hypermodel and hyperparameters) with another seed and no
+        model kept, conducted by ``lifecycle.run_trial`` with this trainer's compiled programs."""
+        import keras
+
         from cifar_exp import rerun
+        from cifar_exp.training import programs
 
         original = rerun.load_original(run_id)
         splits = self.splits(original)
+        self.programs = self.programs or programs.Programs()
         number = original.trial_number
         found = Seeds(run_id, int(number) if number.isdigit() else None)
         metric = original.sweep.objective.metric
         for seed in seeds_for(original.seed, count):
-            recipe = dataclasses.replace(original.recipe, seed=seed)
-            trial = lifecycle.TrialRun(original.sweep, recipe, "confirmation",
-                                       tags={**self.tags, track.PARENT_TAG: self.parent, "confirmation": run_id,
-                                             "confirmation_of_trial": number},
-                                       title=f"{original.sweep.name} trial {number}, confirmation seed {seed}")
-            trial.open(self.experiment, name=f"confirm-trial-{number}-seed-{seed}", params=recipe.to_params())
-            try:
-                measured = trial.confirmed(trial.train(splits, original.cfg), splits)
-            except BaseException as exc:
-                trial.failed(trial.failure(exc), "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-                raise
+            base = rerun.plan(original, identity={}, deterministic=original.recipe.deterministic, tags={})
+            plan = dataclasses.replace(
+                base, recipe=dataclasses.replace(original.recipe, seed=seed), engine="confirmation",
+                title=f"{original.sweep.name} trial {number}, confirmation seed {seed}",
+                tags={**self.tags, track.PARENT_TAG: self.parent, "confirmation": run_id,
+                      "confirmation_of_trial": number},
+                experiment=self.experiment, name=f"confirm-trial-{number}-seed-{seed}", params=None, stop_after=None,
+                keep_model=False)
+            outcome = lifecycle.run_trial(plan, splits, _Seed(), programs=self.programs)
+            keras.backend.clear_session()  # as a worker does between trials; the programs stay
+            if not isinstance(outcome, lifecycle.Completed):
+                raise UserError(f"confirmation seed {seed} of trial {number} did not complete "
+                                f"({getattr(outcome, 'reason', type(outcome).__name__)}): nothing was registered")
+            measured = outcome.measured
             found.seeds.append(seed)
             found.values.append(measured[metric])
             found.test_accuracy.append(measured["test_accuracy"])
             for name in splits.class_names:
                 found.recall.setdefault(name, []).append(measured[f"test_recall_{name}"])
-            found.runs.append(trial.run_id)
+            found.runs.append(outcome.run_id)
             self.on_run(f"  trial {number} seed {seed}: {metric}={measured[metric]:.4f} "
-                        f"test_accuracy={measured['test_accuracy']:.4f} (run {trial.run_id})")
+                        f"test_accuracy={measured['test_accuracy']:.4f} (run {outcome.run_id})")
         return found
+
+
+class _Seed:
+    """A confirmation seed's part of its trial (a ``lifecycle.Engine``): nothing to record; the
+    outcome ``run_trial`` returns is what ``Trainer.confirm`` keeps."""
+
+    stopping = False
+
+    def opened(self, run_id: str) -> None:
+        pass
+
+    def epoch(self, epoch: int, logs: Mapping[str, float], replayed: bool) -> None:
+        pass
+
+    def ended(self, outcome: lifecycle.Outcome) -> dict[str, Any]:
+        return {}
 
 
 def best(confirmed: Sequence[Seeds], direction: str) -> Seeds:

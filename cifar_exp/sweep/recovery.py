@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp.config.records import TrialAttrs
+from cifar_exp.config.records import StudyAttrs, TrialAttrs
 from cifar_exp.sweep import liveness
 
 
@@ -108,26 +108,34 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial | Frozen
 
 def fail_trial(study: optuna.Study, trial: optuna.Trial | FrozenTrial, reason: str, run_status: str = "FAILED",
                interrupted: bool = False) -> bool:
-    """Fail ``trial`` in both systems: in the study with its ``fail_reason`` (and ``interrupted``,
-    which keeps it out of the budget), and its MLflow run ended with ``run_status`` (FAILED, or
-    KILLED for an interruption or a dead worker; see ``close_run``). False, and nothing done,
-    if another process already ended the trial (a worker that found it stale closes it itself).
-    Every failure path (a raising trial, an interruption, a dead or stale worker) comes here."""
+    """Fail ``trial`` in both systems: in the study (``fail_in_study``), and its MLflow run ended
+    with ``run_status`` (FAILED, or KILLED for an interruption or a dead worker; see
+    ``close_run``). False, and nothing done, if another process already ended the trial (a worker
+    that found it stale closes it itself). For a trial whose own run is not being conducted: a
+    dead or stale worker's, one the sweep stopped (a running trial's run is ended by
+    ``lifecycle.run_trial``)."""
+    if not fail_in_study(study, trial, reason, interrupted):
+        return False
+    try:
+        close_run(study, study._storage.get_trial(trial._trial_id), run_status, reason)
+    except Exception as exc:  # noqa: BLE001 (tracking down: the Optuna record above already holds the reason)
+        print(f"cifar_exp: could not close the MLflow run of trial {trial.number}: {exc}", file=sys.stderr)
+    return True
+
+
+def fail_in_study(study: optuna.Study, trial: optuna.Trial | FrozenTrial, reason: str,
+                  interrupted: bool = False) -> bool:
+    """Fail ``trial`` in the study with its ``fail_reason`` (and ``interrupted``, which keeps it
+    out of the budget); False, and nothing done, if another process already ended it."""
     storage = study._storage
     trial_id = trial._trial_id
     try:
         flags = {"interrupted": True} if interrupted else {}
         for key, value in TrialAttrs.encode(fail_reason=reason, **flags).items():
             storage.set_trial_user_attr(trial_id, key, value)
-        if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
-            return False
+        return bool(storage.set_trial_state_values(trial_id, TrialState.FAIL))
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    try:
-        close_run(study, storage.get_trial(trial_id), run_status, reason)
-    except Exception as exc:  # noqa: BLE001 (tracking down: the Optuna record above already holds the reason)
-        print(f"cifar_exp: could not close the MLflow run of trial {trial.number}: {exc}", file=sys.stderr)
-    return True
 
 
 def close_run(study: optuna.Study, trial: FrozenTrial, status: str, reason: str) -> None:
@@ -140,13 +148,13 @@ def close_run(study: optuna.Study, trial: FrozenTrial, status: str, reason: str)
 
     run_id = TrialAttrs.of(trial).mlflow_run_id
     if not run_id:
-        attrs = study.user_attrs
-        if "mlflow_experiment_id" not in attrs or "mlflow_parent_run_id" not in attrs:
+        attrs = StudyAttrs.of(study)
+        if attrs.mlflow_experiment_id is None or attrs.mlflow_parent_run_id is None:
             return
-        run_id = track.start_trial_run(attrs["mlflow_experiment_id"], attrs["mlflow_parent_run_id"], trial.number,
+        run_id = track.start_trial_run(attrs.mlflow_experiment_id, attrs.mlflow_parent_run_id, trial.number,
                                        params=dict(trial.params), tags={"sweep": study.study_name,
                                                                         "engine": "optuna"})
-    lifecycle.end_failed(run_id, reason, status)
+    lifecycle.end(run_id, lifecycle.Failed(run_id, reason, interrupted=status == "KILLED"))
 
 
 def running(study: optuna.Study, pids: set[int]) -> list[FrozenTrial]:

@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials, outcomes
 from cifar_exp.config.goals import Objective
-from cifar_exp.config.records import TrialAttrs, trial_seed
+from cifar_exp.config.records import StudyAttrs, TrialAttrs, trial_seed
 from cifar_exp.sweep import recovery, space
 
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -307,9 +307,14 @@ def check_identity(study: optuna.Study, identity: Mapping[str, Any], storage: st
             study.set_user_attr(key, value)
 
 
-def load_existing_attr(settings: Settings, key: str) -> Any:
-    """The study's user attribute ``key`` as storage holds it now (not as a cached Study saw it)."""
+def existing_attrs(settings: Settings) -> StudyAttrs:
+    """The study's attributes as storage holds them now (not as a cached Study saw them)."""
     storage = open_storage(settings.storage)
-    return storage.get_study_user_attrs(storage.get_study_id_from_name(settings.sweep.name)).get(key)
+    return StudyAttrs.of(_Attrs(storage.get_study_user_attrs(storage.get_study_id_from_name(settings.sweep.name))))
+
+
+@dataclass(frozen=True)
+class _Attrs:
+    user_attrs: dict[str, Any]
 
 

@@ -29,9 +29,9 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp import report, track
+from cifar_exp import lifecycle, report, track
 from cifar_exp.config import Settings, Sweep, UserError, outcomes
-from cifar_exp.config.records import TrialAttrs
+from cifar_exp.config.records import StudyAttrs, TrialAttrs
 from cifar_exp.sweep import events, liveness, recovery, sidecar, storage, warmstart, worker
 
 STOP_GRACE_SECONDS = 60.0  # how long interrupted workers get to record their trials
@@ -115,15 +115,17 @@ def start_parent_run(settings: Settings, study: optuna.Study, experiment: str) -
     sweep = settings.sweep
     with storage.budget_lock(settings.storage, study, sweep.name):  # one parent run, however many hosts
         parent = track.start_parent(
-            experiment, storage.load_existing_attr(settings, "mlflow_parent_run_id"), f"{sweep.name}-study",
+            experiment, storage.existing_attrs(settings).mlflow_parent_run_id, f"{sweep.name}-study",
             {**settings.tags, "sweep": sweep.name, "sweep_file": str(sweep.path),
              "sweep_sha256": sweep.content_hash, "objective": f"{sweep.objective.direction} {sweep.objective.metric}",
              "sampler": f"{sweep.sampler.name} seed={sweep.sampler.seed}", "pruner": sweep.pruner.name,
              "epochs": str(sweep.epochs), "budget_trials": str(sweep.trials), "optuna_study": sweep.name,
              "optuna_storage": settings.storage, "deterministic": str(sweep.deterministic).lower(),
              "engine": "optuna"})
-        study.set_user_attr("mlflow_parent_run_id", parent)
-    study.set_user_attr("mlflow_experiment_id", experiment)
+        for key, value in StudyAttrs.encode(mlflow_parent_run_id=parent).items():
+            study.set_user_attr(key, value)
+    for key, value in StudyAttrs.encode(mlflow_experiment_id=experiment).items():
+        study.set_user_attr(key, value)
     return parent
 
 
@@ -139,12 +141,12 @@ def close_orphans(study: optuna.Study, experiment: str, parent: str) -> list[str
             continue
         trial = by_number.get(number)
         if trial is not None and trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            track.end_run(run_id, "FINISHED", {"state": trial.state.name})
+            lifecycle.end(run_id, lifecycle.Closed(run_id, trial.state.name))
         else:
             reason = (TrialAttrs.of(trial).fail_reason if trial else None) or \
                 "the sweep stopped before this trial's run was closed"
-            track.end_run(run_id, "KILLED" if trial is None or TrialAttrs.of(trial).interrupted else "FAILED",
-                          {"state": trial.state.name if trial else "FAIL", "fail_reason": reason})
+            lifecycle.end(run_id, lifecycle.Closed(run_id, "FAIL", reason,
+                                                   interrupted=trial is None or bool(TrialAttrs.of(trial).interrupted)))
         closed.append(run_id)
     return closed
 
@@ -154,7 +156,8 @@ def close_confirmations(url: str, study: optuna.Study, name: str) -> list[str]:
     still RUNNING whose register is gone; returns their ids. When no register holds the study's
     models lock (``storage.models_lock``, on every host that shares the storage), every RUNNING
     one is; while one does, only those of a dead process on this host."""
-    parent, experiment = study.user_attrs.get("mlflow_parent_run_id"), study.user_attrs.get("mlflow_experiment_id")
+    attrs = StudyAttrs.of(study)
+    parent, experiment = attrs.mlflow_parent_run_id, attrs.mlflow_experiment_id
     if not parent or not experiment:
         return []
     closed = []
@@ -164,7 +167,8 @@ def close_confirmations(url: str, study: optuna.Study, name: str) -> list[str]:
         for run_id, tags in track.running_confirmations(str(experiment), str(parent)).items():
             if none_registering or (tags.get("confirmation_host") == here and not liveness.alive(
                     tags.get("confirmation_pid"), tags.get("confirmation_started"))):
-                track.end_run(run_id, "KILLED", {"fail_reason": "its register --seeds process ended before it did"})
+                lifecycle.end(run_id, lifecycle.Failed(run_id, "its register --seeds process ended before it did",
+                                                       interrupted=True))
                 closed.append(run_id)
     return closed
 

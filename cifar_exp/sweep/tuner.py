@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,44 +169,54 @@ class _Trials:
 
     def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
         # A bound method in the tuner's class dict: called with KerasTuner's arguments, no tuner.
-        # The trial is a lifecycle.TrialRun, as for the Optuna engine; KerasTuner's part is the
-        # answer (the objective's value) and FailedTrialError.
+        # The trial is planned here and conducted by lifecycle.run_trial, as for the Optuna
+        # engine; KerasTuner's part is the answer (the objective's value) and FailedTrialError.
         sweep = self.sweep
         started = time.perf_counter()  # the trial's start, for its first_step_seconds
         values, number = trial.hyperparameters.values, int(trial.trial_id)
         params = sampled(sweep, trial.hyperparameters)
         epochs = int(values.get("tuner/epochs", sweep.epochs))
-        seed = trial_seed(sweep.sampler.seed, number)
         logged = {k: v for k, v in sweep.logged_params(params).items()
                   # a hypermodel that overrides fit chooses its own batch size
                   if not (self.model is not None and k == "batch_size" and hypermodel.overrides_fit(self.model))}
-        run = lifecycle.TrialRun(
-            sweep, lifecycle.recipe(sweep, seed, epochs, logged, self.settings.data_checksum), "keras-tuner",
+        plan = lifecycle.TrialPlan(
+            sweep, lifecycle.recipe(sweep, trial_seed(sweep.sampler.seed, number), epochs, logged,
+                                    self.settings.data_checksum), "keras-tuner", sweep.train_config(params),
+            self.experiment, title=f"{sweep.name} trial {number} (keras-tuner)",
             tags={**self.settings.tags, **self.identity, "keras_tuner_trial": trial.trial_id,
                   **{f"keras_tuner_{k[6:]}": v for k, v in values.items() if k.startswith("tuner/")}},
-            title=f"{sweep.name} trial {number} (keras-tuner)", programs=self.programs,
+            parent_run_id=self.parent, number=number, hypermodel=self.model,
+            hyperparameters=trial.hyperparameters if self.model is not None else None, own=self.tuned,
             time_limit=sweep.trial_timeout)
-        run.on_epoch.append(lambda epoch, logs: self.emit(
-            events.Epoch(number, epoch + 1, epochs, logs[run.metric], dict(logs))))
-        run.open(self.experiment, parent_run_id=self.parent, number=number)
+        answer = _Answer(self, number, epochs, self.values(trial.hyperparameters))
         try:
-            custom = None
-            if self.model is not None:
-                lifecycle.log_hyperparameters(run.run_id, self.tuned(trial.hyperparameters), sweep)
-                custom = hypermodel.custom_model(self.model, trial.hyperparameters)
-            self.emit(events.Started(0, number, run.run_id, self.values(trial.hyperparameters)))
-            outcome = run.complete(run.train(self.splits, sweep.train_config(params), custom=custom, started=started),
-                                   self.splits)
-        except KeyboardInterrupt:
-            run.failed("interrupted", "KILLED")
-            raise
-        except Exception as exc:
-            reason = run.failure(exc)
-            run.failed(reason)
-            self.emit(events.Ended(number, "FAIL", run.run_id, reason=reason))
-            raise keras_tuner.errors.FailedTrialError(reason) from exc
+            outcome = lifecycle.run_trial(plan, self.splits, answer, programs=self.programs, started=started)
         finally:
             keras.backend.clear_session()
-        self.emit(events.Ended(number, "COMPLETE", run.run_id, value=outcome.value,
+        if isinstance(outcome, lifecycle.Failed):
+            self.emit(events.Ended(number, "FAIL", outcome.run_id, reason=outcome.reason))
+            raise keras_tuner.errors.FailedTrialError(outcome.reason)
+        assert isinstance(outcome, lifecycle.Completed), outcome  # no pruning, no constraints here
+        self.emit(events.Ended(number, "COMPLETE", outcome.run_id, value=outcome.value,
                                test_accuracy=outcome.test_accuracy, degenerate=outcome.verdict.get("degenerate", "")))
-        return {run.metric: outcome.value}
+        return {plan.sweep.objective.metric: outcome.value}
+
+
+class _Answer:
+    """KerasTuner's part of one trial (a ``lifecycle.Engine``): the sweep command hears it start
+    and each epoch; the answer is ``run_trial``'s return."""
+
+    stopping = False
+
+    def __init__(self, trials: _Trials, number: int, epochs: int, values: dict[str, Any]) -> None:
+        self.trials, self.number, self.epochs, self.values = trials, number, epochs, values
+
+    def opened(self, run_id: str) -> None:
+        self.trials.emit(events.Started(0, self.number, run_id, self.values))
+
+    def epoch(self, epoch: int, logs: Mapping[str, float], replayed: bool) -> None:
+        metric = self.trials.sweep.objective.metric
+        self.trials.emit(events.Epoch(self.number, epoch + 1, self.epochs, logs[metric], dict(logs)))
+
+    def ended(self, outcome: lifecycle.Outcome) -> Mapping[str, Any]:
+        return {}

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from cifar_exp.config import Sweep, UserError, outcomes
 from cifar_exp.config.goals import Objective
-from cifar_exp.config.records import TrialAttrs
+from cifar_exp.config.records import StudyAttrs, TrialAttrs
 from cifar_exp.config.values import within
 
 
@@ -63,7 +63,7 @@ def sources(sweep: Sweep, storage: optuna.storages.BaseStorage) -> list[tuple[st
 def seed(study: optuna.Study, sweep: Sweep) -> list[str]:
     """Enqueue the sweep's warm start into ``study`` unless it has been (call under the budget
     lock); returns one line per trial enqueued and per setting dropped."""
-    if study.user_attrs.get("warm_started") or (sweep.warm_start is None and not sweep.enqueue):
+    if StudyAttrs.of(study).warm_started or (sweep.warm_start is None and not sweep.enqueue):
         return []
     lines = []
     for source, params in sources(sweep, study._storage):
@@ -74,5 +74,6 @@ def seed(study: optuna.Study, sweep: Sweep) -> list[str]:
         study.enqueue_trial(kept, user_attrs=TrialAttrs.encode(warm_start=source), skip_if_exists=True)
         lines.append(f"warm start from {source}: {' '.join(f'{k}={v}' for k, v in kept.items())}"
                      + (f"; dropped {'; '.join(dropped)}" if dropped else ""))
-    study.set_user_attr("warm_started", True)
+    for key, value in StudyAttrs.encode(warm_started=True).items():
+        study.set_user_attr(key, value)
     return lines

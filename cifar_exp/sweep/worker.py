@@ -1,8 +1,9 @@
 """A sweep's worker process: load the data once, then claim a trial from the study's budget, run
 it, clear the Keras session and claim the next, until the budget, the deadline or a stop.
 
-One trial here is the tracked lifecycle of ``trial`` with Optuna's part around it: report each
-epoch, prune, tell. Every outcome reaches the sweep command as an ``events`` event. A trial that
+One trial here is ``lifecycle.run_trial`` with Optuna's part as its engine (``OptunaTrial``:
+record the run on the trial, report each epoch, prune, tell). Every outcome reaches the sweep
+command as an ``events`` event. A trial that
 raised ends the process (exit ``EXIT_TRIAL_FAILED``), and the supervisor starts a fresh one: no
 leaked memory or poisoned GPU state carries over.
 """
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 import optuna
 import psutil
@@ -36,7 +37,7 @@ ORPHAN_GRACE_SECONDS = 10.0  # a worker whose sweep command died gets this long 
 WAIT_SECONDS = 2.0  # a worker with the budget all claimed polls this often for retries
 
 
-class Interrupted(BaseException):
+class Interrupted(lifecycle.Interruption):
     """Raised in a worker on SIGTERM (a BaseException, so ``except Exception`` lets it through)."""
 
 
@@ -87,7 +88,7 @@ class Worker:
         self.settings, self.sweep = settings, settings.sweep
         self.experiment, self.parent_run_id = experiment, parent_run_id
         self.queue, self.worker_id = queue, worker_id
-        self.current: lifecycle.TrialRun | None = None  # the trial this worker runs (or ran last)
+        self.busy = lifecycle.Busy()  # whether Keras computes the running trial (where SIGTERM may raise)
         self.stop = False
         self.splits: Any = None
         self.tunable: Any = None  # the sweep's KerasTuner hypermodel, if it has one
@@ -157,66 +158,55 @@ class Worker:
 
     def run_trial(self, claimed: Claim, started: float, claim_seconds: float,
                   opened: optuna.storages.BaseStorage) -> bool:
-        """Hand the ``claimed`` trial to a ``lifecycle.TrialRun`` with Optuna's part on its hooks
-        (report each epoch, prune, tell); False if it failed (the worker is then replaced).
-        ``started`` is when the worker began the trial (``time.perf_counter``, before claiming it),
-        ``claim_seconds`` how long claiming took. The trial's checkpoint goes when it ends."""
-        from cifar_exp.training import hypermodel
+        """Plan the ``claimed`` trial and hand it to ``lifecycle.run_trial`` with Optuna's part
+        (``OptunaTrial``); False if it failed (the worker is then replaced). ``started`` is when
+        the worker began the trial (``time.perf_counter``, before claiming it), ``claim_seconds``
+        how long claiming took. The trial's checkpoint goes when it ends."""
+        from cifar_exp.training import checkpoints  # Keras is imported by now
 
-        sweep, (study, trial, params) = self.sweep, (claimed.study, claimed.trial, claimed.params)
+        sweep, trial = self.sweep, claimed.trial
         retry_of = TrialAttrs.of(trial).retry_of
         # A retry trains with its original's seed: resumed from the original's checkpoint or not,
         # it computes what the original would have.
         seed = trial_seed(sweep.sampler.seed, trial.number if retry_of is None else int(retry_of))
+        plan = self.plan(claimed, seed, retry_of)
+        engine = OptunaTrial(self, claimed, Pruning(self.settings, opened, trial), seed)
+        try:
+            outcome = lifecycle.run_trial(plan, self.splits, engine, programs=self.programs, started=started,
+                                          claim_seconds=claim_seconds, busy=self.busy)
+        except (lifecycle.Interruption, KeyboardInterrupt):
+            self.queue.put(events.Ended(trial.number, "FAIL", engine.run_id, reason=events.INTERRUPTED))
+            raise SystemExit(0) from None
+        finally:
+            if plan.checkpoint is not None:
+                checkpoints.discard(plan.checkpoint.path)
+        self.queue.put(ended_event(trial.number, outcome, sweep))
+        return not isinstance(outcome, lifecycle.Failed)
+
+    def plan(self, claimed: Claim, seed: int, retry_of: int | None) -> lifecycle.TrialPlan:
+        """What the ``claimed`` trial is: its recipe and configuration, its run under the sweep's
+        parent, the hypermodel sampled by the trial, its checkpoint and time limit."""
+        from cifar_exp.sweep.hyperparameters import OptunaHyperParameters
+        from cifar_exp.training import hypermodel
+
+        sweep, trial, params = self.sweep, claimed.trial, claimed.params
         logged = {k: v for k, v in sweep.logged_params(params).items()
                   # a hypermodel that overrides fit chooses its own batch size
                   if not (self.tunable is not None and k == "batch_size" and hypermodel.overrides_fit(self.tunable))}
-        run = lifecycle.TrialRun(
+        warm = TrialAttrs.of(trial).warm_start
+        return lifecycle.TrialPlan(
             sweep, lifecycle.recipe(sweep, seed, sweep.epochs, logged, self.settings.data_checksum), "optuna",
+            sweep.train_config(params), self.experiment, title=f"{sweep.name} trial {trial.number}",
             tags={**self.settings.tags, **self.identity, "worker": self.worker_id,
-                  **({"warm_start": warm} if (warm := TrialAttrs.of(trial).warm_start) else {})},
-            title=f"{sweep.name} trial {trial.number}", programs=self.programs,
-            checkpoint=self._checkpoint(claimed, retry_of), resumed_from=retry_of,
-            time_limit=sweep.trial_timeout)
-        prune = Pruning(self.settings, opened, trial)
-        run.on_epoch.append(self._epoch_hook(trial, prune))
-        run.on_replayed.append(self._replayed_hook(trial, prune))
-        self.current = run
-        run.open(self.experiment, parent_run_id=self.parent_run_id, number=trial.number, claim_seconds=claim_seconds)
-        for key, value in TrialAttrs.encode(mlflow_run_id=run.run_id, seed=seed).items():
-            trial.set_user_attr(key, value)
-        self.queue.put(events.Started(self.worker_id, trial.number, run.run_id, params))
-        try:
-            if not self._infeasible(claimed, run, prune):
-                self._train_and_tell(claimed, run, started, prune)
-            return True
-        except optuna.TrialPruned as exc:
-            pruned = run.pruned(self.splits, lambda outcome: self._tell_pruned(claimed, outcome, prune))
-            self.queue.put(events.Ended(trial.number, "PRUNED", run.run_id, reason=str(exc),
-                                        degenerate=pruned.verdict.get("degenerate", "")))
-            return True
-        except Interrupted:
-            self._interrupted(claimed, run.run_id)
-        except Exception as exc:  # noqa: BLE001 (trials fail alone: any exception is the trial's fail_reason)
-            if self.stop:
-                # Raised from the signal handler inside Keras, Interrupted can come out as another
-                # exception (one raised by a `finally` of the fit loop on its way out): still a stop.
-                self._interrupted(claimed, run.run_id)
-            reason = run.failure(exc)
-            prune.end(TrialState.FAIL)
-            recovery.fail_trial(study, trial, reason)
-            self.queue.put(events.Ended(trial.number, "FAIL", run.run_id, reason=reason))
-            return False
-        finally:
-            if run.checkpoint is not None:
-                from cifar_exp.training import checkpoints  # Keras is imported by now
-
-                checkpoints.discard(run.checkpoint.path)
+                  **({"warm_start": warm} if warm else {})},
+            parent_run_id=self.parent_run_id, number=trial.number, hypermodel=self.tunable,
+            hyperparameters=OptunaHyperParameters(trial) if self.tunable is not None else None,
+            checkpoint=self._checkpoint(claimed, retry_of), resumed_from=retry_of, time_limit=sweep.trial_timeout)
 
     @property
     def training(self) -> bool:
         """Whether Keras is computing the running trial (where SIGTERM may raise)."""
-        return self.current is not None and self.current.training
+        return self.busy.training
 
     def _checkpoint(self, claimed: Claim, retry_of: int | None) -> Any:
         """Where the ``claimed`` trial keeps its checkpoint (``train``), a ``checkpoints.Slot`` owned
@@ -240,102 +230,98 @@ class Worker:
         owner = sidecar.owner(settings.storage, self.sweep.name, study._study_id, writer, settings.data_checksum)
         return checkpoints.Slot(path, owner)
 
-    def _tell_pruned(self, claimed: Claim, outcome: lifecycle.Pruned, prune: Pruning) -> None:
-        attrs = TrialAttrs.encode(epochs_run=outcome.epochs_run, phases=outcome.phases, compiled=outcome.compiled,
-                                  **outcome.verdict)
-        for key, value in attrs.items():
-            claimed.trial.set_user_attr(key, value)
-        prune.end(TrialState.PRUNED)
-        claimed.study.tell(claimed.trial, state=TrialState.PRUNED)
 
-    def _infeasible(self, claimed: Claim, run: lifecycle.TrialRun, prune: Pruning) -> bool:
-        """End a trial whose static metrics (``param_count``) already break a constraint, untrained:
-        its constraints set (so the sampler learns), ``infeasible`` recorded, told PRUNED."""
-        static = run.static_metrics(self.sweep.train_config(claimed.params), len(self.splits.class_names))
-        broken = outcomes.broken(self.sweep.constraints, static)
-        if not broken:
-            return False
-        trial = claimed.trial
-        for name, excess in outcomes.constraint_values(self.sweep.constraints, static).items():
-            trial.set_constraint(name, excess)
-        for key, value in TrialAttrs.encode(infeasible=broken, epochs_run=0,
-                                            param_count=int(static["param_count"])).items():
-            trial.set_user_attr(key, value)
-        run.infeasible(static, broken)
-        prune.end(TrialState.PRUNED)
-        claimed.study.tell(trial, state=TrialState.PRUNED)
-        self.queue.put(events.Ended(trial.number, "PRUNED", run.run_id, reason=f"infeasible before training: {broken}"))
-        return True
+def ended_event(number: int, outcome: lifecycle.Outcome, sweep: Any) -> events.Ended:
+    """The sweep command's event of a trial's ``outcome``."""
+    if isinstance(outcome, lifecycle.Completed):
+        return events.Ended(number, "COMPLETE", outcome.run_id, value=outcome.value,
+                            test_accuracy=outcome.test_accuracy, degenerate=outcome.verdict.get("degenerate", ""),
+                            infeasible=outcomes.broken(sweep.constraints, outcome.metrics))
+    if isinstance(outcome, lifecycle.Pruned):
+        return events.Ended(number, "PRUNED", outcome.run_id, reason=outcome.reason,
+                            degenerate=outcome.verdict.get("degenerate", ""))
+    if isinstance(outcome, lifecycle.Infeasible):
+        return events.Ended(number, "PRUNED", outcome.run_id, reason=f"infeasible before training: {outcome.reason}")
+    return events.Ended(number, "FAIL", outcome.run_id, reason=outcome.reason)
 
-    def _train_and_tell(self, claimed: Claim, run: lifecycle.TrialRun, started: float, prune: Pruning) -> None:
-        """Train (reporting each epoch to Optuna, which may prune), evaluate, publish, tell."""
-        from cifar_exp.sweep import hyperparameters
-        from cifar_exp.training import hypermodel
 
-        sweep, study, trial = self.sweep, claimed.study, claimed.trial
-        hp, custom = None, None
-        if self.tunable is not None:
-            hp = hyperparameters.OptunaHyperParameters(trial)
-            self.tunable.build(hp)  # declares, so samples, every active hyperparameter
-            lifecycle.log_hyperparameters(run.run_id, hp.values, sweep)
-            custom = hypermodel.custom_model(self.tunable, hp)
-        result = run.train(self.splits, sweep.train_config(claimed.params), custom=custom, started=started)
-        if hp is not None:  # hyperparameters first declared in the hypermodel's fit
-            lifecycle.log_hyperparameters(run.run_id, hp.values, sweep)
+class OptunaTrial:
+    """The Optuna engine's part of one trial (a ``lifecycle.Engine``): record the run on the
+    trial, report each epoch (to the trial, or the companion study of a multi-objective sweep)
+    and prune, tell the outcome; the sweep command hears each step as an ``events`` event."""
 
-        def tell(outcome: lifecycle.Completed) -> None:
-            measured = outcome.metrics
-            broken = outcomes.broken(sweep.constraints, measured)
-            attrs = TrialAttrs.encode(test_loss=outcome.test_loss, test_accuracy=outcome.test_accuracy,
-                                      epochs_run=outcome.epochs_run, model_uri=outcome.model_uri,
-                                      model_epoch=outcome.model_epoch,
-                                      phases=outcome.phases, compiled=outcome.compiled,
-                                      param_count=int(measured["param_count"]),
-                                      **{k: measured[k] for k in SPEED_METRICS if k in measured},
-                                      **({"infeasible": broken} if broken else {}), **outcome.verdict)
-            for key, value in attrs.items():
-                trial.set_user_attr(key, value)
-            for name, excess in outcomes.constraint_values(sweep.constraints, measured).items():
-                trial.set_constraint(name, excess)
-            if broken:
-                track.set_tags(run.run_id, {"infeasible": broken})
-            prune.end(TrialState.COMPLETE, outcome.value)
-            study.tell(trial, outcome.values(sweep.objectives))
+    def __init__(self, worker: Worker, claimed: Claim, prune: Pruning, seed: int) -> None:
+        self.worker, self.study, self.trial, self.prune, self.seed = worker, claimed.study, claimed.trial, prune, seed
+        self.sweep, self.queue, self.params = worker.sweep, worker.queue, claimed.params
+        self.run_id = ""
 
-        outcome = run.complete(result, self.splits, tell)
-        self.queue.put(events.Ended(trial.number, "COMPLETE", run.run_id, value=outcome.value,
-                                    test_accuracy=outcome.test_accuracy,
-                                    degenerate=outcome.verdict.get("degenerate", ""),
-                                    infeasible=outcomes.broken(sweep.constraints, outcome.metrics)))
+    @property
+    def stopping(self) -> bool:
+        return self.worker.stop
 
-    def _replayed_hook(self, trial: optuna.Trial, prune: Pruning) -> lifecycle.EpochHook:
-        """A resumed trial's replayed epochs (trained by its original): reported to Optuna (not
-        judged for pruning: they were, when they ran) and to the sweep command."""
+    def opened(self, run_id: str) -> None:
+        self.run_id = run_id
+        for key, value in TrialAttrs.encode(mlflow_run_id=run_id, seed=self.seed).items():
+            self.trial.set_user_attr(key, value)
+        self.queue.put(events.Started(self.worker.worker_id, self.trial.number, run_id, self.params))
+
+    def epoch(self, epoch: int, logs: Mapping[str, float], replayed: bool) -> None:
+        """Report, tell the sweep command, then stop or prune if due; a replayed epoch (trained by
+        the original of a retry) is reported, not judged for pruning: it was, when it ran."""
         metric, epochs = self.sweep.objective.metric, self.sweep.epochs
-
-        def on_replayed(epoch: int, logs: Mapping[str, float]) -> None:
-            prune.report(logs[metric], epoch + 1)
+        self.prune.report(logs[metric], epoch + 1)
+        if replayed:
             for key, value in TrialAttrs.encode(resumed_epochs=epoch + 1).items():
-                trial.set_user_attr(key, value)
-            self.queue.put(events.Epoch(trial.number, epoch + 1, epochs, logs[metric], dict(logs)))
+                self.trial.set_user_attr(key, value)
+        self.queue.put(events.Epoch(self.trial.number, epoch + 1, epochs, logs[metric], dict(logs)))
+        if replayed:
+            return
+        if self.worker.stop:
+            raise Interrupted()
+        if epoch + 1 < epochs and self.prune.should_prune():  # a finished trial is not pruned
+            raise lifecycle.Prune(f"pruned after epoch {epoch + 1}: {metric}={logs[metric]:.4f}")
 
-        return on_replayed
+    def ended(self, outcome: lifecycle.Outcome) -> Mapping[str, Any]:
+        """Tell Optuna (and the companion study) the outcome, with what the trial recorded."""
+        trial, study = self.trial, self.study
+        if isinstance(outcome, lifecycle.Failed):
+            if outcome.interrupted:
+                recovery.fail_in_study(study, trial, "interrupted (Ctrl-C or SIGTERM)", interrupted=True)
+            else:
+                self.prune.end(TrialState.FAIL)
+                recovery.fail_in_study(study, trial, outcome.reason)
+            return {}
+        attrs, extra = self._attrs(outcome)
+        for key, value in TrialAttrs.encode(**attrs).items():
+            trial.set_user_attr(key, value)
+        if isinstance(outcome, lifecycle.Completed):
+            self.prune.end(TrialState.COMPLETE, outcome.value)
+            study.tell(trial, outcome.values(self.sweep.objectives))
+        else:
+            self.prune.end(TrialState.PRUNED)
+            study.tell(trial, state=TrialState.PRUNED)
+        return extra
 
-    def _epoch_hook(self, trial: optuna.Trial, prune: Pruning) -> lifecycle.EpochHook:
-        """Optuna's part of each epoch: report, tell the sweep command, then stop or prune if due."""
-        metric, epochs = self.sweep.objective.metric, self.sweep.epochs
-
-        def on_epoch(epoch: int, logs: Mapping[str, float]) -> None:
-            prune.report(logs[metric], epoch + 1)
-            self.queue.put(events.Epoch(trial.number, epoch + 1, epochs, logs[metric], dict(logs)))
-            if self.stop:
-                raise Interrupted()
-            if epoch + 1 < epochs and prune.should_prune():  # a finished trial is not pruned
-                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {metric}={logs[metric]:.4f}")
-
-        return on_epoch
-
-    def _interrupted(self, claimed: Claim, run_id: str) -> NoReturn:
-        recovery.fail_trial(claimed.study, claimed.trial, "interrupted (Ctrl-C or SIGTERM)", "KILLED", interrupted=True)
-        self.queue.put(events.Ended(claimed.trial.number, "FAIL", run_id, reason=events.INTERRUPTED))
-        raise SystemExit(0) from None
+    def _attrs(self, outcome: lifecycle.Completed | lifecycle.Pruned | lifecycle.Infeasible
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The trial's user attributes for ``outcome`` (its constraints set on the way), and the
+        tags its run ends with beyond the outcome's."""
+        constraints = self.sweep.constraints
+        if isinstance(outcome, lifecycle.Infeasible):
+            for name, excess in outcomes.constraint_values(constraints, outcome.metrics).items():
+                self.trial.set_constraint(name, excess)
+            return {"infeasible": outcome.reason, "epochs_run": 0,
+                    "param_count": int(outcome.metrics["param_count"])}, {}
+        if isinstance(outcome, lifecycle.Pruned):
+            return {"epochs_run": outcome.epochs_run, "phases": outcome.phases, "compiled": outcome.compiled,
+                    **outcome.verdict}, {}
+        measured = outcome.metrics
+        broken = outcomes.broken(constraints, measured)
+        for name, excess in outcomes.constraint_values(constraints, measured).items():
+            self.trial.set_constraint(name, excess)
+        return {"test_loss": outcome.test_loss, "test_accuracy": outcome.test_accuracy,
+                "epochs_run": outcome.epochs_run, "model_uri": outcome.model_uri, "model_epoch": outcome.model_epoch,
+                "phases": outcome.phases, "compiled": outcome.compiled, "param_count": int(measured["param_count"]),
+                **{k: measured[k] for k in SPEED_METRICS if k in measured},
+                **({"infeasible": broken} if broken else {}), **outcome.verdict}, \
+            ({"infeasible": broken} if broken else {})
