@@ -346,3 +346,14 @@ def test_a_typo_is_refused_before_mlflow_keras_or_the_data_are_imported(isolated
     assert done.stdout.strip() == "2", (done.stdout, done.stderr)  # exit 2, and nothing heavy imported
     (line,) = done.stderr.strip().splitlines()
     assert "error: " in line, line
+
+
+def test_every_command_is_a_real_function_in_one_table_and_python_m_cifar_exp_runs_each() -> None:
+    from cifar_exp import cli
+
+    for name, command in cli.COMMANDS.items():
+        assert callable(command.run) and command.run.__name__ == f"{name}_command", name
+        assert command.summary and len(command.summary) < 50 and "(" not in command.summary, name  # --help's line
+    done = subprocess.run([sys.executable, "-m", "cifar_exp", "gc", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: cifar-exp gc"), done.stderr

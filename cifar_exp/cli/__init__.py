@@ -17,8 +17,10 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from cifar_exp.cli import commands, results
 from cifar_exp.config import (
     DEFAULT_STORAGE,
     DEFAULT_SWEEP,
@@ -177,33 +179,58 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     _tracking(p)
 
 
-# name: (arguments, what it does)
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
-    "sweep": (_sweep, "Run (or resume) the Optuna study of a sweep; every trial is an MLflow run."),
-    "rerun": (_rerun, "Train a logged trial again from its seed and recorded configuration, into a new MLflow "
-                      "run tagged rerun_of, and compare every per-epoch metric with the original."),
-    "register": (_register, "Register the best completed trial of a sweep's study in the MLflow Model Registry "
-                            "(alias challenger) and promote it to champion if it beats the champion on the test "
-                            "set."),
-    "report": (_study, "Rebuild a study's plots, trials table and cost ledger in its MLflow parent run, from "
-                       "storage, without training."),
-    "compare": (_compare, "The best trials of a sweep as a table, and one PNG overlaying their validation curves."),
-    "gc": (_gc, "Delete the logged models of all but the K best trials of a sweep's study (never a registered "
-                "version's, never a running trial's) and print the bytes freed; runs, metrics and other artifacts "
-                "stay."),
-    "ui": (_ui, "Start the MLflow UI on this project's store, bound to 127.0.0.1 unless told otherwise."),
-    "predict": (_predict, "Top-k classes with probabilities for image files (any size; resized to the model's "
-                          "input), from a logged or registered model."),
-    "evaluate": (_evaluate, "Evaluate a logged or registered model on the test set in a fresh MLflow run, with "
-                            "the artifacts of a trial (confusion matrix, classification report, prediction grid)."),
+@dataclass(frozen=True)
+class Command:
+    """A command: its arguments, the function that runs it (argv parsed; returns the exit code),
+    what it does, and that in a few words (its line in ``cifar-exp --help``)."""
+
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str
+    summary: str
+
+
+# The commands, a table of real functions (each a verb in cli.commands or cli.results).
+COMMANDS: dict[str, Command] = {
+    "sweep": Command(_sweep, commands.sweep_command,
+                     "Run (or resume) the Optuna study of a sweep; every trial is an MLflow run.",
+                     "run or resume a sweep"),
+    "rerun": Command(_rerun, commands.rerun_command,
+                     "Train a logged trial again from its seed and recorded configuration, into a new MLflow run "
+                     "tagged rerun_of, and compare every per-epoch metric with the original.",
+                     "train a logged trial again and compare it"),
+    "register": Command(_register, results.register_command,
+                        "Register the best completed trial of a sweep's study in the MLflow Model Registry (alias "
+                        "challenger) and promote it to champion if it beats the champion on the test set.",
+                        "register the best model, promote it if better"),
+    "report": Command(_study, results.report_command,
+                      "Rebuild a study's plots, trials table and cost ledger in its MLflow parent run, from storage, "
+                      "without training.", "rebuild a study's report"),
+    "compare": Command(_compare, results.compare_command,
+                       "The best trials of a sweep as a table, and one PNG overlaying their validation curves.",
+                       "the best trials side by side"),
+    "gc": Command(_gc, results.gc_command,
+                  "Delete the logged models of all but the K best trials of a sweep's study (never a registered "
+                  "version's, never a running trial's) and print the bytes freed; runs, metrics and other artifacts "
+                  "stay.", "delete all but the best trials' models"),
+    "ui": Command(_ui, results.ui_command,
+                  "Start the MLflow UI on this project's store, bound to 127.0.0.1 unless told otherwise.",
+                  "the MLflow UI on this project's store"),
+    "predict": Command(_predict, results.predict_command,
+                       "Top-k classes with probabilities for image files (any size; resized to the model's input), "
+                       "from a logged or registered model.", "classify image files"),
+    "evaluate": Command(_evaluate, results.evaluate_command,
+                        "Evaluate a logged or registered model on the test set in a fresh MLflow run, with the "
+                        "artifacts of a trial (confusion matrix, classification report, prediction grid).",
+                        "a fresh test-set evaluation of a model"),
 }
 
 
 def parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
     """The parser of one command, as ``python -m cifar_exp.COMMAND`` shows it."""
-    arguments, description = COMMANDS[command]
-    p = _Parser(prog=prog or f"python -m cifar_exp.{command}", description=description)
-    arguments(p)
+    found = COMMANDS[command]
+    p = _Parser(prog=prog or f"python -m cifar_exp.{command}", description=found.description)
+    found.arguments(p)
     return p
 
 
@@ -211,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``cifar-exp COMMAND [ARGS]``: every command of the project under one name."""
     p = _Parser(prog="cifar-exp", description="Optuna sweeps of Keras CIFAR-10 classifiers, tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for command, (arguments, description) in COMMANDS.items():
-        arguments(sub.add_parser(command, help=description.split(";")[0].split(", ")[0], description=description))
+    for name, found in COMMANDS.items():
+        found.arguments(sub.add_parser(name, help=found.summary, description=found.description))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     return _run(args.command, args, ["cifar-exp", *argv])
@@ -231,16 +258,13 @@ def _run(name: str, args: argparse.Namespace, command_line: list[str]) -> int:
     os.umask(os.umask(0o022) | 0o022)
     # A log handler that cannot write (a full disk) prints a traceback of its own per record.
     logging.raiseExceptions = False
-    from cifar_exp.cli import commands, results
-
     args.command_line = command_line
     try:
         if getattr(args, "tracking_uri", None) is not None:
             check_tracking_uri(args.tracking_uri)
         if getattr(args, "storage", None) is not None:
             check_storage(args.storage)
-        implementation = getattr(commands, f"{name}_command", None) or getattr(results, f"{name}_command")
-        return int(implementation(args))
+        return int(COMMANDS[name].run(args))
     except UserError as exc:
         if os.environ.get("CIFAR_EXP_DEBUG") == "1":
             traceback.print_exception(exc, chain=True)
