@@ -121,3 +121,18 @@ def test_modules_and_functions_stay_readable(name: str) -> None:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"{name}: {', '.join(long)} over {MAX_FUNCTION_LINES} lines"
+
+
+def test_every_path_splits_the_data_through_one_call() -> None:
+    """``data.splits(sweep, dataset)`` is the one way a trial's splits are carved (the worker, the
+    KerasTuner engine, the sweep command, reruns and confirmation seeds called ``data.split`` with
+    the sweep's numbers, each its own way)."""
+    direct = []
+    for name, path in MODULES.items():
+        if package(name) == "data":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "split" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "data":
+                direct.append(f"{name}:{node.lineno}")
+    assert direct == []

@@ -112,7 +112,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         storage.open_storage(args.storage)
     _check_warm_start(chosen, args.storage)
     def carve(dataset: data.Cifar10) -> data.Splits:  # refused before the data cache is written
-        return data.split(dataset, chosen.data.validation_fraction, chosen.sampler.seed, chosen.data.train_images)
+        return data.splits(chosen, dataset)
 
     dataset = data.load(chosen.data.source, check=carve)
     splits = carve(dataset)
@@ -254,8 +254,7 @@ def rerun_command(args: argparse.Namespace) -> int:
     source = args.data if args.data is not None else original.sweep.data.source
     dataset = data.load(source)
     rerun.check_data(original, source, dataset.checksum)  # before anything is written
-    splits = data.split(dataset, original.sweep.data.validation_fraction, original.sweep.sampler.seed,
-                        original.sweep.data.train_images)
+    splits = data.splits(original.sweep, dataset)
     backend.use_deterministic_ops(args.deterministic)
     identity = backend.identity()
     epochs = original.sweep.epochs if original.state == "COMPLETE" else original.epochs_logged

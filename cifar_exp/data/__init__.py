@@ -22,11 +22,15 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cifar_exp.data import formats
 from cifar_exp.data.formats import CIFAR10_CLASSES, SOURCES_HELP, DataError
+
+if TYPE_CHECKING:
+    from cifar_exp.config import Sweep
 
 # What MLflow takes in a metric name (mlflow.utils.validation, less the slash a folder name cannot
 # hold), and room for the longest prefix (test_recall_) in its 250 characters.
@@ -250,6 +254,13 @@ def _keras_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
                         f"{SOURCES_HELP}") from None
     return x_train, y_train.reshape(-1).astype(np.int64), x_test, y_test.reshape(-1).astype(np.int64)
 
+
+
+def splits(sweep: Sweep, dataset: Cifar10) -> Splits:
+    """The splits every trial of ``sweep`` trains, validates and is tested on (``split`` with the
+    sweep's validation fraction, seed and training subset): the one call every path makes (the
+    worker, the KerasTuner engine, the sweep command's check, reruns, confirmation seeds)."""
+    return split(dataset, sweep.data.validation_fraction, sweep.sampler.seed, sweep.data.train_images)
 
 
 def split(data: Cifar10, validation_fraction: float, seed: int, train_images: int | None = None) -> Splits:

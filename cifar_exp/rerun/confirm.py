@@ -131,8 +131,7 @@ class Trainer:
         if key not in self._splits:
             dataset = data.load(sweep.data.source)
             rerun.check_data(original, sweep.data.source, dataset.checksum)
-            self._splits[key] = data.split(dataset, sweep.data.validation_fraction, sweep.sampler.seed,
-                                           sweep.data.train_images)
+            self._splits[key] = data.splits(sweep, dataset)
         return self._splits[key]
 
     def confirm(self, run_id: str, count: int) -> Seeds:

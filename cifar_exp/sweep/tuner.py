@@ -90,8 +90,7 @@ def run(settings: Settings, on_event: OnEvent = lambda event, tally: None) -> Ou
     backend.use_deterministic_ops(sweep.deterministic)
     track.configure(settings.tracking_uri)
     experiment = track.experiment_id(sweep.name)
-    splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed,
-                        sweep.data.train_images)
+    splits = data.splits(sweep, data.load(sweep.data.source))
     directory = sidecar.folder(settings.storage) / "keras_tuner"
     parent_file = directory / sweep.name / "mlflow_parent_run_id"
     metric = sweep.objective.metric

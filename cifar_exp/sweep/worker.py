@@ -114,8 +114,7 @@ class Worker:
         backend.use_deterministic_ops(sweep.deterministic)
         self.identity = {**backend.identity(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
         track.configure(self.settings.tracking_uri)
-        self.splits = data.split(data.load(sweep.data.source), sweep.data.validation_fraction, sweep.sampler.seed,
-                                 sweep.data.train_images)
+        self.splits = data.splits(sweep, data.load(sweep.data.source))
         try:
             for name in sweep.imagenet_backbones():
                 models.backbone(TrainConfig(model="transfer", backbone=name, weights="imagenet"))
