@@ -5,10 +5,7 @@ share). No training. PostgreSQL is a real server (``tests.test_hosts.postgres``)
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing as mp
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,10 +14,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cifar_exp.config.sweepfile import load_sweep
 from cifar_exp.sweep import recovery, storage
-from cifar_exp.sweep.storage import Claim, Settings, claim, create_study, open_storage
+from cifar_exp.sweep.storage import Claim, claim, create_study, open_storage
 from tests.test_hosts import postgres  # noqa: F401  (the fixture, for the postgresql kind)
+from tests.test_study import dead_pid, settings
 
 
 @pytest.fixture(params=["journal", "sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
@@ -37,17 +34,6 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     with psycopg.connect(f"{server}/postgres", autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {name}")
     return f"{server}/{name}"
-
-
-def settings(url: str, trials: int | None = 3) -> Settings:
-    return Settings(sweep=dataclasses.replace(load_sweep("lr_dropout"), trials=trials), storage=url,
-                    tracking_uri="unused")
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
 
 
 def _claim_all(url: str, found: list) -> None:

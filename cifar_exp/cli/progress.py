@@ -120,6 +120,18 @@ def fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def numbered(trial: Any) -> str:
+    """A trial's number as the tables show it: ``3!`` for a degenerate trial (never registered)."""
+    return f"{trial.number}!" if TrialAttrs.of(trial).degenerate else str(trial.number)
+
+
+def print_degenerate(trials: Any) -> None:
+    """A line per degenerate trial among ``trials``, saying why (below a table that marks it ``!``)."""
+    for t in trials:
+        if TrialAttrs.of(t).degenerate:
+            print(f"trial {t.number} is degenerate ({TrialAttrs.of(t).degenerate}): never registered")
+
+
 def print_summary(summary: Any, sweep: Sweep, ui_command: str) -> None:
     """The sweep's final table: counts, then the best trials (the Pareto front first, marked
     ``*``, with several objectives) with their objectives' values and params; a degenerate
@@ -140,11 +152,8 @@ def print_summary(summary: Any, sweep: Sweep, ui_command: str) -> None:
             measured = {**TrialAttrs.of(t).judged(), **dict(zip(goals, t.values, strict=True))}
             cells = " ".join(f"{'-' if measured.get(m) is None else f'{measured[m]:.4f}':>12}" for m in shown)
             mark = f"  {'*' if t.number in on_front else '':>5}" if several else ""
-            number = f"{t.number}!" if TrialAttrs.of(t).degenerate else str(t.number)
-            print(f"{rank:>4} {number:>5}{mark} {cells}  {params}")
-        marked = [t for t in summary.best if TrialAttrs.of(t).degenerate]
-        for t in marked:
-            print(f"trial {t.number} is degenerate ({TrialAttrs.of(t).degenerate}): never registered")
+            print(f"{rank:>4} {numbered(t):>5}{mark} {cells}  {params}")
+        print_degenerate(summary.best)
         print(f"best run: {TrialAttrs.of(summary.best[0]).mlflow_run_id} "
               f"(experiment {summary.experiment_id}, parent run {summary.parent_run_id})")
     elif summary.counts.get("COMPLETE"):

@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from cifar_exp.cli.environment import existing_store, open_store, quiet_keras
-from cifar_exp.cli.progress import fmt
-from cifar_exp.config import DEFAULT_STORAGE, DEFAULT_STORE, Sweep, UserError, mask_credentials, outcomes
+from cifar_exp.cli.progress import fmt, numbered, print_degenerate
+from cifar_exp.config import (
+    DEFAULT_STORAGE,
+    DEFAULT_STORE,
+    Sweep,
+    UserError,
+    existing_storage,
+    mask_credentials,
+    outcomes,
+)
 from cifar_exp.config.records import StudyAttrs, TrialAttrs
 from cifar_exp.config.sweepfile import load_sweep
 
@@ -97,9 +105,7 @@ def _register_confirmed(chosen: Sweep, study: Any, trials: list[Any], rule: outc
 def _cheap_checks(storage_url: str, data_source: str | None = None) -> None:
     """What a command can refuse before it imports MLflow, Keras or the data (seconds): a journal
     or SQLite storage that is not there, a ``--data`` that is no data set."""
-    path = storage_url.removeprefix("sqlite:///") if storage_url.startswith("sqlite:///") else storage_url
-    if "://" not in path and not Path(path).is_file():
-        raise UserError(f"no Optuna storage at {path}: run the sweep first, or pass --storage")
+    existing_storage(storage_url)
     if data_source is not None:
         from cifar_exp import data
 
@@ -269,7 +275,7 @@ def compare_command(args: argparse.Namespace) -> int:
             if t.datetime_complete and t.datetime_start else float("nan")
         attrs = TrialAttrs.of(t)
         test = float("nan") if attrs.test_accuracy is None else attrs.test_accuracy
-        rows.append([str(rank), f"{t.number}!" if attrs.degenerate else str(t.number),
+        rows.append([str(rank), numbered(t),
                      *(["*" if t.number in on_front else ""] if several else []),
                      *(f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}" for v in t.values),
                      *([f"{test:.4f}"] if "test_accuracy" not in goals else []),
@@ -281,9 +287,7 @@ def compare_command(args: argparse.Namespace) -> int:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for line in (header, *rows):
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
-    for t in best:
-        if TrialAttrs.of(t).degenerate:
-            print(f"trial {t.number} is degenerate ({TrialAttrs.of(t).degenerate}): never registered")
+    print_degenerate(best)
     gone = sorted(StudyAttrs.of(study).models_collected & {t.number for t in best})
     if gone:
         print(f"no model any more (deleted by gc; runs, metrics and curves kept): {_trials(gone)}")

@@ -374,6 +374,14 @@ def check_storage(url: str) -> str:
     return url
 
 
+def existing_storage(url: str) -> None:
+    """``UserError`` if ``url`` names a journal or SQLite file that is not there (opening it would
+    create an empty one); a server database is asked when it is opened. Cheap: no Optuna import."""
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    if "://" not in path and not Path(path).is_file():
+        raise UserError(f"no Optuna storage at {path}: run the sweep first, or pass --storage")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a sweep needs, resolved: the sweep (with overrides applied) and where things go."""

@@ -130,7 +130,11 @@ class StudyAttrs:
     @classmethod
     def of(cls, study: HasUserAttrs) -> StudyAttrs:
         """The attributes of ``study`` (an Optuna ``Study`` or ``FrozenStudy``)."""
-        attrs = study.user_attrs
+        return cls.read(study.user_attrs)
+
+    @classmethod
+    def read(cls, attrs: Mapping[str, Any]) -> StudyAttrs:
+        """The attributes in ``attrs``, a study's ``user_attrs`` as a storage returns them."""
         return cls(mlflow_parent_run_id=attrs.get("mlflow_parent_run_id"),
                    mlflow_experiment_id=attrs.get("mlflow_experiment_id"),
                    warm_started=bool(attrs.get("warm_started", False)),

@@ -63,12 +63,6 @@ def accuracy(model_uri: str, test: Cifar10) -> float:
     return float(np.mean(probabilities(model, test.x_test).argmax(axis=1) == test.y_test))
 
 
-def degenerate(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials the sweep judged degenerate (``TrialAttrs.degenerate``: at chance, one class
-    predicted, ...): their numbers mean nothing, and their models are never registered."""
-    return [t for t in trials if TrialAttrs.of(t).degenerate]
-
-
 def registrable(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """The trials whose model may be registered: a logged model, not collected, not degenerate."""
     return [t for t in trials if TrialAttrs.of(t).model_uri and not TrialAttrs.of(t).degenerate]

@@ -149,8 +149,8 @@ class Trainer:
         number = original.trial_number
         found = Seeds(run_id, int(number) if number.isdigit() else None)
         metric = original.sweep.objective.metric
+        base = rerun.plan(original, identity={}, deterministic=original.recipe.deterministic, tags={})
         for seed in seeds_for(original.seed, count):
-            base = rerun.plan(original, identity={}, deterministic=original.recipe.deterministic, tags={})
             plan = dataclasses.replace(
                 base, recipe=dataclasses.replace(original.recipe, seed=seed), engine="confirmation",
                 title=f"{original.sweep.name} trial {number}, confirmation seed {seed}",

@@ -31,7 +31,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import get_lock_file
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials, outcomes
+from cifar_exp.config import ConfigError, Settings, Sweep, UserError, existing_storage, mask_credentials, outcomes
 from cifar_exp.config.goals import Objective
 from cifar_exp.config.records import StudyAttrs, TrialAttrs, trial_seed
 from cifar_exp.sweep import recovery, space
@@ -168,8 +168,7 @@ def _lock(url: str, storage: optuna.storages.BaseStorage | optuna.Study, key: st
 
 def load_existing(url: str, name: str) -> optuna.Study:
     """The existing study ``name`` in ``url``; ``UserError`` if the storage or the study is missing."""
-    if "://" not in url and not Path(url).is_file():
-        raise UserError(f"no Optuna storage at {url}: run the sweep first, or pass --storage")
+    existing_storage(url)
     storage = open_storage(url)
     try:
         return optuna.load_study(study_name=name, storage=storage)
@@ -310,11 +309,6 @@ def check_identity(study: optuna.Study, identity: Mapping[str, Any], storage: st
 def existing_attrs(settings: Settings) -> StudyAttrs:
     """The study's attributes as storage holds them now (not as a cached Study saw them)."""
     storage = open_storage(settings.storage)
-    return StudyAttrs.of(_Attrs(storage.get_study_user_attrs(storage.get_study_id_from_name(settings.sweep.name))))
-
-
-@dataclass(frozen=True)
-class _Attrs:
-    user_attrs: dict[str, Any]
+    return StudyAttrs.read(storage.get_study_user_attrs(storage.get_study_id_from_name(settings.sweep.name)))
 
 
