@@ -31,7 +31,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     from cifar_exp import data
     from cifar_exp.config.sweepfile import load_sweep
-    from cifar_exp.training import backend, checkpoints, models, train
+    from cifar_exp.training import backend, checkpoints, feed, models, train
 
     backend.use_deterministic_ops(True)
     sweep = load_sweep("lr_dropout")
@@ -51,11 +51,12 @@ def measure(args: argparse.Namespace) -> dict:
                 started[0] = time.perf_counter()
 
             slot = checkpoints.Slot(path) if path else None
-            train.train(cfg, splits, epochs=args.epochs, seed=0, checkpoint=slot, on_epoch=[lap])
+            train.train(cfg, splits, epochs=args.epochs, seed=0, callbacks=[train.Observer(on_epoch_end=lap)],
+                        options=train.TrainOptions(checkpoint=slot))
             keras.backend.clear_session()
             # each lap ends at the next epoch's hooks: it holds the previous epoch's checkpoint write
             row[f"{name}_checkpoint_epoch_s"] = statistics.median(epochs[1:])
-        state = checkpoints.load(Path(tmp) / "c.npz", checkpoints.fingerprint(
+        state = checkpoints.load(checkpoints.Slot(Path(tmp) / "c.npz"), checkpoints.fingerprint(
             cfg, 0, args.epochs, (splits.x_train.shape, splits.x_val.shape), 10))
         assert state is not None
         t = time.perf_counter()
@@ -86,7 +87,7 @@ def measure(args: argparse.Namespace) -> dict:
                 spans = []
                 for epoch in range(args.epochs):
                     t = time.perf_counter()  # the whole call: the arrays reordered and the fit's set-up too
-                    order = train.epoch_order(0, epoch, len(x))
+                    order = feed.epoch_order(0, epoch, len(x))
                     train_model.fit(x[order], y[order], batch_size=cfg.batch_size, initial_epoch=epoch,
                                     epochs=epoch + 1, shuffle=False, verbose=0, validation_data=val)
                     spans.append(time.perf_counter() - t)

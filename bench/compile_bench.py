@@ -104,9 +104,9 @@ def child(args: argparse.Namespace) -> None:
         before = dict(counts)
         started = time.perf_counter()
         first: list[float] = []
-        kwargs = {"programs": kept} if kept is not None else {}
-        result = train.train(TrainConfig(**values), splits, epochs=1, seed=number, started=started,
-                             on_first_step=first.append, **kwargs)
+        result = train.train(TrainConfig(**values), splits, epochs=1, seed=number,
+                             callbacks=[train.Observer(on_first_step=first.append)],
+                             options=train.TrainOptions(started=started, programs=kept))
         keras.backend.clear_session()
         compiled = counts["compilations"] - before["compilations"] - (counts["hits"] - before["hits"])
         rows.append({"first_step_seconds": first[0], "compilations": compiled,

@@ -13,7 +13,7 @@ device loop is slow, see docs/benchmarks.md):
    model, as every trial trains it).
 
 Each is trained three ways, from the same initial weights: ``fit`` on the full batches a trial
-uses (``training.train.FullBatches``, the epoch's order from ``(seed, epoch)``), the device loop
+uses (``training.feed.FullBatches``, the epoch's order from ``(seed, epoch)``), the device loop
 trials use under JAX on an accelerator (``cifar_exp.training.feed``: the images on the device
 once, uint8, each epoch's order drawn the same way, the epoch's steps in one jitted ``lax.scan``
 over ``stateless_call`` and ``stateless_apply``, the augmentation in the model), and ``fit`` compiled with
@@ -47,7 +47,7 @@ from cifar_exp import data
 from cifar_exp.config import TrainConfig
 from cifar_exp.config.sweepfile import load_sweep
 from cifar_exp.training import feed, models
-from cifar_exp.training.train import FullBatches, epoch_order
+from cifar_exp.training.feed import FullBatches, epoch_order
 
 SEED = 0
 

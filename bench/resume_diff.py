@@ -35,7 +35,7 @@ def main() -> None:
 
     from cifar_exp import data
     from cifar_exp.config.sweepfile import load_sweep
-    from cifar_exp.training import backend, train
+    from cifar_exp.training import backend, checkpoints, train
 
     backend.use_deterministic_ops(True)
     sweep = load_sweep("lr_dropout")
@@ -50,11 +50,13 @@ def main() -> None:
         whole = train.train(cfg, splits, epochs=args.epochs, seed=11)
         keras.backend.clear_session()
         try:
-            train.train(cfg, splits, epochs=args.epochs, seed=11, checkpoint=Path(tmp) / "c.npz", on_epoch=[die])
+            train.train(cfg, splits, epochs=args.epochs, seed=11, callbacks=[train.Observer(on_epoch_end=die)],
+                        options=train.TrainOptions(checkpoint=checkpoints.Slot(Path(tmp) / "c.npz")))
         except Died:
             pass
         keras.backend.clear_session()
-        resumed = train.train(cfg, splits, epochs=args.epochs, seed=11, checkpoint=Path(tmp) / "c.npz")
+        resumed = train.train(cfg, splits, epochs=args.epochs, seed=11,
+                              options=train.TrainOptions(checkpoint=checkpoints.Slot(Path(tmp) / "c.npz")))
     identity = backend.identity()
     print(f"{identity['keras_backend']} {identity['backend_version']}, keras {identity['keras_version']}, "
           f"{identity['device']}; {len(splits.x_train)} train / {len(splits.x_val)} val / {len(splits.x_test)} "

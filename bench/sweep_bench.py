@@ -98,12 +98,14 @@ def bare_fit(data_path: str, train_images: int | None, epochs: int) -> dict:
     sweep = load_sweep("lr_dropout")
     splits = data.split(data.load(data_path), sweep.data.validation_fraction, 0, train_images)
     first: list[float] = []
-    result = train.train(sweep.train_config(REFERENCE), splits, epochs=epochs, seed=0, on_first_step=first.append)
+    result = train.train(sweep.train_config(REFERENCE), splits, epochs=epochs, seed=0,
+                         callbacks=[train.Observer(on_first_step=first.append)])
     seconds = result.history["epoch_seconds"]
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
     by_feed = {result.feed: steady}
     if result.feed == "device":  # a trial's feed on an accelerator: fit for comparison (on the CPU, fit only)
-        other = train.train(sweep.train_config(REFERENCE), splits, epochs=epochs, seed=0, feeding="fit")
+        other = train.train(sweep.train_config(REFERENCE), splits, epochs=epochs, seed=0,
+                            options=train.TrainOptions(feeding="fit"))
         other_seconds = other.history["epoch_seconds"]
         by_feed["fit"] = statistics.median(other_seconds[1:]) if len(other_seconds) > 1 else other_seconds[0]
     return {"epoch_s": steady, "first_step_s": first[0], "feed": result.feed, "epoch_s_by_feed": by_feed,
@@ -130,7 +132,8 @@ def airbench(data_path: str, train_images: int | None, budgets: list[int]) -> li
     found = []
     for epochs in budgets:
         first: list[float] = []
-        result = train.train(cfg, splits, epochs=epochs, seed=0, on_first_step=first.append)
+        result = train.train(cfg, splits, epochs=epochs, seed=0,
+                         callbacks=[train.Observer(on_first_step=first.append)])
         found.append({"epochs": epochs, "test_accuracy": result.test_accuracy,
                       "test_accuracy_per_epoch": result.history["val_accuracy"],
                       "train_s": sum(result.history["epoch_seconds"]), "first_step_s": first[0],

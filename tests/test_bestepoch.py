@@ -37,11 +37,11 @@ def test_the_chosen_epoch_is_the_first_best_finite_value() -> None:
 
 
 def test_the_model_kept_is_the_best_epochs_and_equals_the_run_stopped_there(splits: data.Splits) -> None:
-    kept = train.train(CFG, splits, epochs=3, seed=7, best_by=EARLY)
+    kept = train.train(CFG, splits, epochs=3, seed=7, options=train.TrainOptions(best_by=EARLY))
     keras.backend.clear_session()
     assert len(kept.history["loss"]) == 3  # every epoch trained and reported
     assert kept.kept_epoch == best.chosen_epoch(kept.history, *EARLY) < 2, kept.history["loss"]
-    stopped = train.train(CFG, splits, epochs=3, seed=7, stop_after=kept.kept_epoch + 1)
+    stopped = train.train(CFG, splits, epochs=3, seed=7, options=train.TrainOptions(stop_after=kept.kept_epoch + 1))
     keras.backend.clear_session()
     assert numbers(stopped.history) == {k: v[:kept.kept_epoch + 1] for k, v in numbers(kept.history).items()}
     assert np.array_equal(kept.y_prob, stopped.y_prob)  # the test pass is that epoch's model's
@@ -60,7 +60,7 @@ def test_without_a_rule_the_model_is_the_last_epochs(splits: data.Splits) -> Non
 
 
 def test_a_resumed_run_keeps_the_epoch_the_uninterrupted_run_keeps(splits: data.Splits, tmp_path: Path) -> None:
-    whole = train.train(CFG, splits, epochs=3, seed=7, best_by=EARLY)
+    whole = train.train(CFG, splits, epochs=3, seed=7, options=train.TrainOptions(best_by=EARLY))
     keras.backend.clear_session()
 
     # killed in epoch 1 (resumed from epoch 0's checkpoint, whose kept epoch is its own, stored

@@ -53,12 +53,14 @@ def killed_then_resumed(cfg: TrainConfig, splits: data.Splits, path: Path, epoch
                 raise Died()
 
         with pytest.raises(Died):
-            train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=slot, on_epoch=[die], programs=programs,
-                        **options)  # type: ignore[arg-type]
+            train.train(cfg, splits, epochs=epochs, seed=7, callbacks=[train.Observer(on_epoch_end=die)],
+                        options=train.TrainOptions(checkpoint=slot, programs=programs,  # type: ignore[arg-type]
+                                                   **options))  # type: ignore[arg-type]
         keras.backend.clear_session()
     replayed: dict[str, list[float]] = {}
-    resumed = train.train(cfg, splits, epochs=epochs, seed=7, checkpoint=slot, on_resume=replayed.update,
-                          programs=programs, **options)  # type: ignore[arg-type]
+    resumed = train.train(cfg, splits, epochs=epochs, seed=7, callbacks=[train.Observer(on_resume=replayed.update)],
+                          options=train.TrainOptions(checkpoint=slot, programs=programs,  # type: ignore[arg-type]
+                                                     **options))  # type: ignore[arg-type]
     keras.backend.clear_session()
     return resumed, replayed
 
@@ -78,7 +80,8 @@ CASES = {
 def test_a_run_resumed_after_epoch_k_equals_the_uninterrupted_run_bit_for_bit(
         splits: data.Splits, tmp_path: Path, case: str) -> None:
     cfg = TrainConfig(**CASES[case])
-    whole = train.train(cfg, splits, epochs=4, seed=7, checkpoint=checkpoints.Slot(tmp_path / "whole.npz"))
+    whole = train.train(cfg, splits, epochs=4, seed=7,
+                        options=train.TrainOptions(checkpoint=checkpoints.Slot(tmp_path / "whole.npz")))
     keras.backend.clear_session()
     # killed in epoch 1 (resumed from epoch 0's checkpoint), then in epoch 3 (from epoch 2's, which
     # the resumed run wrote), then resumed to the end
@@ -124,11 +127,13 @@ def test_a_run_that_died_after_its_last_epoch_resumes_with_its_trained_weights(
         splits: data.Splits, tmp_path: Path) -> None:
     cfg = TrainConfig(**SMALL, batch_size=16)
     slot = checkpoints.Slot(tmp_path / "c.npz")
-    whole = train.train(cfg, splits, epochs=2, seed=7, checkpoint=slot)  # the checkpoint of epoch 1
+    # the checkpoint of epoch 1
+    whole = train.train(cfg, splits, epochs=2, seed=7, options=train.TrainOptions(checkpoint=slot))
     keras.backend.clear_session()
     replayed: dict[str, list[float]] = {}
-    again = train.train(cfg, splits, epochs=2, seed=7, checkpoint=slot, on_resume=replayed.update,
-                        on_epoch=[lambda e, logs: pytest.fail("nothing is left to train")])
+    watch = train.Observer(on_resume=replayed.update,
+                           on_epoch_end=lambda e, logs: pytest.fail("nothing is left to train"))
+    again = train.train(cfg, splits, epochs=2, seed=7, callbacks=[watch], options=train.TrainOptions(checkpoint=slot))
     assert len(replayed["loss"]) == 2 and np.array_equal(again.y_prob, whole.y_prob)
 
 
@@ -136,18 +141,17 @@ def test_a_checkpoint_of_another_run_or_a_broken_one_is_ignored(splits: data.Spl
     cfg = TrainConfig(**SMALL, batch_size=16)
     path = tmp_path / "c.npz"
     slot = checkpoints.Slot(path)
-    train.train(cfg, splits, epochs=2, seed=7, checkpoint=slot)
+    train.train(cfg, splits, epochs=2, seed=7, options=train.TrainOptions(checkpoint=slot))
     keras.backend.clear_session()
     assert checkpoints.load(checkpoints.Slot(path), "another run") is None
     seen: list[int] = []
-    other = train.train(cfg, splits, epochs=2, seed=8, checkpoint=slot, on_resume=lambda h: pytest.fail("resumed"),
-                        on_epoch=[lambda e, logs: seen.append(e)])
+    watch = train.Observer(on_resume=lambda h: pytest.fail("resumed"), on_epoch_end=lambda e, logs: seen.append(e))
+    other = train.train(cfg, splits, epochs=2, seed=8, callbacks=[watch], options=train.TrainOptions(checkpoint=slot))
     assert seen == [0, 1] and len(other.history["loss"]) == 2  # another seed: trained from epoch 0
     path.write_bytes(path.read_bytes()[:100])  # torn
     keras.backend.clear_session()
     seen.clear()
-    train.train(cfg, splits, epochs=2, seed=8, checkpoint=slot, on_resume=lambda h: pytest.fail("resumed"),
-                on_epoch=[lambda e, logs: seen.append(e)])
+    train.train(cfg, splits, epochs=2, seed=8, callbacks=[watch], options=train.TrainOptions(checkpoint=slot))
     assert seen == [0, 1]
 
 
@@ -156,7 +160,7 @@ def test_a_checkpoint_write_that_fails_warns_and_training_goes_on(splits: data.S
     blocked.write_text("not a folder")
     with pytest.warns(UserWarning, match="checkpoint of epoch 0 not written"):
         result = train.train(TrainConfig(**SMALL, batch_size=16), splits, epochs=2, seed=7,
-                             checkpoint=checkpoints.Slot(blocked / "c.npz"))
+                             options=train.TrainOptions(checkpoint=checkpoints.Slot(blocked / "c.npz")))
     assert len(result.history["loss"]) == 2
 
 
@@ -193,8 +197,8 @@ def test_a_checkpoint_of_another_owner_is_ignored_with_a_log_line(splits: data.S
     cfg = TrainConfig(**SMALL, batch_size=16)
     path = tmp_path / "0.npz"
     study_a = {"storage": "/x/a.journal", "study": "demo", "study_id": "0", "trial_id": "0", "data_checksum": "A"}
-    train.train(cfg, splits, epochs=2, seed=7, checkpoint=checkpoints.Slot(path, study_a),
-                on_epoch=[lambda e, logs: None])
+    train.train(cfg, splits, epochs=2, seed=7,
+                options=train.TrainOptions(checkpoint=checkpoints.Slot(path, study_a)))
     keras.backend.clear_session()
     for differs in ({"storage": "/x/b.journal"}, {"data_checksum": "B"}, {"trial_id": "5"}, {"study_id": "1"}):
         caplog.clear()
@@ -205,9 +209,10 @@ def test_a_checkpoint_of_another_owner_is_ignored_with_a_log_line(splits: data.S
         assert f"it belongs to another trial ({key} {study_a[key]!r}, not {value!r})" in caplog.text
     # the same configuration, seed and data shapes, but study b's trial: trained from epoch 0
     seen: list[int] = []
-    train.train(cfg, splits, epochs=2, seed=7, checkpoint=checkpoints.Slot(path, {**study_a, "study_id": "1"}),
-                on_resume=lambda h: pytest.fail("resumed another study's checkpoint"),
-                on_epoch=[lambda e, logs: seen.append(e)])
+    watch = train.Observer(on_resume=lambda h: pytest.fail("resumed another study's checkpoint"),
+                           on_epoch_end=lambda e, logs: seen.append(e))
+    train.train(cfg, splits, epochs=2, seed=7, callbacks=[watch],
+                options=train.TrainOptions(checkpoint=checkpoints.Slot(path, {**study_a, "study_id": "1"})))
     assert seen == [0, 1]
 
 

@@ -33,7 +33,8 @@ def splits() -> data.Splits:
 
 
 def run(splits: data.Splits, feeding: str, cfg: TrainConfig = CFG, **options: object) -> train.TrainResult:
-    result = train.train(cfg, splits, epochs=2, seed=7, feeding=feeding, **options)  # type: ignore[arg-type]
+    result = train.train(cfg, splits, epochs=2, seed=7,
+                         options=train.TrainOptions(feeding=feeding, **options))  # type: ignore[arg-type]
     keras.backend.clear_session()
     return result
 
@@ -85,13 +86,14 @@ def test_a_seen_structure_compiles_nothing_in_the_device_loop(splits: data.Split
     if not device_loop_here(splits):
         return
     kept = Programs()
-    first = train.train(CFG, splits, epochs=2, seed=7, feeding="device", programs=kept)
+    first = train.train(CFG, splits, epochs=2, seed=7, options=train.TrainOptions(feeding="device", programs=kept))
     other = TrainConfig(**{**CFG.__dict__, "learning_rate": 0.003, "dropout": 0.3})  # runtime values only
-    second = train.train(other, splits, epochs=2, seed=8, feeding="device", programs=kept)
+    second = train.train(other, splits, epochs=2, seed=8, options=train.TrainOptions(feeding="device", programs=kept))
     keras.backend.clear_session()
     assert first.compiled == "new" and first.compilations
     assert second.compiled == "reused" and second.compilations == 0
-    fresh = train.train(other, splits, epochs=2, seed=8, feeding="device")  # its own build and programs
+    # its own build and programs
+    fresh = train.train(other, splits, epochs=2, seed=8, options=train.TrainOptions(feeding="device"))
     keras.backend.clear_session()
     assert numbers(second.history) == numbers(fresh.history)  # the reused program: a fresh build's numbers
 

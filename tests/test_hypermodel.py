@@ -72,13 +72,14 @@ def test_a_hypermodel_trains_as_compiled_with_its_own_fit() -> None:
     hp = hypermodel.fixed({"model_type": "cnn", "filters": 8, "batch_size": 16})
     custom = hypermodel.custom_model(hypermodel.load("tests.hypermodels.kt_docs:MyHyperModel"), hp)
     logs: list[dict] = []
-    result = train.train(TrainConfig(), splits, epochs=2, seed=0, custom=custom,
-                         on_epoch=[lambda e, l: logs.append(dict(l))])
+    result = train.train(TrainConfig(), splits, epochs=2, seed=0,
+                         callbacks=[train.Observer(on_epoch_end=lambda e, l: logs.append(dict(l)))],
+                         options=train.TrainOptions(custom=custom))
     assert {"accuracy", "learning_rate", "loss", "val_accuracy", "val_loss"} <= set(logs[0])
     assert result.y_prob.shape == (20, 10) and len(result.history["loss"]) == 2
     convs = [layer for layer in result.model.layers[-1].layers if type(layer).__name__ == "Conv2D"]
     assert [conv.filters for conv in convs] == [8]  # built from the given values
-    again = train.train(TrainConfig(), splits, epochs=2, seed=0, custom=custom)
+    again = train.train(TrainConfig(), splits, epochs=2, seed=0, options=train.TrainOptions(custom=custom))
     for key in ("loss", "val_loss", "val_accuracy"):
         assert again.history[key] == result.history[key]  # same seed, same numbers
 

@@ -46,9 +46,9 @@ def test_runtime_values_share_a_structure_and_the_rest_does_not() -> None:
 def test_a_reused_program_gives_a_fresh_builds_numbers_bit_for_bit(splits: data.Splits,
                                                                     compiles_afresh: None) -> None:
     kept = programs.Programs()
-    first = train.train(FIRST, splits, epochs=2, seed=3, programs=kept)
+    first = train.train(FIRST, splits, epochs=2, seed=3, options=train.TrainOptions(programs=kept))
     keras.backend.clear_session()  # as a worker does between trials
-    reused = train.train(SECOND, splits, epochs=2, seed=4, programs=kept)
+    reused = train.train(SECOND, splits, epochs=2, seed=4, options=train.TrainOptions(programs=kept))
     keras.backend.clear_session()
     fresh = train.train(SECOND, splits, epochs=2, seed=4)
     assert (first.compiled, reused.compiled, len(kept)) == ("new", "reused", 1)
@@ -66,10 +66,11 @@ def test_a_reused_program_gives_a_fresh_builds_numbers_bit_for_bit(splits: data.
 @pytest.mark.keras
 def test_the_logged_model_is_stock_layers_and_outlives_the_next_trial(splits: data.Splits) -> None:
     kept = programs.Programs()
-    first = train.train(FIRST, splits, epochs=1, seed=3, programs=kept)
+    first = train.train(FIRST, splits, epochs=1, seed=3, options=train.TrainOptions(programs=kept))
     before = np.asarray(first.model.predict(splits.x_test, verbose=0))
     np.testing.assert_allclose(before, first.y_prob, rtol=1e-5, atol=1e-6)
-    train.train(SECOND, splits, epochs=1, seed=4, programs=kept)  # retrains the kept program's weights
+    # retrains the kept program's weights
+    train.train(SECOND, splits, epochs=1, seed=4, options=train.TrainOptions(programs=kept))
     np.testing.assert_array_equal(np.asarray(first.model.predict(splits.x_test, verbose=0)), before)
     cnn = first.model.get_layer("cnn")
     assert not any(isinstance(layer, layers.RuntimeDropout) for layer in cnn.layers)
@@ -92,7 +93,8 @@ def test_a_transfer_trial_with_a_fine_tuning_phase_builds_its_own(splits: data.S
     cfg = TrainConfig(model="transfer", backbone="vgg16", weights="none", image_size=32, frozen_layers=15,
                       fine_tune_epochs=1, fine_tune_layers=2, dense_units=0, batch_size=16, flip=False, translate=0.0)
     kept = programs.Programs()
-    assert train.train(cfg, splits, epochs=2, seed=0, programs=kept).compiled == "new" and len(kept) == 0
+    result = train.train(cfg, splits, epochs=2, seed=0, options=train.TrainOptions(programs=kept))
+    assert result.compiled == "new" and len(kept) == 0
 
 
 @pytest.mark.keras

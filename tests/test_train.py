@@ -10,12 +10,18 @@ import pytest
 
 from cifar_exp import data
 from cifar_exp.config import TrainConfig
-from cifar_exp.training import layers, models, optimizers, train
+from cifar_exp.training import feed, layers, models, optimizers, train
+from cifar_exp.training.clock import Clock
 from tests.conftest import synthetic_images, synthetic_splits
 
 pytestmark = pytest.mark.keras  # run again under every backend (README, "Test")
 
 SMALL = dict(blocks=2, filters=4, convs_per_block=1, dense_units=8)
+
+
+def record(logs: list[dict]) -> train.Observer:
+    """A callback that appends a copy of each epoch's logs to ``logs``."""
+    return train.Observer(on_epoch_end=lambda epoch, epoch_logs: logs.append(dict(epoch_logs)))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +95,7 @@ def test_plateau_halves_the_logged_rate_exactly_when_val_loss_stalls(splits: dat
     cfg = TrainConfig(**SMALL, learning_rate=0.01, lr_schedule="plateau", plateau_patience=1,
                       plateau_factor=0.5, batch_size=16)
     logs: list[dict] = []
-    train.train(cfg, splits, epochs=6, seed=0, on_epoch=[lambda e, l: logs.append(dict(l))])
+    train.train(cfg, splits, epochs=6, seed=0, callbacks=[record(logs)])
     # Replay Keras' rule on the logged val_loss: an epoch that does not beat the best by
     # min_delta (1e-4) adds to the wait; at `patience` the rate is multiplied by the factor.
     rate, best, wait, expected = 0.01, math.inf, 0, []
@@ -110,7 +116,7 @@ def test_learning_rate_scales_with_batch_size(splits: data.Splits, scaling: str,
     cfg = TrainConfig(**SMALL, learning_rate=0.001, lr_scaling=scaling, batch_size=32, base_batch_size=8)
     assert cfg.peak_learning_rate == pytest.approx(0.001 * factor)
     logs: list[dict] = []
-    train.train(cfg, splits, epochs=1, seed=0, on_epoch=[lambda e, l: logs.append(dict(l))])
+    train.train(cfg, splits, epochs=1, seed=0, callbacks=[record(logs)])
     assert logs[0]["learning_rate"] == pytest.approx(0.001 * factor, rel=1e-6)  # the realized rate
 
 
@@ -144,7 +150,7 @@ def test_cnn_options_shape_the_layers() -> None:
 
 def test_full_batches_are_full_reshuffled_by_epoch_and_seeded() -> None:
     x = np.arange(50)[:, None]
-    batches = train.FullBatches(x, x * 10, batch_size=16, seed=3)
+    batches = feed.FullBatches(x, x * 10, batch_size=16, seed=3)
     assert len(batches) == 3
     epochs = []
     for epoch in range(2):
@@ -157,9 +163,9 @@ def test_full_batches_are_full_reshuffled_by_epoch_and_seeded() -> None:
         batches.on_epoch_end()  # Keras' calls, however many, do not move the order
         batches.on_epoch_end()
     assert not np.array_equal(epochs[0], epochs[1])
-    again = train.FullBatches(x, x * 10, batch_size=16, seed=3)
+    again = feed.FullBatches(x, x * 10, batch_size=16, seed=3)
     np.testing.assert_array_equal(np.concatenate([again[i][0] for i in range(3)]).ravel(), epochs[0])
-    small = train.FullBatches(x[:5], x[:5], batch_size=16, seed=0)  # fewer images than a batch
+    small = feed.FullBatches(x[:5], x[:5], batch_size=16, seed=0)  # fewer images than a batch
     assert len(small) == 1 and len(small[0][0]) == 5
 
 
@@ -220,7 +226,8 @@ def test_optimizers(name: str, cls: str) -> None:
 def test_train_reports_every_epoch_and_evaluates_on_test(splits: data.Splits) -> None:
     seen: list[tuple[int, dict]] = []
     cfg = TrainConfig(**SMALL, batch_size=16, lr_schedule="exponential", decay_rate=0.5, label_smoothing=0.1)
-    result = train.train(cfg, splits, epochs=3, seed=0, on_epoch=[lambda e, logs: seen.append((e, dict(logs)))])
+    result = train.train(cfg, splits, epochs=3, seed=0,
+                         callbacks=[train.Observer(on_epoch_end=lambda e, logs: seen.append((e, dict(logs))))])
     assert [e for e, _ in seen] == [0, 1, 2]
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds"):
         assert len(result.history[key]) == 3 and all(key in logs for _, logs in seen)
@@ -243,8 +250,9 @@ def test_the_first_step_is_reported_once_with_the_seconds_since_start(splits: da
     epochs: list[float] = []
     started = time.perf_counter() - 5.0  # the trial began 5 s before training was called
     cfg = TrainConfig(**SMALL, batch_size=batch_size)
-    train.train(cfg, splits, epochs=2, seed=0, started=started, on_first_step=seen.append,
-                on_epoch=[lambda e, logs: epochs.append(time.perf_counter() - started)])
+    watch = train.Observer(on_first_step=seen.append,
+                           on_epoch_end=lambda e, logs: epochs.append(time.perf_counter() - started))
+    train.train(cfg, splits, epochs=2, seed=0, callbacks=[watch], options=train.TrainOptions(started=started))
     assert len(seen) == 1
     assert 5.0 < seen[0] <= epochs[0]  # includes the time before the call, within the first epoch
 
@@ -260,12 +268,12 @@ def test_a_hook_that_raises_stops_training(splits: data.Splits) -> None:
         raise Stop
 
     with pytest.raises(Stop):
-        train.train(TrainConfig(**SMALL), splits, epochs=5, seed=0, on_epoch=[hook])
+        train.train(TrainConfig(**SMALL), splits, epochs=5, seed=0, callbacks=[train.Observer(on_epoch_end=hook)])
     assert epochs == [0]
 
 
 def test_non_finite_loss_raises_diverged() -> None:
-    hooks = train._Hooks([], images=64)
+    hooks = train._Hooks(images=64, started=0.0, observers=[], clock=Clock())
     hooks.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
     hooks.model.compile(optimizer="sgd", loss="mse")
     hooks.on_epoch_begin(0)
@@ -276,7 +284,7 @@ def test_non_finite_loss_raises_diverged() -> None:
 def test_stop_after_ends_early_but_keeps_the_full_schedule(splits: data.Splits) -> None:
     cfg = TrainConfig(**SMALL, batch_size=16, learning_rate=0.1, lr_schedule="cosine")
     full = train.train(cfg, splits, epochs=4, seed=5)
-    cut = train.train(cfg, splits, epochs=4, seed=5, stop_after=2)
+    cut = train.train(cfg, splits, epochs=4, seed=5, options=train.TrainOptions(stop_after=2))
     assert len(cut.history["loss"]) == 2
     # the first two epochs of the 4-epoch run, not a 2-epoch run (whose cosine ends at 0)
     assert cut.history["learning_rate"] == full.history["learning_rate"][:2]
@@ -322,7 +330,7 @@ def test_the_logged_learning_rate_is_the_rate_each_epoch_trained_at(
     monkeypatch.setattr(train, "_fit", fit)
     cfg = TrainConfig(**SMALL, learning_rate=0.01, lr_schedule=schedule, batch_size=8, **options)
     logs: list[dict] = []
-    train.train(cfg, splits, epochs=3, seed=0, on_epoch=[lambda e, l: logs.append(dict(l))])
+    train.train(cfg, splits, epochs=3, seed=0, callbacks=[record(logs)])
     assert len(applied.epochs) == 3 and all(len(steps) > 1 for steps in applied.epochs)
     np.testing.assert_allclose([entry["learning_rate"] for entry in logs], [s[0] for s in applied.epochs], rtol=1e-6)
     if schedule == "plateau":  # a constant rate within each epoch: no second value

@@ -71,7 +71,8 @@ def test_training_moves_only_unfrozen_weights_and_phase_two_unfreezes_exactly_to
     before = {layer.name: [w.copy() for w in layer.get_weights()]
               for layer in models.find_backbone(initial).layers}  # type: ignore[union-attr]
     logs: list[dict] = []
-    result = train.train(cfg, splits, epochs=2, seed=5, on_epoch=[lambda e, l: logs.append(dict(l))])
+    result = train.train(cfg, splits, epochs=2, seed=5,
+                         callbacks=[train.Observer(on_epoch_end=lambda e, l: logs.append(dict(l)))])
     base = models.find_backbone(result.model)
     assert base is not None
     # VGG16 has 19 layers: 15 frozen in phase 1 (block5 trains), then the top 6 (block4_conv3

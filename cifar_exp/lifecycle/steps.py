@@ -141,16 +141,19 @@ class Run:
         plan = self.plan
         track.log_text(self.run_id, plan.sweep.text, "sweep.yaml")
         self.clock = clock.Clock()
+        # The run's one observer of training: each epoch logged and judged, the first step timed,
+        # a taken-over checkpoint's epochs replayed.
+        observer = train.Observer(on_epoch_end=lambda epoch, logs: self._epoch(epoch, logs, on_epoch),
+                                  on_first_step=self._on_first_step,
+                                  on_resume=lambda history: self._resumed(history, on_epoch))
+        options = train.TrainOptions(stop_after=plan.stop_after, custom=custom, started=started, programs=programs,
+                                     clock=self.clock, checkpoint=None if custom is not None else plan.checkpoint,
+                                     best_by=plan.sweep.best_by)
         self.busy.training = True
         try:
             with self.limit:
-                result = train.train(plan.cfg, splits, epochs=plan.recipe.epochs, seed=plan.recipe.seed,
-                                     on_epoch=[lambda epoch, logs: self._epoch(epoch, logs, on_epoch)],
-                                     custom=custom, on_first_step=self._on_first_step, started=started,
-                                     programs=programs, clock=self.clock,
-                                     checkpoint=None if custom is not None else plan.checkpoint,
-                                     on_resume=lambda history: self._resumed(history, on_epoch),
-                                     stop_after=plan.stop_after, best_by=plan.sweep.best_by)
+                result = train.train(plan.cfg, splits, seed=plan.recipe.seed, epochs=plan.recipe.epochs,
+                                     callbacks=[observer], options=options)
         finally:
             self.busy.training = False
         self.limit.check()

@@ -1,7 +1,7 @@
 """How a trial's batches reach the model: ``fit`` (Keras' loop, a step at a time from the host)
 or, under JAX, the device loop: the training images on the device once per worker (uint8), each
-epoch's order drawn from ``(seed, epoch)`` as ``train.FullBatches`` draws it, the augmentation in
-the model (on the device), and the epoch's steps in one jitted ``lax.scan`` over
+epoch's order drawn from ``(seed, epoch)`` as ``FullBatches`` draws it (``epoch_order``), the
+augmentation in the model (on the device), and the epoch's steps in one jitted ``lax.scan`` over
 ``stateless_call`` and the optimizer's ``stateless_apply``; validation in jitted chunks. The
 epoch's hooks are Keras callbacks as in ``fit`` (logging, pruning, the plateau rule, the best
 epoch, checkpoints): after each epoch the loop's state is written back into the model's and the
@@ -17,7 +17,7 @@ loop 55x slower (``bench/feed_bench.py``, docs/benchmarks.md). So on the CPU tri
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import keras
@@ -26,6 +26,48 @@ import numpy as np
 from cifar_exp.config import TrainConfig
 
 Feed = Literal["fit", "device"]
+
+
+def epoch_order(seed: int, epoch: int, images: int) -> np.ndarray:
+    """The order of the training images in ``epoch``: a permutation drawn from ``(seed, epoch)``
+    alone, so a run resumed at any epoch sees the batches the uninterrupted run saw."""
+    return np.random.default_rng((seed, epoch)).permutation(images)
+
+
+class FullBatches(keras.utils.PyDataset):
+    """The training images in full batches only: each epoch a permutation drawn from ``(seed,
+    epoch)`` (``start(epoch)`` before the epoch's first batch), cut into ``len(x) // batch_size``
+    batches; the remainder of the permutation (under one batch, different images each epoch) is
+    left out of that epoch. Data of fewer images than one batch is one batch of all of them.
+
+    Decision: every step has the same shape, so the train step compiles once. Keras' array input
+    ends each epoch with a partial batch, a second shape and, under JAX, a second compilation of
+    the whole train step in every trial: one epoch of 1,800 images at batch 256 of the lr_dropout
+    CNN made 2 XLA compilations (21.36 s compiling, JAX on the 2-core CPU machine), these batches
+    1 (7.93 s). Used under JAX only: TensorFlow's trainer relaxes shapes itself, and this class
+    made its epochs slower there (3 epochs of 1,800 images: 18.2, 12.7, 21.9 s against 13.9, 9.1,
+    9.0 s with arrays, same machine).
+    Decision: the order is a function of the epoch alone, and ``fit`` must not shuffle the batches
+    (``shuffle=False``): Keras shuffles them with NumPy's global generator, and it calls
+    ``on_epoch_end`` once more for a model it builds in ``fit`` than for one already built; either
+    made a trial on a reused program (``programs``) see other batches than on a fresh build."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.x, self.y = x, y
+        self.batch_size = min(batch_size, len(x))
+        self.seed = seed
+        self.start(0)
+
+    def start(self, epoch: int) -> None:
+        self.order = epoch_order(self.seed, epoch, len(self.x))
+
+    def __len__(self) -> int:
+        return len(self.x) // self.batch_size
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        batch = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        return self.x[batch], self.y[batch]
 
 
 def choose(requested: Literal["auto", "fit", "device"], cfg: TrainConfig, custom: bool) -> Feed:
@@ -154,11 +196,11 @@ class DeviceLoop:
 
 def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray],
         batch_size: int, seed: int, epochs: range, callbacks: Sequence[keras.callbacks.Callback],
-        history: dict[str, list[float]], order: Callable[[int, int, int], np.ndarray]) -> None:
+        history: dict[str, list[float]]) -> None:
     """Train the compiled ``model`` for ``epochs`` with the device loop: what ``fit`` would do,
     the callbacks heard at each epoch's begin and end (``on_train_batch_begin(1)`` once the epoch
     is launched), each epoch's logs appended to ``history``. ``y`` and the validation labels are
-    the labels as fed (one-hot, smoothed); ``order(seed, epoch, n)`` the epoch's permutation."""
+    the labels as fed (one-hot, smoothed); each epoch in the order ``epoch_order(seed, epoch, n)``."""
     import jax.numpy as jnp
 
     if not model.optimizer.built:  # as fit builds it, at the first step
@@ -176,7 +218,7 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, validation: tuple[np.n
     hooks.on_train_begin()
     for epoch in epochs:
         hooks.on_epoch_begin(epoch)
-        launched = loop.launch(images, labels, order(seed, epoch, len(x)))
+        launched = loop.launch(images, labels, epoch_order(seed, epoch, len(x)))
         hooks.on_train_batch_begin(1)  # compiled and launched: the first step is on its way
         logs = loop.finish(launched)
         logs.update(loop.score(val_images, val_labels))

@@ -1,8 +1,10 @@
 """One training run from plain values: build, compile, fit, evaluate on the test set.
 
-Imports neither optuna nor mlflow: the sweep observes training through ``on_epoch`` hooks that
-receive the epoch number and the Keras ``logs`` (plus ``learning_rate`` and ``epoch_seconds``).
-A hook may raise to stop training (pruning does); the exception propagates out of ``train``.
+Imports neither optuna nor mlflow: the sweep observes training through Keras callbacks, which
+receive each epoch's Keras ``logs`` (plus ``learning_rate``, ``epoch_seconds`` and
+``images_per_second``) at ``on_epoch_end``; an ``Observer`` also hears the first launched step
+and a resumed checkpoint's epochs. A callback may raise to stop training (pruning does); the
+exception propagates out of ``train``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from cifar_exp.training.clock import Clock
 from cifar_exp.training.models import build, fine_tune
 from cifar_exp.training.programs import Program, Programs, structure
 
-EpochHook = Callable[[int, Mapping[str, float]], None]
 PREDICT_BATCH = 1024
 
 
@@ -64,12 +65,62 @@ class TrainResult:
     compilations: int | None = None  # XLA programs compiled (JAX; None under TensorFlow)
 
 
+class Observer(keras.callbacks.Callback):
+    """A Keras callback that also hears two moments Keras has no hook for (both no-ops here;
+    override them, or pass functions as ``keras.callbacks.LambdaCallback`` takes its hooks):
+
+    - ``on_first_step(seconds)``, once per ``train``: the seconds from ``TrainOptions.started``
+      until the first training step was compiled and launched;
+    - ``on_resume(history)``: the metrics (a list per logs key) of the epochs a resumed checkpoint
+      holds, before training goes on; callbacks do not see those epochs' ``on_epoch_end`` again."""
+
+    def __init__(self, on_first_step: Callable[[float], None] | None = None,
+                 on_resume: Callable[[Mapping[str, list[float]]], None] | None = None, **hooks: Any) -> None:
+        super().__init__()
+        for name, hook in {"on_first_step": on_first_step, "on_resume": on_resume, **hooks}.items():
+            if hook is not None:
+                setattr(self, name, hook)
+
+    def on_first_step(self, seconds: float) -> None:
+        """The seconds from the run's start to its first launched training step."""
+
+    def on_resume(self, history: Mapping[str, list[float]]) -> None:
+        """The metrics of the epochs a resumed checkpoint holds."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How ``train`` runs, besides what it trains (all optional; the defaults train from scratch).
+
+    ``stop_after`` ends training after that many epochs of an ``epochs``-long run (the schedule
+    still spans ``epochs``): how a rerun replays a pruned trial. ``custom``'s model replaces
+    ``cfg``'s (``cfg`` still gives batch size and augmentation) and trains as it was compiled.
+    ``started`` (``time.perf_counter()``; default: the call) is when the run began, for
+    ``Observer.on_first_step``. With ``programs`` (a worker's), a program an earlier trial of the
+    same structure compiled trains this one, with a fresh build's numbers bit for bit; ``clock``
+    times the phases. With ``checkpoint`` (ignored for a ``custom`` model), the state is saved
+    there after every epoch (``checkpoints``); one there from the same run and owner is resumed:
+    training goes on after its last epoch, and the result is the uninterrupted run's. With
+    ``best_by`` (a logs key, a direction), the test pass and model are the epoch's best by it
+    (``TrainResult.kept_epoch``); ``feeding``, see ``feed.choose``."""
+
+    stop_after: int | None = None
+    custom: CustomModel | None = None
+    started: float | None = None
+    programs: Programs | None = None
+    clock: Clock | None = None
+    checkpoint: checkpoints.Slot | None = None
+    best_by: tuple[str, Literal["maximize", "minimize"]] | None = None
+    feeding: Literal["auto", "fit", "device"] = "auto"
+
+
 class _Hooks(keras.callbacks.Callback):
-    """Adds ``learning_rate``, ``epoch_seconds`` and ``images_per_second`` (``images`` trained per
-    epoch over the epoch's seconds, validation included) to the logs, stops on a non-finite loss, then calls
-    the hooks. Calls ``on_first_step`` once, with the seconds from ``started`` (a
-    ``time.perf_counter`` value) until the first training step was compiled and launched: the
-    begin of the second batch (or the end of a one-batch epoch).
+    """The first callback of every ``fit``: adds ``learning_rate``, ``epoch_seconds`` and
+    ``images_per_second`` (``images`` trained per epoch over the epoch's seconds, validation
+    included) to the logs the callbacks after it see, and stops on a non-finite loss. Tells each
+    ``Observer`` in ``observers``, once, the seconds from ``started`` (a ``time.perf_counter``
+    value) until the first training step was compiled and launched: the begin of the second batch
+    (or the end of a one-batch epoch).
 
     ``learning_rate`` is the rate of the epoch's first step; a per-step schedule also logs
     ``learning_rate_last``, the rate of its last step. (Read after the epoch, the optimizer's rate
@@ -79,26 +130,23 @@ class _Hooks(keras.callbacks.Callback):
     Decision: no batch-end hook, which would make Keras wait for every step's result (it
     dispatches steps asynchronously only while no callback overrides ``on_train_batch_end``)."""
 
-    def __init__(self, hooks: Sequence[EpochHook], images: int, started: float | None = None,
-                 on_first_step: Callable[[float], None] | None = None, clock: Clock | None = None) -> None:
+    def __init__(self, images: int, started: float, observers: Sequence[Observer], clock: Clock) -> None:
         super().__init__()
-        self.hooks = hooks
         self.images = images
-        self.started = time.perf_counter() if started is None else started
+        self.started = started
         self.epoch_started = 0.0
         self.epoch_rate = 0.0
-        self.on_first_step = on_first_step
+        self.observers = list(observers)
         self.first_step_at: float | None = None
         self.clock = clock
 
     def _first_step(self) -> None:
-        hook, self.on_first_step = self.on_first_step, None  # once per training, both phases included
+        observers, self.observers = self.observers, []  # once per training, both phases included
         if self.first_step_at is None:
             self.first_step_at = time.perf_counter()
-            if self.clock is not None:
-                self.clock.first_step(self.first_step_at)
-        if hook is not None:
-            hook(self.first_step_at - self.started)
+            self.clock.first_step(self.first_step_at)
+        for observer in observers:
+            observer.on_first_step(self.first_step_at - self.started)
 
     def on_train_batch_begin(self, batch, logs=None):  # type: ignore[no-untyped-def]
         if batch == 1:
@@ -120,96 +168,42 @@ class _Hooks(keras.callbacks.Callback):
         logs["images_per_second"] = self.images / logs["epoch_seconds"]
         if not math.isfinite(float(logs.get("loss", 0.0))):
             raise Diverged(f"loss is {logs.get('loss')} at epoch {epoch}")
-        for hook in self.hooks:
-            hook(epoch, {k: float(v) for k, v in logs.items()})
+        logs.update((key, float(value)) for key, value in logs.items())  # what the callbacks after this one see
 
 
-def epoch_order(seed: int, epoch: int, images: int) -> np.ndarray:
-    """The order of the training images in ``epoch``: a permutation drawn from ``(seed, epoch)``
-    alone, so a run resumed at any epoch sees the batches the uninterrupted run saw."""
-    return np.random.default_rng((seed, epoch)).permutation(images)
-
-
-class FullBatches(keras.utils.PyDataset):
-    """The training images in full batches only: each epoch a permutation drawn from ``(seed,
-    epoch)`` (``start(epoch)`` before the epoch's first batch), cut into ``len(x) // batch_size``
-    batches; the remainder of the permutation (under one batch, different images each epoch) is
-    left out of that epoch. Data of fewer images than one batch is one batch of all of them.
-
-    Decision: every step has the same shape, so the train step compiles once. Keras' array input
-    ends each epoch with a partial batch, a second shape and, under JAX, a second compilation of
-    the whole train step in every trial: one epoch of 1,800 images at batch 256 of the lr_dropout
-    CNN made 2 XLA compilations (21.36 s compiling, JAX on the 2-core CPU machine), these batches
-    1 (7.93 s). Used under JAX only: TensorFlow's trainer relaxes shapes itself, and this class
-    made its epochs slower there (3 epochs of 1,800 images: 18.2, 12.7, 21.9 s against 13.9, 9.1,
-    9.0 s with arrays, same machine).
-    Decision: the order is a function of the epoch alone, and ``fit`` must not shuffle the batches
-    (``shuffle=False``): Keras shuffles them with NumPy's global generator, and it calls
-    ``on_epoch_end`` once more for a model it builds in ``fit`` than for one already built; either
-    made a trial on a reused program (``programs``) see other batches than on a fresh build."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> None:
-        super().__init__()
-        self.x, self.y = x, y
-        self.batch_size = min(batch_size, len(x))
-        self.seed = seed
-        self.start(0)
-
-    def start(self, epoch: int) -> None:
-        self.order = epoch_order(self.seed, epoch, len(self.x))
-
-    def __len__(self) -> int:
-        return len(self.x) // self.batch_size
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.x[batch], self.y[batch]
-
-
-def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
-          on_epoch: Sequence[EpochHook] = (), stop_after: int | None = None,
-          custom: CustomModel | None = None, on_first_step: Callable[[float], None] | None = None,
-          started: float | None = None, programs: Programs | None = None,
-          clock: Clock | None = None, checkpoint: checkpoints.Slot | None = None,
-          on_resume: Callable[[Mapping[str, list[float]]], None] | None = None,
-          best_by: tuple[str, Literal["maximize", "minimize"]] | None = None,
-          feeding: Literal["auto", "fit", "device"] = "auto") -> TrainResult:
-    """Train ``cfg`` on ``data.x_train`` for ``epochs`` (validating on ``data.x_val`` each epoch),
-    then predict ``data.x_test`` once. A transfer model with ``fine_tune_epochs`` trains its last
-    epochs with the top backbone layers unfrozen. ``stop_after`` ends training after that many
-    epochs of an ``epochs``-long run (the schedule still spans ``epochs``): how a rerun replays a
-    pruned trial. ``custom``'s model replaces ``cfg``'s (``cfg`` still gives batch size and
-    augmentation) and trains as it was compiled. ``on_first_step`` receives, once, the seconds
-    from ``started`` (``time.perf_counter()``; default: this call) to the first launched step.
-    With ``programs`` (a worker's), a program an earlier trial of the same structure compiled
-    trains this one, with a fresh build's numbers bit for bit; ``clock`` times the phases.
-    With ``checkpoint`` (not for a ``custom`` model), the state is saved there after every epoch
-    (``checkpoints``); one there from the same run and owner is resumed: training goes on after its last
-    epoch, ``on_resume`` first receiving its metrics (the hooks do not see those epochs again),
-    and the result is the uninterrupted run's. With ``best_by`` (a logs key, a direction), the test
-    pass and model are the epoch's best by it (``kept_epoch``); ``feeding``, see ``feed.choose``.
-    Seeds Python, NumPy, the backend with ``seed`` (same arguments: same numbers); raises ``Diverged``."""
-    started = time.perf_counter() if started is None else started
-    clock = clock or Clock()
+def train(cfg: TrainConfig, splits: Splits, *, seed: int, epochs: int,
+          callbacks: Sequence[keras.callbacks.Callback] = (), options: TrainOptions = TrainOptions()) -> TrainResult:
+    """Train ``cfg`` on ``splits.x_train`` for ``epochs`` (validating on ``splits.x_val`` each epoch),
+    then predict ``splits.x_test`` once. A transfer model with ``fine_tune_epochs`` trains its last
+    epochs with the top backbone layers unfrozen. ``callbacks`` hear every epoch trained, after
+    the logs were completed (see the module) and before the checkpoint of the epoch is written;
+    those that are ``Observer``s also hear the first step and a resumed checkpoint. ``options``:
+    see ``TrainOptions``. Seeds Python, NumPy, the backend with ``seed`` (same arguments: same
+    numbers); raises ``Diverged``."""
+    o = options  # short: read a dozen times below
+    started = time.perf_counter() if o.started is None else o.started
+    clock, custom = o.clock or Clock(), o.custom
+    observers = [c for c in callbacks if isinstance(c, Observer)]
     keras.utils.set_random_seed(seed)
-    num_classes, classifier = len(data.class_names), (custom.build() if custom else None)
-    train_model, model = build(cfg, num_classes, seed=seed, classifier=classifier, images=data.x_train)
+    num_classes, classifier = len(splits.class_names), (custom.build() if custom else None)
+    train_model, model = build(cfg, num_classes, seed=seed, classifier=classifier, images=splits.x_train)
     # Transfer learning's optional second phase takes the last fine_tune_epochs of the budget.
     second = min(cfg.fine_tune_epochs, epochs) if cfg.model == "transfer" and not custom else 0
-    last, turn = (epochs if stop_after is None else min(stop_after, epochs)), epochs - second
+    last, turn = (epochs if o.stop_after is None else min(o.stop_after, epochs)), epochs - second
     compiled, labels = _labelling(classifier, num_classes, cfg.label_smoothing)
-    batches, steps_per_epoch, images = _batches(cfg, data, labels, custom, seed)
-    hooks = _Hooks(on_epoch, images, started, on_first_step, clock)
+    batches, steps_per_epoch, images = _batches(cfg, splits, labels, custom, seed)
+    hooks = _Hooks(images, started, observers, clock)
     first_opt = None if compiled else optimizers.optimizer(cfg, turn, steps_per_epoch)
-    program = _reuse(programs, cfg, data, Program(train_model, model), first_opt) if second == 0 else None
+    program = _reuse(o.programs, cfg, splits, Program(train_model, model), first_opt) if second == 0 else None
     if program is not None:
         train_model, model, clock.reused = program.train_model, program.model, True
-    checkpoint = None if custom else checkpoint
+    checkpoint = None if custom else o.checkpoint
     key, resumed = _resume(checkpoint, checkpoints.fingerprint(
-        cfg, seed, epochs, (data.x_train.shape, data.x_val.shape), num_classes, best_by), on_resume)
+        cfg, seed, epochs, (splits.x_train.shape, splits.x_val.shape), num_classes, o.best_by), observers)
     clock.lap("build_seconds")
-    run = _Phases(cfg, data, train_model, compiled, program is not None, labels, custom, batches, hooks, seed,
-                  checkpoint, key, resumed, best_by, feeds.choose(feeding, cfg, custom is not None))
+    run = _Phases(cfg, splits, train_model, compiled, program is not None, labels, custom, batches, hooks,
+                  list(callbacks), seed, checkpoint, key, resumed, o.best_by,
+                  feeds.choose(o.feeding, cfg, custom is not None))
     run.fit(first_opt, 0, min(last, turn))
     if last > turn:
         fine_tune(train_model, cfg.fine_tune_layers)
@@ -218,11 +212,11 @@ def train(cfg: TrainConfig, data: Splits, *, epochs: int, seed: int,
                 turn, last, phase_two=True)
     kept_epoch = run.settle(last)
     clock.lap("fit_seconds")
-    y_prob = np.asarray(model.predict(data.x_test, batch_size=PREDICT_BATCH, verbose=0))
+    y_prob = np.asarray(model.predict(splits.x_test, batch_size=PREDICT_BATCH, verbose=0))
     clock.lap("predict_seconds")
     logged = model if custom else layers.portable(model)
     clock.lap("model_seconds")
-    return TrainResult(history=run.history, **evaluate.test_metrics(y_prob, data.y_test, cfg.label_smoothing),
+    return TrainResult(history=run.history, **evaluate.test_metrics(y_prob, splits.y_test, cfg.label_smoothing),
                        y_prob=y_prob, model=logged, kept_epoch=kept_epoch, compiled=clock.origin(),
                        feed=clock.feed, phases=clock.phases,
                        compilations=clock.meter.compilations)
@@ -240,8 +234,9 @@ class _Phases:
     reused: bool  # the train model is a reused program's, compiled with its optimizer
     labels: Callable[..., Any]
     custom: CustomModel | None
-    batches: FullBatches | None
+    batches: feeds.FullBatches | None
     hooks: _Hooks
+    callbacks: list[keras.callbacks.Callback]  # the caller's, after the hooks
     seed: int
     checkpoint: checkpoints.Slot | None
     key: str
@@ -251,8 +246,7 @@ class _Phases:
     history: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.hooks.clock is not None:
-            self.hooks.clock.feed = self.feed
+        self.hooks.clock.feed = self.feed
         self.best = BestEpoch(*self.best_by, kept=self.resumed.kept if self.resumed else None) if self.best_by else None
         self.start = self.resumed.epoch + 1 if self.resumed is not None else 0
         self.history = {k: list(v) for k, v in self.resumed.history.items()} if self.resumed is not None else {}
@@ -285,36 +279,38 @@ class _Phases:
             checkpoints.restore(model, resumed, optimizer=ours)
             if plateau is not None and ours and resumed.plateau is not None:
                 plateau.best, plateau.wait = resumed.plateau
-        # After the hooks, the plateau rule: it lowers the next epoch's rate, not the one logged;
-        # the best epoch's copy; then the checkpoint, of the state the next epoch starts from.
-        after: list[keras.callbacks.Callback] = [c for c in (plateau, self.best) if c is not None]
+        # After the hooks and the caller's callbacks, the plateau rule: it lowers the next epoch's
+        # rate, not the one logged; the best epoch's copy; then the checkpoint, of the state the
+        # next epoch starts from.
+        after: list[keras.callbacks.Callback] = [*self.callbacks, *(c for c in (plateau, self.best) if c is not None)]
         if self.checkpoint is not None:
             after.append(checkpoints.Writer(self.checkpoint, self.key, self.history, plateau, self.best))
         validation = (self.data.x_val, self.labels(self.data.y_val))
         if self.feed == "device":
             feeds.fit(model, self.data.x_train, self.labels(self.data.y_train), validation, self.cfg.batch_size,
-                     self.seed, range(first, end), [self.hooks, *after], self.history, epoch_order)
+                     self.seed, range(first, end), [self.hooks, *after], self.history)
             return
         _fit(model, self.data, self.labels, self.cfg, self.custom, self.batches, self.history, self.seed,
              initial_epoch=first, epochs=end, verbose=0, validation_data=validation, callbacks=[self.hooks, *after])
 
 
-def _resume(checkpoint: checkpoints.Slot | None, key: str, on_resume: Callable[[Mapping[str, list[float]]], None] | None
+def _resume(checkpoint: checkpoints.Slot | None, key: str, observers: Sequence[Observer]
             ) -> tuple[str, checkpoints.State | None]:
     """``(key, the state to resume)``: the checkpoint's if the run ``key`` wrote it, its metrics
-    handed to ``on_resume`` first."""
+    handed to each observer's ``on_resume`` first."""
     resumed = checkpoints.load(checkpoint, key) if checkpoint else None
-    if resumed is not None and on_resume is not None:
-        on_resume(resumed.history)
+    if resumed is not None:
+        for observer in observers:
+            observer.on_resume(resumed.history)
     return key, resumed
 
 
 def _batches(cfg: TrainConfig, data: Splits, labels: Callable[..., Any], custom: CustomModel | None,
-             seed: int) -> tuple[FullBatches | None, int, int]:
+             seed: int) -> tuple[feeds.FullBatches | None, int, int]:
     """``(batches, steps per epoch, images per epoch)``: under JAX full batches only (see
-    ``FullBatches``), else None: Keras' array input, its last batch partial."""
+    ``feed.FullBatches``), else None: Keras' array input, its last batch partial."""
     if keras.backend.backend() == "jax" and not (custom is not None and custom.fit is not None):
-        batches = FullBatches(data.x_train, labels(data.y_train), cfg.batch_size, seed)
+        batches = feeds.FullBatches(data.x_train, labels(data.y_train), cfg.batch_size, seed)
         return batches, len(batches), len(batches) * batches.batch_size
     return None, math.ceil(len(data.x_train) / cfg.batch_size), len(data.x_train)
 
@@ -335,10 +331,10 @@ def _reuse(programs: Programs | None, cfg: TrainConfig, data: Splits, fresh: Pro
 
 
 def _fit(train_model: keras.Model, data: Splits, labels: Callable[..., Any], cfg: TrainConfig,
-         custom: CustomModel | None, batches: FullBatches | None, history: dict[str, list[float]], seed: int,
+         custom: CustomModel | None, batches: feeds.FullBatches | None, history: dict[str, list[float]], seed: int,
          **kwargs: Any) -> None:
     """``fit`` on ``data``'s training images, from ``initial_epoch`` to ``epochs``, its logs appended
-    to ``history``; each epoch in the order ``epoch_order(seed, epoch)`` (but a custom ``fit``'s).
+    to ``history``; each epoch in the order ``feed.epoch_order(seed, epoch)`` (but a custom ``fit``'s).
 
     Decision: Keras' own shuffle of arrays (TensorFlow's ``Dataset.shuffle``) cannot be restarted
     at epoch k, so a resumed run would see other batches than the uninterrupted one; with arrays
@@ -352,7 +348,7 @@ def _fit(train_model: keras.Model, data: Splits, labels: Callable[..., Any], cfg
     else:
         first, end = kwargs.pop("initial_epoch"), kwargs.pop("epochs")
         for epoch in range(first, end):
-            order = epoch_order(seed, epoch, len(data.x_train))
+            order = feeds.epoch_order(seed, epoch, len(data.x_train))
             logged.append(train_model.fit(data.x_train[order], labels(data.y_train[order]), batch_size=cfg.batch_size,
                                           shuffle=False, initial_epoch=epoch, epochs=epoch + 1, **kwargs))
     for one in logged:
