@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--head", default="flatten,global_avg", help="comma-separated values")
     args = parser.parse_args()
     set_environment(deterministic=True)
-    from cifar_exp import data, evaluate
+    from cifar_exp import data, metrics
     from cifar_exp.config.sweepfile import load_sweep
     from cifar_exp.training import backend, train
 
@@ -46,7 +46,7 @@ def main() -> None:
         cfg = sweep.train_config({"learning_rate": rate, "dropout": 0.25, "head_dropout": 0.5, "head": head,
                                   "lr_schedule": "constant", "bn_momentum": momentum})
         result = train.train(cfg, splits, epochs=args.epochs, seed=0)
-        verdict = evaluate.degenerate(result.history, result.y_prob, len(splits.y_val), splits.class_names)
+        verdict = metrics.degenerate(result.history, result.y_prob, len(splits.y_val), splits.class_names)
         curves = [", ".join(f"{v:.4f}" for v in result.history[key]) for key in ("accuracy", "val_accuracy")]
         print(f"| {head} | {momentum} | {rate:g} | {curves[0]} | {curves[1]} | {result.test_accuracy:.4f} | "
               f"{verdict or 'no'} |", flush=True)

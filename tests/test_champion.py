@@ -24,7 +24,7 @@ from cifar_exp.config import ConfigError, outcomes
 from cifar_exp.config.goals import Objective
 from cifar_exp.config.records import TrialAttrs
 from cifar_exp.config.sweepfile import parse_sweep
-from cifar_exp.rerun import confirm
+from cifar_exp.registry import confirm
 from cifar_exp.track import collect
 from tests.conftest import ROOT, in_process, write_slice
 from tests.test_shipped import sweep_in_process
@@ -144,7 +144,7 @@ def client(found: dict) -> MlflowClient:
 
 @pytest.mark.slow
 def test_every_trial_keeps_its_best_epoch_and_logs_that_epochs_test_metrics(study: dict) -> None:
-    from cifar_exp import register, track
+    from cifar_exp import registry, track
     from cifar_exp.data import load
     from cifar_exp.training.best import chosen_epoch
 
@@ -160,7 +160,7 @@ def test_every_trial_keeps_its_best_epoch_and_logs_that_epochs_test_metrics(stud
         assert run.data.tags["feed"] == "fit"  # on the CPU (training.feed.choose)
         assert trial.values[0] == history["val_accuracy"][kept]  # the objective is the kept epoch's
         # the logged model is that epoch's: its predictions give the logged test accuracy
-        assert register.accuracy(str(attrs.model_uri), test) == run.data.metrics["test_accuracy"]
+        assert registry.accuracy(str(attrs.model_uri), test) == run.data.metrics["test_accuracy"]
 
 
 @pytest.mark.slow
@@ -258,7 +258,7 @@ def test_a_killed_register_seeds_leaves_no_run_running_and_register_waits_for_gc
     experiment = c.get_experiment_by_name("champion").experiment_id
     env = {**clean_env(), **study["env"]}
     stores = ["--storage", study["storage"], "--tracking-uri", study["uri"]]
-    killed = subprocess.Popen([sys.executable, "-m", "cifar_exp.register", str(SWEEP), "--seeds", "2", *stores],
+    killed = subprocess.Popen([sys.executable, "-m", "cifar_exp", "register", str(SWEEP), "--seeds", "2", *stores],
                               cwd=study["folder"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 300
     mine = f"tags.confirmation_pid = '{killed.pid}' and attributes.status = 'RUNNING'"
@@ -270,7 +270,7 @@ def test_a_killed_register_seeds_leaves_no_run_running_and_register_waits_for_gc
     (left,) = running
     assert c.get_run(left.info.run_id).info.status == "RUNNING"
     with storage.models_lock(study["storage"], storage.open_storage(study["storage"]), "champion", shared=False):
-        register = subprocess.Popen([sys.executable, "-m", "cifar_exp.register", str(SWEEP), *stores],
+        register = subprocess.Popen([sys.executable, "-m", "cifar_exp", "register", str(SWEEP), *stores],
                                     cwd=study["folder"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     env=env)
         assert register.stdout is not None

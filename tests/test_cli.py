@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -100,16 +99,16 @@ def test_workers_beyond_memory_are_refused_with_the_number_that_fits(
     import psutil
 
     from cifar_exp import cli
-    from cifar_exp.cli import commands
+    from cifar_exp.cli import sweep
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     real = psutil.virtual_memory()
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=3 * commands.WORKER_MEMORY_BYTES + 1))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=3 * sweep.WORKER_MEMORY_BYTES + 1))
     assert cli.command("sweep", ["lr_dropout", "--workers", "4"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--workers 4: each worker takes about 1.7 GB" in line and "give --workers 3 or fewer" in line
-    commands.check_workers(3)  # what fits passes
-    commands.check_workers(1)
+    sweep.check_workers(3)  # what fits passes
+    sweep.check_workers(1)
     assert not (isolated / "mlruns").exists()
 
 
@@ -139,12 +138,9 @@ def test_one_console_script_has_every_command(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("sweep", "rerun", "register", "predict", "evaluate", "report", "compare", "ui"):
+    for command in ("sweep", "rerun", "register", "predict", "evaluate", "report", "compare", "gc", "ui"):
         assert f"    {command} " in out, out
-        # and python -m cifar_exp.<command>: a thin module, or the __main__ of the command's package
-        assert importlib.util.find_spec(f"cifar_exp.{command}") is not None
-        assert ((ROOT / "cifar_exp" / f"{command}.py").is_file()
-                or (ROOT / "cifar_exp" / command / "__main__.py").is_file())
+        assert (ROOT / "cifar_exp" / "cli" / f"{command}.py").is_file()  # a module of cli each
     assert cli.main(["sweep", "--list"]) == 0
     assert "lr_dropout" in capsys.readouterr().out
 
@@ -352,7 +348,8 @@ def test_every_command_is_a_real_function_in_one_table_and_python_m_cifar_exp_ru
     from cifar_exp import cli
 
     for name, command in cli.COMMANDS.items():
-        assert callable(command.run) and command.run.__name__ == f"{name}_command", name
+        # the run function of the command's own module of cli
+        assert callable(command.run) and command.run.__module__ == f"cifar_exp.cli.{name}", name
         assert command.summary and len(command.summary) < 50 and "(" not in command.summary, name  # --help's line
     done = subprocess.run([sys.executable, "-m", "cifar_exp", "gc", "--help"], capture_output=True, text=True,
                           timeout=120)

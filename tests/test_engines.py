@@ -19,7 +19,7 @@ from cifar_exp import lifecycle, rerun, track
 from cifar_exp.config import Settings
 from cifar_exp.config.sweepfile import parse_sweep
 from cifar_exp.lifecycle import steps
-from cifar_exp.rerun import confirm
+from cifar_exp.registry import confirm
 from cifar_exp.sweep import storage, tuner, worker
 from cifar_exp.sweep.supervisor import start_parent_run
 from cifar_exp.training import backend, hypermodel, programs

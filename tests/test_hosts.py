@@ -80,7 +80,7 @@ def start_mlflow_server(backend: str, folder: Path, port: int, *extra: str,
                                "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1", *extra], stdout=subprocess.DEVNULL,
                               stderr=log.open("a"), start_new_session=True,
-                              # without MLflow's GenAI job runner: 2 processes, not 10 (as cifar_exp.ui)
+                              # without MLflow's GenAI job runner: 2 processes, not 10 (as cifar-exp ui)
                               env=clean_env(**{"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}))
     deadline = time.time() + 180
     while True:

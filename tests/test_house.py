@@ -15,40 +15,43 @@ PACKAGE = ROOT / "cifar_exp"
 MODULES = {(p.relative_to(PACKAGE).with_suffix("").as_posix().replace("/__init__", "").replace("/", ".")): p
            for p in sorted(PACKAGE.rglob("*.py")) if p.name != "__init__.py" or p.parent != PACKAGE}
 # The subpackages (and top-level modules), lowest first: a module may import from its own package
-# and the packages below, never above. ``python -m cifar_exp.X`` entry points (``X.__main__`` and
-# the thin top-level modules) sit above everything.
+# and the packages below, never above. The ``python -m`` entry points (``cifar_exp.__main__`` for
+# every command, ``sweep.__main__`` for the main job) sit above everything.
 PACKAGE_FLOORS = [
     {"config"},
-    {"data", "evaluate"},
+    {"data", "metrics"},
     {"training"},
     {"track"},
-    {"lifecycle", "register", "report"},
+    {"lifecycle", "report"},
     {"sweep"},
     {"rerun"},
+    {"registry"},
     {"cli"},
-    {"__main__", "compare", "predict", "ui"},
+    {"__main__"},
 ]
 # Module by module, lowest first: inside a package too, imports flow one way.
 FLOORS = [
     {"config", "config.goals", "sweep.events", "config.safeyaml", "sweep", "training"},
     {"config.values"},
-    {"config.sweepfile", "config.records", "data.formats", "training.backend", "sweep.space", "evaluate.plots",
+    {"config.sweepfile", "config.records", "data.formats", "training.backend", "sweep.space", "metrics.plots",
      "sweep.liveness", "sweep.sidecar"},
-    {"data", "evaluate", "config.outcomes", "training.best"},
+    {"data", "metrics", "config.outcomes", "training.best"},
     {"training.models", "training.layers", "training.optimizers", "training.programs", "training.checkpoints",
      "training.clock", "training.feed",
      "training.latency"},
     {"training.train", "training.hypermodel"},
     {"track", "track.models", "track.ui", "track.collect", "lifecycle.outcome", "lifecycle.plan"},
     {"lifecycle.steps"},
-    {"lifecycle", "report", "register"},
+    {"lifecycle", "report", "registry"},
     {"sweep.recovery", "sweep.pruning"},
     {"sweep.storage", "rerun", "sweep.tuner", "sweep.hyperparameters", "sweep.warmstart"},
-    {"sweep.worker", "rerun.confirm"},
+    {"sweep.worker", "registry.confirm"},
     {"sweep.supervisor"},
-    {"cli.progress", "cli.environment", "cli.commands", "cli.results", "cli"},
-    {"compare", "ui", "predict", "sweep.__main__", "rerun.__main__", "register.__main__", "report.__main__",
-     "evaluate.__main__", "__main__"},
+    {"cli.progress", "cli.environment", "cli.arguments"},
+    {"cli.sweep", "cli.rerun", "cli.register", "cli.report", "cli.compare", "cli.gc", "cli.ui", "cli.predict",
+     "cli.evaluate"},
+    {"cli"},
+    {"sweep.__main__", "__main__"},
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}
 PACKAGE_FLOOR = {name: level for level, names in enumerate(PACKAGE_FLOORS) for name in names}
@@ -63,8 +66,11 @@ def imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+            names = {f"{node.module}.{alias.name}" for alias in node.names}
+            found |= names
+            # ``from package import module`` imports the module; anything else, the package's own names
+            if any(name.removeprefix("cifar_exp.") not in MODULES for name in names):
+                found.add(node.module)
     return found
 
 
@@ -83,11 +89,16 @@ def test_every_module_has_a_floor() -> None:
 
 
 def test_the_top_level_holds_packages_and_entry_points_only() -> None:
-    """Beside the ``python -m`` entry points (``python -m cifar_exp COMMAND`` among them) only
-    subpackages: no flat module with a near-namesake (a command's library is the package of the
-    command's name)."""
+    """Beside ``python -m cifar_exp COMMAND``'s entry point only subpackages, named for what they
+    are (nouns); the commands (verbs) are modules of ``cli``, and only the main job keeps a
+    ``python -m cifar_exp.sweep`` of its own."""
     flat = {p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
-    assert flat == {"__main__", "compare", "predict", "ui"}, flat
+    assert flat == {"__main__"}, flat
+    assert {p.parent.name for p in PACKAGE.glob("*/__main__.py")} == {"sweep"}
+    from cifar_exp import cli
+
+    assert {p.stem for p in (PACKAGE / "cli").glob("*.py")} - {"__init__", "arguments", "environment",
+                                                                 "progress"} == set(cli.COMMANDS)
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

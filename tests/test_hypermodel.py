@@ -111,7 +111,7 @@ def test_a_documentation_hypermodel_runs_as_a_sweep_and_reruns_bit_for_bit(isola
         assert json.loads(Path(path).read_text()) == trial.params  # typed, for reruns
         assert run.data.metrics["learning_rate"] == pytest.approx(trial.params["lr"], rel=1e-6)
 
-    rerun = subprocess.run([sys.executable, "-m", "cifar_exp.rerun", "kt_docs", "--trial", "1", "--data",
+    rerun = subprocess.run([sys.executable, "-m", "cifar_exp", "rerun", "kt_docs", "--trial", "1", "--data",
                             str(cifar_slice)], cwd=isolated, capture_output=True, text=True, timeout=900, env=env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "bit for bit" in rerun.stdout

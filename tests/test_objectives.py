@@ -193,9 +193,9 @@ def test_a_degenerate_trial_is_never_registered_and_the_refusal_names_it() -> No
     always fast). It is never registered: another member that meets the rule is, or none."""
     from types import SimpleNamespace
 
-    from cifar_exp import register
+    from cifar_exp import registry
     from cifar_exp.config import UserError
-    from cifar_exp.rerun import confirm
+    from cifar_exp.registry import confirm
 
     sweep = SimpleNamespace(objectives=OBJECTIVES, name="deploy")
     at_chance = "val_accuracy 0.1028 is chance level for 10 classes"
@@ -203,21 +203,21 @@ def test_a_degenerate_trial_is_never_registered_and_the_refusal_names_it() -> No
                                                                  degenerate=at_chance),
               Trial(2, [0.70, 1.5], model_uri="models:/m-2")]
     rule = outcomes.Rule.parse("val_accuracy", ["latency_ms<=2"])
-    assert register.best_trial(trials, sweep, rule).number == 2  # type: ignore[arg-type]
+    assert registry.best_trial(trials, sweep, rule).number == 2  # type: ignore[arg-type]
     assert [t.number for t in confirm.candidates(trials, sweep, rule, 3)] == [2]  # type: ignore[arg-type]
     strict = outcomes.Rule.parse("val_accuracy", ["latency_ms<=1"])
     message = (f"trial 1 meets the rule ({strict}) but is degenerate ({at_chance}), and no sound trial does: a "
                f"degenerate model is never registered; loosen --where, or run more trials")
     with pytest.raises(UserError) as refused:
-        register.best_trial(trials, sweep, strict)  # type: ignore[arg-type]
+        registry.best_trial(trials, sweep, strict)  # type: ignore[arg-type]
     assert str(refused.value) == message
     with pytest.raises(UserError) as refused:
         confirm.candidates(trials, sweep, strict, 3)  # type: ignore[arg-type]
     assert str(refused.value) == message
     alone = [trials[1]]  # the only complete trial, by the default ranking
     with pytest.raises(UserError, match="trial 1 is the best but is degenerate"):
-        register.best_trial(alone, sweep)  # type: ignore[arg-type]
+        registry.best_trial(alone, sweep)  # type: ignore[arg-type]
     # forced through (a trial handed to describe): the version's description and tags say so
     forced = SimpleNamespace(number=1, values=[0.10, 0.4], params={"dropout": 0.1}, user_attrs=trials[1].user_attrs)
-    text, tags = register.describe(forced, sweep)  # type: ignore[arg-type]
+    text, tags = registry.describe(forced, sweep)  # type: ignore[arg-type]
     assert f"DEGENERATE: {at_chance}" in text and tags["degenerate"] == at_chance

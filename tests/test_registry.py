@@ -23,7 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cifar_exp import register, track
+from cifar_exp import registry, track
 from cifar_exp.config import ConfigError, UserError
 from cifar_exp.config.sweepfile import parse_sweep
 from tests.conftest import ROOT, in_process, write_slice
@@ -39,14 +39,14 @@ NAME = "cifar10-demo"
 
 def test_top_k_orders_classes_by_probability() -> None:
     probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
-    assert register.top_k(probs, ["a", "b", "c"], 2) == [[("b", 0.7), ("c", 0.2)], [("a", 0.5), ("c", 0.3)]]
-    assert len(register.top_k(probs, ["a", "b", "c"], 10)[0]) == 3
+    assert registry.top_k(probs, ["a", "b", "c"], 2) == [[("b", 0.7), ("c", 0.2)], [("a", 0.5), ("c", 0.3)]]
+    assert len(registry.top_k(probs, ["a", "b", "c"], 10)[0]) == 3
 
 
 def test_read_images_resizes_any_size_to_the_model_input(isolated: Path) -> None:
     Image.new("RGB", (100, 60), (255, 0, 0)).save(isolated / "wide.png")
     Image.new("L", (32, 32), 128).save(isolated / "gray.jpg")
-    images = register.resized(register.read_images([str(isolated / "wide.png"), str(isolated / "gray.jpg")]), (32, 32))
+    images = registry.resized(registry.read_images([str(isolated / "wide.png"), str(isolated / "gray.jpg")]), (32, 32))
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     assert images[0, 10, 10].tolist() == [255, 0, 0] and images[1, 5, 5].tolist() == [128, 128, 128]
 
@@ -54,9 +54,9 @@ def test_read_images_resizes_any_size_to_the_model_input(isolated: Path) -> None
 def test_unreadable_images_are_named(isolated: Path) -> None:
     (isolated / "notes.txt").write_text("not an image")
     with pytest.raises(UserError, match="image .*notes.txt is not a readable image"):
-        register.read_images([str(isolated / "notes.txt")])
+        registry.read_images([str(isolated / "notes.txt")])
     with pytest.raises(UserError, match="image .*missing.jpg does not exist"):
-        register.read_images([str(isolated / "missing.jpg")])
+        registry.read_images([str(isolated / "missing.jpg")])
 
 
 def test_predict_checks_its_images_before_it_loads_a_model(isolated: Path) -> None:
@@ -85,14 +85,14 @@ def png_header(width: int, height: int) -> bytes:
 def test_pipes_huge_headers_and_16_bit_images_are_refused_before_decoding(isolated: Path) -> None:
     os.mkfifo(isolated / "pipe.jpg")
     with pytest.raises(UserError, match="pipe.jpg is not a regular file"):
-        register.read_images([str(isolated / "pipe.jpg")])  # would block forever on open
+        registry.read_images([str(isolated / "pipe.jpg")])  # would block forever on open
     # A PNG header claiming 12000x12000 (a decompression bomb): refused from the header alone.
     (isolated / "huge.png").write_bytes(png_header(12000, 12000))
     with pytest.raises(UserError, match="huge.png is 12000x12000 pixels"):
-        register.read_images([str(isolated / "huge.png")])
+        registry.read_images([str(isolated / "huge.png")])
     Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(isolated / "deep.png")
     with pytest.raises(UserError, match="deep.png has pixel mode I;16"):
-        register.read_images([str(isolated / "deep.png")])
+        registry.read_images([str(isolated / "deep.png")])
 
 
 def test_registered_model_name_defaults_and_is_validated() -> None:
@@ -114,7 +114,7 @@ def test_a_pickled_python_model_is_refused(isolated: Path) -> None:
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=_Echo())
     with pytest.raises(UserError, match=f"refusing to load {info.model_uri}: it carries Python code or a pickled"):
-        register.load(info.model_uri)
+        registry.load(info.model_uri)
 
 
 def test_a_keras_model_with_python_code_is_refused_and_says_why(isolated: Path) -> None:
@@ -127,11 +127,11 @@ def test_a_keras_model_with_python_code_is_refused_and_says_why(isolated: Path) 
         info = mlflow.keras.log_model(model, name="model")
     with pytest.raises(UserError, match=f"refusing to load {info.model_uri}: Keras' safe_mode refused it: it holds "
                                         f"a Lambda layer"):
-        register.load(info.model_uri)
+        registry.load(info.model_uri)
 
 
 def cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", f"cifar_exp.{module}", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cifar_exp", module, *args], cwd=cwd, capture_output=True,
                           text=True, timeout=900, env=clean_env(**(env or {})))
 
 

@@ -158,7 +158,7 @@ def test_pruned_trial_compares_only_its_logged_epochs() -> None:
 
 
 def rerun_command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cifar_exp.rerun", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cifar_exp", "rerun", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=900, env=clean_env())
 
 

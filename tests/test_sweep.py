@@ -193,12 +193,12 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
 
 
 def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]) -> None:
-    """``python -m cifar_exp.ui`` on a free loopback port: runs, params, metrics and artifacts come
+    """``python -m cifar_exp ui`` on a free loopback port: runs, params, metrics and artifacts come
     back over MLflow's REST API; then it is stopped."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ui = subprocess.Popen([sys.executable, "-m", "cifar_exp.ui", "lr_dropout", "--port", str(port)], cwd=cwd,
+    ui = subprocess.Popen([sys.executable, "-m", "cifar_exp", "ui", "lr_dropout", "--port", str(port)], cwd=cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env(),
                           start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -283,7 +283,7 @@ def page_lines(url: str, budget: int, profile: Path) -> list[str]:
 
 
 def check_runs_page(url: str, runs: int, screenshot: Path) -> None:
-    """The address ``cifar_exp.ui`` prints opens the experiment's runs table (MLflow's page for
+    """The address ``cifar-exp ui`` prints opens the experiment's runs table (MLflow's page for
     model training, not its GenAI overview of traces) with the sweep's ``runs`` in it: the parent
     run's row (its trials grouped under it) and the count of matching runs; a screenshot is saved."""
     for budget in (20_000, 60_000):  # virtual milliseconds for the page's scripts and API calls

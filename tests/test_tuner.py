@@ -67,7 +67,7 @@ def test_keras_tuner_engine_tracks_trials_like_the_optuna_engine(isolated: Path,
     assert {r.data.params["optimizer"] for r in kt_runs} == {"adam", "sgd"}
 
     # a KerasTuner trial reruns like any other, from its run id
-    rerun = subprocess.run([sys.executable, "-m", "cifar_exp.rerun", kt_runs[0].info.run_id, "--data",
+    rerun = subprocess.run([sys.executable, "-m", "cifar_exp", "rerun", kt_runs[0].info.run_id, "--data",
                             str(cifar_slice)], cwd=isolated, capture_output=True, text=True, timeout=600,
                            env=clean_env())
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

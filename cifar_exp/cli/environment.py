@@ -1,6 +1,6 @@
 """The environment of a command's process, set before anything imports Keras (backend,
 determinism, caches), where its code came from (provenance), and the preamble of the commands
-that read a store. Shared by the sweep commands (``commands``) and the result commands (``results``)."""
+that read a store. Shared by the commands (a module each)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cifar_exp.config import PACKAGE_DIR, UserError
+from cifar_exp.config import PACKAGE_DIR, UserError, existing_storage
 
 
 def set_environment(deterministic: bool) -> None:
@@ -153,3 +153,13 @@ def quiet_keras(storage: str, name: str) -> Path:
         sys.modules["tensorflow"].get_logger()
         library_log(storage, name)
     return path
+
+
+def cheap_checks(storage_url: str, data_source: str | None = None) -> None:
+    """What a command can refuse before it imports MLflow, Keras or the data (seconds): a journal
+    or SQLite storage that is not there, a ``--data`` that is no data set."""
+    existing_storage(storage_url)
+    if data_source is not None:
+        from cifar_exp import data
+
+        data.detect(data_source)

@@ -120,6 +120,11 @@ def fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def trial_list(numbers: list[int]) -> str:
+    """``"trials 1, 4"``, ``"trial 2"`` or ``"none"``."""
+    return f"trial{'s' if len(numbers) != 1 else ''} {', '.join(map(str, numbers))}" if numbers else "none"
+
+
 def numbered(trial: Any) -> str:
     """A trial's number as the tables show it: ``3!`` for a degenerate trial (never registered)."""
     return f"{trial.number}!" if TrialAttrs.of(trial).degenerate else str(trial.number)

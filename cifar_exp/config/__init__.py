@@ -196,7 +196,7 @@ class Sweep:
     model_epoch: Literal["best", "last"] = "best"
     # ``register`` retrains the best confirm_candidates trials (on a multi-objective study, the
     # front members its rule admits) with confirm_seeds further seeds each and promotes on their
-    # means (``rerun.confirm``); 0: register on the one seed the sweep ran.
+    # means (``registry.confirm``); 0: register on the one seed the sweep ran.
     confirm_seeds: int = 0
     confirm_candidates: int = 3
     # When the sweep ends, keep the logged models of this many best complete trials (and the

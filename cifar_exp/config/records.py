@@ -118,7 +118,7 @@ class StudyAttrs:
     - the parent run (``sweep.supervisor.start_parent_run``): ``mlflow_parent_run_id``,
       ``mlflow_experiment_id``;
     - a warm start, once it is enqueued (``sweep.warmstart``): ``warm_started``;
-    - ``cifar-exp gc`` (``cli.results.collect_models``): ``models_collected``, the trials whose
+    - ``cifar-exp gc`` (``cli.gc.collect_models``): ``models_collected``, the trials whose
       logged models it deleted (their runs, metrics and artifacts stay).
     """
 

@@ -7,7 +7,7 @@ rest, in one order, read top to bottom below: open the run, check the static con
 the hypermodel, train (time limit, checkpoint, program reuse, each epoch logged and handed to the
 engine), evaluate (test, artifacts, model, verdict, phases), let the engine record the outcome,
 end the run. The engines are adapters: the Optuna worker (``sweep.worker``), the KerasTuner
-engine (``sweep.tuner``), reruns (``rerun``) and confirmation seeds (``rerun.confirm``).
+engine (``sweep.tuner``), reruns (``rerun``) and confirmation seeds (``registry.confirm``).
 
 Decision: the engine records an outcome before the run ends (``ended``, then ``steps.end``): a
 crash in between leaves a run to be closed as stale, never an engine's record (an Optuna trial

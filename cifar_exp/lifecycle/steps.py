@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cifar_exp import track
-from cifar_exp.evaluate import degenerate
 from cifar_exp.lifecycle.outcome import (
     Closed,
     Completed,
@@ -23,6 +22,7 @@ from cifar_exp.lifecycle.outcome import (
     failure_reason,
     kept_metrics,
 )
+from cifar_exp.metrics import degenerate
 
 if TYPE_CHECKING:
     from cifar_exp.data import Splits
@@ -35,7 +35,7 @@ EpochHook = Callable[[int, Mapping[str, float], bool], None]  # epoch, logs, rep
 
 
 def judge(history: Mapping[str, Any], y_prob: Any, splits: Any) -> dict[str, str]:
-    """``{"degenerate": why}`` for a trial whose numbers mean nothing (``evaluate.degenerate``;
+    """``{"degenerate": why}`` for a trial whose numbers mean nothing (``metrics.degenerate``;
     ``y_prob`` None for a trial that never reached the test set), ``{}`` otherwise."""
     why = degenerate(history, y_prob, len(splits.y_val), splits.class_names)
     return {"degenerate": why} if why else {}

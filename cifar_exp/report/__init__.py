@@ -2,7 +2,7 @@
 HTML page), the table of all trials (CSV and HTML) and the cost ledger.
 
 ``write(study, folder, epochs)`` builds every file from the study alone (storage, not memory), so
-``python -m cifar_exp.report NAME`` can rebuild them at any time without training. Decisions:
+``python -m cifar_exp report NAME`` can rebuild them at any time without training. Decisions:
 the interactive page embeds plotly.js once (about 4.8 MB) so that it opens offline; one page
 per plot would repeat it six times. A plot Optuna cannot draw yet (a contour needs two
 parameters) or that would rest on too few trials (importances and the contour, below

@@ -26,8 +26,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import evaluate
 from cifar_exp.config import UserError, mask_credentials
+from cifar_exp.metrics import write_report
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
@@ -326,10 +326,10 @@ def log_test(run_id: str, result: Any, splits: Any, title: str) -> dict[str, flo
 def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray,
                    class_names: Sequence[str], history: Mapping[str, Sequence[float]] | None,
                    title: str, kept_epoch: int | None = None) -> dict[str, float]:
-    """Log a test-set evaluation (``evaluate.write_report``): its metrics, and its files as
+    """Log a test-set evaluation (``metrics.write_report``): its metrics, and its files as
     artifacts. Returns the metrics logged."""
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = evaluate.write_report(Path(tmp), images, y_true, y_prob, class_names, history, title, kept_epoch)
+        metrics = write_report(Path(tmp), images, y_true, y_prob, class_names, history, title, kept_epoch)
         log_metrics(run_id, metrics)
         retrying(MlflowClient().log_artifacts, run_id, tmp)
     return metrics

@@ -1,5 +1,5 @@
 """The MLflow UI this project serves: the command that opens it, and the app behind
-``python -m cifar_exp.ui`` (MLflow's, answering only its own address, refusing large bodies and
+``python -m cifar_exp ui`` (MLflow's, answering only its own address, refusing large bodies and
 state changes from other origins)."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _bounded(receive: Any) -> Any:
 
 
 def create_ui_app() -> Any:
-    """The MLflow app that ``python -m cifar_exp.ui`` serves (``mlflow ui --app-name cifar-exp-ui``,
+    """The MLflow app that ``python -m cifar_exp ui`` serves (``mlflow ui --app-name cifar-exp-ui``,
     an ``mlflow.app`` entry point): MLflow's own, behind ``Guard`` for the origins in
     ``$CIFAR_EXP_UI_ORIGINS`` and the hosts in ``$CIFAR_EXP_UI_HOSTS``."""
     from mlflow.server import app as flask_app

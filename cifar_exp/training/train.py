@@ -18,9 +18,9 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from cifar_exp import evaluate
 from cifar_exp.config import TrainConfig
 from cifar_exp.data import Splits
+from cifar_exp.metrics import test_metrics
 from cifar_exp.training import checkpoints, layers, optimizers
 from cifar_exp.training import feed as feeds
 from cifar_exp.training.best import BestEpoch, assign
@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, splits: Splits, *, seed: int, epochs: int,
     clock.lap("predict_seconds")
     logged = model if custom else layers.portable(model)
     clock.lap("model_seconds")
-    return TrainResult(history=run.history, **evaluate.test_metrics(y_prob, splits.y_test, cfg.label_smoothing),
+    return TrainResult(history=run.history, **test_metrics(y_prob, splits.y_test, cfg.label_smoothing),
                        y_prob=y_prob, model=logged, kept_epoch=kept_epoch, compiled=clock.origin(),
                        feed=clock.feed, phases=clock.phases,
                        compilations=clock.meter.compilations)

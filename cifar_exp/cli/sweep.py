@@ -1,8 +1,6 @@
-"""What each command does with its parsed arguments (``cli`` parses them and is the error
-boundary): the environment (set before anything imports Keras), the calls into the core modules,
-and what the terminal shows. A command returns its exit code or raises ``UserError``.
-
-The sweep command's process never imports Keras: it checks the input, then follows the workers.
+"""``cifar-exp sweep NAME`` (and ``python -m cifar_exp.sweep NAME``, the main job): check the input,
+then run or resume the study with its workers and print their progress and the final table. This
+process never imports Keras: the workers train.
 """
 
 from __future__ import annotations
@@ -15,16 +13,96 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cifar_exp.cli.environment import existing_store, library_log, provenance, quiet_keras, set_environment
-from cifar_exp.cli.progress import Progress, fmt, print_comparison, print_summary
-from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials
+from cifar_exp.cli import arguments
+from cifar_exp.cli.environment import (
+    library_log,
+    provenance,
+    set_environment,
+)
+from cifar_exp.cli.progress import (
+    Progress,
+    fmt,
+    print_summary,
+)
+from cifar_exp.config import (
+    ConfigError,
+    Settings,
+    Sweep,
+    UserError,
+    mask_credentials,
+)
 from cifar_exp.config.goals import WarmStart
 from cifar_exp.config.records import StudyAttrs
 from cifar_exp.config.sweepfile import TOP_LEVEL_RANGES, available_sweeps, load_sweep
 from cifar_exp.config.values import check_range
 
-# ---------------------------------------------------------------------------------------------
-# sweep
+DESCRIPTION = "Run (or resume) the Optuna study of a sweep; every trial is an MLflow run."
+SUMMARY = "run or resume a sweep"  # its line in cifar-exp --help
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="sweep name (see --list) or path to a sweep .yaml file")
+    p.add_argument("--list", action="store_true", help="list the sweeps and exit")
+    p.add_argument("--trials", type=arguments.positive(int, "--trials"), help="trial budget of the study")
+    p.add_argument("--epochs", type=arguments.positive(int, "--epochs"), help="epochs per trial")
+    p.add_argument("--timeout", type=arguments.positive(float, "--timeout"), help="seconds; no trial starts after")
+    p.add_argument("--warm-start", metavar="OTHER[:K]",
+                   help="start with the K (default 5) best trials of the sweep OTHER's study (same storage)")
+    p.add_argument("--seed", type=arguments.number(int, "--seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+                   help="the sweep seed (sampler, trial seeds, validation split)")
+    p.add_argument("--data", help="'keras', a cifar-10-python.tar.gz, cifar-10-batches-py/, "
+                                  "or an image-folder tree or .zip (train/<class>/, test/<class>/)")
+    p.add_argument("--train-images", type=arguments.positive(int, "--train-images"),
+                   help="train on a class-balanced, seeded subset of this many training images (a quick look)")
+    arguments.storage(p)
+    arguments.tracking(p)
+    p.add_argument("--workers", type=arguments.positive(int, "--workers"), default=1,
+                   help="worker processes sharing the study (default 1)")
+    p.add_argument("--gpus", type=arguments.gpus, default=(),
+                   help="GPU indices, e.g. 0,1: worker i sees only GPU i mod count (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--engine", choices=("optuna", "keras-tuner"), default="optuna",
+                   help="search with Optuna (default) or with KerasTuner's own tuners, tracked the same way")
+    p.add_argument("--register", action="store_true",
+                   help="when the sweep ends, register its best model (as the register command)")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print only the final table and errors")
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="show the libraries' log lines here instead of in mlruns/logs/NAME.log")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list_sweeps()
+    if not args.name:
+        raise ConfigError(f"name a sweep: python -m cifar_exp.sweep NAME (available: {', '.join(available_sweeps())})")
+    chosen = _with_overrides(args)
+    set_environment(chosen.deterministic)
+    _check_hypermodel(chosen.hypermodel)
+    from cifar_exp import data, track
+    from cifar_exp.sweep import storage
+
+    # Bad input fails here, before anything is written: the servers first (they write nothing
+    # when checked), then the data (whose cache is the first write).
+    track.check_server(args.tracking_uri)
+    if "://" in args.storage:
+        storage.open_storage(args.storage)
+    _check_warm_start(chosen, args.storage)
+    def carve(dataset: data.Cifar10) -> data.Splits:  # refused before the data cache is written
+        return data.splits(chosen, dataset)
+
+    dataset = data.load(chosen.data.source, check=carve)
+    splits = carve(dataset)
+    tags = {"data_source": chosen.data.source, "data_checksum": dataset.checksum,
+            "command": shlex.join(args.command_line), "keras_backend": os.environ["KERAS_BACKEND"], **provenance()}
+    sizes = f"{len(splits.y_train)} training / {len(splits.y_val)} validation / {len(splits.y_test)} test images"
+    settings = Settings(sweep=chosen, storage=args.storage, tracking_uri=args.tracking_uri,
+                                workers=args.workers, gpus=args.gpus, tags=tags, data_checksum=dataset.checksum)
+    del dataset, splits  # the workers load their own copy; the parent keeps no arrays
+    if args.engine == "keras-tuner":
+        return _keras_tuner(settings)
+    if not args.verbose:
+        settings = dataclasses.replace(settings, log_file=str(library_log(args.storage, chosen.name)))
+    return _optuna(settings, args, sizes)
 
 
 def _list_sweeps() -> int:
@@ -94,41 +172,6 @@ def _with_overrides(args: argparse.Namespace) -> Sweep:
     return dataclasses.replace(sweep, **changes)
 
 
-def sweep_command(args: argparse.Namespace) -> int:
-    if args.list:
-        return _list_sweeps()
-    if not args.name:
-        raise ConfigError(f"name a sweep: python -m cifar_exp.sweep NAME (available: {', '.join(available_sweeps())})")
-    chosen = _with_overrides(args)
-    set_environment(chosen.deterministic)
-    _check_hypermodel(chosen.hypermodel)
-    from cifar_exp import data, track
-    from cifar_exp.sweep import storage
-
-    # Bad input fails here, before anything is written: the servers first (they write nothing
-    # when checked), then the data (whose cache is the first write).
-    track.check_server(args.tracking_uri)
-    if "://" in args.storage:
-        storage.open_storage(args.storage)
-    _check_warm_start(chosen, args.storage)
-    def carve(dataset: data.Cifar10) -> data.Splits:  # refused before the data cache is written
-        return data.splits(chosen, dataset)
-
-    dataset = data.load(chosen.data.source, check=carve)
-    splits = carve(dataset)
-    tags = {"data_source": chosen.data.source, "data_checksum": dataset.checksum,
-            "command": shlex.join(args.command_line), "keras_backend": os.environ["KERAS_BACKEND"], **provenance()}
-    sizes = f"{len(splits.y_train)} training / {len(splits.y_val)} validation / {len(splits.y_test)} test images"
-    settings = Settings(sweep=chosen, storage=args.storage, tracking_uri=args.tracking_uri,
-                                workers=args.workers, gpus=args.gpus, tags=tags, data_checksum=dataset.checksum)
-    del dataset, splits  # the workers load their own copy; the parent keeps no arrays
-    if args.engine == "keras-tuner":
-        return _keras_tuner(settings)
-    if not args.verbose:
-        settings = dataclasses.replace(settings, log_file=str(library_log(args.storage, chosen.name)))
-    return _optuna(settings, args, sizes)
-
-
 def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
     """The Optuna engine: the header, the workers' progress, the final table, the exit code."""
     import optuna
@@ -162,11 +205,11 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
         print(f"error: {summary.stop_reason}", file=sys.stderr)
         return 1
     if args.register:
-        from cifar_exp.cli.results import register_best
+        from cifar_exp.cli.register import register_best
 
         register_best(chosen, args.storage, args.data, seeds=chosen.confirm_seeds)
     if chosen.keep_models is not None:  # after registering: a new version's model is kept
-        from cifar_exp.cli.results import collect_models
+        from cifar_exp.cli.gc import collect_models
 
         collect_models(chosen, args.storage, chosen.keep_models)
     return 0
@@ -224,56 +267,4 @@ def _keras_tuner(settings: Any) -> int:
         print(f"  trial {row['trial']}: {chosen.objective.metric}={row['value']:.4f} {params}")
     print(f"open the MLflow UI: mlflow ui --backend-store-uri {mask_credentials(settings.tracking_uri)} "
           f"(experiment {outcome.experiment_id}; runs tagged engine=keras-tuner)")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# rerun
-
-
-def rerun_command(args: argparse.Namespace) -> int:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a report
-    existing_store(args.tracking_uri)
-    from cifar_exp import (
-        rerun,
-        track,  # no keras yet: the original decides the backend
-    )
-
-    run_id = args.target
-    if args.trial is not None:
-        run_id = rerun.find_trial_run(args.storage, args.target, args.trial)
-    track.configure(args.tracking_uri)
-    original = rerun.load_original(run_id)
-    # The original's backend unless the user chose one: another backend gives other numbers.
-    os.environ.setdefault("KERAS_BACKEND", original.run.tags.get("keras_backend", "tensorflow"))
-    set_environment(args.deterministic)
-    quiet_keras(args.storage, original.sweep.name)
-    from cifar_exp import data
-    from cifar_exp.training import backend
-
-    source = args.data if args.data is not None else original.sweep.data.source
-    dataset = data.load(source)
-    rerun.check_data(original, source, dataset.checksum)  # before anything is written
-    splits = data.splits(original.sweep, dataset)
-    backend.use_deterministic_ops(args.deterministic)
-    identity = backend.identity()
-    epochs = original.sweep.epochs if original.state == "COMPLETE" else original.epochs_logged
-    print(f"rerun of trial {original.trial_number} of sweep {original.sweep.name} (run {original.run.run_id}, "
-          f"{original.state}): {epochs} of {original.sweep.epochs} epochs, seed {original.seed}, "
-          f"deterministic kernels {'on' if args.deterministic else 'off'}")
-    for line in rerun.differences(original, identity, args.deterministic):
-        print(f"  differs from the original: {line}")
-    try:
-        outcome, comparison = rerun.rerun(original, splits, identity=identity, deterministic=args.deterministic,
-                                          tags={"command": shlex.join(args.command_line)}, tolerance=args.tolerance)
-    except KeyboardInterrupt:
-        print("interrupted: the rerun's run is marked KILLED", file=sys.stderr)
-        return 130
-    print_comparison(comparison)
-    print(f"rerun logged as run {outcome.run_id} (tag rerun_of={original.run.run_id})")
-    if not comparison.matched:
-        print(f"error: the rerun does not reproduce run {original.run.run_id}: "
-              f"{comparison.failure or f'{comparison.mismatches} values differ by more than {args.tolerance}'}",
-              file=sys.stderr)
-        return 1
     return 0

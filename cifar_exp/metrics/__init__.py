@@ -107,7 +107,7 @@ def write_report(out: Path, images: np.ndarray, y_true: np.ndarray, y_prob: np.n
     Returns the per-class precision/recall/F1 and macro F1 metrics."""
     from sklearn.metrics import classification_report, confusion_matrix
 
-    from cifar_exp.evaluate import plots
+    from cifar_exp.metrics import plots
 
     y_pred = y_prob.argmax(axis=1)
     labels = list(range(len(class_names)))

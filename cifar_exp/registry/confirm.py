@@ -91,12 +91,12 @@ def decide(challenger: Sequence[float], champion: Sequence[float], direction: st
 def candidates(trials: Sequence[Any], sweep: Sweep, rule: outcomes.Rule | None, count: int) -> list[Any]:
     """The ``count`` trials to confirm, best first: the rule's admitted front members, or the
     ranking's best; only trials with a logged model that are not degenerate."""
-    from cifar_exp import register
+    from cifar_exp import registry
 
-    done = register.registrable(trials)
+    done = registry.registrable(trials)
     pool = rule.admitted(done, sweep.objectives) if rule is not None else outcomes.ranked(done, sweep.objectives)
     if not pool:
-        register.refuse_degenerate(trials, sweep, rule)
+        registry.refuse_degenerate(trials, sweep, rule)
         raise UserError("no completed feasible trial with a logged model meets the rule: run the sweep first, "
                         "or loosen --where")
     return pool[:count]
@@ -215,7 +215,7 @@ def summary(found: Seeds, metric: str) -> tuple[str, dict[str, Any]]:
 def log_per_class(found: Seeds, title: str) -> None:
     """The per-class recall over the confirmation seeds (mean and spread) on the candidate's run:
     ``confirmation/per_class_recall.json`` and ``.png``."""
-    from cifar_exp.evaluate import plots
+    from cifar_exp.metrics import plots
 
     table = {name: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "seeds": v}
              for name, v in found.recall.items()}
@@ -262,10 +262,10 @@ def promote(sweep: Sweep, name: str, trials: Sequence[Any], count: int, rule: ou
             trainer: Trainer) -> Confirmed:
     """Confirm the candidates with ``count`` seeds each, register the best mean as a version of
     ``name`` (alias ``challenger``), and move ``champion`` to it if ``RULE`` says it beats the champion."""
-    from cifar_exp import register
+    from cifar_exp import registry
 
     pool = candidates(trials, sweep, rule, sweep.confirm_candidates)
-    register.check_models(pool)  # before minutes of training, not after
+    registry.check_models(pool)  # before minutes of training, not after
     metric, direction = sweep.objective.metric, sweep.objective.direction
     confirmed = []
     for t in pool:
@@ -273,15 +273,15 @@ def promote(sweep: Sweep, name: str, trials: Sequence[Any], count: int, rule: ou
         confirmed.append(trainer.confirm(str(TrialAttrs.of(t).mlflow_run_id), count))
     chosen = best(confirmed, direction)
     trial = pool[confirmed.index(chosen)]
-    description, tags = register.describe(trial, sweep, rule)
+    description, tags = registry.describe(trial, sweep, rule)
     text, more = summary(chosen, metric)
-    version = register.register_version(name, trial, f"{description}\n{text}", {**tags, **more})
+    version = registry.register_version(name, trial, f"{description}\n{text}", {**tags, **more})
     log_per_class(chosen, f"{sweep.name} trial {trial.number}: test recall over {count} confirmation seeds")
-    champion = track.models.alias_version(name, register.CHAMPION)
-    track.models.set_alias(name, register.CHALLENGER, version.version)
+    champion = track.models.alias_version(name, registry.CHAMPION)
+    track.models.set_alias(name, registry.CHALLENGER, version.version)
     mine = f"{metric} {chosen.spread(chosen.values)}"
     if champion is None:
-        track.models.set_alias(name, register.CHAMPION, version.version)
+        track.models.set_alias(name, registry.CHAMPION, version.version)
         return Confirmed(version, trial, chosen, pool, confirmed, None, None, True, None,
                          f"first champion of {name} ({mine})")
     if champion.version == version.version:
@@ -292,7 +292,7 @@ def promote(sweep: Sweep, name: str, trials: Sequence[Any], count: int, rule: ou
     versus = (f"{mine} against champion version {champion.version}'s {theirs.spread(theirs.values)} "
               f"({len(chosen.values)} and {len(theirs.values)} seeds): p = {p:.3g}")
     if promoted:
-        track.models.set_alias(name, register.CHAMPION, version.version)
+        track.models.set_alias(name, registry.CHAMPION, version.version)
         return Confirmed(version, trial, chosen, pool, confirmed, champion, theirs, True, p,
                          f"better by {RULE}: {versus}")
     return Confirmed(version, trial, chosen, pool, confirmed, champion, theirs, False, p,

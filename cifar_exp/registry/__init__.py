@@ -23,7 +23,7 @@ from cifar_exp.config import Sweep, UserError, outcomes
 from cifar_exp.config.records import TrialAttrs
 from cifar_exp.data import Cifar10
 from cifar_exp.data.formats import CIFAR10_CLASSES
-from cifar_exp.evaluate import test_metrics
+from cifar_exp.metrics import test_metrics
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 PREDICT_BATCH = 1024
