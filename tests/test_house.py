@@ -47,6 +47,7 @@ FLOORS = [
     {"sweep.storage", "rerun", "sweep.tuner", "sweep.hyperparameters", "sweep.warmstart"},
     {"sweep.worker", "registry.confirm"},
     {"sweep.supervisor"},
+    {"registry.study"},
     {"cli.progress", "cli.environment", "cli.arguments"},
     {"cli.sweep", "cli.rerun", "cli.register", "cli.report", "cli.compare", "cli.gc", "cli.ui", "cli.predict",
      "cli.evaluate"},

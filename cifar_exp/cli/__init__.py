@@ -5,8 +5,7 @@ library and prints; the library decides.
 
 Exit codes: 0 done; 1 the sweep stopped on repeated trial failures (or a rerun did not
 reproduce); 2 bad input (one line on stderr, nothing written; ``CIFAR_EXP_DEBUG=1`` adds the
-traceback); 130 interrupted (the same command resumes).
-"""
+traceback); 130 interrupted (the same command resumes)."""
 
 from __future__ import annotations
 
@@ -23,12 +22,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from cifar_exp.cli import compare, evaluate, gc, predict, register, report, rerun, sweep, ui
-from cifar_exp.config import (
-    UserError,
-    check_storage,
-    check_tracking_uri,
-    mask_credentials,
-)
+from cifar_exp.config import UserError, check_storage, check_tracking_uri, mask_credentials
 
 # A command's last step was the interpreter's final garbage collection over every object that
 # MLflow, Optuna, SQLAlchemy and matplotlib made: 3.1 s after a 2-trial sweep had printed its

@@ -1,5 +1,4 @@
-"""``cifar-exp compare NAME``: a study's best trials as a table, and their validation curves in one PNG.
-"""
+"""``cifar-exp compare NAME``: a study's best trials as a table, and their validation curves in one PNG."""
 
 from __future__ import annotations
 
@@ -7,20 +6,9 @@ import argparse
 from pathlib import Path
 
 from cifar_exp.cli import arguments
-from cifar_exp.cli.environment import (
-    existing_store,
-)
-from cifar_exp.cli.progress import (
-    fmt,
-    numbered,
-    print_degenerate,
-    trial_list,
-)
-from cifar_exp.config import (
-    DEFAULT_STORE,
-    UserError,
-    outcomes,
-)
+from cifar_exp.cli.environment import existing_store
+from cifar_exp.cli.progress import fmt, numbered, print_degenerate, trial_list
+from cifar_exp.config import DEFAULT_STORE, UserError, outcomes
 from cifar_exp.config.records import StudyAttrs, TrialAttrs
 from cifar_exp.config.sweepfile import load_sweep
 

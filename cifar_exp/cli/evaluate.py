@@ -1,5 +1,4 @@
-"""``cifar-exp evaluate [MODEL_URI]``: a fresh test-set evaluation run of a model.
-"""
+"""``cifar-exp evaluate [MODEL_URI]``: a fresh test-set evaluation run of a model."""
 
 from __future__ import annotations
 
@@ -7,14 +6,8 @@ import argparse
 
 from cifar_exp.cli import arguments
 from cifar_exp.cli.arguments import DEFAULT_MODEL
-from cifar_exp.cli.environment import (
-    open_store,
-    quiet_keras,
-)
-from cifar_exp.config import (
-    DEFAULT_STORAGE,
-    UserError,
-)
+from cifar_exp.cli.environment import open_store, quiet_keras
+from cifar_exp.config import DEFAULT_STORAGE, UserError
 
 DESCRIPTION = ("Evaluate a logged or registered model on the test set in a fresh MLflow run, with the "
                "artifacts of a trial (confusion matrix, classification report, prediction grid).")

@@ -1,24 +1,19 @@
-"""``cifar-exp gc NAME``: delete the logged models of all but a study's best trials.
-"""
+"""``cifar-exp gc NAME``: delete the logged models of all but a study's best trials."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from cifar_exp.cli import arguments
-from cifar_exp.cli.environment import (
-    cheap_checks,
-    existing_store,
-)
-from cifar_exp.cli.progress import (
-    trial_list,
-)
-from cifar_exp.config import (
-    Sweep,
-    UserError,
-)
-from cifar_exp.config.records import StudyAttrs
+from cifar_exp.cli.environment import cheap_checks, existing_store
+from cifar_exp.cli.progress import trial_list
+from cifar_exp.cli.register import say
+from cifar_exp.config import UserError
 from cifar_exp.config.sweepfile import load_sweep
+
+if TYPE_CHECKING:
+    from cifar_exp.registry.study import Collected
 
 DESCRIPTION = ("Delete the logged models of all but the K best trials of a sweep's study (never a registered "
                "version's, never a running trial's) and print the bytes freed; runs, metrics and other artifacts "
@@ -41,33 +36,20 @@ def run(args: argparse.Namespace) -> int:
     existing_store(args.tracking_uri)
     cheap_checks(args.storage)
     from cifar_exp import track
+    from cifar_exp.registry import study
 
     track.configure(args.tracking_uri)
-    collect_models(chosen, args.storage, keep)
+    print_collected(chosen.name, keep, study.collect_models(chosen, args.storage, keep, say))
     return 0
 
 
-def collect_models(chosen: Sweep, storage_url: str, keep: int) -> None:
-    """Delete the logged models of all but the ``keep`` best trials of the study (and those the
-    registry holds; ``track.collect``), record them in the study, print what was freed (the
-    caller has configured the tracking store)."""
-    from cifar_exp.sweep import storage
-    from cifar_exp.track import collect
-
-    study = storage.load_existing(storage_url, chosen.name)
-    # Exclusive: no register is choosing, confirming or registering a model while this deletes.
-    with storage.models_lock(storage_url, study, chosen.name, shared=False, on_wait=lambda: print(
-            f"waiting for a register of {chosen.name} to finish", flush=True)):
-        gone = StudyAttrs.of(study).models_collected
-        done = collect.collect(study.get_trials(deepcopy=False), chosen.objectives, keep, gone)
-        if done.deleted:  # after the deletion: a collection cut short is finished by the next one
-            for key, value in StudyAttrs.encode(models_collected=gone | set(done.deleted)).items():
-                study.set_user_attr(key, value)
-    kept = f"kept the models of the {keep} best ({trial_list(done.plan.kept)})"
-    if done.plan.registered:
-        kept += f" and of the registered versions ({trial_list(done.plan.registered)})"
+def print_collected(name: str, keep: int, done: Collected) -> None:
+    """What ``registry.study.collect_models`` did, as the terminal shows it."""
+    kept = f"kept the models of the {keep} best ({trial_list(done.kept)})"
+    if done.registered:
+        kept += f" and of the registered versions ({trial_list(done.registered)})"
     if not done.deleted:
-        print(f"gc {chosen.name}: nothing to delete; {kept}")
+        print(f"gc {name}: nothing to delete; {kept}")
         return
-    print(f"gc {chosen.name}: deleted the models of {trial_list(done.deleted)}: {done.freed:,} bytes freed "
+    print(f"gc {name}: deleted the models of {trial_list(done.deleted)}: {done.freed:,} bytes freed "
           f"({done.freed / 2**20:.1f} MiB); {kept}")

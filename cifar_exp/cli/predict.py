@@ -1,5 +1,4 @@
-"""``cifar-exp predict IMAGE...``: the top-k classes of image files by a logged or registered model.
-"""
+"""``cifar-exp predict IMAGE...``: the top-k classes of image files by a logged or registered model."""
 
 from __future__ import annotations
 
@@ -8,13 +7,8 @@ import json
 
 from cifar_exp.cli import arguments
 from cifar_exp.cli.arguments import DEFAULT_MODEL
-from cifar_exp.cli.environment import (
-    open_store,
-    quiet_keras,
-)
-from cifar_exp.config import (
-    DEFAULT_STORAGE,
-)
+from cifar_exp.cli.environment import open_store, quiet_keras
+from cifar_exp.config import DEFAULT_STORAGE
 
 DESCRIPTION = ("Top-k classes with probabilities for image files (any size; resized to the model's input), "
                "from a logged or registered model.")

@@ -1,5 +1,4 @@
-"""``cifar-exp report NAME``: rebuild a study's plots, trials table and cost ledger in its parent run.
-"""
+"""``cifar-exp report NAME``: rebuild a study's plots, trials table and cost ledger in its parent run."""
 
 from __future__ import annotations
 
@@ -7,12 +6,8 @@ import argparse
 import dataclasses
 
 from cifar_exp.cli import arguments
-from cifar_exp.cli.environment import (
-    open_store,
-)
-from cifar_exp.config import (
-    UserError,
-)
+from cifar_exp.cli.environment import open_store
+from cifar_exp.config import UserError
 from cifar_exp.config.records import StudyAttrs
 from cifar_exp.config.sweepfile import load_sweep
 

@@ -1,6 +1,5 @@
 """``cifar-exp rerun RUN_ID`` (or ``NAME --trial N``): train a logged trial again and compare it with
-the original.
-"""
+the original."""
 
 from __future__ import annotations
 
@@ -10,17 +9,9 @@ import shlex
 import sys
 
 from cifar_exp.cli import arguments
-from cifar_exp.cli.environment import (
-    existing_store,
-    quiet_keras,
-    set_environment,
-)
-from cifar_exp.cli.progress import (
-    print_comparison,
-)
-from cifar_exp.config import (
-    DEFAULT_STORAGE,
-)
+from cifar_exp.cli.environment import existing_store, quiet_keras, set_environment
+from cifar_exp.cli.progress import print_comparison
+from cifar_exp.config import DEFAULT_STORAGE
 
 DESCRIPTION = ("Train a logged trial again from its seed and recorded configuration, into a new MLflow run "
                "tagged rerun_of, and compare every per-epoch metric with the original.")
@@ -44,38 +35,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the output a report
     existing_store(args.tracking_uri)
-    from cifar_exp import (
-        rerun,
-        track,  # no keras yet: the original decides the backend
-    )
+    from cifar_exp import rerun, track  # no keras yet: the original decides the backend
 
-    run_id = args.target
-    if args.trial is not None:
-        run_id = rerun.find_trial_run(args.storage, args.target, args.trial)
+    # The study first: a missing storage or trial is refused before the MLflow store is touched.
+    run_id = args.target if args.trial is None else rerun.find_trial_run(args.storage, args.target, args.trial)
     track.configure(args.tracking_uri)
     original = rerun.load_original(run_id)
     # The original's backend unless the user chose one: another backend gives other numbers.
     os.environ.setdefault("KERAS_BACKEND", original.run.tags.get("keras_backend", "tensorflow"))
     set_environment(args.deterministic)
     quiet_keras(args.storage, original.sweep.name)
-    from cifar_exp import data
-    from cifar_exp.training import backend
 
-    source = args.data if args.data is not None else original.sweep.data.source
-    dataset = data.load(source)
-    rerun.check_data(original, source, dataset.checksum)  # before anything is written
-    splits = data.splits(original.sweep, dataset)
-    backend.use_deterministic_ops(args.deterministic)
-    identity = backend.identity()
-    epochs = original.sweep.epochs if original.state == "COMPLETE" else original.epochs_logged
-    print(f"rerun of trial {original.trial_number} of sweep {original.sweep.name} (run {original.run.run_id}, "
-          f"{original.state}): {epochs} of {original.sweep.epochs} epochs, seed {original.seed}, "
-          f"deterministic kernels {'on' if args.deterministic else 'off'}")
-    for line in rerun.differences(original, identity, args.deterministic):
-        print(f"  differs from the original: {line}")
+    def started(start: rerun.Start) -> None:
+        print(f"rerun of trial {original.trial_number} of sweep {original.sweep.name} (run {original.run.run_id}, "
+              f"{original.state}): {start.epochs} of {original.sweep.epochs} epochs, seed {original.seed}, "
+              f"deterministic kernels {'on' if args.deterministic else 'off'}")
+        for line in start.differences:
+            print(f"  differs from the original: {line}")
+
     try:
-        outcome, comparison = rerun.rerun(original, splits, identity=identity, deterministic=args.deterministic,
-                                          tags={"command": shlex.join(args.command_line)}, tolerance=args.tolerance)
+        outcome, comparison = rerun.reproduce(
+            original, args.data if args.data is not None else original.sweep.data.source,
+            deterministic=args.deterministic, tolerance=args.tolerance,
+            tags={"command": shlex.join(args.command_line)}, on_start=started)
     except KeyboardInterrupt:
         print("interrupted: the rerun's run is marked KILLED", file=sys.stderr)
         return 130

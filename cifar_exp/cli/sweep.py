@@ -1,7 +1,6 @@
 """``cifar-exp sweep NAME`` (and ``python -m cifar_exp.sweep NAME``, the main job): check the input,
 then run or resume the study with its workers and print their progress and the final table. This
-process never imports Keras: the workers train.
-"""
+process never imports Keras: the workers train."""
 
 from __future__ import annotations
 
@@ -14,23 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from cifar_exp.cli import arguments
-from cifar_exp.cli.environment import (
-    library_log,
-    provenance,
-    set_environment,
-)
-from cifar_exp.cli.progress import (
-    Progress,
-    fmt,
-    print_summary,
-)
-from cifar_exp.config import (
-    ConfigError,
-    Settings,
-    Sweep,
-    UserError,
-    mask_credentials,
-)
+from cifar_exp.cli.environment import library_log, provenance, quiet_keras, set_environment
+from cifar_exp.cli.gc import print_collected
+from cifar_exp.cli.progress import Progress, fmt, print_summary
+from cifar_exp.cli.register import print_registered
+from cifar_exp.cli.register import say as say_now
+from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials
 from cifar_exp.config.goals import WarmStart
 from cifar_exp.config.records import StudyAttrs
 from cifar_exp.config.sweepfile import TOP_LEVEL_RANGES, available_sweeps, load_sweep
@@ -204,14 +192,15 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
     if summary.stop_reason:
         print(f"error: {summary.stop_reason}", file=sys.stderr)
         return 1
+    from cifar_exp.registry import study
+
     if args.register:
-        from cifar_exp.cli.register import register_best
-
-        register_best(chosen, args.storage, args.data, seeds=chosen.confirm_seeds)
+        quiet_keras(args.storage, chosen.name)  # the registration loads the data and the model: Keras
+        done = study.register_best(chosen, args.storage, args.data, seeds=chosen.confirm_seeds, say=say_now)
+        print_registered(done, chosen, None)
     if chosen.keep_models is not None:  # after registering: a new version's model is kept
-        from cifar_exp.cli.gc import collect_models
-
-        collect_models(chosen, args.storage, chosen.keep_models)
+        print_collected(chosen.name, chosen.keep_models,
+                        study.collect_models(chosen, args.storage, chosen.keep_models, say_now))
     return 0
 
 

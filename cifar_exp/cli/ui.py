@@ -1,5 +1,4 @@
-"""``cifar-exp ui [NAME]``: the MLflow UI on this project's store, refusing other pages' state changes.
-"""
+"""``cifar-exp ui [NAME]``: the MLflow UI on this project's store, refusing other pages' state changes."""
 
 from __future__ import annotations
 
@@ -8,13 +7,8 @@ import os
 import sys
 
 from cifar_exp.cli import arguments
-from cifar_exp.cli.environment import (
-    existing_store,
-)
-from cifar_exp.config import (
-    UserError,
-    mask_credentials,
-)
+from cifar_exp.cli.environment import existing_store
+from cifar_exp.config import UserError, mask_credentials
 from cifar_exp.config.sweepfile import load_sweep
 
 DESCRIPTION = "Start the MLflow UI on this project's store, bound to 127.0.0.1 unless told otherwise."

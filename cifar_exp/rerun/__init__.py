@@ -242,6 +242,36 @@ def rerun(original: Original, splits: Any, *, identity: Mapping[str, str], deter
 
 
 @dataclass(frozen=True)
+class Start:
+    """What a rerun is about to train: ``epochs`` of the original's budget, and how this process
+    differs from the original's (``differences``)."""
+
+    epochs: int
+    differences: list[str]
+
+
+def reproduce(original: Original, source: str, *, deterministic: bool, tolerance: float, tags: Mapping[str, str],
+              on_start: Callable[[Start], None] | None = None,
+              on_epoch: Callable[[int, Mapping[str, float]], None] | None = None) -> tuple[Outcome, Comparison]:
+    """The rerun command: ``source``'s data, refused before anything is written unless its
+    checksum is the original's (``check_data``); the original's splits; deterministic kernels as
+    ``deterministic`` says; ``on_start`` told what is about to run; then ``rerun``."""
+    from cifar_exp import data  # imports keras: after the caller set the backend
+    from cifar_exp.training import backend
+
+    dataset = data.load(source)
+    check_data(original, source, dataset.checksum)
+    splits = data.splits(original.sweep, dataset)
+    backend.use_deterministic_ops(deterministic)
+    identity = backend.identity()
+    if on_start is not None:
+        epochs = original.sweep.epochs if original.state == "COMPLETE" else original.epochs_logged
+        on_start(Start(epochs, differences(original, identity, deterministic)))
+    return rerun(original, splits, identity=identity, deterministic=deterministic, tags=tags, tolerance=tolerance,
+                 on_epoch=on_epoch)
+
+
+@dataclass(frozen=True)
 class Comparison:
     """Original vs rerun, value by value. ``epochs[e][metric]`` and ``test[metric]`` hold
     ``(original, rerun)``; ``rerun`` is None where the rerun has no value."""
