@@ -18,7 +18,7 @@ MODULES = {(p.relative_to(PACKAGE).with_suffix("").as_posix().replace("/__init__
 # and the packages below, never above. The ``python -m`` entry points (``cifar_exp.__main__`` for
 # every command, ``sweep.__main__`` for the main job) sit above everything.
 PACKAGE_FLOORS = [
-    {"config"},
+    {"config", "cluster"},
     {"data", "metrics"},
     {"training"},
     {"track"},
@@ -31,7 +31,8 @@ PACKAGE_FLOORS = [
 ]
 # Module by module, lowest first: inside a package too, imports flow one way.
 FLOORS = [
-    {"config", "config.goals", "sweep.events", "config.safeyaml", "sweep", "training"},
+    {"config", "config.goals", "sweep.events", "config.safeyaml", "sweep", "training", "cluster", "cluster.slurm",
+     "cluster.k8s"},
     {"config.values"},
     {"config.sweepfile", "config.records", "data.formats", "training.backend", "sweep.space", "metrics.plots",
      "sweep.liveness", "sweep.sidecar"},
@@ -50,7 +51,7 @@ FLOORS = [
     {"registry.study"},
     {"cli.progress", "cli.environment", "cli.arguments"},
     {"cli.sweep", "cli.rerun", "cli.register", "cli.report", "cli.compare", "cli.gc", "cli.ui", "cli.predict",
-     "cli.evaluate"},
+     "cli.evaluate", "cli.launch"},
     {"cli"},
     {"sweep.__main__", "__main__"},
 ]

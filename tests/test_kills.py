@@ -129,18 +129,18 @@ def _await_status(pid: int, done: Callable[[dict[str, str]], object]) -> None:
         time.sleep(0.05)
 
 
-def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(isolated: Path, cifar_slice: Path) -> None:
-    args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "2", "--epochs", "2",
+def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes_it_from_its_checkpoint(
+        isolated: Path, cifar_slice: Path) -> None:
+    """Ctrl-C (or a scheduler's SIGTERM: the command treats both alike) ends the running trial as
+    interrupted, keeps its checkpoint and queues its retry; the same command resumes the trial
+    from its last epoch, and the interrupted trial does not count against the budget."""
+    args = [sys.executable, "-m", "cifar_exp.sweep", "lr_dropout", "--trials", "1", "--epochs", "4",
             "--data", str(cifar_slice)]
-    process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen(args, cwd=isolated, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env=clean_env())
-    assert process.stdout is not None
-    for line in process.stdout:  # wait until trial 0 has begun
-        if line.startswith("trial 0 started"):
-            break
     # The worker is held still while Ctrl-C reaches the command and the command's SIGTERM reaches
-    # the worker, so the trial cannot end, nor the next begin, while the signals travel.
-    worker = int(study(isolated).get_trials()[0].user_attrs["worker_pid"])
+    # the worker, so the trial cannot end while the signals travel.
+    worker = int(wait_for_first_epoch(isolated, process).user_attrs["worker_pid"])
     os.kill(worker, signal.SIGSTOP)
     _await_status(worker, lambda status: status["State"].startswith("T"))
     process.send_signal(signal.SIGINT)
@@ -150,17 +150,20 @@ def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes(isolated: P
     assert process.returncode == 130, err
     assert "run the same command to resume" in err
 
-    (trial,) = study(isolated).get_trials()
+    trial, retry = study(isolated).get_trials()
     assert trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") is True, (trial.user_attrs, err)
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == 0
     parents, children = runs(isolated)
     assert children[0].info.status == "KILLED" and parents[0].info.status == "KILLED"
 
-    run_sweep(isolated, "lr_dropout", "--trials", "2", "--epochs", "2", "--data", str(cifar_slice))
+    run_sweep(isolated, "lr_dropout", "--trials", "1", "--epochs", "4", "--data", str(cifar_slice))
     trials = study(isolated).get_trials()
-    # the interrupted trial does not count against the budget: two complete trials follow it
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    # the interrupted trial does not count against the budget: its retry completes it
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["resumed_epochs"] >= 1  # from trial 0's checkpoint, kept for it
+    assert trials[1].params == trials[0].params
     parents, children = runs(isolated)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 3
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
 
 
 def test_sigkill_of_the_sweep_command_alone_takes_its_workers_with_it(isolated: Path, cifar_slice: Path) -> None:

@@ -108,3 +108,21 @@ def test_the_models_lock_is_shared_by_registers_exclusive_for_gc_and_apart_from_
             assert not register  # a register waits for gc
     with storage.models_lock(url, study, "another_sweep", shared=False, wait=False) as elsewhere:
         assert elsewhere  # one lock per study
+
+
+@pytest.mark.slow
+def test_a_connection_the_server_dropped_is_replaced_before_the_next_claim(postgres: str) -> None:  # noqa: F811
+    """An idle worker's connection, dropped by the server (as an idle timeout, a proxy or a NAT
+    drops it), is tested and replaced before use: the next call goes through."""
+    import psycopg
+
+    url = f"{postgres}/optuna"
+    storage = open_storage(url)
+    study = optuna.create_study(storage=storage, study_name="idle")
+    assert study.get_trials() == []  # a pooled connection, now idle
+    with psycopg.connect(f"{postgres}/postgres", autocommit=True) as admin:
+        dropped = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'optuna' "
+                                "AND pid <> pg_backend_pid()").fetchall()
+    assert dropped and all(row[0] for row in dropped)
+    assert study.get_trials() == []  # without pool_pre_ping: OperationalError, server closed the connection
+    optuna.delete_study(study_name="idle", storage=storage)

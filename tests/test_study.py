@@ -145,6 +145,28 @@ def test_a_trial_of_another_host_is_stale_once_its_heartbeat_stops(isolated: Pat
     assert socket.gethostname() != "another-host.example"
 
 
+def test_a_worker_of_another_pid_namespace_under_the_same_host_name_is_never_judged_by_its_pid(
+        isolated: Path) -> None:
+    """Two containers with host networking (or two pods of one hostname) share a host name, not
+    their pids: a trial claimed in the other one, whose pid is dead here, is left to the storage's
+    heartbeats; the same dead pid claimed on this very machine is a dead worker."""
+    from cifar_exp.sweep import liveness
+
+    own = settings(str(isolated / "o.journal"))
+    create_study(own)
+    here = liveness.machine()
+    assert here.split("~")[0] == socket.gethostname() and len(here.split("~")) == 3  # Linux: boot and namespace
+    claimed = claim(own, open_storage(own.storage))
+    assert isinstance(claimed, Claim) and claimed.trial.user_attrs["worker_host"] == here
+    claimed.trial.set_user_attr("worker_pid", dead_pid())
+    claimed.trial.set_user_attr("worker_host", f"{socket.gethostname()}~{here.split('~')[1]}~1")  # another pidns
+    assert recover_stale(claimed.study) == []
+    assert claimed.study.get_trials()[0].state == TrialState.RUNNING
+    claimed.trial.set_user_attr("worker_host", here)  # the same dead pid, claimed on this machine
+    (stale,) = recover_stale(claimed.study)
+    assert stale.number == claimed.trial.number and "is gone" in claimed.study.get_trials()[0].user_attrs["fail_reason"]
+
+
 def test_a_trial_whose_worker_died_before_its_run_existed_gets_one_run_recording_the_failure(isolated: Path) -> None:
     track.configure(f"sqlite:///{isolated}/mlruns/mlflow.db")
     own = settings(str(isolated / "o.journal"))

@@ -3,9 +3,10 @@ as ``python -m cifar_exp.sweep NAME``) and its one error boundary. Each command 
 ``cli`` (``sweep``, ``rerun``, ``register``, ...): its arguments, and ``run``, which calls the
 library and prints; the library decides.
 
-Exit codes: 0 done; 1 the sweep stopped on repeated trial failures (or a rerun did not
-reproduce); 2 bad input (one line on stderr, nothing written; ``CIFAR_EXP_DEBUG=1`` adds the
-traceback); 130 interrupted (the same command resumes)."""
+Exit codes (``cluster.Exit``, the contract a scheduler reads): 0 done; 1 the sweep stopped on
+repeated trial failures (or a rerun did not reproduce); 2 bad input (one line on stderr, nothing
+written; ``CIFAR_EXP_DEBUG=1`` adds the traceback); 130 interrupted by SIGINT or SIGTERM (the
+running trial's retry resumes from its checkpoint when the same command runs again)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from cifar_exp.cli import compare, evaluate, gc, predict, register, report, rerun, sweep, ui
+from cifar_exp.cli import compare, evaluate, gc, launch, predict, register, report, rerun, sweep, ui
 from cifar_exp.config import UserError, check_storage, check_tracking_uri, mask_credentials
 
 # A command's last step was the interpreter's final garbage collection over every object that
@@ -59,6 +60,7 @@ COMMANDS: dict[str, Command] = {
     "ui": Command(ui.add_arguments, ui.run, ui.DESCRIPTION, ui.SUMMARY),
     "predict": Command(predict.add_arguments, predict.run, predict.DESCRIPTION, predict.SUMMARY),
     "evaluate": Command(evaluate.add_arguments, evaluate.run, evaluate.DESCRIPTION, evaluate.SUMMARY),
+    "launch": Command(launch.add_arguments, launch.run, launch.DESCRIPTION, launch.SUMMARY),
 }
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cifar_exp import cluster
 from cifar_exp.cli import arguments
 from cifar_exp.cli.environment import library_log, provenance, quiet_keras, set_environment
 from cifar_exp.cli.gc import print_collected
@@ -47,7 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=arguments.positive(int, "--workers"), default=1,
                    help="worker processes sharing the study (default 1)")
     p.add_argument("--gpus", type=arguments.gpus, default=(),
-                   help="GPU indices, e.g. 0,1: worker i sees only GPU i mod count (CUDA_VISIBLE_DEVICES)")
+                   help="GPU indices, e.g. 0,1: worker i sees only GPU i mod count (CUDA_VISIBLE_DEVICES; "
+                        "where a scheduler set it, indices into its GPUs)")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="keep the running trials' per-epoch checkpoints in DIR (default beside the storage); "
+                        "on a folder every node shares, a trial stopped on one node resumes on another")
     p.add_argument("--engine", choices=("optuna", "keras-tuner"), default="optuna",
                    help="search with Optuna (default) or with KerasTuner's own tuners, tracked the same way")
     p.add_argument("--register", action="store_true",
@@ -72,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     # Bad input fails here, before anything is written: the servers first (they write nothing
     # when checked), then the data (whose cache is the first write).
     track.check_server(args.tracking_uri)
+    mismatch = track.version_mismatch(args.tracking_uri)
+    if mismatch:
+        print(f"warning: {mismatch}", file=sys.stderr, flush=True)
     if "://" in args.storage:
         storage.open_storage(args.storage)
     _check_warm_start(chosen, args.storage)
@@ -84,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
             "command": shlex.join(args.command_line), "keras_backend": os.environ["KERAS_BACKEND"], **provenance()}
     sizes = f"{len(splits.y_train)} training / {len(splits.y_val)} validation / {len(splits.y_test)} test images"
     settings = Settings(sweep=chosen, storage=args.storage, tracking_uri=args.tracking_uri,
-                                workers=args.workers, gpus=args.gpus, tags=tags, data_checksum=dataset.checksum)
+                                workers=args.workers, gpus=args.gpus, tags=tags, data_checksum=dataset.checksum,
+                                checkpoint_dir=os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else "")
     del dataset, splits  # the workers load their own copy; the parent keeps no arrays
     if args.engine == "keras-tuner":
         return _keras_tuner(settings)
@@ -125,9 +134,22 @@ def check_workers(workers: int) -> None:
                           f"{available / 1e9:.1f} GB of memory is available: give --workers {fits} or fewer")
 
 
+def _check_machine(args: argparse.Namespace) -> None:
+    """``ConfigError`` if this machine cannot run what the flags ask: the workers (memory, cores),
+    the GPUs (a scheduler's assignment wins), the checkpoint folder."""
+    check_workers(args.workers)
+    try:
+        cluster.check_gpus(args.gpus)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.checkpoint_dir is not None and not Path(args.checkpoint_dir).is_dir():
+        raise ConfigError(f"--checkpoint-dir {args.checkpoint_dir}: no such folder: create it (on a cluster, on a "
+                          f"file system every node mounts)")
+
+
 def _with_overrides(args: argparse.Namespace) -> Sweep:
     """The sweep named on the command line, with the flags that override its file."""
-    check_workers(args.workers)
+    _check_machine(args)
     if args.engine == "keras-tuner" and args.workers != 1:
         raise ConfigError("--engine keras-tuner runs its trials one after another in this process: drop --workers")
     if args.engine == "keras-tuner" and args.register:

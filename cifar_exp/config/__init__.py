@@ -394,3 +394,4 @@ class Settings:
     tags: dict[str, str] = field(default_factory=dict)  # provenance for the parent run
     data_checksum: str = ""  # of the data the sweep trains on: part of the study's identity
     log_file: str = ""  # where workers write their output (library log lines); "" leaves it on the terminal
+    checkpoint_dir: str = ""  # where running trials keep their checkpoints; "" beside the storage (sweep.sidecar)

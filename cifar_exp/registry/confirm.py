@@ -108,14 +108,15 @@ class Trainer:
     def __init__(self, experiment: str, parent_run_id: str, tags: Mapping[str, str],
                  on_run: Callable[[str], None] = lambda line: None) -> None:
         import os
-        import socket
 
         import psutil
+
+        from cifar_exp.sweep import liveness
 
         # Who trains the runs: a run left RUNNING by a register that is gone is closed by the next
         # register or sweep start (``sweep.supervisor.close_confirmations``).
         me = psutil.Process(os.getpid())
-        process = {"confirmation_host": socket.gethostname(), "confirmation_pid": str(me.pid),
+        process = {"confirmation_host": liveness.machine(), "confirmation_pid": str(me.pid),
                    "confirmation_started": repr(me.create_time())}
         self.experiment, self.parent, self.on_run = experiment, parent_run_id, on_run
         self.tags = {**tags, **process}

@@ -27,6 +27,22 @@ import psutil
 from cifar_exp.sweep import sidecar
 
 
+def machine() -> str:
+    """The name of this process's process table, where a pid means something: the host name and,
+    where Linux tells them, the boot and the PID namespace (``host~boot~pidns``). Decision: the
+    host name alone is not enough on a cluster: two containers with host networking, or two pods
+    with one hostname, share a host name but not their pids, and each took the other's workers
+    for dead (and failed, or killed, their trials). Only processes of one ``machine`` judge each
+    other by pid; across machines only the storage's heartbeats decide."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:  # not Linux, or no /proc: the host name is what there is
+        pass
+    return "~".join(parts)
+
+
 def alive(pid: Any, started: Any) -> bool:
     """Whether the process ``pid``, started at ``started`` (psutil's create_time), still runs; the
     start time tells a reused pid from the original process."""
@@ -43,7 +59,7 @@ def folder(storage: str) -> Path:
 
 def path(storage: str, pid: int, started: float) -> Path:
     """The heartbeat file of the process ``pid`` started at ``started`` (psutil's create_time)."""
-    return folder(storage) / f"{socket.gethostname()}-{pid}-{started:.2f}"
+    return folder(storage) / f"{machine()}-{pid}-{started:.2f}"
 
 
 def interval(grace: float) -> float:
@@ -106,10 +122,10 @@ def kill(pid: int, beat: Path) -> None:
 
 
 def clear_dead(storage: str) -> list[Path]:
-    """Delete the heartbeat files of this host's processes that are gone (a killed worker leaves
-    its file: nothing else would ever remove it); the paths deleted. Another host's files are
-    left to that host."""
-    host = socket.gethostname()
+    """Delete the heartbeat files of this machine's processes that are gone (a killed worker leaves
+    its file: nothing else would ever remove it); the paths deleted. Another machine's files are
+    left to that machine (``machine``)."""
+    host = machine()
     cleared = []
     for beat in sorted(folder(storage).glob(f"{host}-*")):
         pid, _, started = beat.name.removeprefix(f"{host}-").partition("-")

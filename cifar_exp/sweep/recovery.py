@@ -16,7 +16,6 @@ imports Optuna alone.
 
 from __future__ import annotations
 
-import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ def recover_stale(study: optuna.Study, unclaimed: bool = False, url: str = "",
     worker stamped on it: its claimer died, or met a full disk, between asking and stamping.
     Safe to run in many processes at once: only the one whose state change wins closes and
     retries a trial."""
-    host = socket.gethostname()
+    host = liveness.machine()
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     attrs = {t.number: TrialAttrs.of(t) for t in running}
     gone = [(t, f"stale: its worker (pid {attrs[t.number].worker_pid}) is gone") for t in running
@@ -65,9 +64,30 @@ def recover_stale(study: optuna.Study, unclaimed: bool = False, url: str = "",
                  for trial_id in rdb._get_stale_trial_ids(study._study_id)]
     stale = [trial for trial, reason in gone if fail_trial(study, trial, reason, "KILLED")]
     for trial in stale:
-        if TrialAttrs.of(trial).retry_of is None:
-            study.enqueue_trial(trial.params, user_attrs=TrialAttrs.encode(retry_of=trial.number))
+        retry(study, trial)
     return stale
+
+
+def retry(study: optuna.Study, trial: optuna.Trial | FrozenTrial, interrupted: bool = False) -> bool:
+    """Enqueue a retry of the ended ``trial`` (its params, ``retry_of`` its number: it resumes from
+    the trial's checkpoint and trains with the seed of the first of its chain); whether one was
+    enqueued. After an interruption always (Ctrl-C, a scheduler's SIGTERM, a preemption: the
+    trial did nothing wrong, and may be stopped again); after a failure or a death once (a retry
+    that fails too is not retried: a trial that kills its worker would kill every worker)."""
+    if not interrupted and TrialAttrs.of(trial).retry_of is not None:
+        return False
+    study.enqueue_trial(trial.params, user_attrs=TrialAttrs.encode(retry_of=trial.number))
+    return True
+
+
+def first_of(study: optuna.Study, number: int) -> int:
+    """The trial a chain of retries began with: ``number``, or what it is a retry of, and so on."""
+    trials = study.get_trials(deepcopy=False)
+    seen = {number}
+    while (up := TrialAttrs.of(trials[number]).retry_of) is not None and int(up) not in seen:
+        number = int(up)
+        seen.add(number)
+    return number
 
 
 def beating(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:

@@ -37,15 +37,18 @@ def identity(storage: str) -> str:
     return mask_credentials(storage) if "://" in storage else os.path.abspath(storage)
 
 
-def checkpoints(storage: str, study: str) -> Path:
-    """The folder of the checkpoints of ``study``'s running trials in the storage ``storage``."""
+def checkpoints(storage: str, study: str, root: str = "") -> Path:
+    """The folder of the checkpoints of ``study``'s running trials in the storage ``storage``:
+    under ``root`` (``--checkpoint-dir``: on a cluster, a folder every node shares) or beside the
+    storage."""
     digest = hashlib.sha256(identity(storage).encode()).hexdigest()[:12]
-    return folder(storage) / "checkpoints" / study / digest
+    return (Path(root) if root else folder(storage) / "checkpoints") / study / digest
 
 
-def checkpoint(storage: str, study: str, number: int) -> Path:
-    """Where trial ``number`` of ``study`` keeps its checkpoint while it runs."""
-    return checkpoints(storage, study) / f"{number}.npz"
+def checkpoint(storage: str, study: str, number: int, root: str = "") -> Path:
+    """Where trial ``number`` of ``study`` keeps its checkpoint while it runs (``root``: see
+    ``checkpoints``)."""
+    return checkpoints(storage, study, root) / f"{number}.npz"
 
 
 def owner(storage: str, study: str, study_id: int, trial_id: int, data_checksum: str) -> dict[str, str]:
@@ -55,13 +58,13 @@ def owner(storage: str, study: str, study_id: int, trial_id: int, data_checksum:
             "data_checksum": data_checksum}
 
 
-def drop_checkpoints(storage: str, study: str, keep: Collection[int]) -> list[Path]:
+def drop_checkpoints(storage: str, study: str, keep: Collection[int], root: str = "") -> list[Path]:
     """Delete the checkpoints of ``study``'s trials not in ``keep`` (the trials still running and
     those a queued retry will resume), with any temporary file a killed write left; the paths
     deleted. A trial's own worker deletes its checkpoint when the trial ends: what this finds was
     left by a worker that died, for a retry that will not come. Only regular files go: anything
     else at a checkpoint's path is not ours to delete."""
-    where = checkpoints(storage, study)
+    where = checkpoints(storage, study, root)
     dropped = [path for path in sorted(where.glob("*.npz*"))
                if not (path.name.endswith(".npz") and path.stem.isdigit() and int(path.stem) in keep)
                and path.is_file() and not path.is_symlink()]

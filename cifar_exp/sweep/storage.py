@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,14 +33,27 @@ from optuna.trial import FrozenTrial, TrialState
 from cifar_exp.config import ConfigError, Settings, Sweep, UserError, existing_storage, mask_credentials, outcomes
 from cifar_exp.config.goals import Objective
 from cifar_exp.config.records import StudyAttrs, TrialAttrs, trial_seed
-from cifar_exp.sweep import recovery, space
+from cifar_exp.sweep import liveness, recovery, space
 
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+RECYCLE_SECONDS = 300  # a server database's connection is replaced after this long (``engine_options``)
 # RDB storages: a running trial's heartbeat period, and the silence after which it is stale. A
 # worker busy in one long epoch still beats (a thread), so the grace only has to cover a stalled
 # database connection.
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 60
+
+
+def engine_options(url: str) -> dict[str, Any]:
+    """SQLAlchemy's options for a database storage. A server database (PostgreSQL, MySQL): each
+    connection is tested before use and replaced after ``RECYCLE_SECONDS`` (a worker in a long
+    trial leaves its connection idle for minutes, and servers, proxies and NAT drop idle ones:
+    the next claim met a dead connection); a small pool per process, since a worker uses two
+    connections (its claims and its heartbeat thread), where SQLAlchemy's default pool lets a
+    process hold 15, and PostgreSQL's default ``max_connections`` is 100 for every process."""
+    if url.startswith("sqlite"):
+        return {}
+    return {"pool_pre_ping": True, "pool_recycle": RECYCLE_SECONDS, "pool_size": 2, "max_overflow": 2}
 
 
 def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS,
@@ -55,7 +67,8 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS,
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                                                  engine_kwargs=engine_options(url))
         except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot open the Optuna storage {mask_credentials(url)} ({mask_credentials(reason)}): "
@@ -247,7 +260,7 @@ def claim(settings: Settings, storage: optuna.storages.BaseStorage) -> Claim | L
         me = psutil.Process()
         # the host last: ``recover_stale`` looks at a trial only once its host is set
         for key, value in TrialAttrs.encode(worker_pid=me.pid, worker_started=me.create_time(),
-                                            worker_host=socket.gethostname()).items():
+                                            worker_host=liveness.machine()).items():
             trial.set_user_attr(key, value)
         rdb = recovery.beating(storage)
         if rdb is not None:

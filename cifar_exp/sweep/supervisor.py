@@ -17,7 +17,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -100,7 +99,7 @@ def run_sweep(settings: Settings, on_event: OnEvent = lambda event, tally: None)
     # retry died too); those of trials still running, or of a retry still queued, stay.
     sidecar.drop_checkpoints(settings.storage, sweep.name, {t.number for t in trials if t.state == TrialState.RUNNING}
                              | {int(a.retry_of) for t in trials if t.state == TrialState.WAITING
-                                and (a := TrialAttrs.of(t)).retry_of is not None})
+                                and (a := TrialAttrs.of(t)).retry_of is not None}, settings.checkpoint_dir)
     best = storage.best_trials(study, sweep.objectives, 5)
     _finish_parent(study, parent, trials, best, sweep, interrupted=state.interrupted)
     counts = {s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
@@ -163,7 +162,7 @@ def close_confirmations(url: str, study: optuna.Study, name: str) -> list[str]:
     closed = []
     with storage.models_lock(url, study, name, shared=False, wait=False) as held:
         none_registering = held and storage.locks(url)  # a database without the lock cannot tell
-        here = socket.gethostname()
+        here = liveness.machine()
         for run_id, tags in track.running_confirmations(str(experiment), str(parent)).items():
             if none_registering or (tags.get("confirmation_host") == here and not liveness.alive(
                     tags.get("confirmation_pid"), tags.get("confirmation_started"))):
@@ -308,9 +307,7 @@ class _Parent:
             if not recovery.fail_trial(self.study, trial, reason, "KILLED" if self.interrupted else "FAILED",
                                       interrupted=self.interrupted):
                 continue  # a worker found it stale first, and retried it
-            retried = not self.interrupted and TrialAttrs.of(trial).retry_of is None
-            if retried:
-                self.study.enqueue_trial(trial.params, user_attrs=TrialAttrs.encode(retry_of=trial.number))
+            retried = recovery.retry(self.study, trial, self.interrupted)
             ended = events.Ended(trial.number, "FAIL", TrialAttrs.of(trial).mlflow_run_id or "", retried=retried,
                                  reason=events.INTERRUPTED if self.interrupted else reason)
             if ended.reason == events.INTERRUPTED:
@@ -325,8 +322,9 @@ class _Parent:
         for process in self.workers.values():
             process.kill()
         for trial in recovery.running(self.study, self.pids):
-            recovery.fail_trial(self.study, trial, "interrupted: the sweep stopped before this trial ended", "KILLED",
-                               interrupted=True)
+            if recovery.fail_trial(self.study, trial, "interrupted: the sweep stopped before this trial ended",
+                                   "KILLED", interrupted=True):
+                recovery.retry(self.study, trial, interrupted=True)  # it resumes from its checkpoint
         self.queue.close()
 
 

@@ -23,7 +23,7 @@ import optuna
 import psutil
 from optuna.trial import TrialState
 
-from cifar_exp import lifecycle, track
+from cifar_exp import cluster, lifecycle, track
 from cifar_exp.config import Settings, TrainConfig, UserError, outcomes
 from cifar_exp.config.goals import SPEED_METRICS
 from cifar_exp.config.records import TrialAttrs, trial_seed
@@ -58,8 +58,8 @@ def main(settings: Settings, experiment: str, parent_run_id: str, stop: Any,
     if parent is not None:
         threading.Thread(target=_die_with_parent, args=(parent, queue), name="parent-watch", daemon=True).start()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent reports trials
-    if settings.gpus:  # before Keras (and its backend) first touches CUDA
-        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[worker_id % len(settings.gpus)]
+    # Before Keras (and its backend) first touches CUDA: this worker's GPU and share of its memory.
+    os.environ.update(cluster.devices(worker_id, settings.workers, settings.gpus))
     me = psutil.Process()
     with liveness.beating(liveness.path(settings.storage, me.pid, me.create_time()), settings.sweep.heartbeat_grace):
         if worker.prepare():
@@ -112,7 +112,7 @@ class Worker:
 
         sweep = self.sweep
         backend.use_deterministic_ops(sweep.deterministic)
-        self.identity = {**backend.identity(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+        self.identity = {**backend.identity(), **cluster.placement()}  # where its trials run: host, task or pod, GPUs
         track.configure(self.settings.tracking_uri)
         self.splits = data.splits(sweep, data.load(sweep.data.source))
         try:
@@ -165,20 +165,22 @@ class Worker:
 
         sweep, trial = self.sweep, claimed.trial
         retry_of = TrialAttrs.of(trial).retry_of
-        # A retry trains with its original's seed: resumed from the original's checkpoint or not,
-        # it computes what the original would have.
-        seed = trial_seed(sweep.sampler.seed, trial.number if retry_of is None else int(retry_of))
+        # A retry trains with its original's seed (the first of its chain's): resumed from the
+        # original's checkpoint or not, it computes what the original would have.
+        seed = trial_seed(sweep.sampler.seed, trial.number if retry_of is None
+                          else recovery.first_of(claimed.study, int(retry_of)))
         plan = self.plan(claimed, seed, retry_of)
         engine = OptunaTrial(self, claimed, Pruning(self.settings, opened, trial), seed)
         try:
             outcome = lifecycle.run_trial(plan, self.splits, engine, programs=self.programs, started=started,
                                           claim_seconds=claim_seconds, busy=self.busy)
         except (lifecycle.Interruption, KeyboardInterrupt):
-            self.queue.put(events.Ended(trial.number, "FAIL", engine.run_id, reason=events.INTERRUPTED))
+            # The checkpoint stays: the trial's retry resumes from it.
+            self.queue.put(events.Ended(trial.number, "FAIL", engine.run_id, reason=events.INTERRUPTED,
+                                        retried=True))
             raise SystemExit(0) from None
-        finally:
-            if plan.checkpoint is not None:
-                checkpoints.discard(plan.checkpoint.path)
+        if plan.checkpoint is not None:
+            checkpoints.discard(plan.checkpoint.path)
         self.queue.put(ended_event(trial.number, outcome, sweep))
         return not isinstance(outcome, lifecycle.Failed)
 
@@ -216,11 +218,12 @@ class Worker:
         if self.tunable is not None:
             return None
         study, number, settings = claimed.study, claimed.trial.number, self.settings
-        path = sidecar.checkpoint(settings.storage, self.sweep.name, number)
+        path = sidecar.checkpoint(settings.storage, self.sweep.name, number, settings.checkpoint_dir)
         writer = claimed.trial._trial_id
-        if retry_of is not None:
-            writer = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(retry_of))
-            original = sidecar.checkpoint(settings.storage, self.sweep.name, int(retry_of))
+        if retry_of is not None:  # the checkpoint names the first of the chain as its writer
+            writer = study._storage.get_trial_id_from_study_id_trial_number(
+                study._study_id, recovery.first_of(study, int(retry_of)))
+            original = sidecar.checkpoint(settings.storage, self.sweep.name, int(retry_of), settings.checkpoint_dir)
             if original.is_file():  # none was written (it died in its first epoch), or it is not ours
                 try:
                     os.replace(original, path)
@@ -284,8 +287,9 @@ class OptunaTrial:
         """Tell Optuna (and the companion study) the outcome, with what the trial recorded."""
         trial, study = self.trial, self.study
         if isinstance(outcome, lifecycle.Failed):
-            if outcome.interrupted:
-                recovery.fail_in_study(study, trial, "interrupted (Ctrl-C or SIGTERM)", interrupted=True)
+            if outcome.interrupted:  # its retry resumes from its checkpoint, in this sweep or the next
+                if recovery.fail_in_study(study, trial, "interrupted (Ctrl-C or SIGTERM)", interrupted=True):
+                    recovery.retry(study, trial, interrupted=True)
             else:
                 self.prune.end(TrialState.FAIL)
                 recovery.fail_in_study(study, trial, outcome.reason)

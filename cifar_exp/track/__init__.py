@@ -154,6 +154,25 @@ def check_server(tracking_uri: str) -> None:
                         ) from None
 
 
+def version_mismatch(tracking_uri: str) -> str:
+    """One line if ``tracking_uri`` is a tracking server whose MLflow version is not this
+    client's, "" otherwise (or when the server does not say). A server's database schema is
+    upgraded (``mlflow db upgrade``) with every writer stopped, and clients of another version
+    may write what it does not expect: the line says so."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return ""
+    try:
+        with urllib.request.urlopen(f"{_credentials_to_env(tracking_uri).rstrip('/')}/version", timeout=10) as response:
+            theirs = response.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    if not theirs or theirs == mlflow.__version__:
+        return ""
+    return (f"the MLflow server {mask_credentials(tracking_uri)} runs MLflow {theirs[:40]} and this process "
+            f"{mlflow.__version__}: install the server's version here (pip install mlflow=={theirs[:40]}), or "
+            f"upgrade the server with every sweep stopped")
+
+
 # The MLflow UI opens an experiment on its runs table only when the experiment says it holds
 # model training: without this tag MLflow 3's UI opened ours on its GenAI overview (traces, tokens).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
