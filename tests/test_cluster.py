@@ -144,6 +144,11 @@ def test_launch_writes_the_script_and_the_manifest_readable_by_their_owner_only(
 @pytest.mark.parametrize("argv, message", [
     (["slurm", "lr_dropout", "--storage", "mlruns/optuna.journal", "--tracking-uri", "http://m:5000",
       "--checkpoint-dir", "/c"], "a file on this machine, which tasks on other nodes cannot share"),
+    (["slurm", "lr_dropout", "--storage", "sqlite:///mlruns/optuna.db", "--tracking-uri", "http://m:5000",
+      "--checkpoint-dir", "/c", "--submit"], "a file on this machine, which tasks on other nodes cannot share"),
+    (["slurm", "lr_dropout", "--tracking-uri", "http://m:5000", "--checkpoint-dir", "/c", "--submit"],
+     "the following arguments are required: --storage"),
+    (["slurm", "no_such_sweep", *STORES, "--submit"], "unknown sweep 'no_such_sweep'"),
     (["slurm", "lr_dropout", "--storage", "postgresql://db/o", "--tracking-uri", "sqlite:///mlruns/mlflow.db",
       "--checkpoint-dir", "/c"], "a store on this machine: pass the MLflow server"),
     (["slurm", "lr_dropout", *STORES[:4], "--checkpoint-dir", "ckpt"], "give the absolute path"),
@@ -153,9 +158,10 @@ def test_launch_writes_the_script_and_the_manifest_readable_by_their_owner_only(
 ])
 def test_launch_refuses_what_a_cluster_cannot_run_in_one_line_and_writes_nothing(
         isolated: Path, argv: list[str], message: str) -> None:
-    code, _, err = in_process(isolated, "launch", *argv)
-    assert code == 2
-    (line,) = err.strip().splitlines()
+    done = subprocess.run([sys.executable, "-m", "cifar_exp", "launch", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
     assert message in line, line
     assert not (isolated / "mlruns").exists()
 
