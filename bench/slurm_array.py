@@ -152,8 +152,16 @@ def main() -> None:
         for step in stop:
             step()
         shutil.rmtree(folder, ignore_errors=True)
-    found["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    found["machine"] = {"cpu": _cpu_model(), "cores": os.cpu_count()}
     (ROOT / "bench" / "slurm_array.json").write_text(json.dumps(found, indent=2))
+
+
+def _cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform.processor() is empty on Linux)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -138,11 +139,12 @@ def test_one_console_script_has_every_command(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("sweep", "rerun", "register", "predict", "evaluate", "report", "compare", "gc", "ui"):
-        assert f"    {command} " in out, out
+    for command, found in cli.COMMANDS.items():  # its summary on its own line, whole
+        assert re.search(rf"^    {command} +{re.escape(found.summary)}$", out, re.M), out
         assert (ROOT / "cifar_exp" / "cli" / f"{command}.py").is_file()  # a module of cli each
     assert cli.main(["sweep", "--list"]) == 0
-    assert "lr_dropout" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "lr_dropout" in listed and max(len(line) for line in listed.splitlines()) <= 100, listed
 
 
 def test_jax_keeps_compiled_programs_in_the_project_cache(isolated: Path) -> None:
@@ -288,18 +290,23 @@ def test_quiet_prints_nothing_while_the_sweep_runs(capsys: pytest.CaptureFixture
 def test_provenance_says_whether_the_environment_is_the_locked_one(tmp_path: Path) -> None:
     import importlib.metadata
 
-    from cifar_exp.cli.environment import lock_state, provenance
+    from cifar_exp.cli.environment import lock_state, provenance, runtime_packages
 
     optuna_version = importlib.metadata.version("optuna")
     lock = tmp_path / "constraints.txt"
-    lock.write_text(f"# pins\noptuna=={optuna_version}\n")
+    # a test tool pinned, not installed: the runs do not use it (pip install -e . -c leaves it out)
+    lock.write_text(f"# pins\noptuna=={optuna_version}\nno-such-test-tool==1.0\n")
     state = lock_state(lock)
     assert state["constraints_match"] == "true" and len(state["constraints_sha256"]) == 64
     lock.write_text(f"optuna=={optuna_version}\nnumpy==0.0.1\nno-such-package-here==1.0\n")
-    assert lock_state(lock)["constraints_match"] == (
+    uses = frozenset({"optuna", "numpy", "no-such-package-here"})
+    assert lock_state(lock, uses)["constraints_match"] == (
         f"false: numpy {importlib.metadata.version('numpy')}!=0.0.1, no-such-package-here absent!=1.0")
     assert lock_state(tmp_path / "missing.txt") == {"constraints_match": "none"}
-    # the checkout's own lock is what a sweep's runs record
+    # the packages a run uses: the requirements' closure, not the [dev] extra's test tools
+    used = runtime_packages()
+    assert {"optuna", "mlflow", "keras", "sqlalchemy", "numpy"} <= used and not {"pytest", "ruff", "mypy"} & used
+    # the checkout's own lock is what a sweep's runs record, and this environment installs it
     assert provenance()["constraints_sha256"] == lock_state(ROOT / "constraints.txt")["constraints_sha256"]
 
 

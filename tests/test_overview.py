@@ -74,10 +74,13 @@ def test_report_has_every_plot_both_tables_and_marks_pruned_trials(tmp_path: Pat
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name
     page = (tmp_path / "report.html").read_text()
     assert page.count("<h2>") == len(report.PLOTS) and page.count("plotly.js v") == 1  # embedded once
-    # each plot also as its PNG, which shows where scripts do not run (MLflow's artifact viewer)
+    # each plot also as its PNG, which shows where scripts do not run (MLflow's artifact viewer),
+    # and only there: one plot per section, never the PNG above its interactive twin
     for name in report.PLOTS:
         png = base64.b64encode((tmp_path / f"{name}.png").read_bytes()).decode()
-        assert f"<img alt='{name}' src='data:image/png;base64,{png}'>" in page, name
+        assert f"<img class='static' alt='{name}' src='data:image/png;base64,{png}'><div class='live'>" in page, name
+    assert "<script>document.documentElement.classList.add('js')</script>" in page
+    assert "html.js .static{display:none}html:not(.js) .live{display:none}" in page
     assert "Trial3 (pruned)" in page and "10 trials: 9 complete, 1 pruned, 0 failed" in page
     assert "from 9 complete trials" in page  # importances and contour say what they rest on
     assert "1 degenerate trial(s)" in page and "trial 2: val_accuracy at chance" in page
@@ -85,6 +88,41 @@ def test_report_has_every_plot_both_tables_and_marks_pruned_trials(tmp_path: Pat
     assert [(r["number"], r["state"]) for r in rows] == [(str(t.number), t.state.name) for t in study.trials]
     assert (tmp_path / "trials.html").read_text().count("<tr>") == 11  # header and one row per trial
     assert json.loads((tmp_path / "cost.json").read_text())["trials_pruned"] == 1
+
+
+def test_the_parallel_coordinates_draw_the_worst_trials_dark_not_white(tmp_path: Path) -> None:
+    """Optuna's white-to-blue scale drew the worse half of the trials near-white on white."""
+    import matplotlib.colors
+
+    study = synthetic_study()
+    report.write(study, tmp_path, epochs=3, objectives=(Objective(),))
+    figures = report._figures(study, (Objective(),))
+    interactive = figures["parallel_coordinate"][1]()
+    report._visible("parallel_coordinate", interactive)
+    import plotly.colors
+
+    lines = [trace for trace in interactive.data if trace.mode == "lines"]
+    assert len(lines) == 9  # the complete trials
+    for line in lines:  # every line visible: none lighter than viridis' yellow end
+        red, green, blue = plotly.colors.unlabel_rgb(plotly.colors.convert_colors_to_same_type(line.line.color)[0][0])
+        assert red + green + blue < 2.7 * 255, line.line.color
+    worst = min(lines, key=lambda line: line.y[0])
+    assert worst.line.color == "rgb(68, 1, 84)"  # the worst trial: viridis' dark end, not near-white
+    (bar,) = [trace for trace in interactive.data if trace.marker is not None and trace.marker.showscale]
+    assert bar.marker.colorscale[0][1] == "#440154"
+    drawn = report._figure_of(figures["parallel_coordinate"][0]())
+    report._visible("parallel_coordinate", drawn)
+    for collection in drawn.axes[0].collections:
+        assert collection.get_cmap().name == "viridis"
+        lightest = max(sum(matplotlib.colors.to_rgb(c)) for c in collection.get_colors())
+        assert lightest < 2.7, lightest  # no line near white (3.0)
+
+
+def test_a_report_of_one_trial_says_one_trial(tmp_path: Path) -> None:
+    study = synthetic_study(trials=1)
+    report.write(study, tmp_path, epochs=3)
+    assert "<p>1 trial: 1 complete" in (tmp_path / "report.html").read_text()
+    assert report.plural(1, "trial") == "1 trial" and report.plural(2, "trial") == "2 trials"
 
 
 def test_plots_that_cannot_be_drawn_yet_are_named_with_the_reason(tmp_path: Path) -> None:
@@ -102,5 +140,7 @@ def test_importances_and_contour_are_left_out_below_the_minimum_of_complete_tria
     assert set(skipped) == {"param_importances", "contour"}
     assert skipped["param_importances"] == (f"left out below {report.MIN_COMPLETE_FOR_IMPORTANCE} complete trials "
                                             f"(has 3): importances from fewer are noise")
+    assert skipped["contour"].endswith("(has 3): which two parameters matter most is noise on fewer, and so is "
+                                       "their contour")  # its own reason, not the importances'
     assert not (tmp_path / "param_importances.png").exists() and (tmp_path / "slice.png").exists()
     assert "left out below 5 complete trials (has 3)" in (tmp_path / "report.html").read_text()

@@ -51,12 +51,26 @@ def test_same_seed_samples_the_same_params_in_the_same_order(isolated: Path) -> 
     assert sample(isolated / "c.journal", seed=4) != first
 
 
+def test_a_quick_look_blocks_the_full_sweep_only_until_it_gets_its_own_study_name(isolated: Path) -> None:
+    """The refusal names the setting in words and the way out; ``--study`` is that way out."""
+    quick = load_sweep("lr_dropout")
+    quick = dataclasses.replace(quick, data=dataclasses.replace(quick.data, train_images=5000))
+    create_study(Settings(sweep=quick, storage=str(isolated / "s.journal"), tracking_uri="unused"))
+    full = Settings(sweep=load_sweep("lr_dropout"), storage=str(isolated / "s.journal"), tracking_uri="unused")
+    with pytest.raises(ConfigError) as refused:
+        create_study(full)
+    assert "was started with train_images 5000, not all images: its trials would not be comparable. To resume " \
+           "it, pass --train-images 5000; to start a new study beside it, pass --study NEW_NAME" in str(refused.value)
+    other = dataclasses.replace(full, sweep=load_sweep("lr_dropout", study="lr_dropout-full"))
+    assert create_study(other).study_name == "lr_dropout-full"
+
+
 @pytest.mark.parametrize("change, fragment", [
     (lambda s: dict(sampler=dataclasses.replace(s.sampler, seed=9)), "sweep_seed 0, not 9: its trials would not "
                                                                        "be comparable. To resume it, pass --seed 0"),
     (lambda s: dict(epochs=3), "epochs 20, not 3: its trials would not be comparable. To resume it, pass --epochs 20"),
     (lambda s: dict(data=dataclasses.replace(s.data, train_images=5000)),
-     "train_images None, not 5000: its trials would not be comparable. To resume it, drop --train-images"),
+     "train_images all images, not 5000: its trials would not be comparable. To resume it, drop --train-images"),
     (lambda s: dict(data=dataclasses.replace(s.data, validation_fraction=0.2)), "validation_fraction 0.1, not 0.2"),
     (lambda s: dict(fixed={**s.fixed, "batch_size": 64}), "searched_sha256"),
     ("checksum-b", "data_checksum checksum-a, not checksum-b: its trials would not be comparable. To resume it, "

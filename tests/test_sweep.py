@@ -74,10 +74,12 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
     noise = ("oneDNN", "cuda", "absl", " INFO mlflow", "WARNING", "Traceback", "\r", "\033")
     assert not [line for line in (out + done.stderr).splitlines() if any(n in line for n in noise)], out + done.stderr
     assert "library log lines (TensorFlow, MLflow, Optuna): mlruns/logs/lr_dropout.log" in out
+    assert "live view: cifar-exp dashboard lr_dropout\n" in out
     assert sum(line.startswith("  trial ") and " epoch " in line for line in out.splitlines()) == 6
     log = (isolated / "mlruns" / "logs" / "lr_dropout.log").read_text()
     assert "mlflow" in log and "Started monitoring system metrics" in log
-    assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in out
+    # the UI that refuses other pages' state changes, not plain mlflow ui
+    assert out.rstrip().endswith("open the MLflow UI: cifar-exp ui lr_dropout"), out[-500:]
 
     parents, children = runs(isolated)
     assert len(parents) == 1 and len(children) == 3
@@ -199,7 +201,7 @@ def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ui = subprocess.Popen([sys.executable, "-m", "cifar_exp", "ui", "lr_dropout", "--port", str(port)], cwd=cwd,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
                           start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -256,7 +258,12 @@ def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]
         check_compare_page(base, experiment_id, children[:2], cwd / "compare-runs.png")
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=60)
+        out, err = ui.communicate(timeout=60)
+    # The terminal: our two lines, and MLflow's middleware stating the hosts and origins it allows;
+    # no deprecation warnings, no Uvicorn start-up or per-request lines
+    assert out.strip() == "", out
+    assert err.strip() == f"[MLflow] Security middleware enabled. Allowed hosts: 127.0.0.1:{port}, localhost:{port}. " \
+                          f"CORS origins: http://127.0.0.1:{port}, http://localhost:{port}.", err
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-proxy-server", "--no-first-run",

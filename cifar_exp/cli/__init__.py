@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from cifar_exp.cli import compare, evaluate, gc, launch, predict, register, report, rerun, sweep, ui
+from cifar_exp.cli import compare, dashboard, evaluate, gc, launch, predict, register, report, rerun, sweep, ui
 from cifar_exp.config import UserError, check_storage, check_tracking_uri, mask_credentials
 
 # A command's last step was the interpreter's final garbage collection over every object that
@@ -49,6 +49,18 @@ class Command:
     summary: str
 
 
+class _CommandList(argparse.HelpFormatter):
+    """argparse measures the commands' column one indent short, so ``dashboard`` wrapped to a line
+    of its own: a command and its summary on one line each."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if action.help is not argparse.SUPPRESS and isinstance(action, argparse._SubParsersAction):
+            longest = max((len(self._format_action_invocation(a)) for a in action._get_subactions()), default=0)
+            self._action_max_length = max(self._action_max_length,
+                                          longest + self._current_indent + self._indent_increment)
+
+
 # The commands, a module of ``cli`` each, in the order ``cifar-exp --help`` lists them.
 COMMANDS: dict[str, Command] = {
     "sweep": Command(sweep.add_arguments, sweep.run, sweep.DESCRIPTION, sweep.SUMMARY),
@@ -58,6 +70,7 @@ COMMANDS: dict[str, Command] = {
     "compare": Command(compare.add_arguments, compare.run, compare.DESCRIPTION, compare.SUMMARY),
     "gc": Command(gc.add_arguments, gc.run, gc.DESCRIPTION, gc.SUMMARY),
     "ui": Command(ui.add_arguments, ui.run, ui.DESCRIPTION, ui.SUMMARY),
+    "dashboard": Command(dashboard.add_arguments, dashboard.run, dashboard.DESCRIPTION, dashboard.SUMMARY),
     "predict": Command(predict.add_arguments, predict.run, predict.DESCRIPTION, predict.SUMMARY),
     "evaluate": Command(evaluate.add_arguments, evaluate.run, evaluate.DESCRIPTION, evaluate.SUMMARY),
     "launch": Command(launch.add_arguments, launch.run, launch.DESCRIPTION, launch.SUMMARY),
@@ -74,7 +87,8 @@ def parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``cifar-exp COMMAND [ARGS]``: every command of the project under one name."""
-    p = _Parser(prog="cifar-exp", description="Optuna sweeps of Keras CIFAR-10 classifiers, tracked in MLflow.")
+    p = _Parser(prog="cifar-exp", description="Optuna sweeps of Keras CIFAR-10 classifiers, tracked in MLflow.",
+                formatter_class=_CommandList)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, found in COMMANDS.items():
         found.arguments(sub.add_parser(name, help=found.summary, description=found.description))

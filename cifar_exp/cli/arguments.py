@@ -48,8 +48,14 @@ def storage(p: argparse.ArgumentParser) -> None:
                    help=f"Optuna storage: journal file path or database URL (default {DEFAULT_STORAGE})")
 
 
+def study_name(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", metavar="STUDY",
+                   help="the study's own name, when it is not the sweep's (as given to cifar-exp sweep --study)")
+
+
 def study(p: argparse.ArgumentParser) -> None:
     """What the commands that read a finished study take: its sweep, and where study and runs are."""
     p.add_argument("name", help="sweep name or path to its .yaml file")
+    study_name(p)
     storage(p)
     tracking(p)

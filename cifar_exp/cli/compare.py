@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    chosen = load_sweep(args.name)
+    chosen = load_sweep(args.name, args.study)
     out = _png_out(args.out, f"{chosen.name}-top-{args.top}.png")
     existing_store(args.tracking_uri)
     from cifar_exp import track

@@ -54,21 +54,54 @@ def provenance() -> dict[str, str]:
             **lock_state(PACKAGE_DIR.parent / "constraints.txt")}
 
 
-def lock_state(constraints: Path) -> dict[str, str]:
-    """Whether this environment is the one the lock file ``constraints`` pins: its
+def runtime_packages(distribution: str = "cifar_exp") -> frozenset[str]:
+    """The installed distributions ``distribution`` runs on: its requirements without extras,
+    and theirs, recursively (normalized names: lower case, ``-`` for ``_`` and ``.``)."""
+    import importlib.metadata
+    import re
+
+    from packaging.requirements import Requirement
+
+    def normal(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    found: set[str] = set()
+    todo = [distribution]
+    while todo:
+        name = todo.pop()
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for text in requires:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue  # an extra's (the test tools of [dev]) or another platform's
+            if normal(requirement.name) not in found:
+                found.add(normal(requirement.name))
+                todo.append(requirement.name)
+    return frozenset(found)
+
+
+def lock_state(constraints: Path, uses: frozenset[str] | None = None) -> dict[str, str]:
+    """Whether this environment is the one the lock file ``constraints`` pins, for the packages a
+    run uses (``uses``, normalized names; default ``runtime_packages()``): the lock also pins the
+    test tools, which ``pip install -e . -c constraints.txt`` rightly leaves out. Its
     ``constraints_sha256``, and ``constraints_match`` ``true``, or ``false:`` and the first
     packages whose installed version differs (``name installed!=pinned``; ``absent`` when not
-    installed). A run recorded with ``true`` is rebuilt exactly by ``pip install -c`` that file.
+    installed). A run recorded with ``true`` runs on what ``pip install -c`` that file installs.
     Outside a checkout (an installed wheel) there is no lock: ``constraints_match`` ``none``."""
     import importlib.metadata
+    import re
 
     if not constraints.is_file():
         return {"constraints_match": "none"}
+    used = runtime_packages() if uses is None else uses
     text = constraints.read_text()
     differ = []
     for line in text.splitlines():
         name, _, pinned = line.split("#", 1)[0].strip().partition("==")
-        if not pinned:
+        if not pinned or re.sub(r"[-_.]+", "-", name.strip()).lower() not in used:
             continue
         try:
             installed = importlib.metadata.version(name)

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    chosen = load_sweep(args.name)
+    chosen = load_sweep(args.name, args.study)
     keep = args.keep if args.keep is not None else chosen.keep_models
     if keep is None:
         raise UserError(f"gc {chosen.name}: give --keep K (how many of the best trials keep their models), or set "

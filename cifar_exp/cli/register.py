@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    chosen = load_sweep(args.name)
+    chosen = load_sweep(args.name, args.study)
     rule = outcomes.Rule.parse(chosen.objective.metric if args.pick is None else args.pick, args.where) \
         if args.pick is not None or args.where else None
     seeds = chosen.confirm_seeds if args.seeds is None else args.seeds

@@ -21,9 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    chosen = load_sweep(args.name)
+    chosen = load_sweep(args.name, args.study)
     open_store(args.tracking_uri, chosen.deterministic)
-    from cifar_exp import track
+    from cifar_exp import report, track
     from cifar_exp.sweep import storage, supervisor
 
     found = storage.load_existing(args.storage, chosen.name)
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the parent run {parent} of study '{chosen.name}' is not in {args.tracking_uri}: "
                         f"pass the --tracking-uri the sweep used") from None
     skipped = supervisor.publish(found, parent, chosen)
-    print(f"study '{chosen.name}': {len(found.trials)} trials; report rebuilt in parent run {parent}: "
+    print(f"study '{chosen.name}': {report.plural(len(found.trials), 'trial')}; report rebuilt in parent run {parent}: "
           f"report.html, trials.csv, trials.html, cost.json and the plots")
     for name, why in skipped.items():
         print(f"  {name} not drawn: {why}")

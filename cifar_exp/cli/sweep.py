@@ -19,7 +19,15 @@ from cifar_exp.cli.gc import print_collected
 from cifar_exp.cli.progress import Progress, fmt, print_summary
 from cifar_exp.cli.register import print_registered
 from cifar_exp.cli.register import say as say_now
-from cifar_exp.config import ConfigError, Settings, Sweep, UserError, mask_credentials
+from cifar_exp.config import (
+    DEFAULT_STORAGE,
+    DEFAULT_TRACKING_URI,
+    ConfigError,
+    Settings,
+    Sweep,
+    UserError,
+    mask_credentials,
+)
 from cifar_exp.config.goals import WarmStart
 from cifar_exp.config.records import StudyAttrs
 from cifar_exp.config.sweepfile import TOP_LEVEL_RANGES, available_sweeps, load_sweep
@@ -43,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "or an image-folder tree or .zip (train/<class>/, test/<class>/)")
     p.add_argument("--train-images", type=arguments.positive(int, "--train-images"),
                    help="train on a class-balanced, seeded subset of this many training images (a quick look)")
+    p.add_argument("--study", metavar="STUDY",
+                   help="start or resume the study STUDY (its experiment and registered model too) instead of "
+                        "the sweep's own name, e.g. a quick look beside the real sweep")
     arguments.storage(p)
     arguments.tracking(p)
     p.add_argument("--workers", type=arguments.positive(int, "--workers"), default=1,
@@ -96,19 +107,30 @@ def run(args: argparse.Namespace) -> int:
                                 checkpoint_dir=os.path.abspath(args.checkpoint_dir) if args.checkpoint_dir else "")
     del dataset, splits  # the workers load their own copy; the parent keeps no arrays
     if args.engine == "keras-tuner":
-        return _keras_tuner(settings)
+        return _keras_tuner(settings, args)
     if not args.verbose:
         settings = dataclasses.replace(settings, log_file=str(library_log(args.storage, chosen.name)))
     return _optuna(settings, args, sizes)
 
 
+LIST_WIDTH = 100  # characters of a line of sweep --list
+
+
 def _list_sweeps() -> int:
+    """A line per sweep: its name and its description's first sentence, cut at a word to fit."""
     for name, path in available_sweeps().items():
         try:
-            description = load_sweep(str(path)).description.strip().splitlines()[0]
-        except (UserError, IndexError) as exc:
-            description = f"(invalid: {exc})" if isinstance(exc, UserError) else ""
-        print(f"{name:<20} {description}")
+            description = " ".join(load_sweep(str(path)).description.split())
+        except UserError as exc:
+            description = f"(invalid: {exc})"
+        first = description.split(". ")[0].rstrip(".")
+        room = LIST_WIDTH - 21
+        if len(first) > room:
+            first = first[:room - 3].rsplit(" ", 1)[0]
+            if first.count("(") > first.count(")"):  # never cut inside a parenthesis
+                first = first[:first.rindex("(")]
+            first = first.rstrip(" ,;:") + "..."
+        print(f"{name:<20} {first}")
     return 0
 
 
@@ -155,7 +177,7 @@ def _with_overrides(args: argparse.Namespace) -> Sweep:
     if args.engine == "keras-tuner" and args.register:
         raise ConfigError("--register reads the Optuna study: register after an Optuna sweep, or pass a "
                           "model URI to the evaluate command")
-    sweep = load_sweep(args.name)
+    sweep = load_sweep(args.name, args.study)
     if args.engine == "keras-tuner" and (len(sweep.objectives) > 1 or sweep.constraints):
         raise ConfigError(f"{sweep.path}: KerasTuner's tuners take one objective and no constraints: "
                           f"run this sweep with --engine optuna")
@@ -201,13 +223,14 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
         f"tracking {mask_credentials(args.tracking_uri)}", flush=True)
     if settings.log_file:
         say(f"library log lines (TensorFlow, MLflow, Optuna): {settings.log_file} (-v shows them here)", flush=True)
+    say(f"live view: {_dashboard_command(args)}", flush=True)
     progress = Progress(chosen.objective.metric, chosen.trials, workers=args.workers, quiet=args.quiet)
     try:
         summary = supervisor.run_sweep(settings, progress)
     except KeyboardInterrupt:  # Ctrl-C before the workers started: nothing ran yet
         print("interrupted before any trial started", file=sys.stderr)
         return 130
-    print_summary(summary, chosen, track.ui.ui_command(args.tracking_uri))
+    print_summary(summary, chosen, track.ui.ui_command(args.tracking_uri, args.name, args.study, DEFAULT_TRACKING_URI))
     if summary.interrupted:
         print("interrupted: run the same command to resume the sweep", file=sys.stderr)
         return 130
@@ -224,6 +247,13 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
         print_collected(chosen.name, chosen.keep_models,
                         study.collect_models(chosen, args.storage, chosen.keep_models, say_now))
     return 0
+
+
+def _dashboard_command(args: argparse.Namespace) -> str:
+    """The ``cifar-exp dashboard`` command of this sweep's study, as the user would type it."""
+    words = ["cifar-exp", "dashboard", args.name, *(["--study", args.study] if args.study else []),
+             *(["--storage", mask_credentials(args.storage)] if args.storage != DEFAULT_STORAGE else [])]
+    return shlex.join(words)
 
 
 def _check_warm_start(sweep: Sweep, url: str) -> None:
@@ -263,7 +293,7 @@ def _check_hypermodel(spec: str) -> None:
                           f"holds it, add that folder to PYTHONPATH, or install it")
 
 
-def _keras_tuner(settings: Any) -> int:
+def _keras_tuner(settings: Any, args: argparse.Namespace) -> int:
     """``--engine keras-tuner``: the sweep in this process with KerasTuner (see ``tuner``)."""
     from cifar_exp.sweep import tuner
 
@@ -276,6 +306,9 @@ def _keras_tuner(settings: Any) -> int:
     for row in outcome.best:
         params = " ".join(f"{k}={fmt(v)}" for k, v in row["params"].items())
         print(f"  trial {row['trial']}: {chosen.objective.metric}={row['value']:.4f} {params}")
-    print(f"open the MLflow UI: mlflow ui --backend-store-uri {mask_credentials(settings.tracking_uri)} "
+    from cifar_exp import track
+
+    command = track.ui.ui_command(settings.tracking_uri, args.name, args.study, DEFAULT_TRACKING_URI)
+    print(f"open the MLflow UI: {mask_credentials(command)} "
           f"(experiment {outcome.experiment_id}; runs tagged engine=keras-tuner)")
     return 0

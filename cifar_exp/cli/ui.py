@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="port (default 5000)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; see README before exposing it)")
+    arguments.study_name(p)
     arguments.tracking(p)
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     address = f"http://{args.host}:{args.port}"
     experiment = None
     if args.name:
-        name = load_sweep(args.name).name
+        name = load_sweep(args.name, args.study).name
         if track.find_experiment(name) is None:
             raise UserError(f"no experiment '{args.name}' in {args.tracking_uri}: run the sweep first")
         experiment = track.experiment_id(name)  # tags a store's older experiment as one of runs
@@ -54,7 +55,16 @@ def run(args: argparse.Namespace) -> int:
     # One worker process: MLflow's default 4 each import its server app at start. On a 2-core
     # machine /health answered after 16.0 s with 4, 10.6 s with 1, and not within 120 s with 4
     # while sweeps trained beside it. One user's UI needs no more.
+    # A quiet terminal: the address above is what a user needs. MLflow's own lines are given what
+    # they ask for (the registry store, the hosts and origins its middleware allows: ours, so its
+    # start-up line states them), Uvicorn logs warnings only and no line per request, and the
+    # deprecation of a Starlette module MLflow imports is no concern of the user's.
+    warnings = "ignore::UserWarning:mlflow.server.fastapi_app"
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), warnings]))
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri,
+                              "--registry-store-uri", args.tracking_uri,
+                              "--allowed-hosts", os.environ[track.ui.UI_HOSTS_ENV],
+                              "--cors-allowed-origins", os.environ[track.ui.UI_ORIGINS_ENV],
                               "--host", args.host, "--port", str(args.port), "--app-name", "cifar-exp-ui",
-                              "--workers", "1"])
+                              "--workers", "1", "--uvicorn-opts", "--log-level warning --no-access-log"])
     return 0  # not reached

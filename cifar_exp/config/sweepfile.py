@@ -349,10 +349,10 @@ def _sampling_order(space: Mapping[str, Dimension], where: str) -> dict[str, Dim
     return ordered
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, what: str = "sweep name") -> str:
     """``name`` if it is a plain sweep name (letters, digits, ``_.-``); no paths, no NUL bytes."""
     if not _NAME_RE.match(name) or ".." in name:
-        raise ConfigError(f"invalid sweep name {name!r}: use letters, digits, '_', '-' and '.' only")
+        raise ConfigError(f"invalid {what} {name!r}: use letters, digits, '_', '-' and '.' only")
     return name
 
 
@@ -365,8 +365,10 @@ def available_sweeps() -> dict[str, Path]:
     return found
 
 
-def load_sweep(name_or_path: str) -> Sweep:
-    """Load a sweep by name (``lr_dropout``) or by file path (``my/sweep.yaml``)."""
+def load_sweep(name_or_path: str, study: str | None = None) -> Sweep:
+    """Load a sweep by name (``lr_dropout``) or by file path (``my/sweep.yaml``); with ``study``,
+    the sweep under that name instead of its own (``--study``: its study, experiment, registered
+    model and log file are named ``study``)."""
     if name_or_path.endswith((".yaml", ".yml")):
         path = Path(name_or_path)
         if not path.exists():
@@ -391,4 +393,5 @@ def load_sweep(name_or_path: str) -> Sweep:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the sweep file ({exc})") from None
-    return parse_sweep(name, text, path)
+    sweep = parse_sweep(name, text, path)
+    return sweep if study is None else dataclasses.replace(sweep, name=check_name(study, "--study"))

@@ -42,10 +42,16 @@ PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "sl
 # ``target_quantile`` of the complete trials. Its default quantile, 0.1, holds no trial below 10
 # complete trials, so the report asks for the share that holds the best TOP_TRIALS trials, at
 # least 0.1: 0.4 of 5 trials, 0.1 of 20 or more.
-THIN_PLOTS = ("param_importances", "contour")
+THIN_PLOTS = {"param_importances": "importances from fewer are noise",
+              "contour": "which two parameters matter most is noise on fewer, and so is their contour"}
 COLLECTED = "deleted by gc"  # a trial's model_uri in the table once ``cifar-exp gc`` deleted its model
 MIN_COMPLETE_FOR_IMPORTANCE = 5
 TOP_TRIALS = 2
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 trial``, ``2 trials``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def importance_quantile(complete: int) -> float:
@@ -137,7 +143,9 @@ def _figures(study: optuna.Study, objectives: Sequence[Objective]) -> dict[str, 
     metric = objectives[0].metric
     several = len(objectives) > 1
     # Optuna's plots refuse a multi-objective study without a target
-    target: dict[str, Any] = {"target": lambda t: t.values[0], "target_name": metric} if several else {}
+    # (and every plot names the objective by its metric, not "Objective Value")
+    target: dict[str, Any] = {"target": lambda t: t.values[0], "target_name": metric} if several else \
+        {"target_name": metric}
     complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     importance: dict[str, Any] = {"evaluator": optuna.importance.PedAnovaImportanceEvaluator(
         target_quantile=importance_quantile(complete))}
@@ -214,6 +222,30 @@ def _readable(name: str, figure: Any, params: int) -> None:
             ax.tick_params(axis="x", which="both", labelrotation=30, labelsize=8)
 
 
+def _visible(name: str, figure: Any) -> None:
+    """Optuna colours the parallel coordinates from white (the worst trials) to dark blue: the
+    worse half of the trials drew near-white lines on a white page. Viridis runs from dark
+    purple (worst) to yellow (best) and keeps every line visible; plotly figure or matplotlib."""
+    if name != "parallel_coordinate":
+        return
+    if hasattr(figure, "savefig"):  # matplotlib: the lines and their colour bar
+        for collection in figure.axes[0].collections:
+            collection.set_cmap("viridis")
+        return
+    import plotly.colors
+
+    # Optuna draws a line per trial, its colour sampled at the trial's value on the first axis
+    # (the objective, normalized to 0..1), and one invisible trace that carries the colour bar.
+    bars = [t for t in figure.data if t.type == "scatter" and t.marker is not None and t.marker.showscale]
+    reverse = bool(bars and bars[0].marker.reversescale)
+    for trace in figure.data:
+        if trace.type == "scatter" and trace.mode == "lines" and trace.y and trace.y[0] is not None:
+            at = min(max(float(trace.y[0]), 0.0), 1.0)
+            trace.line.color = plotly.colors.sample_colorscale("Viridis", [1.0 - at if reverse else at])[0]
+    for bar in bars:
+        bar.marker.colorscale = "Viridis"
+
+
 def _marked(study: optuna.Study) -> Any:
     """Optuna's interactive intermediate-values plot with pruned trials dotted and named so."""
     figure = optuna.visualization.plot_intermediate_values(study)
@@ -250,41 +282,11 @@ def write(study: optuna.Study, folder: Path, epochs: int,
     (folder / "trials.html").write_text(_page(f"Trials of {study.study_name}", _table(rows)))
     cost = ledger(trials, epochs)
     (folder / "cost.json").write_text(json.dumps({**asdict(cost), "seconds_total": cost.seconds_total}, indent=2))
-    skipped: dict[str, str] = {}
-    sections: list[str] = []
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        for name, (draw_png, draw_html) in _figures(study, objectives).items():
-            try:
-                if not complete:
-                    raise ValueError("no complete trial yet")
-                thin = name in THIN_PLOTS
-                if thin and len(complete) < MIN_COMPLETE_FOR_IMPORTANCE:
-                    raise ValueError(f"left out below {MIN_COMPLETE_FOR_IMPORTANCE} complete trials "
-                                     f"(has {len(complete)}): importances from fewer are noise")
-                note = _note(name, len(complete))
-                figure = _figure_of(draw_png())
-                _readable(name, figure, len({p for t in complete for p in t.params}))
-                if thin:
-                    figure.text(0.99, 0.01, note, ha="right", va="bottom", fontsize=9, color="dimgrey")
-                figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
-                plt.close(figure)
-                interactive = draw_html()
-                if thin:
-                    interactive.update_layout(title_text=f"{interactive.layout.title.text or name} ({note})")
-                # The PNG first: it shows where scripts do not run (MLflow's artifact viewer showed
-                # the interactive plots blank). plotly.js goes into the page once, with the first.
-                png = base64.b64encode((folder / f"{name}.png").read_bytes()).decode()
-                sections.append(f"<h2>{name.replace('_', ' ')}</h2><img alt='{name}' src='data:image/png;base64,"
-                                f"{png}'>" + interactive.to_html(full_html=False, include_plotlyjs=not sections))
-            except Exception as exc:  # noqa: BLE001 (a plot that fails must not take the tables with it)
-                plt.close("all")
-                skipped[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    sections, skipped = _plots(study, folder, objectives)
     if skipped:
         sections.append("<h2>not drawn yet</h2><ul>" + "".join(
             f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in skipped.items()) + "</ul>")
-    summary = (f"<p>{len(trials)} trials: {cost.trials_complete} complete, {cost.trials_pruned} pruned, "
+    summary = (f"<p>{plural(len(trials), 'trial')}: {cost.trials_complete} complete, {cost.trials_pruned} pruned, "
                f"{cost.trials_failed} failed; {cost.seconds_total:.1f} s of trials, "
                f"{cost.pruning_saved_seconds:.1f} s saved by pruning; {cost.compile_seconds:.1f} s compiling "
                f"({cost.compiled_new} trials compiled their program, {cost.compiled_reused} reused one, "
@@ -297,6 +299,48 @@ def write(study: optuna.Study, folder: Path, epochs: int,
                         for t in degenerate) + "</ul>")
     (folder / "report.html").write_text(_page(f"Study {study.study_name}", summary + "".join(sections)))
     return skipped
+
+
+def _plots(study: optuna.Study, folder: Path, objectives: Sequence[Objective]) -> tuple[list[str], dict[str, str]]:
+    """Draw every plot of ``study`` into ``folder`` (PNG) and the page (a section each): the sections,
+    and plot name -> why it was not drawn."""
+    trials = study.get_trials(deepcopy=False)
+    skipped: dict[str, str] = {}
+    sections: list[str] = []
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        for name, (draw_png, draw_html) in _figures(study, objectives).items():
+            try:
+                if not complete:
+                    raise ValueError("no complete trial yet")
+                thin = name in THIN_PLOTS
+                if thin and len(complete) < MIN_COMPLETE_FOR_IMPORTANCE:
+                    raise ValueError(f"left out below {MIN_COMPLETE_FOR_IMPORTANCE} complete trials "
+                                     f"(has {len(complete)}): {THIN_PLOTS[name]}")
+                note = _note(name, len(complete))
+                figure = _figure_of(draw_png())
+                _readable(name, figure, len({p for t in complete for p in t.params}))
+                _visible(name, figure)
+                if thin:
+                    figure.text(0.99, 0.01, note, ha="right", va="bottom", fontsize=9, color="dimgrey")
+                figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
+                plt.close(figure)
+                interactive = draw_html()
+                _visible(name, interactive)
+                if thin:
+                    interactive.update_layout(title_text=f"{interactive.layout.title.text or name} ({note})")
+                # One plot per section: the interactive one where scripts run, the PNG where they do
+                # not (MLflow's artifact viewer showed the interactive plots blank), switched by the
+                # page's first script (``_page``). plotly.js goes into the page once, with the first.
+                png = base64.b64encode((folder / f"{name}.png").read_bytes()).decode()
+                sections.append(f"<h2>{name.replace('_', ' ')}</h2><img class='static' alt='{name}' "
+                                f"src='data:image/png;base64,{png}'><div class='live'>"
+                                + interactive.to_html(full_html=False, include_plotlyjs=not sections) + "</div>")
+            except Exception as exc:  # noqa: BLE001 (a plot that fails must not take the tables with it)
+                plt.close("all")
+                skipped[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return sections, skipped
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -326,6 +370,8 @@ def _table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def _page(title: str, body: str) -> str:
     style = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}")
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+             "html.js .static{display:none}html:not(.js) .live{display:none}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<script>document.documentElement.classList.add('js')</script>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")

@@ -25,10 +25,15 @@ SUFFIX = ".pruning"
 def companion(settings: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """The sweep's companion study of first-objective curves (created on first use)."""
     sweep = settings.sweep
-    return optuna.create_study(study_name=sweep.name + SUFFIX, storage=storage,
-                               direction=sweep.objective.direction,
-                               sampler=optuna.samplers.RandomSampler(seed=sweep.sampler.seed),
-                               pruner=space.make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
+    curves = optuna.create_study(study_name=sweep.name + SUFFIX, storage=storage,
+                                 direction=sweep.objective.direction,
+                                 sampler=optuna.samplers.RandomSampler(seed=sweep.sampler.seed),
+                                 pruner=space.make_pruner(sweep.pruner, sweep.epochs), load_if_exists=True)
+    # Labelled for what it is wherever studies are listed (optuna-dashboard, `optuna studies`).
+    space.name_objectives(curves, [f"{sweep.objective.metric} (pruning curves of study {sweep.name})"])
+    if "companion_of" not in curves.user_attrs:
+        curves.set_user_attr("companion_of", sweep.name)
+    return curves
 
 
 class Pruning:

@@ -71,3 +71,13 @@ def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
     if cfg.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=cfg.min_epochs)
     return optuna.pruners.NopPruner()
+
+
+def name_objectives(study: optuna.Study, names: list[str]) -> None:
+    """Give ``study``'s objectives their metrics' names (``val_accuracy``, ``latency_ms``), which
+    the Optuna dashboard, its CLI and plots show instead of "Objective 0"; a study from before
+    gets them on its next start."""
+    if study.metric_names != names:
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)

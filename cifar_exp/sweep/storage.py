@@ -285,6 +285,7 @@ def create_study(settings: Settings) -> optuna.Study:
         raise ConfigError(f"study '{sweep.name}' already exists with direction{'s' if len(found) > 1 else ''} "
                           f"{', '.join(found)}; use another sweep name or storage")
     check_identity(study, sweep.identity(settings.data_checksum), settings.storage)
+    space.name_objectives(study, [o.metric for o in sweep.objectives])
     return study
 
 
@@ -297,6 +298,13 @@ _KEEP = {"data_checksum": "pass the --data it started with",
          "searched_sha256": "restore the sweep file's space, fixed and objective"}
 
 
+def _shown(key: str, value: Any) -> str:
+    """An identity value as a refusal names it: hashes cut short, no ``train_images`` as all images."""
+    if key.endswith(("checksum", "sha256")):
+        return str(value)[:12]
+    return "all images" if key == "train_images" and value is None else str(value)
+
+
 def check_identity(study: optuna.Study, identity: Mapping[str, Any], storage: str) -> None:
     """Record what makes the study's trials comparable (``Sweep.identity``) when it starts; on a
     resume, ``ConfigError`` naming the first setting that differs and how to resume or start anew.
@@ -307,13 +315,11 @@ def check_identity(study: optuna.Study, identity: Mapping[str, Any], storage: st
             continue
         old = recorded[key]
         if old != value and not (key == "data_checksum" and not value):
-            show = (lambda v: str(v)[:12]) if key.endswith(("checksum", "sha256")) else str
             raise ConfigError(
-                f"study '{study.study_name}' in {mask_credentials(storage)} was started with {key} {show(old)}, "
-                f"not {show(value)}: its trials would not be comparable. To resume it, "
+                f"study '{study.study_name}' in {mask_credentials(storage)} was started with {key} {_shown(key, old)}, "
+                f"not {_shown(key, value)}: its trials would not be comparable. To resume it, "
                 f"{'drop --train-images' if key == 'train_images' and old is None else _KEEP[key].format(old=old)}"
-                f"; to start a new study, copy the sweep file under another name "
-                f"or pass another --storage")
+                f"; to start a new study beside it, pass --study NEW_NAME")
     for key, value in identity.items():
         if key not in recorded and (key != "data_checksum" or value):
             study.set_user_attr(key, value)
