@@ -155,7 +155,7 @@ def sweep_runs(folder: Path) -> list[dict]:
             continue
         epochs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
         found.append({"wall_s": (run.info.end_time - run.info.start_time) / 1000, "epochs_s": sum(epochs),
-                      "first_step_s": run.data.metrics["first_step_seconds"], "state": run.data.tags.get("state")})
+                      "first_step_s": run.data.metrics["time/first_step_seconds"], "state": run.data.tags.get("state")})
     return found
 
 

@@ -235,6 +235,44 @@ def test_on_a_terminal_a_live_block_has_a_line_per_running_trial_and_the_status(
     assert last[1] == "  trial 1 epoch 2/3 val_accuracy=0.3000 (4.0 s)" and len(last) == 3
 
 
+def test_the_estimate_starts_at_the_first_epoch_and_counts_the_running_trials_epochs(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_exp.cli.progress import Progress
+    from cifar_exp.sweep.events import Epoch, Started, Steps, Tally
+
+    progress, tally = Progress("val_accuracy", 4), Tally(maximize=True)
+    _feed(progress, tally, Started(0, 0, "a", {}))
+    assert progress.left(tally) is None  # nothing measured yet: no guess
+    _feed(progress, tally, Epoch(0, 1, 10, 0.47, {"epoch_seconds": 30.0}))
+    # trial 0: 9 epochs x 30 s; 3 trials not started: 10 epochs x 30 s each
+    assert progress.left(tally) == 9 * 30 + 3 * 300
+    _feed(progress, tally, Steps(0, 2, 10, 44, 176))  # a quarter into epoch 2
+    assert progress.left(tally) == 8.75 * 30 + 3 * 300
+    assert "about 19m22s left" in progress.status(tally)
+
+
+def test_a_live_block_shows_the_steps_inside_an_epoch_and_moves_on_the_clock(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_exp.cli import progress as progress_module
+    from cifar_exp.sweep.events import Epoch, Started, Steps, Tally, Tick
+
+    now = [100.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: now[0])
+    plain = progress_module.Progress("val_accuracy", 2)
+    _feed(plain, Tally(maximize=True), Started(0, 0, "a", {}), Steps(0, 1, 3, 10, 40), Tick())
+    assert capsys.readouterr().out.splitlines() == ["trial 0 started (worker 0): "]  # a pipe: no steps, no ticks
+    live = progress_module.Progress("val_accuracy", 2)
+    live.live = True
+    _feed(live, Tally(maximize=True), Started(0, 0, "a", {}), Epoch(0, 1, 3, 0.4656, {"epoch_seconds": 45.9}),
+          Steps(0, 2, 3, 120, 176))
+    frame = capsys.readouterr().out.split("\033[J")[-1].splitlines()
+    assert frame[0] == "  trial 0 epoch 2/3: step 120/176 | epoch 1 val_accuracy=0.4656 (45.9 s)"
+    now[0] += 61.0  # a minute without an event: the clock redraws the block
+    _feed(live, live.tally, Tick())
+    frame = capsys.readouterr().out.split("\033[J")[-1].splitlines()
+    assert frame[-1].endswith("| 1m01s elapsed, about 3m18s left"), frame
+
+
 def test_a_resumed_sweep_reports_the_trials_it_already_has(capsys: pytest.CaptureFixture[str]) -> None:
     from cifar_exp.cli.progress import Progress
     from cifar_exp.sweep.events import Ended, Tally

@@ -61,9 +61,10 @@ class Store:
         self.splits = synthetic_splits()
         self.client = MlflowClient(self.settings.tracking_uri)
 
-    def optuna_trial(self) -> str:
-        """One trial by the Optuna worker (claimed and run as its loop does); its run id."""
-        one = worker.Worker(self.settings, self.experiment, self.parent, queue.Queue(), 0)
+    def optuna_trial(self, events: queue.Queue[Any] | None = None) -> str:
+        """One trial by the Optuna worker (claimed and run as its loop does; what it tells the sweep
+        command into ``events``); its run id."""
+        one = worker.Worker(self.settings, self.experiment, self.parent, events or queue.Queue(), 0)
         one.splits, one.programs, one.identity = self.splits, programs.Programs(), backend.identity()
         one.tunable = hypermodel.load(self.sweep.hypermodel) if self.sweep.hypermodel else None
         opened = storage.open_storage(self.settings.storage)
@@ -98,8 +99,8 @@ def probed(monkeypatch: pytest.MonkeyPatch) -> None:
         log(self, epoch, logs)
         track.log_metrics(self.run_id, {"probe": epoch + 1.0}, step=epoch)
 
-    def ended(run_id: str, outcome: lifecycle.Outcome, extra: Any = None) -> None:
-        end(run_id, outcome, {**(extra or {}), "probe": type(outcome).__name__})
+    def ended(run_id: str, outcome: lifecycle.Outcome, extra: Any = None, trial: int | None = None) -> None:
+        end(run_id, outcome, {**(extra or {}), "probe": type(outcome).__name__}, trial=trial)
 
     monkeypatch.setattr(steps.Run, "_log", logged)
     monkeypatch.setattr(steps, "end", ended)
@@ -131,12 +132,36 @@ def test_every_adapter_logs_the_same_record_and_hears_a_behaviour_added_to_run_t
         assert {"seed", "epochs", "learning_rate", "batch_size"} <= set(run.data.params), engine
         history = store.client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in history] == [0, 1], engine  # every epoch, once
-        assert "test_accuracy" in metrics and "fit_seconds" in metrics and "test_recall_a" in metrics, engine
+        assert "test_accuracy" in metrics and "time/fit_seconds" in metrics and "test_recall_a" in metrics, engine
         # the behaviour added to run_trial's steps, in every adapter
         assert tags["probe"] == "Completed" and metrics["probe"] == 2.0, engine
         assert ("model_uri" in tags) == (engine != "confirmation"), engine  # a seed keeps no model
     verdict = by_engine["rerun"][0].data.tags  # the comparison's, on the run it ended
     assert verdict["rerun_max_abs_diff"] == "0.0" and verdict["rerun_match"] == "false"  # the probe: missing
+
+
+def test_a_trial_tells_its_engine_the_steps_inside_each_epoch(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run_trial`` hands the engine the steps done inside an epoch (Keras' batch-begin hook, at
+    most every PROGRESS_SECONDS; here every step); the Optuna adapter passes them to the sweep
+    command between the trial's start and its epochs."""
+    from cifar_exp.sweep import events
+
+    monkeypatch.setattr(steps, "PROGRESS_SECONDS", 0.0)
+    told: queue.Queue[Any] = queue.Queue()
+    store = Store(tmp_path, "contract", CNN)
+    store.optuna_trial(told)
+    steps_in_epoch = -(-len(store.splits.y_train) // 16)  # batch 16
+    heard = []
+    while not told.empty():
+        heard.append(told.get())
+    kinds = [type(e).__name__ for e in heard]
+    assert kinds[0] == "Started" and kinds[-1] == "Ended", kinds
+    # told at the begin of every step but the first (steps done: 1 .. steps - 1)
+    assert steps_in_epoch >= 3
+    assert [(e.epoch, e.epochs, e.step, e.steps) for e in heard if isinstance(e, events.Steps)] == \
+        [(epoch, 2, step, steps_in_epoch) for epoch in (1, 2) for step in range(1, steps_in_epoch)]
+    assert kinds.index("Epoch") > kinds.index("Steps")  # epoch 1's steps before epoch 1 ends
 
 
 def test_a_hypermodel_trial_is_confirmed_with_its_hypermodel(tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
         assert "test_accuracy" in child.data.metrics and "test_recall_cat" in child.data.metrics
         assert child.data.metrics["param_count"] > 0 and child.data.metrics["images_per_second"] > 0
         # once, with the first epoch: the worker's seconds from claiming the trial to its first step
-        first = client.get_metric_history(child.info.run_id, "first_step_seconds")
+        first = client.get_metric_history(child.info.run_id, "time/first_step_seconds")
         assert [m.step for m in first] == [0] and 0 < first[0].value < history[0].timestamp / 1000 - \
             child.info.start_time / 1000 + 5  # claiming precedes the run
         # provenance: this checkout's commit, and the tracking libraries' versions
@@ -124,9 +124,26 @@ def test_lr_dropout_runs_tracks_and_resumes(isolated: Path, cifar_slice: Path) -
     by_number = sorted(children, key=lambda c: int(c.data.tags["trial_number"]))
     assert [c.data.tags["compiled"] for c in by_number] == ["new", "reused", "reused"]
     for child in children:
-        assert set(PHASES) <= set(child.data.metrics) and child.data.metrics["fit_seconds"] > 0
-    assert [c.data.metrics["compile_seconds"] for c in by_number][1:] == [0.0, 0.0]
-    assert by_number[0].data.metrics["compile_seconds"] > 0
+        # the bookkeeping under time/, a section of its own below the model's metrics in the UI
+        assert {f"time/{p}" for p in PHASES} <= set(child.data.metrics) and child.data.metrics["time/fit_seconds"] > 0
+        assert not set(PHASES) & set(child.data.metrics)
+    assert [c.data.metrics["time/compile_seconds"] for c in by_number][1:] == [0.0, 0.0]
+    assert by_number[0].data.metrics["time/compile_seconds"] > 0
+
+    # names that sort as the trials do; the data each trained on as a dataset input
+    assert [c.info.run_name for c in by_number] == ["trial-000", "trial-001", "trial-002"]
+    checksum = data.load(str(cifar_slice)).checksum
+    for child in children:
+        (used,) = child.inputs.dataset_inputs
+        assert used.dataset.name == "cifar10 (cifar10-slice.zip)" and used.dataset.digest == checksum[:36]
+        profile = json.loads(used.dataset.profile)  # the slice's 400 training images, split
+        assert profile["train_images"] + profile["validation_images"] == 400 and profile["test_images"] == TEST_IMAGES
+        assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "training"}
+    # the UI's saved view of the trials, best first, with the objective's and the searched columns
+    view = json.loads(client.get_experiment(parent.info.experiment_id).tags["mlflow.sharedViewState.cifar-exp-trials"])
+    assert view["orderByKey"] == "metrics.`val_accuracy`" and view["orderByAsc"] is False
+    assert view["selectedColumns"][:2] == ["metrics.`val_accuracy`", "metrics.`test_accuracy`"]
+    assert "params.`learning_rate`" in view["selectedColumns"] and "tags.`state`" in view["selectedColumns"]
 
     trials = study(isolated).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
@@ -209,7 +226,7 @@ def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]
         assert ui.stdout.readline().strip() == f"MLflow UI on sqlite:///mlruns/mlflow.db: {base}"
         printed = ui.stdout.readline().strip()
         assert printed == f"experiment lr_dropout: {base}/#/experiments/{experiment_id}/runs" \
-                          "?workflowType=machine_learning"
+                          "?workflowType=machine_learning&viewStateShareKey=cifar-exp-trials"
         deadline = time.time() + 300  # the server's start, polled; slower while other work runs
         while True:
             try:
@@ -254,7 +271,7 @@ def check_ui_serves_the_store(cwd: Path, experiment_id: str, child_ids: set[str]
                 with pytest.raises(urllib.error.HTTPError) as refused:
                     urllib.request.urlopen(forged, timeout=30)
                 assert refused.value.code == 403, origin
-        check_runs_page(printed.split(": ", 1)[1], len(found), cwd / "runs.png")
+        check_runs_page(printed.split(": ", 1)[1], len(child_ids), cwd / "runs.png")
         check_compare_page(base, experiment_id, children[:2], cwd / "compare-runs.png")
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
@@ -289,18 +306,22 @@ def page_lines(url: str, budget: int, profile: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def check_runs_page(url: str, runs: int, screenshot: Path) -> None:
+def check_runs_page(url: str, trials: int, screenshot: Path) -> None:
     """The address ``cifar-exp ui`` prints opens the experiment's runs table (MLflow's page for
-    model training, not its GenAI overview of traces) with the sweep's ``runs`` in it: the parent
-    run's row (its trials grouped under it) and the count of matching runs; a screenshot is saved."""
+    model training, not its GenAI overview of traces) on the sweep's saved view: its ``trials``,
+    each a row of its own (not one collapsed parent row), best first, with the objective's column;
+    a screenshot is saved."""
     for budget in (20_000, 60_000):  # virtual milliseconds for the page's scripts and API calls
         lines = page_lines(url, budget, screenshot.parent / "chrome")
-        if "matching runs" in lines:
+        if "matching runs" in lines and "val_accuracy" in lines:
             break
     assert lines[0].startswith("Runs - Experiment"), lines[:5]  # the page's title
-    assert "Run Name" in lines and "lr_dropout-study" in lines, lines
+    assert "Run Name" in lines and "val_accuracy" in lines and "learning_rate" in lines, lines
+    assert "lr_dropout-study" not in lines, lines  # the trials themselves, not their parent
+    shown = [line for line in lines if line.startswith("trial-")]
+    assert len(shown) == trials, lines
     assert "Sessions" not in lines and "Judges" not in lines, lines  # GenAI's navigation
-    assert lines[lines.index("matching runs") - 1] == str(runs), lines
+    assert lines[lines.index("matching runs") - 1] == str(trials), lines
     chromium(url, f"--virtual-time-budget={budget}", f"--screenshot={screenshot}", profile=screenshot.parent / "chrome")
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
 

@@ -15,11 +15,14 @@ from cifar_exp.sweep import events
 
 class Progress:
     """Prints what the workers report: a line per trial start and end; on a terminal, below them,
-    a live block redrawn in place (a line per running trial: its last epoch, metric and seconds;
-    then the status line); elsewhere (a file, a pipe) one plain line per epoch, no control
-    characters. The status carries the best value, the counts, the elapsed time and an estimate
-    of what is left (finished trials' mean seconds x trials left / workers). ``quiet``: nothing
-    until the end."""
+    a live block redrawn in place, on every event and on the sweep command's clock (``Tick``,
+    once a second): a line per running trial (its epoch, the steps done in it, its last epoch's
+    metric and seconds), then the status line; elsewhere (a file, a pipe) one plain line per
+    epoch, no control characters. The status carries the best value, the counts, the elapsed time
+    and, from the first epoch on, an estimate of what is left: the running trials' remaining
+    epochs at the seconds an epoch has taken, then the trials not started yet at the seconds a
+    trial has taken (finished trials' mean, else an epoch's seconds times the epoch budget), over
+    the workers. ``quiet``: nothing until the end."""
 
     def __init__(self, metric: str, budget: int | None, workers: int = 1, quiet: bool = False) -> None:
         self.metric, self.budget, self.workers = metric, budget, workers
@@ -28,17 +31,32 @@ class Progress:
         self.started = time.monotonic()
         self.trial_started: dict[int, float] = {}
         self.durations: list[float] = []  # seconds of the trials finished in this run
+        self.epoch_seconds: list[float] = []  # seconds of the epochs trained in this run
+        self.position: dict[int, tuple[float, int]] = {}  # running trial -> (epochs done, its budget)
+        self.last: dict[int, str] = {}  # running trial -> its last epoch, as its line shows it
         self.running: dict[int, str] = {}  # trial -> its line in the live block
         self.drawn = 0  # lines of the live block on the terminal now
+        self.ticked = 0.0
         self.tally: events.Tally | None = None
 
     def _of(self, tally: events.Tally) -> str:
         return f"{tally.finished} of {self.budget}" if self.budget else f"{tally.finished}"
 
+    def left(self, tally: events.Tally) -> float | None:
+        """Seconds until the budget is met, as far as this run has seen (None before an epoch)."""
+        if not self.budget or not (self.epoch_seconds or self.durations):
+            return None
+        per_epoch = statistics.mean(self.epoch_seconds) if self.epoch_seconds else None
+        epochs = max([budget for _, budget in self.position.values()], default=0)
+        per_trial = statistics.mean(self.durations) if self.durations else (per_epoch or 0.0) * epochs
+        running = sum((budget - done) * (per_epoch or 0.0) for done, budget in self.position.values())
+        waiting = max(self.budget - tally.finished - len(self.position), 0)
+        return (running + waiting * per_trial) / self.workers
+
     def _clock(self, tally: events.Tally) -> str:
         text = f"{duration(time.monotonic() - self.started)} elapsed"
-        if self.budget and self.durations:
-            left = max(self.budget - tally.finished, 0) * statistics.mean(self.durations) / self.workers
+        left = self.left(tally)
+        if left is not None:
             text += f", about {duration(left)} left"
         return text
 
@@ -51,39 +69,62 @@ class Progress:
 
     def __call__(self, event: events.Event, tally: events.Tally) -> None:
         self.tally = tally
-        if isinstance(event, events.Started):
+        if isinstance(event, events.Tick):
+            if self.live and time.monotonic() - self.ticked >= 1.0:
+                self._redraw()
+        elif isinstance(event, events.Started):
             self.trial_started[event.trial] = time.monotonic()
             self.running[event.trial] = f"trial {event.trial} starting (worker {event.worker})"
             params = " ".join(f"{k}={fmt(v)}" for k, v in event.params.items())
             self._line(f"trial {event.trial} started (worker {event.worker}): {params}")
+        elif isinstance(event, events.Steps):
+            self._steps(event)
         elif isinstance(event, events.Epoch):
-            seconds = event.logs.get("epoch_seconds")
-            text = (f"trial {event.trial} epoch {event.epoch}/{event.epochs} {self.metric}={event.value:.4f}"
-                    + (f" ({seconds:.1f} s)" if seconds is not None else ""))
-            self.running[event.trial] = text
-            if self.live:
-                self._redraw()
-            else:
-                self._line(f"  {text}")
+            self._epoch(event)
         elif isinstance(event, events.Ended):
-            self.running.pop(event.trial, None)
-            if event.counts and event.trial in self.trial_started:
-                self.durations.append(time.monotonic() - self.trial_started.pop(event.trial))
-            detail = ""
-            if event.state == "COMPLETE":
-                detail = f" {self.metric}={event.value:.4f} test_accuracy={event.test_accuracy:.4f}"
-            elif event.reason:
-                detail = f": {event.reason}"
-            if event.infeasible:
-                detail += f" [infeasible: {event.infeasible}]"
-            if event.degenerate:
-                detail += f" [degenerate: {event.degenerate}]"
-            self._line(f"trial {event.trial} {event.state}{detail} [{self._of(tally)}] {self.status(tally)}")
+            self._ended(event, tally)
         elif isinstance(event, events.Warmed):
             self._line(event.line)
         elif isinstance(event, events.Stale):
             self._line(f"trial {event.trial} was left running by a worker that is gone: failed, retried once "
                        f"({event.reason})")
+
+    def _steps(self, event: events.Steps) -> None:
+        self.position[event.trial] = (event.epoch - 1 + event.step / event.steps, event.epochs)
+        self.running[event.trial] = (f"trial {event.trial} epoch {event.epoch}/{event.epochs}: "
+                                     f"step {event.step}/{event.steps}" + self.last.get(event.trial, ""))
+        if self.live:
+            self._redraw()
+
+    def _epoch(self, event: events.Epoch) -> None:
+        seconds = event.logs.get("epoch_seconds")
+        if seconds is not None:
+            self.epoch_seconds.append(seconds)
+        self.position[event.trial] = (float(event.epoch), event.epochs)
+        took = f" ({seconds:.1f} s)" if seconds is not None else ""
+        self.last[event.trial] = f" | epoch {event.epoch} {self.metric}={event.value:.4f}{took}"
+        text = f"trial {event.trial} epoch {event.epoch}/{event.epochs} {self.metric}={event.value:.4f}{took}"
+        self.running[event.trial] = text
+        if self.live:
+            self._redraw()
+        else:
+            self._line(f"  {text}")
+
+    def _ended(self, event: events.Ended, tally: events.Tally) -> None:
+        for kept in (self.running, self.position, self.last):
+            kept.pop(event.trial, None)
+        if event.counts and event.trial in self.trial_started:
+            self.durations.append(time.monotonic() - self.trial_started.pop(event.trial))
+        detail = ""
+        if event.state == "COMPLETE":
+            detail = f" {self.metric}={event.value:.4f} test_accuracy={event.test_accuracy:.4f}"
+        elif event.reason:
+            detail = f": {event.reason}"
+        if event.infeasible:
+            detail += f" [infeasible: {event.infeasible}]"
+        if event.degenerate:
+            detail += f" [degenerate: {event.degenerate}]"
+        self._line(f"trial {event.trial} {event.state}{detail} [{self._of(tally)}] {self.status(tally)}")
 
     def _line(self, text: str) -> None:
         """A line that stays: on a terminal above the live block, which is redrawn below it."""
@@ -108,6 +149,7 @@ class Progress:
         sys.stdout.write("".join(f"{line}\n" for line in block))
         sys.stdout.flush()
         self.drawn = len(block)
+        self.ticked = time.monotonic()
 
 
 def duration(seconds: float) -> str:

@@ -7,6 +7,7 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 
 from cifar_exp.cli import arguments
 from cifar_exp.cli.environment import existing_store, quiet_keras, set_environment
@@ -46,18 +47,33 @@ def run(args: argparse.Namespace) -> int:
     set_environment(args.deterministic)
     quiet_keras(args.storage, original.sweep.name)
 
+    epochs = [0]
+
     def started(start: rerun.Start) -> None:
+        epochs[0] = start.epochs
         print(f"rerun of trial {original.trial_number} of sweep {original.sweep.name} (run {original.run.run_id}, "
               f"{original.state}): {start.epochs} of {original.sweep.epochs} epochs, seed {original.seed}, "
-              f"deterministic kernels {'on' if args.deterministic else 'off'}")
+              f"deterministic kernels {'on' if args.deterministic else 'off'}", flush=True)
         for line in start.differences:
-            print(f"  differs from the original: {line}")
+            print(f"  differs from the original: {line}", flush=True)
+
+    def epoch_done(epoch: int, logs: Mapping[str, float]) -> None:
+        """Each epoch as it finishes, beside the original's value (a rerun takes as long as the trial)."""
+        metric = original.sweep.objective.metric
+        before = original.history.get(metric, [])
+        value = logs.get(metric)
+        seconds = f" ({logs['epoch_seconds']:.1f} s)" if "epoch_seconds" in logs else ""
+        if value is None:
+            return
+        against = "" if epoch >= len(before) else \
+            " (the original's, bit for bit)" if rerun.same(before[epoch], value) else f" (original {before[epoch]:.4f})"
+        print(f"  epoch {epoch + 1}/{epochs[0]} {metric}={value:.4f}{seconds}{against}", flush=True)
 
     try:
         outcome, comparison = rerun.reproduce(
             original, args.data if args.data is not None else original.sweep.data.source,
             deterministic=args.deterministic, tolerance=args.tolerance,
-            tags={"command": shlex.join(args.command_line)}, on_start=started)
+            tags={"command": shlex.join(args.command_line)}, on_start=started, on_epoch=epoch_done)
     except KeyboardInterrupt:
         print("interrupted: the rerun's run is marked KILLED", file=sys.stderr)
         return 130

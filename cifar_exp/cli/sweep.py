@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     def carve(dataset: data.Cifar10) -> data.Splits:  # refused before the data cache is written
         return data.splits(chosen, dataset)
 
+    if not args.quiet:  # before the download, which can take minutes or fail offline
+        print(f"data: {_data_origin(chosen.data.source)}", flush=True)
     dataset = data.load(chosen.data.source, check=carve)
     splits = carve(dataset)
     tags = {"data_source": chosen.data.source, "data_checksum": dataset.checksum,
@@ -116,14 +118,18 @@ def run(args: argparse.Namespace) -> int:
 LIST_WIDTH = 100  # characters of a line of sweep --list
 
 
+def _headline(description: str) -> str:
+    """A sweep description's first sentence, on one line."""
+    return " ".join(description.split()).split(". ")[0].rstrip(".")
+
+
 def _list_sweeps() -> int:
     """A line per sweep: its name and its description's first sentence, cut at a word to fit."""
     for name, path in available_sweeps().items():
         try:
-            description = " ".join(load_sweep(str(path)).description.split())
+            first = _headline(load_sweep(str(path)).description)
         except UserError as exc:
-            description = f"(invalid: {exc})"
-        first = description.split(". ")[0].rstrip(".")
+            first = f"(invalid: {exc})"
         room = LIST_WIDTH - 21
         if len(first) > room:
             first = first[:room - 3].rsplit(" ", 1)[0]
@@ -215,7 +221,8 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
     chosen = settings.sweep
     tally = supervisor.tally(storage.create_study(settings), settings.sweep)
     say = (lambda *a, **k: None) if args.quiet else print
-    say(f"sweep {chosen.name}: {chosen.description.strip().splitlines()[0] if chosen.description else ''}")
+    named = f" (study {chosen.name})" if chosen.path.stem != chosen.name else ""
+    say(f"sweep {chosen.path.stem}{named}: {_headline(chosen.description)}")
     say(f"study '{chosen.name}' in {mask_credentials(args.storage)}: {tally.finished} trials finished before; "
         f"budget {chosen.trials if chosen.trials else 'none'} trials, "
         f"{chosen.epochs} epochs each on {sizes}, {args.workers} worker(s), seed {chosen.sampler.seed}, "
@@ -247,6 +254,14 @@ def _optuna(settings: Any, args: argparse.Namespace, sizes: str) -> int:
         print_collected(chosen.name, chosen.keep_models,
                         study.collect_models(chosen, args.storage, chosen.keep_models, say_now))
     return 0
+
+
+def _data_origin(source: str) -> str:
+    """Where the sweep's images come from, in words."""
+    if source == "keras":
+        return ("CIFAR-10 through Keras (keras.datasets.cifar10: downloaded once from cs.toronto.edu into "
+                "~/.keras/datasets; offline, give --data a local copy, see README)")
+    return f"CIFAR-10 from {source}"
 
 
 def _dashboard_command(args: argparse.Namespace) -> str:

@@ -39,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
         experiment = track.experiment_id(name)  # tags a store's older experiment as one of runs
     print(f"MLflow UI on {mask_credentials(args.tracking_uri)}: {address}", flush=True)
     if experiment is not None:
-        # The runs table in MLflow's model-training view (its default view is GenAI's)
-        print(f"experiment {args.name}: {address}/#/experiments/{experiment}/runs?workflowType=machine_learning",
-              flush=True)
+        # The runs table in MLflow's model-training view (its default view is GenAI's), on the
+        # sweep's saved view of its trials where the store has it
+        view = f"&viewStateShareKey={track.view.TRIALS_VIEW}" if track.view.has_trials_view(experiment) else ""
+        print(f"experiment {args.name}: {address}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+              f"{view}", flush=True)
     # The server replaces this process: Ctrl-C and signals reach it directly, no orphan is left.
     # MLflow accepts state changes from every localhost origin: any other program's page on this
     # machine could change the store. Our app (track.ui.create_ui_app) lets only the UI's own pages.

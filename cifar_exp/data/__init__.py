@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cifar_exp.data import formats
-from cifar_exp.data.formats import CIFAR10_CLASSES, SOURCES_HELP, DataError
+from cifar_exp.data.formats import CIFAR10_CLASSES, OFFLINE_HELP, SOURCES_HELP, DataError
 
 if TYPE_CHECKING:
     from cifar_exp.config import Sweep
@@ -236,22 +236,28 @@ def _load_keras() -> Cifar10:
         import multiprocessing
 
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-            x_train, y_train, x_test, y_test = child.submit(_keras_arrays).result()
+            x_train, y_train, x_test, y_test = child.submit(_keras_arrays, True).result()
     digest = hashlib.sha256()
     for array in (x_train, y_train, x_test, y_test):
         digest.update(np.ascontiguousarray(array).tobytes())
     return Cifar10(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras", digest.hexdigest())
 
 
-def _keras_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _keras_arrays(quiet: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Keras' CIFAR-10 arrays; ``quiet`` (a child process of its own): the native libraries'
+    start-up lines on its standard error (TensorFlow's, written before any Python logging is set
+    up: four lines above the command's first one) go to /dev/null; errors come back as exceptions."""
+    if quiet:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
     import keras  # only this source needs Keras; the others decode with numpy and Pillow
 
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as exc:  # noqa: BLE001 (any download failure (offline, proxy, corrupt archive): one line)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot download CIFAR-10 through Keras ({reason[:200]}); "
-                        f"{SOURCES_HELP}") from None
+        raise DataError(f"cannot download CIFAR-10 through Keras ({reason[:200]}); {OFFLINE_HELP}") from None
     return x_train, y_train.reshape(-1).astype(np.int64), x_test, y_test.reshape(-1).astype(np.int64)
 
 

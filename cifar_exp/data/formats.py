@@ -21,9 +21,13 @@ import numpy as np
 from cifar_exp.config import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-SOURCES_HELP = ("give --data one of: 'keras' (download through Keras on a connected machine), "
-                "a cifar-10-python.tar.gz or extracted cifar-10-batches-py/ folder, "
-                "or an image-folder tree or .zip of train/<class>/*.jpg and test/<class>/*.jpg")
+LOCAL_SOURCES = ("a cifar-10-python.tar.gz or extracted cifar-10-batches-py/ folder, "
+                 "or an image-folder tree or .zip of train/<class>/*.jpg and test/<class>/*.jpg")
+SOURCES_HELP = f"give --data one of: 'keras' (download through Keras on a connected machine), {LOCAL_SOURCES}"
+# Offline, 'keras' is the source that just failed: the way out is a local copy, and README's
+# "Five minutes on a CPU" makes one from the project's JPEG copy.
+OFFLINE_HELP = (f"offline, give --data a local copy: {LOCAL_SOURCES} (README, \"Five minutes on a CPU\", "
+                f"makes a .zip from the CIFAR-10 JPEG copy)")
 BATCH_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 MAX_BATCH_BYTES = 64 << 20  # a python batch is 31 MB (10,000 images and their labels)
 

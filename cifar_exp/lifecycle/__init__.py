@@ -55,7 +55,9 @@ def recipe(sweep: Sweep, seed: int, epochs: int, values: Mapping[str, Any], data
 
 
 class Engine(Protocol):
-    """What a trial's engine hears, in order: ``opened`` (the run exists), ``epoch`` after each
+    """What a trial's engine hears, in order: ``opened`` (the run exists), ``steps`` now and then
+    inside an epoch (``step`` of ``steps`` training steps of the 0-based ``epoch`` done; at most
+    every ``steps.PROGRESS_SECONDS``, none where training runs an epoch as one program), ``epoch`` after each
     epoch is logged (``replayed``: an epoch a taken-over checkpoint held, judged when it ran; it
     may raise ``Prune``, an ``Interruption``, or anything to fail the trial), then ``ended`` with
     the outcome, before the run ends: the engine records it (tells Optuna, answers its tuner,
@@ -67,6 +69,8 @@ class Engine(Protocol):
     def stopping(self) -> bool: ...
 
     def opened(self, run_id: str) -> None: ...
+
+    def steps(self, epoch: int, step: int, steps: int) -> None: ...
 
     def epoch(self, epoch: int, logs: Mapping[str, float], replayed: bool) -> None: ...
 
@@ -82,7 +86,7 @@ def run_trial(plan: TrialPlan, splits: Splits, engine: Engine, *, programs: Prog
     a signal may raise. Returns the outcome; an interruption ends the run KILLED, is recorded, and
     goes on (raised again)."""
     run = steps.Run(plan, busy or Busy())
-    run.open(claim_seconds)
+    run.open(claim_seconds, splits)
     engine.opened(run.run_id)
     try:
         outcome = _conduct(run, splits, engine, programs, started)
@@ -116,7 +120,8 @@ def _conduct(run: steps.Run, splits: Splits, engine: Engine, programs: Programs 
         run.log_hyperparameters()
         custom = hypermodel.custom_model(plan.hypermodel, plan.hyperparameters)
     try:
-        result = run.train(splits, engine.epoch, custom=custom, programs=programs, started=started)
+        result = run.train(splits, engine.epoch, custom=custom, programs=programs, started=started,
+                           on_steps=engine.steps)
     except Prune as exc:
         return run.pruned(splits, str(exc))
     if plan.hypermodel is not None:  # hyperparameters first declared in the hypermodel's fit
@@ -129,4 +134,4 @@ def _conduct(run: steps.Run, splits: Splits, engine: Engine, programs: Programs 
 def _close(run: steps.Run, engine: Engine, outcome: Outcome) -> None:
     """The engine records ``outcome``, then the run ends with it (and the engine's tags)."""
     extra = engine.ended(outcome)
-    steps.end(run.run_id, outcome, extra)
+    steps.end(run.run_id, outcome, extra, trial=run.plan.number)

@@ -32,6 +32,26 @@ if TYPE_CHECKING:
     from cifar_exp.training.train import CustomModel, TrainResult
 
 EpochHook = Callable[[int, Mapping[str, float], bool], None]  # epoch, logs, replayed
+StepsHook = Callable[[int, int, int], None]  # epoch (0-based), steps done, steps in the epoch
+# How often a trial tells its engine how far into an epoch it is: often enough that a terminal
+# moves, rarely enough that a worker's queue carries a few events a minute per trial.
+PROGRESS_SECONDS = 2.0
+
+
+class _Pace:
+    """Passes the steps done in an epoch to ``hook``, at most every ``PROGRESS_SECONDS``."""
+
+    def __init__(self, hook: StepsHook) -> None:
+        self.hook, self.current, self.told = hook, 0, time.monotonic()
+
+    def epoch(self, epoch: int) -> None:
+        self.current = epoch
+
+    def step(self, step: int, steps: int | None) -> None:
+        now = time.monotonic()
+        if steps and step and now - self.told >= PROGRESS_SECONDS:
+            self.told = now
+            self.hook(self.current, step, steps)
 
 
 def judge(history: Mapping[str, Any], y_prob: Any, splits: Any) -> dict[str, str]:
@@ -41,11 +61,15 @@ def judge(history: Mapping[str, Any], y_prob: Any, splits: Any) -> dict[str, str
     return {"degenerate": why} if why else {}
 
 
-def end(run_id: str, outcome: Outcome | Closed, extra: Mapping[str, Any] | None = None) -> None:
+def end(run_id: str, outcome: Outcome | Closed, extra: Mapping[str, Any] | None = None,
+        trial: int | None = None) -> None:
     """End the MLflow run ``run_id`` as ``outcome`` says (``outcome.end_tags``), with ``extra``
     tags: the one way a trial's run is ended, by ``run_trial``, and by the recovery of a run whose
-    trial ended elsewhere (``Closed``) or whose process is gone (``Failed``) alike."""
+    trial ended elsewhere (``Closed``) or whose process is gone (``Failed``) alike. The run of a
+    sweep's ``trial`` is renamed for its end (``track.view.trial_run_name``)."""
     status, tags = end_tags(outcome)
+    if trial is not None:
+        tags[track.view.RUN_NAME_TAG] = track.view.trial_run_name(trial, tags["state"], interrupted=status == "KILLED")
     track.end_run(run_id, status, {**tags, **(extra or {})})
 
 
@@ -84,10 +108,11 @@ class Run:
     def epochs_run(self) -> int:
         return max((len(values) for values in self.history.values()), default=0)
 
-    def open(self, claim_seconds: float) -> str:
+    def open(self, claim_seconds: float, splits: Splits | None = None) -> str:
         """Open the run: under the plan's parent run as trial ``number`` (a sweep's trial), or as a
-        run named ``name``; its params (default: the recipe's) and tags. The sweep file is logged
-        by ``train``, where a full disk fails the trial rather than the engine."""
+        run named ``name``; its params (default: the recipe's), tags, and the data it trains on
+        (``splits``' sizes) as a dataset input. The sweep file is logged by ``train``, where a full
+        disk fails the trial rather than the engine."""
         plan = self.plan
         params = plan.recipe.to_params() if plan.params is None else plan.params
         tags = {**plan.tags, **plan.recipe.to_tags(), "engine": plan.engine}
@@ -96,6 +121,11 @@ class Run:
                                                 tags=tags)
         else:
             self.run_id = track.start_run(plan.experiment, plan.name, params, tags)
+        if splits is not None:
+            recipe = plan.recipe
+            track.view.log_dataset(self.run_id, recipe.data_source, recipe.data_checksum,
+                              {"train_images": len(splits.y_train), "validation_images": len(splits.y_val),
+                               "test_images": len(splits.y_test)})
         self.phases = {"claim_seconds": claim_seconds}
         return self.run_id
 
@@ -129,11 +159,12 @@ class Run:
         track.log_text(self.run_id, json.dumps(dict(values), sort_keys=True), "hyperparameters.json")
 
     def train(self, splits: Splits, on_epoch: EpochHook, *, custom: CustomModel | None, programs: Programs | None,
-              started: float | None) -> TrainResult:
+              started: float | None, on_steps: StepsHook | None = None) -> TrainResult:
         """Train the plan's configuration on ``splits`` with the recipe's seed and epochs, under
         the time limit; each epoch logged, checked for the objective's metric, then handed to
         ``on_epoch`` (replayed False; the epochs a taken-over checkpoint holds, True). The model
-        kept is the sweep's ``model_epoch`` (best or last). ``started``: the trial's start
+        kept is the sweep's ``model_epoch`` (best or last); ``on_steps`` hears the steps done inside
+        an epoch, at most every ``PROGRESS_SECONDS``. ``started``: the trial's start
         (``time.perf_counter``), for its ``first_step_seconds``. A checkpoint is not used for a
         ``custom`` model (a hypermodel's, which trains as it was compiled)."""
         from cifar_exp.training import clock, train  # imports keras: after the engine set up the process
@@ -146,6 +177,13 @@ class Run:
         observer = train.Observer(on_epoch_end=lambda epoch, logs: self._epoch(epoch, logs, on_epoch),
                                   on_first_step=self._on_first_step,
                                   on_resume=lambda history: self._resumed(history, on_epoch))
+        if on_steps is not None:
+            # At a step's begin, not its end: Keras dispatches batch-end hooks asynchronously only
+            # when no callback has one, and a begin hook takes no logs, so the device never waits.
+            pace = _Pace(on_steps)
+            observer.on_epoch_begin = lambda epoch, logs=None: pace.epoch(epoch)
+            observer.on_train_batch_begin = (
+                lambda step, logs=None: pace.step(step, observer.params.get("steps")))
         options = train.TrainOptions(stop_after=plan.stop_after, custom=custom, started=started, programs=programs,
                                      clock=self.clock, checkpoint=None if custom is not None else plan.checkpoint,
                                      best_by=plan.sweep.best_by)
@@ -165,7 +203,8 @@ class Run:
         self._first_step["first_step_seconds"] = seconds
 
     def _log(self, epoch: int, logs: Mapping[str, float]) -> None:
-        track.log_metrics(self.run_id, {**logs, **self._first_step}, step=epoch)
+        track.log_metrics(self.run_id, {**logs, **{track.view.TIME_PREFIX + k: v for k, v in self._first_step.items()}},
+                          step=epoch)
         self._first_step.clear()
         for key, value in logs.items():
             self.history.setdefault(key, []).append(value)
@@ -228,6 +267,8 @@ class Run:
         (training's up to the stop)."""
         assert self.clock is not None, "pruned before training"
         self.clock.lap("fit_seconds")
+        if self.history.get("loss"):  # its curves up to the stop, as a complete trial's
+            track.log_curves(self.run_id, self.history, f"{self.plan.title} (stopped after epoch {self.epochs_run})")
         phases = {**self.phases, **self.clock.phases}
         self._log_phases(phases, self.clock.origin())
         return Pruned(self.run_id, judge(self.history, None, splits), phases, self.clock.origin(), self.epochs_run,
@@ -239,5 +280,5 @@ class Run:
         return self.limit.reason if self.limit.expired else failure_reason(exc)
 
     def _log_phases(self, phases: Mapping[str, float], compiled: str) -> None:
-        track.log_metrics(self.run_id, phases)
+        track.log_metrics(self.run_id, {track.view.TIME_PREFIX + k: v for k, v in phases.items()})
         track.set_tags(self.run_id, {"compiled": compiled, "feed": self.clock.feed if self.clock else "fit"})

@@ -185,6 +185,9 @@ class _Seed:
     def opened(self, run_id: str) -> None:
         pass
 
+    def steps(self, epoch: int, step: int, steps: int) -> None:
+        pass
+
     def epoch(self, epoch: int, logs: Mapping[str, float], replayed: bool) -> None:
         pass
 

@@ -189,6 +189,9 @@ class Replay:
     def opened(self, run_id: str) -> None:
         self.outcome.run_id = run_id
 
+    def steps(self, epoch: int, step: int, steps: int) -> None:
+        pass  # the rerun command prints whole epochs
+
     def epoch(self, epoch: int, logs: Mapping[str, float], replayed: bool) -> None:
         for key, value in logs.items():
             if reproducible(key):

@@ -48,6 +48,24 @@ class Epoch:
 
 
 @dataclass(frozen=True)
+class Steps:
+    """Progress inside an epoch: ``step`` of its ``steps`` training steps are done (at most one of
+    these every ``lifecycle.steps.PROGRESS_SECONDS``)."""
+
+    trial: int
+    epoch: int  # 1-based: the epoch under way
+    epochs: int
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """No worker's: the sweep command's own clock, about once a second, so that a live display's
+    elapsed time, estimate and running trials move between the workers' events."""
+
+
+@dataclass(frozen=True)
 class Ended:
     """A trial's end. ``reason`` is why it was pruned or failed (``INTERRUPTED`` for a stop);
     ``retried`` says a failed trial is queued once more (so it does not count)."""
@@ -83,7 +101,7 @@ class Warmed:
     line: str
 
 
-Event = Ready | Fatal | Started | Epoch | Ended | Stale | Warmed
+Event = Ready | Fatal | Started | Epoch | Steps | Ended | Stale | Warmed | Tick
 
 
 @dataclass

@@ -174,7 +174,7 @@ def close_run(study: optuna.Study, trial: FrozenTrial, status: str, reason: str)
         run_id = track.start_trial_run(attrs.mlflow_experiment_id, attrs.mlflow_parent_run_id, trial.number,
                                        params=dict(trial.params), tags={"sweep": study.study_name,
                                                                         "engine": "optuna"})
-    lifecycle.end(run_id, lifecycle.Failed(run_id, reason, interrupted=status == "KILLED"))
+    lifecycle.end(run_id, lifecycle.Failed(run_id, reason, interrupted=status == "KILLED"), trial=trial.number)
 
 
 def running(study: optuna.Study, pids: set[int]) -> list[FrozenTrial]:

@@ -125,6 +125,7 @@ def start_parent_run(settings: Settings, study: optuna.Study, experiment: str) -
             study.set_user_attr(key, value)
     for key, value in StudyAttrs.encode(mlflow_experiment_id=experiment).items():
         study.set_user_attr(key, value)
+    track.view.share_trials_view(experiment, [(o.metric, o.direction) for o in sweep.objectives], list(sweep.space))
     return parent
 
 
@@ -140,12 +141,13 @@ def close_orphans(study: optuna.Study, experiment: str, parent: str) -> list[str
             continue
         trial = by_number.get(number)
         if trial is not None and trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            lifecycle.end(run_id, lifecycle.Closed(run_id, trial.state.name))
+            lifecycle.end(run_id, lifecycle.Closed(run_id, trial.state.name), trial=number)
         else:
             reason = (TrialAttrs.of(trial).fail_reason if trial else None) or \
                 "the sweep stopped before this trial's run was closed"
             lifecycle.end(run_id, lifecycle.Closed(run_id, "FAIL", reason,
-                                                   interrupted=trial is None or bool(TrialAttrs.of(trial).interrupted)))
+                                                   interrupted=trial is None or bool(TrialAttrs.of(trial).interrupted)),
+                          trial=number)
         closed.append(run_id)
     return closed
 
@@ -205,7 +207,11 @@ class _Parent:
             for worker_id in range(max(1, min(workers, left))):
                 self._start(worker_id, experiment)
         stop_sent = 0.0
+        ticked = time.monotonic()
         while self.workers:
+            if time.monotonic() - ticked >= 1.0:  # a live display moves between events
+                ticked = time.monotonic()
+                self.on_event(events.Tick(), self.tally)
             try:
                 self.handle(self.queue.get(timeout=0.2))
                 continue

@@ -213,6 +213,9 @@ class _Answer:
     def opened(self, run_id: str) -> None:
         self.trials.emit(events.Started(0, self.number, run_id, self.values))
 
+    def steps(self, epoch: int, step: int, steps: int) -> None:
+        self.trials.emit(events.Steps(self.number, epoch + 1, self.epochs, step, steps))
+
     def epoch(self, epoch: int, logs: Mapping[str, float], replayed: bool) -> None:
         metric = self.trials.sweep.objective.metric
         self.trials.emit(events.Epoch(self.number, epoch + 1, self.epochs, logs[metric], dict(logs)))

@@ -267,6 +267,10 @@ class OptunaTrial:
             self.trial.set_user_attr(key, value)
         self.queue.put(events.Started(self.worker.worker_id, self.trial.number, run_id, self.params))
 
+    def steps(self, epoch: int, step: int, steps: int) -> None:
+        """Tell the sweep command how far into the epoch the trial is."""
+        self.queue.put(events.Steps(self.trial.number, epoch + 1, self.sweep.epochs, step, steps))
+
     def epoch(self, epoch: int, logs: Mapping[str, float], replayed: bool) -> None:
         """Report, tell the sweep command, then stop or prune if due; a replayed epoch (trained by
         the original of a retry) is reported, not judged for pruning: it was, when it ran."""

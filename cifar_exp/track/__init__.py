@@ -277,7 +277,7 @@ def start_run(experiment: str, name: str, params: Mapping[str, Any], tags: Mappi
 def start_trial_run(experiment: str, parent_run_id: str, trial_number: int,
                     params: Mapping[str, Any], tags: Mapping[str, Any]) -> str:
     """Create the child run of trial ``trial_number`` under ``parent_run_id``, with its params."""
-    return start_run(experiment, f"trial-{trial_number}", params,
+    return start_run(experiment, view.trial_run_name(trial_number), params,
                      {PARENT_TAG: parent_run_id, "trial_number": trial_number, **tags})
 
 
@@ -354,6 +354,16 @@ def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: 
     return metrics
 
 
+def log_curves(run_id: str, history: Mapping[str, Sequence[float]], title: str) -> None:
+    """Log ``learning_curves.png`` of ``history`` (a trial stopped early: no test pass, but the
+    epochs it ran are worth a look)."""
+    from cifar_exp.metrics import plots
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plots.learning_curves_png(history, Path(tmp) / "learning_curves.png", title, None)
+        retrying(MlflowClient().log_artifacts, run_id, tmp)
+
+
 def log_dir(run_id: str, folder: Path) -> None:
     """Log every file in ``folder`` as an artifact at the run's root (same names replace)."""
     retrying(MlflowClient().log_artifacts, run_id, str(folder))
@@ -381,4 +391,4 @@ def find_experiment(name: str) -> str | None:
 
 
 # Last: they build on the helpers above (retrying, _strings).
-from cifar_exp.track import models, ui  # noqa: E402, F401
+from cifar_exp.track import models, ui, view  # noqa: E402, F401
