@@ -63,9 +63,9 @@ def test_a_resumed_run_keeps_the_epoch_the_uninterrupted_run_keeps(splits: data.
     whole = train.train(CFG, splits, epochs=3, seed=7, options=train.TrainOptions(best_by=EARLY))
     keras.backend.clear_session()
 
-    # killed in epoch 1 (resumed from epoch 0's checkpoint, whose kept epoch is its own, stored
-    # once), then in epoch 2 (from epoch 1's, whose kept epoch is one before it)
-    resumed, _ = killed_then_resumed(CFG, splits, tmp_path / "k.npz", 3, (1, 2), best_by=EARLY)
+    # stopped at the end of epoch 0 (resumed from epoch 0's checkpoint, whose kept epoch is its
+    # own, stored once), then at the end of epoch 1 (from epoch 1's, whose kept epoch is one before it)
+    resumed, _ = killed_then_resumed(CFG, splits, tmp_path / "k.npz", 3, (0, 1), best_by=EARLY)
     assert resumed.kept_epoch == whole.kept_epoch
     assert np.array_equal(resumed.y_prob, whole.y_prob)
     assert numbers(resumed.history) == numbers(whole.history)

@@ -40,8 +40,9 @@ def numbers(history: dict[str, list[float]]) -> dict[str, list[float]]:
 
 def killed_then_resumed(cfg: TrainConfig, splits: data.Splits, path: Path, epochs: int, dies_at: int | tuple[int, ...],
                         programs: object = None, **options: object) -> tuple[train.TrainResult, dict[str, list[float]]]:
-    """Train until the hook of epoch ``dies_at`` raises, then again with the same checkpoint: the
-    last result and the metrics its ``on_resume`` received. With several epochs, the run dies at
+    """Train until the hook of epoch ``dies_at`` raises (that epoch's checkpoint is written before
+    the callbacks hear it), then again with the same checkpoint: the last result and the metrics
+    its ``on_resume`` received. With several epochs, the run dies at
     each in turn, every run after the first resuming from the checkpoint the one before left (a
     resumed run's own checkpoints are then what the next resumes from). ``options`` go to every
     ``train`` call."""
@@ -83,9 +84,9 @@ def test_a_run_resumed_after_epoch_k_equals_the_uninterrupted_run_bit_for_bit(
     whole = train.train(cfg, splits, epochs=4, seed=7,
                         options=train.TrainOptions(checkpoint=checkpoints.Slot(tmp_path / "whole.npz")))
     keras.backend.clear_session()
-    # killed in epoch 1 (resumed from epoch 0's checkpoint), then in epoch 3 (from epoch 2's, which
-    # the resumed run wrote), then resumed to the end
-    resumed, replayed = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 4, (1, 3))
+    # stopped at the end of epoch 0 (resumed from epoch 0's checkpoint), then at the end of epoch 2
+    # (from epoch 2's, which the resumed run wrote), then resumed to the end
+    resumed, replayed = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 4, (0, 2))
     assert [len(v) for v in replayed.values()] == [3] * len(replayed)  # epochs 0..2 from the checkpoint
     assert numbers(resumed.history) == numbers(whole.history)
     assert np.array_equal(resumed.y_prob, whole.y_prob)
@@ -99,7 +100,7 @@ def test_a_resumed_run_on_a_reused_program_equals_the_uninterrupted_run(splits: 
     whole = train.train(cfg, splits, epochs=3, seed=7)
     keras.backend.clear_session()
     kept = Programs()
-    resumed, _ = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 3, 1, programs=kept)
+    resumed, _ = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 3, 0, programs=kept)
     assert resumed.compiled == "reused" and numbers(resumed.history) == numbers(whole.history)
     assert np.array_equal(resumed.y_prob, whole.y_prob)
 
@@ -115,12 +116,33 @@ def test_transfer_learning_resumes_at_the_turn_and_in_phase_two_bit_for_bit(tmp_
                       fine_tune_layers=6, fine_tune_learning_rate=1e-4, learning_rate=1e-3, batch_size=32)
     whole = train.train(cfg, splits, epochs=3, seed=7)
     keras.backend.clear_session()
-    # killed in the first epoch of phase two (resumed at the turn), then within it (resumed with its
-    # optimizer restored)
-    resumed, replayed = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 3, (1, 2))
+    # stopped at the turn (the end of phase one: resumed into phase two), then within phase two
+    # (resumed with its optimizer restored)
+    resumed, replayed = killed_then_resumed(cfg, splits, tmp_path / "killed.npz", 3, (0, 1))
     assert [len(v) for v in replayed.values()] == [2] * len(replayed)
     assert numbers(resumed.history) == numbers(whole.history)
     assert np.array_equal(resumed.y_prob, whole.y_prob)
+
+
+def test_a_trial_stopped_at_an_epochs_end_keeps_that_epochs_checkpoint(splits: data.Splits, tmp_path: Path) -> None:
+    """An engine that stops training at an epoch's end (an interruption, pruning, the time limit)
+    raises from a callback: the epoch's checkpoint is already written, so its retry resumes after
+    it (with the checkpoint written last, a SIGTERM at the first epoch's end left none)."""
+    cfg = TrainConfig(**SMALL, batch_size=16)
+    slot = checkpoints.Slot(tmp_path / "c.npz")
+
+    def stop(epoch: int, logs: object) -> None:
+        raise Died()
+
+    with pytest.raises(Died):
+        train.train(cfg, splits, epochs=3, seed=7, callbacks=[train.Observer(on_epoch_end=stop)],
+                    options=train.TrainOptions(checkpoint=slot))
+    keras.backend.clear_session()
+    replayed: dict[str, list[float]] = {}
+    train.train(cfg, splits, epochs=3, seed=7, callbacks=[train.Observer(on_resume=replayed.update)],
+                options=train.TrainOptions(checkpoint=slot))
+    keras.backend.clear_session()
+    assert len(replayed["loss"]) == 1  # epoch 0, kept though its callbacks stopped the run
 
 
 def test_a_run_that_died_after_its_last_epoch_resumes_with_its_trained_weights(

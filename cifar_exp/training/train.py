@@ -176,7 +176,8 @@ def train(cfg: TrainConfig, splits: Splits, *, seed: int, epochs: int,
     """Train ``cfg`` on ``splits.x_train`` for ``epochs`` (validating on ``splits.x_val`` each epoch),
     then predict ``splits.x_test`` once. A transfer model with ``fine_tune_epochs`` trains its last
     epochs with the top backbone layers unfrozen. ``callbacks`` hear every epoch trained, after
-    the logs were completed (see the module) and before the checkpoint of the epoch is written;
+    the logs were completed (see the module) and after the checkpoint of the epoch was written
+    (one that stops training there leaves it to resume from);
     those that are ``Observer``s also hear the first step and a resumed checkpoint. ``options``:
     see ``TrainOptions``. Seeds Python, NumPy, the backend with ``seed`` (same arguments: same
     numbers); raises ``Diverged``."""
@@ -279,12 +280,17 @@ class _Phases:
             checkpoints.restore(model, resumed, optimizer=ours)
             if plateau is not None and ours and resumed.plateau is not None:
                 plateau.best, plateau.wait = resumed.plateau
-        # After the hooks and the caller's callbacks, the plateau rule: it lowers the next epoch's
-        # rate, not the one logged; the best epoch's copy; then the checkpoint, of the state the
-        # next epoch starts from.
-        after: list[keras.callbacks.Callback] = [*self.callbacks, *(c for c in (plateau, self.best) if c is not None)]
+        # After the hooks: the plateau rule (it lowers the next epoch's rate, not the one logged),
+        # the best epoch's copy, then the checkpoint of the state the next epoch starts from, and
+        # only then the caller's callbacks. An engine that stops the trial at an epoch's end (an
+        # interruption, pruning, the time limit) stops it with that epoch's checkpoint written:
+        # with the checkpoint last, a SIGTERM that met the first epoch's end left no checkpoint,
+        # and the retry trained from epoch 0 (CI, tests/test_kills.py). None of the three reads or
+        # writes what the caller's callbacks see.
+        after: list[keras.callbacks.Callback] = [c for c in (plateau, self.best) if c is not None]
         if self.checkpoint is not None:
             after.append(checkpoints.Writer(self.checkpoint, self.key, self.history, plateau, self.best))
+        after.extend(self.callbacks)
         validation = (self.data.x_val, self.labels(self.data.y_val))
         if self.feed == "device":
             feeds.fit(model, self.data.x_train, self.labels(self.data.y_train), validation, self.cfg.batch_size,
