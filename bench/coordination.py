@@ -187,7 +187,7 @@ def main() -> None:
                   f"{row['trials_per_s']:6.2f} trials/s; claim p50 {row['claim_p50_s']:.3f} s, "
                   f"p99 {row['claim_p99_s']:.3f} s; a trial's coordination p50 {row['trial_p50_s']:.3f} s, "
                   f"p99 {row['trial_p99_s']:.3f} s", flush=True)
-        machine = {"cpu": _cpu_model(), "cores": os.cpu_count(),
+        machine = {"cpu": cpu_model(), "cores": os.cpu_count(),
                    "python": platform.python_version()}
         Path(args.out).write_text(json.dumps({"machine": machine, "epochs": args.epochs, "rows": rows}, indent=2))
     finally:
@@ -196,7 +196,7 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name as /proc/cpuinfo gives it (platform.processor() is empty on Linux)."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):

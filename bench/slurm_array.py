@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -102,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     import optuna
 
-    from bench.coordination import start_servers
+    from bench.coordination import cpu_model, start_servers
     from tests.test_slurm import one_node_cluster
 
     folder = Path(tempfile.mkdtemp(prefix="cifar_exp-slurm-bench-"))
@@ -152,16 +151,8 @@ def main() -> None:
         for step in stop:
             step()
         shutil.rmtree(folder, ignore_errors=True)
-    found["machine"] = {"cpu": _cpu_model(), "cores": os.cpu_count()}
+    found["machine"] = {"cpu": cpu_model(), "cores": os.cpu_count()}
     (ROOT / "bench" / "slurm_array.json").write_text(json.dumps(found, indent=2))
-
-
-def _cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (platform.processor() is empty on Linux)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ def trial_run_name(trial_number: int, state: str = "COMPLETE", interrupted: bool
     return name if state == "COMPLETE" else f"{name} {'pruned' if state == 'PRUNED' else 'failed'}"
 
 
-
 def log_dataset(run_id: str, source: str, checksum: str, sizes: Mapping[str, int]) -> None:
     """The data a run trained on as an MLflow dataset input (the runs table's Dataset column,
     ``search_runs``' ``datasets`` filter): named for its source (``keras`` is Keras' download of
