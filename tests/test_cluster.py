@@ -197,7 +197,7 @@ def test_a_tracking_server_of_another_mlflow_version_is_named_in_one_line(served
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Version)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        line = track.version_mismatch(f"http://127.0.0.1:{server.server_port}")
+        line = track.server.version_mismatch(f"http://127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
     assert ("runs MLflow 0.0.1 and this process" in line and "\n" not in line) if says else line == ""

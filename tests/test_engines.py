@@ -99,8 +99,9 @@ def probed(monkeypatch: pytest.MonkeyPatch) -> None:
         log(self, epoch, logs)
         track.log_metrics(self.run_id, {"probe": epoch + 1.0}, step=epoch)
 
-    def ended(run_id: str, outcome: lifecycle.Outcome, extra: Any = None, trial: int | None = None) -> None:
-        end(run_id, outcome, {**(extra or {}), "probe": type(outcome).__name__}, trial=trial)
+    def ended(run_id: str, outcome: lifecycle.Outcome, extra: Any = None, trial: int | None = None,
+              registrable: bool = False) -> None:
+        end(run_id, outcome, {**(extra or {}), "probe": type(outcome).__name__}, trial=trial, registrable=registrable)
 
     monkeypatch.setattr(steps.Run, "_log", logged)
     monkeypatch.setattr(steps, "end", ended)

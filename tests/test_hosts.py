@@ -266,7 +266,7 @@ def test_a_tracking_server_behind_basic_auth_takes_credentials_from_the_uri_or_m
         client = MlflowClient(base)
         os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin)  # MLflow's variables
         try:
-            track.check_server(base)
+            track.server.check_server(base)
             (experiment,) = [e for e in client.search_experiments() if e.name == "lr_dropout"]
             (child,) = [r for r in client.search_runs([experiment.experiment_id])
                         if "mlflow.parentRunId" in r.data.tags]
@@ -274,7 +274,7 @@ def test_a_tracking_server_behind_basic_auth_takes_credentials_from_the_uri_or_m
             assert admin not in str(child.data.params) + str(child.data.tags)
             os.environ["MLFLOW_TRACKING_PASSWORD"] = "wrong-pw"
             with pytest.raises(UserError, match="refused this user"):
-                track.check_server(base)
+                track.server.check_server(base)
         finally:
             os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
             os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)

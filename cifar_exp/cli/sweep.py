@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Bad input fails here, before anything is written: the servers first (they write nothing
     # when checked), then the data (whose cache is the first write).
-    track.check_server(args.tracking_uri)
-    mismatch = track.version_mismatch(args.tracking_uri)
+    track.server.check_server(args.tracking_uri)
+    mismatch = track.server.version_mismatch(args.tracking_uri)
     if mismatch:
         print(f"warning: {mismatch}", file=sys.stderr, flush=True)
     if "://" in args.storage:

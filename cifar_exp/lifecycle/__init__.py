@@ -134,4 +134,4 @@ def _conduct(run: steps.Run, splits: Splits, engine: Engine, programs: Programs 
 def _close(run: steps.Run, engine: Engine, outcome: Outcome) -> None:
     """The engine records ``outcome``, then the run ends with it (and the engine's tags)."""
     extra = engine.ended(outcome)
-    steps.end(run.run_id, outcome, extra, trial=run.plan.number)
+    steps.end(run.run_id, outcome, extra, trial=run.plan.number, registrable=run.registrable)

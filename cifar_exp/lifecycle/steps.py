@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cifar_exp import track
+from cifar_exp.config import outcomes
 from cifar_exp.lifecycle.outcome import (
     Closed,
     Completed,
@@ -62,11 +63,16 @@ def judge(history: Mapping[str, Any], y_prob: Any, splits: Any) -> dict[str, str
 
 
 def end(run_id: str, outcome: Outcome | Closed, extra: Mapping[str, Any] | None = None,
-        trial: int | None = None) -> None:
+        trial: int | None = None, registrable: bool = False) -> None:
     """End the MLflow run ``run_id`` as ``outcome`` says (``outcome.end_tags``), with ``extra``
     tags: the one way a trial's run is ended, by ``run_trial``, and by the recovery of a run whose
     trial ended elsewhere (``Closed``) or whose process is gone (``Failed``) alike. The run of a
-    sweep's ``trial`` is renamed for its end (``track.view.trial_run_name``)."""
+    sweep's ``trial`` is renamed for its end (``track.view.trial_run_name``). ``registrable``: the
+    completed trial's model is one the registry may choose (``Run.registrable``); its LoggedModel
+    is tagged ``registrable`` first, so that a model of a trial the study does not count as
+    complete never carries the tag."""
+    if registrable and isinstance(outcome, Completed) and outcome.model_uri:
+        track.models.tag_model(outcome.model_uri, {"registrable": "true"})
     status, tags = end_tags(outcome)
     if trial is not None:
         tags[track.view.RUN_NAME_TAG] = track.view.trial_run_name(trial, tags["state"], interrupted=status == "KILLED")
@@ -95,7 +101,13 @@ class Run:
     phases: dict[str, float] = field(default_factory=dict)
     clock: Clock | None = None
     limit: TimeLimit = field(init=False)
+    # The data as the run's dataset input (name, digest), which the model's metrics are linked to.
+    dataset: tuple[str, str] | None = None
+    # Whether the model logged is one the registry may choose: a sweep's trial, its numbers not
+    # degenerate, every constraint met (``complete``); ``run_trial`` passes it to ``end``.
+    registrable: bool = False
     _first_step: dict[str, float] = field(default_factory=dict)
+    _epochs: dict[int, track.MetricGroup] = field(default_factory=dict)  # each epoch's metrics as logged
 
     def __post_init__(self) -> None:
         self.limit = TimeLimit(self.plan.time_limit, lambda: self.busy.training)
@@ -123,9 +135,10 @@ class Run:
             self.run_id = track.start_run(plan.experiment, plan.name, params, tags)
         if splits is not None:
             recipe = plan.recipe
-            track.view.log_dataset(self.run_id, recipe.data_source, recipe.data_checksum,
-                              {"train_images": len(splits.y_train), "validation_images": len(splits.y_val),
-                               "test_images": len(splits.y_test)})
+            self.dataset = track.view.log_dataset(
+                self.run_id, recipe.data_source, recipe.data_checksum,
+                {"train_images": len(splits.y_train), "validation_images": len(splits.y_val),
+                 "test_images": len(splits.y_test)})
         self.phases = {"claim_seconds": claim_seconds}
         return self.run_id
 
@@ -203,8 +216,10 @@ class Run:
         self._first_step["first_step_seconds"] = seconds
 
     def _log(self, epoch: int, logs: Mapping[str, float]) -> None:
-        track.log_metrics(self.run_id, {**logs, **{track.view.TIME_PREFIX + k: v for k, v in self._first_step.items()}},
-                          step=epoch)
+        stamp = track.log_metrics(self.run_id,
+                                  {**logs, **{track.view.TIME_PREFIX + k: v for k, v in self._first_step.items()}},
+                                  step=epoch)
+        self._epochs[epoch] = track.MetricGroup(dict(logs), epoch, stamp)
         self._first_step.clear()
         for key, value in logs.items():
             self.history.setdefault(key, []).append(value)
@@ -233,34 +248,49 @@ class Run:
         self.busy.training = True
 
     def complete(self, result: TrainResult, splits: Splits) -> Completed:
-        """A finished training's outcome: its test evaluation and artifacts, its model unless the
-        plan keeps none (both of its ``model_epoch``), its speed where the sweep is judged on it,
-        the verdict on its numbers, the seconds by phase (metrics ``*_seconds``) and the tag
-        ``compiled``."""
+        """A finished training's outcome: its test evaluation and artifacts, its speed where the
+        sweep is judged on it, the verdict on its numbers, its model unless the plan keeps none,
+        the seconds by phase (metrics ``*_seconds``) and the tag ``compiled``.
+
+        The model is the epoch ``model_epoch`` kept (best or last): an MLflow LoggedModel of that
+        step, with the run's params, tags naming its trial and verdict, and linked to the data,
+        the metrics that judge it (that epoch's, the test set's, its speed), so that
+        ``mlflow.search_logged_models`` ranks a study's models by the sweep's objective as the
+        project does (docs/tracking.md)."""
         clock = time.perf_counter()
-        title = f"{self.plan.title} (model of epoch {result.kept_epoch + 1})".strip()
-        measured = track.log_test(self.run_id, result, splits, title=title)
-        artifacts, clock = time.perf_counter() - clock, time.perf_counter()
-        model_uri = track.models.log_model(self.run_id, result.model, splits.x_test[:2], splits.class_names) \
-            if self.plan.keep_model else ""
-        phases = {**self.phases, **result.phases, "artifacts_seconds": artifacts,
-                  "model_seconds": result.phases.get("model_seconds", 0.0) + time.perf_counter() - clock}
         kept = result.kept_epoch  # the objective's value and every per-epoch metric: that epoch's
+        title = f"{self.plan.title} (model of epoch {kept + 1})".strip()
+        tested = track.log_test(self.run_id, result, splits, title=title)
+        phases = {**self.phases, **result.phases, "artifacts_seconds": time.perf_counter() - clock}
         metrics = {self.metric: result.history[self.metric][kept], "test_loss": result.test_loss,
                    "test_accuracy": result.test_accuracy, "param_count": float(result.model.count_params()),
                    **kept_metrics(result.history, kept)}
+        groups = [self._epochs[kept], tested] if kept in self._epochs else [tested]
         if self.plan.sweep.measures_speed:
             from cifar_exp.training import latency
 
             clock = time.perf_counter()
             speed = latency.measure(result.model, splits.x_test)
-            track.log_metrics(self.run_id, speed)
+            groups.append(track.MetricGroup(speed, 0, track.log_metrics(self.run_id, speed)))
             metrics.update(speed)
             phases["latency_seconds"] = time.perf_counter() - clock
+        verdict = judge(result.history, result.y_prob, splits)
+        broken = outcomes.broken(self.plan.sweep.constraints, metrics)
+        model_uri = ""
+        if self.plan.keep_model:
+            clock = time.perf_counter()
+            number = self.plan.number
+            tags = {"sweep": self.plan.recipe.sweep, **({"trial_number": number} if number is not None else {}),
+                    "model_epoch": kept + 1, **verdict, **({"infeasible": broken} if broken else {})}
+            model_uri = track.models.log_model(self.run_id, result.model, splits.x_test[:2], splits.class_names,
+                                               step=kept, params=track.get_run(self.run_id).params, tags=tags,
+                                               metrics=groups, dataset=self.dataset)
+            phases["model_seconds"] = phases.get("model_seconds", 0.0) + time.perf_counter() - clock
+            self.registrable = number is not None and not verdict and not broken
         self._log_phases(phases, result.compiled)
         return Completed(self.run_id, metrics[self.metric], result.test_loss, result.test_accuracy, model_uri,
-                         judge(result.history, result.y_prob, splits), phases, result.compiled, self.epochs_run,
-                         metrics, kept + 1, {**metrics, **measured})
+                         verdict, phases, result.compiled, self.epochs_run, metrics, kept + 1,
+                         {**metrics, **tested.metrics})
 
     def pruned(self, splits: Splits, reason: str) -> Pruned:
         """The outcome of a trial stopped early: the epochs it ran judged, its phases logged

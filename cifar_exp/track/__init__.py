@@ -12,8 +12,6 @@ import os
 import sqlite3
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.config import UserError, mask_credentials
+from cifar_exp.config import mask_credentials
 from cifar_exp.metrics import write_report
 
 T = TypeVar("T")
@@ -113,66 +111,6 @@ def _create_store(path: Path) -> None:
             Path(leftover).unlink(missing_ok=True)
 
 
-def _credentials_to_env(tracking_uri: str) -> str:
-    """``tracking_uri`` without ``user:password@``, which go to MLflow's own variables
-    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` (where MLflow's client reads
-    them, for every request; they are not in the URI that MLflow stores or prints)."""
-    parts = urllib.parse.urlsplit(tracking_uri)
-    if parts.scheme not in ("http", "https") or parts.username is None:
-        return tracking_uri
-    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
-    if parts.password is not None:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def check_server(tracking_uri: str) -> None:
-    """``UserError`` if ``tracking_uri`` is a tracking server (``http(s)://``) that does not answer
-    its health check, or refuses this user (credentials from the URI or MLflow's variables, see
-    ``_credentials_to_env``); writes nothing."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    plain = _credentials_to_env(tracking_uri)
-    try:
-        with urllib.request.urlopen(f"{plain.rstrip('/')}/health", timeout=10) as response:
-            response.read()
-    except OSError as exc:  # refused, timed out, or an HTTP error status
-        raise UserError(f"the MLflow tracking server {mask_credentials(tracking_uri)} does not answer "
-                        f"({getattr(exc, 'reason', exc)}): start it (README, 'Many hosts') or fix "
-                        f"--tracking-uri") from None
-    try:  # /health needs no login; this does, through MLflow's own client and credentials
-        MlflowClient(plain).search_experiments(max_results=1)
-    except MlflowException as exc:
-        status = getattr(exc, "get_http_status_code", lambda: None)()
-        reason = mask_credentials(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        if status in (401, 403) or "401" in reason or "403" in reason or "Unauthorized" in reason:
-            raise UserError(f"the MLflow tracking server {mask_credentials(plain)} refused this user ({reason[:200]}): "
-                            f"set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (README, 'Many hosts')"
-                            ) from None
-        raise UserError(f"the MLflow tracking server {mask_credentials(plain)} failed a request ({reason[:200]})"
-                        ) from None
-
-
-def version_mismatch(tracking_uri: str) -> str:
-    """One line if ``tracking_uri`` is a tracking server whose MLflow version is not this
-    client's, "" otherwise (or when the server does not say). A server's database schema is
-    upgraded (``mlflow db upgrade``) with every writer stopped, and clients of another version
-    may write what it does not expect: the line says so."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return ""
-    try:
-        with urllib.request.urlopen(f"{_credentials_to_env(tracking_uri).rstrip('/')}/version", timeout=10) as response:
-            theirs = response.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-    if not theirs or theirs == mlflow.__version__:
-        return ""
-    return (f"the MLflow server {mask_credentials(tracking_uri)} runs MLflow {theirs[:40]} and this process "
-            f"{mlflow.__version__}: install the server's version here (pip install mlflow=={theirs[:40]}), or "
-            f"upgrade the server with every sweep stopped")
-
-
 # The MLflow UI opens an experiment on its runs table only when the experiment says it holds
 # model training: without this tag MLflow 3's UI opened ours on its GenAI overview (traces, tokens).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -227,12 +165,41 @@ def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
         retrying(MlflowClient().log_batch, run_id, tags=tag_list[i:i + 100])
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """All ``metrics`` at ``step`` in one batched call."""
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+@dataclass(frozen=True)
+class ModelLink:
+    """What metrics describe, in MLflow 3's terms: the logged model ``model_id`` measured on the
+    dataset ``dataset`` (its name and digest, as ``view.log_dataset`` logged it to the run)."""
+
+    model_id: str
+    dataset: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class MetricGroup:
+    """Metrics a run logged together: at ``step``, stamped ``timestamp`` (what ``log_metrics``
+    returned), to be linked to a model afterwards (``models.log_model``)."""
+
+    metrics: Mapping[str, float]
+    step: int
+    timestamp: int
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0, *, timestamp: int | None = None,
+                link: ModelLink | None = None) -> int:
+    """All ``metrics`` at ``step`` in one batched call, stamped ``timestamp`` (milliseconds; now by
+    default), linked to ``link``'s model and dataset if given. Returns the timestamp.
+
+    Metrics logged again with the same key, step, value and timestamp are one record of the run
+    (MLflow drops the copy): that is how an epoch's metrics, logged while training, are linked to
+    the model kept from that epoch afterwards without a second point in the run's charts."""
+    stamp = int(time.time() * 1000) if timestamp is None else timestamp
+    model_id = link.model_id if link else None
+    name, digest = link.dataset if link and link.dataset else (None, None)
+    batch = [Metric(k, float(v), stamp, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+             for k, v in metrics.items()]
     for i in range(0, len(batch), 1000):
         retrying(MlflowClient().log_batch, run_id, metrics=batch[i:i + 1000])
+    return stamp
 
 
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:
@@ -327,29 +294,31 @@ def read_text(run_id: str, path: str) -> str | None:
         return Path(local).read_text(encoding="utf-8")
 
 
-def log_test(run_id: str, result: Any, splits: Any, title: str) -> dict[str, float]:
+def log_test(run_id: str, result: Any, splits: Any, title: str) -> MetricGroup:
     """Log a finished training's test evaluation: test metrics, parameter count, the model's
-    summary, and the evaluation's metrics and files (``log_evaluation``, whose metrics it returns:
-    per-class precision, recall, F1). ``result`` is a ``train.TrainResult``; its model is logged by
-    ``models.log_model``."""
+    summary, and the evaluation's metrics and files (``log_evaluation``: per-class precision,
+    recall, F1), all at step 0 with one timestamp. Returns them (what ``models.log_model`` links
+    to the model). ``result`` is a ``train.TrainResult``."""
     model = result.model
-    log_metrics(run_id, {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
-                         "param_count": float(model.count_params())})
+    basics = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
+              "param_count": float(model.count_params())}
+    stamp = log_metrics(run_id, basics)
     lines: list[str] = []
     model.summary(print_fn=lambda line, **kwargs: lines.append(line), expand_nested=True)
     log_text(run_id, "\n".join(lines) + "\n", "model_summary.txt")
-    return log_evaluation(run_id, splits.x_test, splits.y_test, result.y_prob, splits.class_names, result.history,
-                          title=title, kept_epoch=result.kept_epoch)
+    measured = log_evaluation(run_id, splits.x_test, splits.y_test, result.y_prob, splits.class_names, result.history,
+                              title=title, kept_epoch=result.kept_epoch, timestamp=stamp)
+    return MetricGroup({**basics, **measured}, 0, stamp)
 
 
 def log_evaluation(run_id: str, images: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray,
                    class_names: Sequence[str], history: Mapping[str, Sequence[float]] | None,
-                   title: str, kept_epoch: int | None = None) -> dict[str, float]:
-    """Log a test-set evaluation (``metrics.write_report``): its metrics, and its files as
-    artifacts. Returns the metrics logged."""
+                   title: str, kept_epoch: int | None = None, timestamp: int | None = None) -> dict[str, float]:
+    """Log a test-set evaluation (``metrics.write_report``): its metrics (stamped ``timestamp``,
+    now by default), and its files as artifacts. Returns the metrics logged."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics = write_report(Path(tmp), images, y_true, y_prob, class_names, history, title, kept_epoch)
-        log_metrics(run_id, metrics)
+        log_metrics(run_id, metrics, timestamp=timestamp)
         retrying(MlflowClient().log_artifacts, run_id, tmp)
     return metrics
 
@@ -391,4 +360,5 @@ def find_experiment(name: str) -> str | None:
 
 
 # Last: they build on the helpers above (retrying, _strings).
-from cifar_exp.track import models, ui, view  # noqa: E402, F401
+from cifar_exp.track import models, server, ui, view  # noqa: E402, F401
+from cifar_exp.track.server import _credentials_to_env, check_server  # noqa: E402

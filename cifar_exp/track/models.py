@@ -15,15 +15,30 @@ from typing import Any
 
 import mlflow
 import numpy as np
+from mlflow.entities import LoggedModelOutput
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.track import _strings, retrying
+from cifar_exp.track import MetricGroup, ModelLink, _strings, log_metrics, retrying
 
 
-def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequence[str]) -> str:
-    """Log the Keras model (``.keras`` format) to ``run_id`` with a signature, an input example and
-    its class names (model metadata ``class_names``); returns its model URI.
+def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequence[str], *, step: int = 0,
+              params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+              metrics: Sequence[MetricGroup] = (), dataset: tuple[str, str] | None = None) -> str:
+    """Log the Keras model (``.keras`` format) as an MLflow LoggedModel of ``run_id`` with a
+    signature, an input example and its class names (model metadata ``class_names``); returns its
+    model URI (``models:/m-...``). The model is the run's output at ``step`` (the 0-based epoch it
+    was kept from) and has ``params`` and ``tags`` of its own. ``metrics``, groups the run logged
+    already, are linked to it and to ``dataset`` (name, digest: ``view.log_dataset``'s) before
+    its files are written, so that a model is never READY without them; they stay one record each
+    in the run (logged again with their step and timestamp, see ``track.log_metrics``).
+
+    Decision: the model is created first and logged outside the run's context, then declared the
+    run's output. ``Model.log`` inside a run links every metric the run has at the model's step
+    to it, without their dataset (system metric samples included, since their step counts
+    samples), and a second, dataset-linked record of the same metric is refused (MLflow 3.17:
+    "UNIQUE constraint failed: logged_model_metrics..."). The model's ``MLmodel`` therefore names
+    no run; ``model_run_id`` reads the run from the LoggedModel.
 
     The signature takes float32 images of pixel values 0..255: a REST request's integer or float
     pixels are parsed to it; pyfunc callers pass float32 (pyfunc enforces the dtype exactly).
@@ -31,7 +46,6 @@ def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequenc
     subprocess, which would cost seconds per trial.
     """
     import keras
-
     backend = keras.backend.backend()
     backend_pkg = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend, backend)
     from importlib.metadata import version
@@ -39,11 +53,33 @@ def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequenc
     requirements = [f"keras=={keras.__version__}", f"{backend_pkg}=={version(backend_pkg)}"]
     example = np.asarray(example, dtype="float32")
     signature = mlflow.models.infer_signature(example, np.asarray(model(example)))
-    with mlflow.start_run(run_id=run_id):
+    client = MlflowClient()
+    run = retrying(client.get_run, run_id)
+    logged = retrying(client.create_logged_model, run.info.experiment_id, name="model", source_run_id=run_id,
+                      params=_strings(params or {}) or None, tags=_strings(tags or {}) or None)
+    try:
+        for group in metrics:
+            log_metrics(run_id, group.metrics, group.step, timestamp=group.timestamp,
+                        link=ModelLink(logged.model_id, dataset))
         info = retrying(mlflow.models.Model.log, artifact_path=None, name="model", flavor=_KERAS_FLAVOR, model=model,
                         signature=signature, input_example=example, pip_requirements=requirements,
-                        metadata={"class_names": list(class_names)}, validate_serving_input=False)
+                        metadata={"class_names": list(class_names)}, validate_serving_input=False,
+                        model_id=logged.model_id, run_id=None)
+        retrying(client.log_outputs, run_id, [LoggedModelOutput(logged.model_id, step=step)])
+    except BaseException:
+        # a model that failed half-way is not left PENDING for a ranking or a registration to find
+        with contextlib.suppress(Exception):
+            client.delete_logged_model(logged.model_id)
+        raise
     return str(info.model_uri)
+
+
+def tag_model(model_uri: str, tags: Mapping[str, Any]) -> None:
+    """Set ``tags`` on the logged model ``model_uri`` (``models:/m-...``)."""
+    model_id = logged_model_id(model_uri)
+    if model_id is None:
+        raise ValueError(f"{model_uri} is not a logged model's URI (models:/m-...)")
+    retrying(MlflowClient().set_logged_model_tags, model_id, _strings(tags))
 
 
 def _save_keras_model(path: str, validate_serving_input: bool = True, **kwargs: Any) -> None:
@@ -103,8 +139,16 @@ def load_model(model_uri: str) -> tuple[Any, list[str] | None]:
 
 
 def model_run_id(model_uri: str) -> str | None:
-    """The run that logged ``model_uri`` (a ``models:/`` name, version or alias, or a logged model)."""
-    return retrying(mlflow.models.get_model_info, model_uri).run_id
+    """The run that logged ``model_uri`` (a ``models:/`` name, version or alias, or a logged model):
+    the LoggedModel's source run (``log_model`` writes no run into the ``MLmodel``), else the
+    ``MLmodel``'s (a model logged inside a run, as MLflow's own ``log_model`` does)."""
+    info = retrying(mlflow.models.get_model_info, model_uri)
+    if info.model_id:
+        with contextlib.suppress(MlflowException):
+            source = retrying(MlflowClient().get_logged_model, info.model_id).source_run_id
+            if source:
+                return str(source)
+    return info.run_id
 
 
 @dataclass(frozen=True)

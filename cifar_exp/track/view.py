@@ -31,11 +31,12 @@ def trial_run_name(trial_number: int, state: str = "COMPLETE", interrupted: bool
     return name if state == "COMPLETE" else f"{name} {'pruned' if state == 'PRUNED' else 'failed'}"
 
 
-def log_dataset(run_id: str, source: str, checksum: str, sizes: Mapping[str, int]) -> None:
+def log_dataset(run_id: str, source: str, checksum: str, sizes: Mapping[str, int]) -> tuple[str, str]:
     """The data a run trained on as an MLflow dataset input (the runs table's Dataset column,
     ``search_runs``' ``datasets`` filter): named for its source (``keras`` is Keras' download of
     CIFAR-10, else the path's file name), digest as much of the data checksum as MLflow takes (36
-    characters; the whole is the run's ``data_checksum`` tag), the split sizes as its profile."""
+    characters; the whole is the run's ``data_checksum`` tag), the split sizes as its profile.
+    Returns its name and digest (what the metrics of the run's model are linked to)."""
     if source == "keras":
         name, kind, where = "cifar10 (keras)", "http", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     else:
@@ -44,6 +45,7 @@ def log_dataset(run_id: str, source: str, checksum: str, sizes: Mapping[str, int
                       source=json.dumps({"uri": where}), profile=json.dumps(dict(sizes)))
     retrying(MlflowClient().log_inputs, run_id,
              datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+    return dataset.name, dataset.digest
 
 
 # The MLflow UI's saved view of a sweep's trials: an experiment tag its runs page reads when the
