@@ -63,6 +63,7 @@ def test_each_kept_model_is_a_logged_model_of_its_epoch_linked_to_its_metrics_an
                                            key=lambda m: m.step)]
         assert kept == max(range(3), key=lambda e: (history[e], -e))  # the best epoch, the first of ties
         assert model.source_run_id == run.info.run_id and model.status == LoggedModelStatus.READY
+        assert model.name == f"trial-{trial.number:03d}"  # the UI's model lists name the trial
         assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, kept)]
         assert model.tags["trial_number"] == str(trial.number) and model.tags["model_epoch"] == str(kept + 1)
         assert model.params["learning_rate"] == run.data.params["learning_rate"]

@@ -284,7 +284,8 @@ class Run:
                     "model_epoch": kept + 1, **verdict, **({"infeasible": broken} if broken else {})}
             model_uri = track.models.log_model(self.run_id, result.model, splits.x_test[:2], splits.class_names,
                                                step=kept, params=track.get_run(self.run_id).params, tags=tags,
-                                               metrics=groups, dataset=self.dataset)
+                                               metrics=groups, dataset=self.dataset,
+                                               name="model" if number is None else track.view.trial_run_name(number))
             phases["model_seconds"] = phases.get("model_seconds", 0.0) + time.perf_counter() - clock
             self.registrable = number is not None and not verdict and not broken
         self._log_phases(phases, result.compiled)

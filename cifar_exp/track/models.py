@@ -24,11 +24,13 @@ from cifar_exp.track import MetricGroup, ModelLink, _strings, log_metrics, retry
 
 def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequence[str], *, step: int = 0,
               params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
-              metrics: Sequence[MetricGroup] = (), dataset: tuple[str, str] | None = None) -> str:
+              metrics: Sequence[MetricGroup] = (), dataset: tuple[str, str] | None = None,
+              name: str = "model") -> str:
     """Log the Keras model (``.keras`` format) as an MLflow LoggedModel of ``run_id`` with a
     signature, an input example and its class names (model metadata ``class_names``); returns its
     model URI (``models:/m-...``). The model is the run's output at ``step`` (the 0-based epoch it
-    was kept from) and has ``params`` and ``tags`` of its own. ``metrics``, groups the run logged
+    was kept from), is named ``name`` (the UI's model lists show it) and has ``params`` and ``tags``
+    of its own. ``metrics``, groups the run logged
     already, are linked to it and to ``dataset`` (name, digest: ``view.log_dataset``'s) before
     its files are written, so that a model is never READY without them; they stay one record each
     in the run (logged again with their step and timestamp, see ``track.log_metrics``).
@@ -55,7 +57,7 @@ def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequenc
     signature = mlflow.models.infer_signature(example, np.asarray(model(example)))
     client = MlflowClient()
     run = retrying(client.get_run, run_id)
-    logged = retrying(client.create_logged_model, run.info.experiment_id, name="model", source_run_id=run_id,
+    logged = retrying(client.create_logged_model, run.info.experiment_id, name=name, source_run_id=run_id,
                       params=_strings(params or {}) or None, tags=_strings(tags or {}) or None)
     try:
         for group in metrics:
