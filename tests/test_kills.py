@@ -169,7 +169,7 @@ def test_ctrl_c_kills_the_running_trial_and_the_same_command_resumes_it_from_its
 def test_sigkill_of_the_sweep_command_alone_takes_its_workers_with_it(isolated: Path, cifar_slice: Path) -> None:
     from cifar_exp.sweep.worker import ORPHAN_GRACE_SECONDS
 
-    args = ["lr_dropout", "--trials", "2", "--epochs", "6", "--data", str(cifar_slice), "--workers", "2"]
+    args = ["lr_dropout", "--trials", "2", "--epochs", "3", "--data", str(cifar_slice), "--workers", "2"]
     process = subprocess.Popen([sys.executable, "-m", "cifar_exp.sweep", *args], cwd=isolated,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
     wait_for_first_epoch(isolated, process)

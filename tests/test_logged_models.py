@@ -13,7 +13,7 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 
 from cifar_exp.lifecycle import steps
-from cifar_exp.sweep import storage
+from cifar_exp.sweep import storage, supervisor
 from tests.test_engines import Store
 
 SWEEP = """space:
@@ -109,3 +109,21 @@ def test_a_model_whose_logging_fails_is_not_left_behind(tmp_path: Path, monkeypa
     assert store.study.trials[0].state.name == "FAIL"
     assert "No space left on device" in store.study.trials[0].user_attrs["fail_reason"]
     assert mlflow.search_logged_models(experiment_ids=[store.experiment], output_format="list") == []
+
+
+def test_a_run_closed_after_its_trial_completed_elsewhere_gets_its_model_tagged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker told the study COMPLETE but could not end the run (a tracking server down): the
+    sweep's next start closes the run as its trial ended, and tags the sound model registrable."""
+    store = Store(tmp_path, "orphan", SWEEP.replace("trials: 4", "trials: 1"))
+    monkeypatch.setattr(steps, "judge", lambda *args: {})
+    monkeypatch.setattr(steps, "end", lambda *args, **kwargs: None)  # the run's end is lost
+    run_id = store.optuna_trial()
+    trial = store.study.trials[0]
+    model_id = trial.user_attrs["model_uri"].removeprefix("models:/")
+    assert store.client.get_run(run_id).info.status == "RUNNING"
+    assert "registrable" not in store.client.get_logged_model(model_id).tags
+    monkeypatch.undo()
+    assert supervisor.close_orphans(store.study, store.experiment, store.parent) == [run_id]
+    assert store.client.get_run(run_id).info.status == "FINISHED"
+    assert store.client.get_logged_model(model_id).tags["registrable"] == "true"

@@ -449,4 +449,5 @@ def test_a_trial_past_trial_timeout_fails_alone_with_that_reason_and_the_sweep_g
     assert all(len(t.intermediate_values) < 1000 for t in trials)
     _, children = runs(isolated, "trial_timeout")
     assert {c.data.tags["fail_reason"] for c in children} == {"TrialTimeout: ran past trial_timeout (1 s)"}
-    assert not list((isolated / "mlruns" / "checkpoints" / "trial_timeout").glob("*"))  # each went with its trial
+    # each checkpoint went with its trial (the study's folder stays where a first epoch ended in time to write one)
+    assert not [p for p in (isolated / "mlruns" / "checkpoints" / "trial_timeout").rglob("*") if not p.is_dir()]

@@ -82,12 +82,13 @@ class Failed:
 class Closed:
     """A run closed after its trial ended elsewhere (its worker could not close it: a full disk, a
     tracking server down), as the study recorded it: ``state`` COMPLETE, PRUNED or FAIL (with
-    ``reason``; KILLED where ``interrupted``)."""
+    ``reason``; KILLED where ``interrupted``); a complete trial's ``model_uri``."""
 
     run_id: str
     state: str
     reason: str = ""
     interrupted: bool = False
+    model_uri: str = ""
 
 
 Outcome = Completed | Pruned | Infeasible | Failed

@@ -71,8 +71,10 @@ def end(run_id: str, outcome: Outcome | Closed, extra: Mapping[str, Any] | None 
     completed trial's model is one the registry may choose (``Run.registrable``); its LoggedModel
     is tagged ``registrable`` first, so that a model of a trial the study does not count as
     complete never carries the tag."""
-    if registrable and isinstance(outcome, Completed) and outcome.model_uri:
-        track.models.tag_model(outcome.model_uri, {"registrable": "true"})
+    model = outcome.model_uri if isinstance(outcome, Completed) or (
+        isinstance(outcome, Closed) and outcome.state == "COMPLETE") else ""
+    if registrable and model:
+        track.models.tag_model(model, {"registrable": "true"})
     status, tags = end_tags(outcome)
     if trial is not None:
         tags[track.view.RUN_NAME_TAG] = track.view.trial_run_name(trial, tags["state"], interrupted=status == "KILLED")

@@ -132,7 +132,8 @@ def start_parent_run(settings: Settings, study: optuna.Study, experiment: str) -
 def close_orphans(study: optuna.Study, experiment: str, parent: str) -> list[str]:
     """End the trial runs still RUNNING in MLflow whose trial is not running in the study: a trial
     ended in Optuna while its run could not be closed (a full disk, a tracking server down). Each
-    ends as its trial did (FAILED with the trial's reason, or KILLED); returns their ids."""
+    ends as its trial did (FAILED with the trial's reason, or KILLED; a sound complete trial's model
+    tagged registrable); returns their ids."""
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     closed = []
@@ -141,7 +142,9 @@ def close_orphans(study: optuna.Study, experiment: str, parent: str) -> list[str
             continue
         trial = by_number.get(number)
         if trial is not None and trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            lifecycle.end(run_id, lifecycle.Closed(run_id, trial.state.name), trial=number)
+            attrs = TrialAttrs.of(trial)  # a sound complete trial's model is registrable, as its worker would tag it
+            lifecycle.end(run_id, lifecycle.Closed(run_id, trial.state.name, model_uri=attrs.model_uri or ""),
+                          trial=number, registrable=not attrs.degenerate and outcomes.feasible(trial))
         else:
             reason = (TrialAttrs.of(trial).fail_reason if trial else None) or \
                 "the sweep stopped before this trial's run was closed"
