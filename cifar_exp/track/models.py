@@ -30,10 +30,11 @@ def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequenc
     signature, an input example and its class names (model metadata ``class_names``); returns its
     model URI (``models:/m-...``). The model is the run's output at ``step`` (the 0-based epoch it
     was kept from), is named ``name`` (the UI's model lists show it) and has ``params`` and ``tags``
-    of its own. ``metrics``, groups the run logged
-    already, are linked to it and to ``dataset`` (name, digest: ``view.log_dataset``'s) before
-    its files are written, so that a model is never READY without them; they stay one record each
-    in the run (logged again with their step and timestamp, see ``track.log_metrics``).
+    of its own. ``metrics``, groups the run logged already, are linked to it and to ``dataset``
+    (name, digest: ``view.log_dataset``'s) before its files are written, so that a model is never
+    READY without them; they stay one record each in the run (logged again with their step and
+    timestamp, see ``track.log_metrics``). No fluent run may be active in this process: MLflow
+    would link the model to it.
 
     Decision: the model is created first and logged outside the run's context, then declared the
     run's output. ``Model.log`` inside a run links every metric the run has at the model's step
@@ -48,6 +49,7 @@ def log_model(run_id: str, model: Any, example: np.ndarray, class_names: Sequenc
     subprocess, which would cost seconds per trial.
     """
     import keras
+
     backend = keras.backend.backend()
     backend_pkg = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend, backend)
     from importlib.metadata import version
