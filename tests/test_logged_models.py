@@ -14,18 +14,11 @@ from mlflow.entities import LoggedModelStatus
 
 from cifar_exp.lifecycle import steps
 from cifar_exp.sweep import storage, supervisor
-from tests.test_engines import Store
+from tests.test_engines import CNN, Store
 
-SWEEP = """space:
-  learning_rate: {type: float, low: 1.0e-3, high: 3.0e-2, log: true}
-fixed: {blocks: 1, filters: 4, convs_per_block: 1, dense_units: 0, batch_size: 16, bn_momentum: 0.9}
-sampler: {name: random, seed: 5}
-pruner: {name: none}
-data: {source: synthetic}
-epochs: 3
-trials: 4
-model_epoch: best
-"""
+# test_engines' tiny CNN, trained longer and keeping its best epoch, four trials over a wider range
+SWEEP = CNN.replace("high: 1.0e-2", "high: 3.0e-2").replace("seed: 3", "seed: 5").replace(
+    "epochs: 2\ntrials: 1\n", "epochs: 3\ntrials: 4\nmodel_epoch: best\n")
 
 
 def ranked_by_mlflow(experiment: str, metric: str) -> list[Any]:
